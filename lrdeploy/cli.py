@@ -229,6 +229,7 @@ def verify_command(
     from lrdeploy.config import parse_input_shapes
     from lrdeploy.modelio import write_text_atomic
     from lrdeploy.render import render_verification_table
+    from lrdeploy.report import strict_json
     from lrdeploy.verification import verify
 
     config = verify_config(
@@ -260,9 +261,7 @@ def verify_command(
     render_verification_table(result, console)
     if json_path is not None:
         failures = config.gates.failures(result)
-        write_text_atomic(
-            json_path, json.dumps(result.to_dict() | {"gate_failures": failures}, indent=2) + "\n"
-        )
+        write_text_atomic(json_path, strict_json(result.to_dict() | {"gate_failures": failures}))
         console.print(f"result: {json_path}")
     if not config.gates.active:
         console.print("no gates set (--atol, --max-rel-l2, --min-cosine, --min-top1): nothing to fail")
@@ -295,6 +294,7 @@ def bench(
     from lrdeploy.config import parse_input_shapes
     from lrdeploy.modelio import write_text_atomic
     from lrdeploy.render import plot_bench, render_bench
+    from lrdeploy.report import strict_json
 
     config = BenchConfig(
         device=device,
@@ -311,7 +311,7 @@ def bench(
         result = benchmark([str(m) for m in models], config, lambda done, total: update("bench", done, total))
     render_bench(result, console)
     if json_path is not None:
-        write_text_atomic(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
+        write_text_atomic(json_path, strict_json(result.to_dict()))
         console.print(f"timings: {json_path}")
     if plot is not None:
         plot_bench(result, plot)

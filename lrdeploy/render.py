@@ -86,11 +86,12 @@ def render_verification(verification: Verification, console: Console) -> None:
     """One line: where it ran, on what, and the worst numbers over the outputs."""
     if verification.note:
         console.print(f"[yellow]{escape(verification.note)}[/]")
-    parts = [
-        f"max |Δ| {verification.max_abs_diff:.3g}",
-        f"rel L2 {verification.rel_l2:.3g}",
-        f"cosine {verification.cosine:.6f}",
-    ]
+    parts = [f"max |Δ| {verification.max_abs_diff:.3g}"]
+    if verification.rel_l2 is not None:
+        parts += [f"rel L2 {verification.rel_l2:.3g}", f"cosine {verification.cosine:.6f}"]
+    matches = [o.exact_match for o in verification.outputs if o.exact_match is not None]
+    if matches:
+        parts.append(f"ids/masks equal {_percent(min(matches))}")
     if verification.top1_agreement is not None:
         parts.append(f"top-1 agreement {_percent(verification.top1_agreement)}")
     scored = verification.scored
@@ -109,7 +110,18 @@ def render_verification_table(verification: Verification, console: Console) -> N
     table = Table(
         title=f"lrdeploy verify ({verification.provider}, {escape(verification.data)})", title_justify="left"
     )
-    columns = ("output", "shape", "max |Δ|", "rel L2", "cosine", "top-1", "top-5", "acc orig", "acc new")
+    columns = (
+        "output",
+        "shape",
+        "max |Δ|",
+        "rel L2",
+        "cosine",
+        "equal",
+        "top-1",
+        "top-5",
+        "acc orig",
+        "acc new",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "output" else "right", overflow="fold")
     for out in verification.outputs:
@@ -117,8 +129,9 @@ def render_verification_table(verification: Verification, console: Console) -> N
             escape(out.name),
             _shape(out.shape),
             f"{out.max_abs_diff:.3g}",
-            f"{out.rel_l2:.3g}",
-            f"{out.cosine:.6f}",
+            "-" if out.rel_l2 is None else f"{out.rel_l2:.3g}",
+            "-" if out.cosine is None else f"{out.cosine:.6f}",
+            _percent(out.exact_match),
             _percent(out.top1_agreement),
             _percent(out.top5_agreement),
             _percent(out.accuracy_original),

@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from lrdeploy.plan import LayerDecision
 from lrdeploy.verify import Verification
 
-__all__ = ["SCHEMA_VERSION", "LayerReport", "Report"]
+__all__ = ["SCHEMA_VERSION", "LayerReport", "Report", "strict_json"]
 
 SCHEMA_VERSION = 1
 
@@ -107,4 +108,19 @@ class Report:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        return strict_json(self.to_dict())
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(data: Any) -> str:
+    """Indented JSON that strict parsers read: NaN and infinities (no JSON spelling) become null."""
+    return json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"

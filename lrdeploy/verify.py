@@ -4,7 +4,9 @@ Per output, over every batch: max |a − b|, relative L2 ‖a − b‖ / ‖a‖
 ``|a − b| − rtol·|a|`` (the ``--atol/--rtol`` gate passes when it is ≤ atol, as ``numpy.allclose``), and
 for outputs that look like class scores (float [batch, classes]): top-1 agreement (same argmax), top-5
 agreement (the original's top-1 class is among the compressed model's top 5) and, with labels, the
-accuracy of both models. Gates turn these numbers into pass/fail (`Gates.check`).
+accuracy of both models. Integer and boolean outputs (class ids from an ArgMax, masks) are categories, not
+magnitudes: they get the fraction of equal elements instead of rel L2 and cosine, and an output of one id
+per sample counts as top-1. Gates turn these numbers into pass/fail (`Gates.check`).
 """
 
 from __future__ import annotations
@@ -57,11 +59,11 @@ class Gates:
                     f"output '{out.name}' exceeds --atol {self.atol:g}/--rtol {self.rtol:g} "
                     f"(max |Δ| {out.max_abs_diff:.3g})"
                 )
-            if self.max_rel_l2 is not None and not out.rel_l2 <= self.max_rel_l2:
+            if self.max_rel_l2 is not None and out.rel_l2 is not None and not out.rel_l2 <= self.max_rel_l2:
                 failed.append(
                     f"output '{out.name}' rel L2 {out.rel_l2:.3g} > --max-rel-l2 {self.max_rel_l2:g}"
                 )
-            if self.min_cosine is not None and not out.cosine >= self.min_cosine:
+            if self.min_cosine is not None and out.cosine is not None and not out.cosine >= self.min_cosine:
                 failed.append(
                     f"output '{out.name}' cosine {out.cosine:.6f} < --min-cosine {self.min_cosine:g}"
                 )
@@ -100,6 +102,9 @@ class _Accumulator:
     rows: int = 0
     labelled: int = 0
     class_scores: bool = True
+    discrete: bool = False
+    equal: int = 0
+    elements: int = 0
     nonfinite: bool = False
 
     def add(self, ref: np.ndarray, new: np.ndarray, labels: np.ndarray | None) -> None:
@@ -108,8 +113,15 @@ class _Accumulator:
                 f"output shapes differ: original {list(ref.shape)}, compressed {list(new.shape)}"
             )
         self.shape = ref.shape
-        a = np.asarray(ref, dtype=np.float64)
-        b = np.asarray(new, dtype=np.float64)
+        self.discrete = ref.dtype.kind not in "fc"
+        same = np.asarray(ref == new, dtype=bool)
+        self.equal += int(np.sum(same))
+        self.elements += ref.size
+        if ref.dtype.kind in "biuf":
+            a = np.asarray(ref, dtype=np.float64)
+            b = np.asarray(new, dtype=np.float64)
+        else:  # strings, maps: only equality means anything, a mismatch counts as |Δ| = 1
+            a, b = (~same).astype(np.float64), np.zeros(same.shape)
         self.nonfinite |= not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
         if a.size:
             diff = np.abs(a - b)
@@ -119,6 +131,13 @@ class _Accumulator:
         self.ref_sq += float(np.sum(a * a))
         self.new_sq += float(np.sum(b * b))
         self.dot += float(np.sum(a * b))
+        if self.discrete and ref.ndim == 1:  # one class id per sample
+            self.top1 += int(np.sum(ref == new))
+            self.rows += ref.shape[0]
+            if labels is not None and len(labels) == ref.shape[0]:
+                self.correct_ref += int(np.sum(ref == labels))
+                self.correct_new += int(np.sum(new == labels))
+                self.labelled += ref.shape[0]
         self.class_scores &= ref.dtype.kind == "f" and ref.ndim == 2 and ref.shape[1] >= 2
         if not self.class_scores:
             return
@@ -143,8 +162,11 @@ class _Accumulator:
             cosine = 1.0 if self.ref_sq == self.new_sq else 0.0
         if self.nonfinite:
             rel_l2, cosine = math.nan, math.nan
-        scores = self.class_scores and self.rows > 0
-        five = scores and self.shape[1] >= 5
+        if self.discrete:
+            rel_l2, cosine = None, None
+        ids = self.discrete and len(self.shape) == 1
+        scores = (self.class_scores or ids) and self.rows > 0
+        five = scores and not ids and self.shape[1] >= 5
         labelled = scores and self.labelled > 0
         return OutputComparison(
             name=name,
@@ -153,6 +175,8 @@ class _Accumulator:
             allclose_excess=self.excess if self.excess > -math.inf else 0.0,
             rel_l2=rel_l2,
             cosine=cosine,
+            exact_match=self.equal / self.elements if self.discrete and self.elements else None,
+            nonfinite=self.nonfinite,
             top1_agreement=self.top1 / self.rows if scores else None,
             top5_agreement=self.top5 / self.rows if five else None,
             accuracy_original=self.correct_ref / self.labelled if labelled else None,
@@ -166,12 +190,14 @@ class OutputComparison:
     shape: tuple[int, ...]  # of the last batch
     max_abs_diff: float
     allclose_excess: float
-    rel_l2: float
-    cosine: float
+    rel_l2: float | None  # None for integer/boolean outputs
+    cosine: float | None
     top1_agreement: float | None
     top5_agreement: float | None
     accuracy_original: float | None
     accuracy_compressed: float | None
+    exact_match: float | None = None  # fraction of equal elements, integer/boolean/string outputs only
+    nonfinite: bool = False  # NaN or inf in either model's output (rel L2 and cosine are then NaN)
 
 
 @dataclass(frozen=True)
@@ -186,15 +212,19 @@ class Verification:
 
     @property
     def max_abs_diff(self) -> float:
-        return max((o.max_abs_diff for o in self.outputs), default=0.0)
+        """Over the floating-point outputs: a flipped class id is not a numeric error of 9."""
+        numeric = [o.max_abs_diff for o in self.outputs if o.rel_l2 is not None]
+        return max(numeric or [o.max_abs_diff for o in self.outputs], default=0.0)
 
     @property
-    def rel_l2(self) -> float:
-        return max((o.rel_l2 for o in self.outputs), default=0.0)
+    def rel_l2(self) -> float | None:
+        values = [o.rel_l2 for o in self.outputs if o.rel_l2 is not None]
+        return max(values, key=_nan_worst) if values else None
 
     @property
-    def cosine(self) -> float:
-        return min((o.cosine for o in self.outputs), default=1.0)
+    def cosine(self) -> float | None:
+        values = [o.cosine for o in self.outputs if o.cosine is not None]
+        return min(values, key=lambda v: -math.inf if math.isnan(v) else v) if values else None
 
     def _worst(self, field: str) -> float | None:
         values = [getattr(o, field) for o in self.outputs if getattr(o, field) is not None]
@@ -219,16 +249,30 @@ class Verification:
             "provider": self.provider,
             "data": self.data,
             "samples": self.samples,
-            "max_abs_diff": self.max_abs_diff,
-            "rel_l2": self.rel_l2,
-            "cosine": self.cosine,
+            "max_abs_diff": _json_float(self.max_abs_diff),
+            "rel_l2": _json_float(self.rel_l2),
+            "cosine": _json_float(self.cosine),
+            "nonfinite": any(o.nonfinite for o in self.outputs),
             "top1_agreement": self.top1_agreement,
             "top5_agreement": self.top5_agreement,
             "accuracy_original": scored.accuracy_original if scored else None,
             "accuracy_compressed": scored.accuracy_compressed if scored else None,
             "note": self.note,
-            "outputs": [asdict(o) | {"shape": list(o.shape)} for o in self.outputs],
+            "outputs": [
+                {k: _json_float(v) for k, v in asdict(o).items()} | {"shape": list(o.shape)}
+                for o in self.outputs
+            ],
         }
+
+
+def _nan_worst(value: float) -> float:
+    """Sort key under which NaN ranks as the worst (largest) error."""
+    return math.inf if math.isnan(value) else value
+
+
+def _json_float(value):
+    """Strict JSON has no NaN/Infinity: write them as null (``nonfinite`` says why)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _run(session, feeds: Mapping[str, np.ndarray], label: str) -> list[np.ndarray]:

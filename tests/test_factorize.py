@@ -468,6 +468,9 @@ def test_non_finite_weight_is_skipped_with_a_reason():
         {"y": ["N", 32]},
         {"w": w},
     )
-    _, report = lrdeploy.compress(model, rank_ratio=0.25, verify=False)
+    _, report = lrdeploy.compress(model, rank_ratio=0.25, device="cpu")
     (layer,) = report.layers
     assert layer.decision.status == "skipped" and "NaN" in layer.decision.reason
+    assert report.verification.to_dict()["nonfinite"] is True
+    strict = json.loads(report.to_json(), parse_constant=lambda token: pytest.fail(f"{token} in JSON"))
+    assert strict["verification"]["rel_l2"] is None

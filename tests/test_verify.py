@@ -88,6 +88,44 @@ def test_nan_output_is_not_silently_passed():
     assert Gates(min_cosine=0.0).failures(result)
 
 
+def test_class_id_outputs_count_as_top1_not_as_magnitudes():
+    """An ArgMax output: a flipped id is a top-1 disagreement, not a numeric error of |9 − 0|."""
+    acc = _Accumulator(rtol=0.0)
+    acc.add(np.array([0, 3, 5, 7]), np.array([9, 3, 5, 7]), np.array([0, 3, 4, 7]))
+    ids = acc.finish("label")
+    assert ids.rel_l2 is None and ids.cosine is None
+    assert ids.exact_match == 0.75 and ids.top1_agreement == 0.75
+    assert (ids.accuracy_original, ids.accuracy_compressed) == (0.75, 0.5)
+    scores = _Accumulator(rtol=0.0)
+    scores.add(np.eye(4, 10), np.eye(4, 10) * 1.1, None)
+    result = Verification("CPUExecutionProvider", (scores.finish("y"), ids), 4, "random")
+    assert result.max_abs_diff == pytest.approx(0.1)  # from the scores only
+    assert result.rel_l2 == pytest.approx(0.1)
+    assert Gates(min_top1=0.8).failures(result) == ["output 'label' top-1 agreement 0.7500 < --min-top1 0.8"]
+    assert Gates(max_rel_l2=0.2, min_cosine=0.9).failures(result) == []
+    assert Gates(atol=0.5).failures(result)  # allclose semantics still hold for ids
+
+
+def test_mask_and_string_outputs_compare_by_equality():
+    mask = _Accumulator(rtol=0.0)
+    mask.add(np.array([[True, False], [True, True]]), np.array([[True, True], [True, True]]), None)
+    assert mask.finish("mask").exact_match == 0.75
+    names = _Accumulator(rtol=0.0)
+    names.add(np.array(["cat", "dog"], dtype=object), np.array(["cat", "cow"], dtype=object), None)
+    out = names.finish("names")
+    assert (out.exact_match, out.top1_agreement, out.max_abs_diff) == (0.5, 0.5, 1.0)
+
+
+def test_report_json_is_strict_json_with_nan_outputs():
+    acc = _Accumulator(rtol=0.0)
+    acc.add(np.ones((2, 3)), np.full((2, 3), np.nan), None)
+    result = Verification("CPUExecutionProvider", (acc.finish("y"),), 2, "random")
+    text = json.dumps(result.to_dict(), allow_nan=False)
+    loaded = json.loads(text)
+    assert loaded["rel_l2"] is None and loaded["nonfinite"] is True
+    assert loaded["outputs"][0]["nonfinite"] is True
+
+
 def _verification(**fields) -> Verification:
     base = dict(
         name="logits",
