@@ -84,17 +84,19 @@ def ratio_for(model: Path, target: float, exclude: tuple[str, ...]) -> float:
     return low / 200
 
 
-def evaluate(model: Path, ratio: float | None, exclude: tuple[str, ...], data, work: Path) -> dict:
-    """Accuracy of ``model`` compressed at ``ratio`` (None: as is), with the compressor's numbers."""
+def evaluate(model: Path, policy: dict | None, exclude: tuple[str, ...], data, work: Path) -> dict:
+    """Accuracy of ``model`` compressed with ``policy`` (``{"rank_ratio": ρ}`` or ``{"energy": e}``; None:
+    as is), with the compressor's numbers."""
     reference = onnx_logits(model, data.x_test)
-    if ratio is None:
+    if policy is None:
         accuracy = float((reference.argmax(1) == data.y_test).mean())
         return {"ratio": None, "params_kept": 1.0, "macs_kept": 1.0, "accuracy": accuracy}
     target = work / "compressed.onnx"
-    _, report = lrdeploy.compress(model, rank_ratio=ratio, exclude=exclude, output=target, seed=0)
+    _, report = lrdeploy.compress(model, exclude=exclude, output=target, seed=0, **policy)
     logits = onnx_logits(target, data.x_test)
     return {
-        "ratio": ratio,
+        **policy,
+        "ratio": policy.get("rank_ratio"),
         "params_kept": report.params_after / report.params_before,
         "macs_kept": report.macs_after / report.macs_before,
         "accuracy": float((logits.argmax(1) == data.y_test).mean()),
@@ -141,7 +143,7 @@ def run_arch(arch: str, args, data, work: Path, log: list) -> list[dict]:
                 *((m, models[m]) for m in ("baseline", "baseline_wd", "lorita")),
                 ("lrpet", path),
             ):
-                row = evaluate(model, ratio, exclude, data, work)
+                row = evaluate(model, {"rank_ratio": ratio}, exclude, data, work)
                 rows.append({"arch": arch, "setting": setting, "target": target, "method": method, **row})
                 if method == "lrpet":
                     rows[-1]["model"] = path.name
@@ -163,14 +165,20 @@ def _machine() -> str:
     return f"a {os.cpu_count()}-core CPU"
 
 
+def provenance(script: str, seconds: float) -> str:
+    """The sentence that says which command made a results file, on what, and how long it took."""
+    return (
+        f"Made by `{' '.join(['python', script, *sys.argv[1:]])}`, training on {_machine()} (torch "
+        f"{torch.__version__}, onnxruntime {ort.__version__}, Python {platform.python_version()}); "
+        f"total wall time {seconds / 60:.1f} min."
+    )
+
+
 def markdown(rows: list[dict], log: list, args, seconds: float) -> str:
     lines = [
         "# Accuracy vs parameters kept (bundled MNIST, 2,000 test digits)",
         "",
-        f"Made by `{' '.join(['python benchmarks/train_table.py', *sys.argv[1:]])}`, "
-        f"training on {_machine()} "
-        f"(torch {torch.__version__}, onnxruntime {ort.__version__}, Python "
-        f"{platform.python_version()}); total wall time {seconds / 60:.1f} min. One seed (0) per model; "
+        f"{provenance('benchmarks/train_table.py', seconds)} One seed (0) per model; "
         f"{args.epochs} epochs each.",
         "",
         "Accuracy (%) of each model after `lrdeploy.compress(rank_ratio=ρ)` on onnxruntime. The first row of "
@@ -246,15 +254,25 @@ def plot(rows: list[dict], path: Path, key: str) -> None:
                         "o-",
                         label=LABELS[method],
                     )
-            axis.set_title(
-                f"{arch}, {'every layer' if setting == 'uniform' else 'first conv + classifier dense'}"
+            style_axis(
+                axis,
+                f"{arch}, {'every layer' if setting == 'uniform' else 'first conv + classifier dense'}",
+                "fraction of parameters kept" if key == "params_kept" else "fraction of MACs kept",
             )
-            axis.set_xlabel(
-                "fraction of parameters kept" if key == "params_kept" else "fraction of MACs kept"
-            )
-            axis.set_ylabel("test accuracy (%)")
-            axis.set_ylim(0, 100)
-            axis.grid(alpha=0.3)
+    save_figure(figure, axes, path)
+
+
+def style_axis(axis, title: str, xlabel: str) -> None:
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylim(0, 100)
+    axis.grid(alpha=0.3)
+
+
+def save_figure(figure, axes, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     axes[0][0].legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -286,13 +304,14 @@ def ship(rows: list[dict], work: Path, models: Path, archs: list[str], targets: 
     return names
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_table_args(description: str, epochs: int, work: Path) -> argparse.Namespace:
+    """The command line shared by the training-table scripts."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--archs", nargs="+", default=["mlp", "lenet5", "vgg"])
     parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.3, 0.2, 0.1])
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--subset", type=int, default=None)
-    parser.add_argument("--work", type=Path, default=Path("out/train_table"))
+    parser.add_argument("--work", type=Path, default=work)
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--quick", action="store_true", help="mlp only, 2 epochs, 1,000 samples: a smoke run")
     args = parser.parse_args()
@@ -301,12 +320,22 @@ def main() -> None:
         args.models = args.work / "models"
     args.work.mkdir(parents=True, exist_ok=True)
     args.models.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def run_table(args: argparse.Namespace, run_arch) -> tuple[list[dict], list[dict], float]:
+    """Run ``run_arch`` over the chosen architectures: (rows, training log, wall seconds)."""
     data = load_dataset("mnist").subset(args.subset)
     started, rows, log = time.perf_counter(), [], []
     for arch in args.archs:
         print(f"{arch}:", flush=True)
         rows += run_arch(arch, args, data, args.work, log)
-    seconds = time.perf_counter() - started
+    return rows, log, time.perf_counter() - started
+
+
+def main() -> None:
+    args = parse_table_args(__doc__.splitlines()[0], epochs=20, work=Path("out/train_table"))
+    rows, log, seconds = run_table(args, run_arch)
     shipped = ship(rows, args.work, args.models, args.archs, args.targets)
     (args.models / "results.json").write_text(
         json.dumps(

@@ -23,11 +23,15 @@ def card_paths(onnx_path: Path) -> tuple[Path, Path]:
 def _compress_hint(card: dict[str, Any], onnx_name: str) -> str:
     """The command that compresses the model as it was trained: LRPET's ranks, with no further loss."""
     method = card["config"]["method"]
+    patterns = [f"--include {p}" for p in method.get("include", [])]
+    patterns += [f"--exclude {p}" for p in method.get("exclude", [])]
+    if method["method"] == "lorita":  # weight decay gave each layer its own rank: keep energy, not a ratio
+        command = " ".join([f"lrdeploy compress {onnx_name} --energy 0.999", *patterns])
+        return f"{command}   # per-layer ranks; see models/RESULTS_lorita.md"
     if method["method"] != "lrpet":
         return f"lrdeploy compress {onnx_name} --rank-ratio 0.3   # any ratio; see models/RESULTS.md"
     if method["rank_ratio"] is None or method["ranks"]:
         return f"lrdeploy compress {onnx_name} --overrides {Path(onnx_name).stem}.ranks.json"
-    patterns = [f"--include {p}" for p in method["include"]] + [f"--exclude {p}" for p in method["exclude"]]
     return " ".join([f"lrdeploy compress {onnx_name} --rank-ratio {method['rank_ratio']:g}", *patterns])
 
 

@@ -56,3 +56,23 @@ def test_lrpet_run_writes_model_card_ranks_and_checkpoint(tmp_path, monkeypatch,
         assert (tmp_path / name).is_file(), name
     assert json.loads((tmp_path / "m.ranks.json").read_text()) == {"fc1": 4, "fc2": 3}
     assert "--overrides m.ranks.json" in (tmp_path / "m.card.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        (
+            {"method": "lorita", "factor": 3, "include": [], "exclude": ["fc3"]},
+            "--energy 0.999 --exclude fc3",
+        ),
+        (
+            {"method": "lrpet", "rank_ratio": 0.25, "ranks": {}, "include": ["fc*"], "exclude": []},
+            "--rank-ratio 0.25 --include fc*",
+        ),
+        ({"method": "baseline"}, "--rank-ratio 0.3"),
+    ],
+)
+def test_the_card_says_how_to_compress_the_model_as_it_was_trained(method, expected) -> None:
+    from lrdeploy.trainer.card import _compress_hint
+
+    assert f"lrdeploy compress m.onnx {expected}" in _compress_hint({"config": {"method": method}}, "m.onnx")
