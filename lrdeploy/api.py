@@ -26,8 +26,10 @@ from lrdeploy.graphio import from_graph
 from lrdeploy.inputs import resolve_shapes
 from lrdeploy.modelio import (
     EXTERNAL_DATA_THRESHOLD,
+    check_output_target,
     choose_ir_version,
     estimated_size,
+    files_read,
     load_model,
     materialize,
     model_opset,
@@ -124,8 +126,12 @@ def compress(
     with timer("load"):
         original, source = load_model(model)
         output_path = Path(output) if output is not None else None
-        if output_path is not None and source is not None and output_path.resolve() == source.resolve():
-            raise UsageError(f"output {output_path} is the input model; choose another -o path")
+        if output_path is not None:
+            inputs = files_read(original, source)
+            check_output_target(output_path, "-o", inputs)
+            check_output_target(
+                output_path.with_name(output_path.name + ".data"), "-o (its .data file)", inputs
+            )
         random_data = config.verification.data in (None, "random")
         shapes = resolve_shapes(original, config.input_shapes, strict=config.verify and random_data)
         renamed = name_nodes(original.graph)  # our private copy; counting and the report go by name
@@ -133,7 +139,7 @@ def compress(
         params_before = costs.count_params(original)
         macs_before = costs.count_macs(original, shapes)
     with timer("fold_bn"):
-        graph, names, normalized, folded = prepare_graph(original, config.fold_bn, shapes)
+        graph, names, normalized, folded = prepare_graph(original, config.fold_bn)
     with timer("plan"):
         groups, unfit = find_groups(graph)
         tick = (lambda done, total: progress("factorize", done, total)) if progress else None

@@ -43,7 +43,7 @@ from lrdeploy.cli_options import (
     parse_ints,
     verify_config,
 )
-from lrdeploy.errors import LrdeployError, VerificationFailed
+from lrdeploy.errors import LrdeployError, UsageError, VerificationFailed
 from lrdeploy.trainer.cli import train
 
 app = typer.Typer(
@@ -164,6 +164,7 @@ def compress(
         input_shapes=parse_input_shapes(input_shape or []),
     )
     output = output or default_output_path(model)
+    _check_outputs({"-o": output, "--report": report}, [model])
     failure = None
     with _progress() as update:
         try:
@@ -182,6 +183,20 @@ def compress(
         raise failure
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _check_outputs(outputs: dict[str, Path | None], inputs: list[Path]) -> None:
+    """Before any work: every output path is writable, replaces no input, and no two outputs coincide."""
+    from lrdeploy.modelio import check_output_target
+
+    taken = list(inputs)
+    for flag, path in outputs.items():
+        if path is not None:
+            check_output_target(path, flag, taken)
+            taken.append(path)
+
+
 @app.command()
 def inspect(
     model: ModelArg,
@@ -195,6 +210,7 @@ def inspect(
     from lrdeploy.modelio import write_text_atomic
     from lrdeploy.render import render_inspection
 
+    _check_outputs({"--json": json_path}, [model])
     inspection = inspect_model(model, fold_bn=fold_bn)
     render_inspection(inspection, console)
     if json_path is not None:
@@ -250,6 +266,7 @@ def verify_command(
         min_cosine,
         min_top1,
     )
+    _check_outputs({"--json": json_path}, [original, compressed])
     with _progress() as update:
         result = verify(
             original,
@@ -307,6 +324,11 @@ def bench(
         tf32=tf32,
         cuda_graph=cuda_graph,
     )
+    if len({m.resolve() for m in models}) != len(models):
+        raise UsageError("a model is given twice; give each model once (copy the file to time it twice)")
+    _check_outputs({"--json": json_path, "--plot": plot}, models)
+    if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"--plot {plot}: give a file name ending in one of {', '.join(PLOT_SUFFIXES)}")
     with _progress() as update:
         result = benchmark([str(m) for m in models], config, lambda done, total: update("bench", done, total))
     render_bench(result, console)
@@ -372,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     except Abort:
         return _fail("aborted", 130)
     except TyperException as error:  # click's usage errors (typer vendors click)
+        if not error.format_message():  # no arguments at all: click has printed the help
+            return getattr(error, "exit_code", 2)
         ctx = getattr(error, "ctx", None)
         hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
         return _fail(f"{error.format_message()}{hint}", getattr(error, "exit_code", 2))

@@ -46,6 +46,8 @@ class CompressConfig:
                 raise UsageError(f"override for '{name}' must be a positive integer rank, got {rank!r}")
         if self.policy is None and not self.overrides:
             raise UsageError("choose a rank policy: --rank-ratio, --energy or --rank (or give --overrides)")
+        if not self.verify and self.verification.gates.active:
+            raise UsageError("verification gates need verification: drop --no-verify or the gate options")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
@@ -97,7 +99,7 @@ def load_overrides(path: Path | str) -> dict[str, int]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"overrides file {path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UsageError(
             f'overrides file {path} is not valid JSON ({error}); expected {{"node": rank}}'
         ) from None

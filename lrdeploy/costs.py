@@ -28,10 +28,12 @@ def _elements(tensor: TensorProto) -> int:
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Weight elements in the model: initializers and the values of Constant nodes (subgraphs included)."""
+    """Weight elements in the model: initializers (non-zeros of sparse ones) and the values of Constant
+    nodes, subgraphs included."""
 
     def graph_params(graph: onnx.GraphProto) -> int:
         total = sum(_elements(t) for t in graph.initializer)
+        total += sum(_elements(t.values) for t in graph.sparse_initializer)  # the stored non-zeros
         for node in graph.node:
             for attr in node.attribute:
                 if node.op_type == "Constant" and attr.name == "value":

@@ -3,20 +3,26 @@
 Sources (``--data``):
 - ``random`` (default): seeded random tensors at the resolved input shapes (`lrdeploy.inputs`).
 - ``FILE.npz``: one array per model input, keyed by input name (a single-input model also accepts one
-  array under any key); an optional ``labels`` (or ``y``) array gives accuracy.
+  array under any key); an optional ``labels`` (or ``y``) array of class indices gives accuracy (whole-number
+  floats are accepted).
 - ``FILE.npy``: the samples of a single-input model.
+  Both are fed as saved (the image options are refused) and never unpickled: object arrays are refused.
 - ``DIR/``: images (png/jpg/bmp/...), one sub-folder per class (labels from sorted folder names) or flat;
   resized, laid out NCHW or NHWC, scaled and normalized as the options say.
-- ``mnist``: the MNIST test split bundled with lrdeploy (2,000 digits), shaped to the model's input.
+- ``mnist``: the MNIST test split bundled with lrdeploy (2,000 digits), shaped to the model's input;
+  28x28 unless ``--resize`` says otherwise.
 
 Real data is fed in batches along the first axis, which must be the model's batch dim.
 """
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import IO
 
 import numpy as np
 import onnx
@@ -28,13 +34,15 @@ __all__ = ["Dataset", "ImageOptions", "load_dataset", "mnist_path", "random_batc
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 LABEL_KEYS = ("labels", "label", "y")
+MNIST_SIZE = (28, 28)
+NUMPY_HINT = "save arrays with numpy.savez or numpy.save"
 
 
 @dataclass(frozen=True)
 class ImageOptions:
     """Preprocessing for image folders and MNIST: ``x = (pixel · scale − mean) / std`` per channel."""
 
-    resize: tuple[int, int] | None = None  # (height, width); default: the model's input size
+    resize: tuple[int, int] | None = None  # (height, width); default: the model's input size (MNIST: 28x28)
     layout: str | None = None  # "NCHW" or "NHWC"; default: guessed from the model's input
     scale: float = 1.0 / 255.0
     mean: tuple[float, ...] = (0.0,)
@@ -43,8 +51,27 @@ class ImageOptions:
     def __post_init__(self) -> None:
         if self.layout not in (None, "NCHW", "NHWC"):
             raise UsageError(f"--layout must be NCHW or NHWC, got {self.layout}")
+        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):
+            raise UsageError(f"--resize expects two positive integers H,W, got {self.resize}")
+        if not self.mean or not self.std:
+            raise UsageError("--mean and --std need at least one value")
         if any(s == 0 for s in self.std):
             raise UsageError("--std values must be non-zero")
+
+    def changed_flags(self) -> list[str]:
+        """The flags set away from their defaults, to refuse them where they would be ignored."""
+        default = ImageOptions()
+        return [
+            flag
+            for flag, value, base in (
+                ("--resize", self.resize, default.resize),
+                ("--layout", self.layout, default.layout),
+                ("--scale", self.scale, default.scale),
+                ("--mean", self.mean, default.mean),
+                ("--std", self.std, default.std),
+            )
+            if value != base
+        ]
 
 
 @dataclass
@@ -75,7 +102,15 @@ def mnist_path() -> Path:
 
 
 def _fit_input(spec: InputSpec, array: np.ndarray, source: str) -> np.ndarray:
-    """Check rank and fixed dims (beyond the batch axis) and cast to the input's dtype."""
+    """Check dtype, rank and fixed dims (beyond the batch axis) and cast to the input's dtype."""
+    if array.dtype.kind not in "biuf":
+        raise UsageError(
+            f"{source}: array for input '{spec.name}' has dtype {array.dtype}; save numeric arrays"
+        )
+    if array.ndim == 0:
+        raise UsageError(
+            f"{source}: array for input '{spec.name}' is a scalar; the first axis must be samples"
+        )
     if spec.dims is not None:
         if array.ndim != len(spec.dims):
             raise UsageError(
@@ -91,17 +126,71 @@ def _fit_input(spec: InputSpec, array: np.ndarray, source: str) -> np.ndarray:
 
 
 def _labels(values: np.ndarray | None, count: int, source: str) -> np.ndarray | None:
+    """Class indices, one per sample; whole-number floats are accepted since many tools save labels so."""
     if values is None:
         return None
-    labels = np.asarray(values).reshape(-1)
-    if labels.shape[0] != count or labels.dtype.kind not in "iub":
-        raise UsageError(f"{source}: labels must be {count} integers, got shape {list(np.shape(values))}")
+    values = np.asarray(values)
+    if values.ndim > 1 and values.shape[0] == count and values[0].size > 1:
+        raise UsageError(
+            f"{source}: labels must be one class index per sample, got shape {list(values.shape)} "
+            "(one-hot? save labels.argmax(1))"
+        )
+    labels = values.reshape(-1)
+    if labels.shape[0] != count:
+        raise UsageError(f"{source}: labels must be {count} integers, got shape {list(values.shape)}")
+    whole = labels.dtype.kind == "f" and bool(np.all(np.isfinite(labels) & (labels == np.round(labels))))
+    if labels.dtype.kind not in "iub" and not whole:
+        detail = " with fractional or non-finite values" if labels.dtype.kind == "f" else ""
+        raise UsageError(f"{source}: labels must be integers, got {labels.dtype}{detail}")
     return labels.astype(np.int64)
 
 
-def _from_npz(path: Path, specs: list[InputSpec]) -> Dataset:
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {key: archive[key] for key in archive.files}
+def _npy_dtype(handle: IO[bytes]) -> np.dtype:
+    """The dtype in an .npy header, read without loading (or unpickling) the data."""
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(handle)[2]
+
+
+def _reject_objects(path: Path) -> None:
+    """Object arrays need pickle, which could run code from the file; name the problem before np.load does."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                with archive.open(name) as member:
+                    if name.endswith(".npy") and _npy_dtype(member).hasobject:
+                        key = name.removesuffix(".npy")
+                        raise UsageError(
+                            f"--data {path}: array '{key}' holds Python objects, which are not supported; "
+                            "save numeric arrays"
+                        )
+        return
+    with path.open("rb") as handle:
+        if _npy_dtype(handle).hasobject:
+            raise UsageError(
+                f"--data {path} holds Python objects, which are not supported; save a numeric array"
+            )
+
+
+def _read_numpy(path: Path) -> np.ndarray | dict[str, np.ndarray]:
+    """The array of an .npy or the arrays of an .npz (by content), as one-line errors when unreadable."""
+    try:
+        _reject_objects(path)
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (ValueError, EOFError, zipfile.BadZipFile):
+        raise UsageError(f"--data {path} is not a numpy .npz/.npy file ({NUMPY_HINT})") from None
+    except OSError as error:
+        raise UsageError(f"--data {path}: cannot read it ({error.strerror or error})") from None
+    if not all(isinstance(a, np.ndarray) for a in arrays.values()):
+        raise UsageError(f"--data {path} is a zip file but not a numpy .npz ({NUMPY_HINT})")
+    return arrays
+
+
+def _from_arrays(path: Path, arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> Dataset:
     label_key = next((k for k in LABEL_KEYS if k in arrays and k not in {s.name for s in specs}), None)
     labels = arrays.pop(label_key) if label_key else None
     feeds: dict[str, np.ndarray] = {}
@@ -122,6 +211,22 @@ def _from_npz(path: Path, specs: list[InputSpec]) -> Dataset:
     )
 
 
+def _from_numpy(path: Path, specs: list[InputSpec], options: ImageOptions) -> Dataset:
+    flags = options.changed_flags()
+    if flags:
+        raise UsageError(
+            f"{', '.join(flags)} only apply to image folders and mnist; {path} is fed as saved "
+            "(preprocess the arrays, or drop the flags)"
+        )
+    loaded = _read_numpy(path)
+    if isinstance(loaded, dict):
+        return _from_arrays(path, loaded, specs)
+    spec = _single(specs, str(path))
+    return Dataset(
+        {spec.name: _fit_input(spec, loaded, str(path))}, None, f"{path.name} ({len(loaded)} samples)"
+    )
+
+
 def _single(specs: list[InputSpec], source: str) -> InputSpec:
     if len(specs) != 1:
         raise UsageError(
@@ -139,17 +244,58 @@ def _layout(spec: InputSpec, options: ImageOptions) -> str:
     return "NCHW"
 
 
+def _channels_and_size(dims: Sequence[object], layout: str) -> tuple[object, tuple[object, object]]:
+    """(channels, (height, width)) of a 4-D input's dims in ``layout``."""
+    return (dims[1], (dims[2], dims[3])) if layout == "NCHW" else (dims[3], (dims[1], dims[2]))
+
+
+def _check_size(
+    spec: InputSpec, model: Sequence[object], size: tuple[int, int], options: ImageOptions
+) -> None:
+    """A size a fixed input cannot take fails here, naming --resize, not later as a bare dim mismatch.
+
+    Without --resize only MNIST's 28x28 can mismatch (folders default to the model's size).
+    """
+    if all(not isinstance(m, int) or m == s for m, s in zip(model, size, strict=True)):
+        return
+    fixed = "x".join("?" if not isinstance(m, int) else str(m) for m in model)
+    if options.resize:
+        raise UsageError(f"--resize {size[0]},{size[1]} does not fit input '{spec.name}', fixed at {fixed}")
+    raise UsageError(
+        f"mnist digits are {size[0]}x{size[1]} but input '{spec.name}' is fixed at {fixed}; "
+        f"pass --resize {fixed.replace('x', ',')}"
+    )
+
+
+def _layout_note(options: ImageOptions) -> str:
+    return f" (with --layout {options.layout})" if options.layout else ""
+
+
+def _check_channels(options: ImageOptions, channels: int, what: str) -> None:
+    """--mean/--std give one value for all channels or one per channel; anything else is a typo."""
+    noun = "channel" if channels == 1 else "channels"
+    for flag, values in (("--mean", options.mean), ("--std", options.std)):
+        if len(values) not in (1, channels):
+            allowed = "1 value" if channels == 1 else f"1 or {channels} values"
+            raise UsageError(
+                f"{flag} has {len(values)} values but {what} {channels} {noun}{_layout_note(options)}; "
+                f"give {allowed}"
+            )
+
+
 def _image_geometry(spec: InputSpec, options: ImageOptions, source: str) -> tuple[str, int, tuple[int, int]]:
     dims = spec.dims
     if dims is None or len(dims) != 4:
         raise UsageError(f"{source}: images need a 4-D model input, '{spec.name}' has dims {dims}")
     layout = _layout(spec, options)
-    channels, height, width = (dims[1], dims[2], dims[3]) if layout == "NCHW" else (dims[3], dims[1], dims[2])
+    channels, model_size = _channels_and_size(dims, layout)
     if not isinstance(channels, int):
         raise UsageError(f"{source}: the model's channel dim is symbolic; pass --layout and fixed channels")
-    size = options.resize or (height, width)
+    size = options.resize or model_size
     if not all(isinstance(d, int) for d in size):
         raise UsageError(f"{source}: the model's image size is symbolic; pass --resize H,W")
+    _check_size(spec, model_size, size, options)  # type: ignore[arg-type]
+    _check_channels(options, channels, f"input '{spec.name}' has")
     return layout, channels, size  # type: ignore[return-value]
 
 
@@ -161,26 +307,43 @@ def _normalize(pixels: np.ndarray, options: ImageOptions, channel_axis: int) -> 
     return (pixels.astype(np.float32) * np.float32(options.scale) - mean) / std
 
 
-def _from_images(folder: Path, specs: list[InputSpec], options: ImageOptions) -> Dataset:
+def _pillow() -> ModuleType:
     try:
         from PIL import Image
     except ImportError:
-        raise UsageError("reading image folders needs Pillow: pip install 'lrdeploy[images]'") from None
+        raise UsageError("reading or resizing images needs Pillow: pip install 'lrdeploy[images]'") from None
+    return Image
+
+
+def _read_image(image: ModuleType, path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """One image as HxWxC pixels; an unreadable file is named, not skipped, so no sample goes missing."""
+    try:
+        with image.open(path) as opened:
+            pixels = np.asarray(opened.convert(mode).resize((size[1], size[0]), image.BILINEAR))
+    except image.UnidentifiedImageError:
+        raise UsageError(
+            f"{path} is not a readable image (corrupt or mislabeled?); fix or remove it"
+        ) from None
+    except (OSError, SyntaxError, ValueError, image.DecompressionBombError) as error:
+        raise UsageError(f"cannot read image {path} ({error}); fix or remove it") from None
+    return pixels.reshape(size[0], size[1], -1)
+
+
+def _from_images(folder: Path, specs: list[InputSpec], options: ImageOptions) -> Dataset:
+    image = _pillow()
     spec = _single(specs, str(folder))
-    layout, channels, (height, width) = _image_geometry(spec, options, str(folder))
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    layout, channels, size = _image_geometry(spec, options, str(folder))
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise UsageError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     classes = sorted({p.parent.relative_to(folder).parts[0] for p in files if p.parent != folder})
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
-        raise UsageError(f"{folder}: the model expects {channels} channels; images give 1 (L) or 3 (RGB)")
-    images = []
-    for path in files:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert(mode).resize((width, height), Image.BILINEAR))
-        images.append(pixels.reshape(height, width, channels))
-    batch = np.stack(images)  # NHWC
+        raise UsageError(
+            f"{folder}: the model expects {channels} channels{_layout_note(options)}; "
+            "images give 1 (L) or 3 (RGB)"
+        )
+    batch = np.stack([_read_image(image, path, mode, size) for path in files])  # NHWC
     if layout == "NCHW":
         batch = batch.transpose(0, 3, 1, 2)
     batch = _normalize(batch, options, 1 if layout == "NCHW" else 3)
@@ -192,23 +355,57 @@ def _from_images(folder: Path, specs: list[InputSpec], options: ImageOptions) ->
     return Dataset(feeds, labels, f"{folder} ({len(files)} images, {len(classes)} classes)")
 
 
+def _mnist_size(spec: InputSpec, options: ImageOptions) -> tuple[int, int]:
+    """The digit size to feed: --resize if given, else 28x28; checked against the input's fixed dims."""
+    dims = spec.dims or ()
+    size = options.resize or MNIST_SIZE
+    if len(dims) in (2, 3) and options.layout:
+        raise UsageError(f"--layout applies to 4-D image inputs; input '{spec.name}' has dims {list(dims)}")
+    if len(dims) == 4:
+        channels, model_size = _channels_and_size(dims, _layout(spec, options))
+        if isinstance(channels, int) and channels != 1:
+            raise UsageError(
+                f"mnist digits have 1 channel but input '{spec.name}' expects {channels}"
+                f"{_layout_note(options)}"
+            )
+        _check_size(spec, model_size, size, options)
+    elif len(dims) == 3:
+        _check_size(spec, dims[1:], size, options)
+    elif len(dims) == 2 and isinstance(dims[1], int) and dims[1] != size[0] * size[1]:
+        resized = " with --resize" if options.resize else ""
+        raise UsageError(
+            f"mnist gives {size[0] * size[1]} features ({size[0]}x{size[1]}{resized}) "
+            f"but input '{spec.name}' takes {dims[1]}"
+        )
+    return size
+
+
+def _resize_digits(digits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if size == digits.shape[1:]:
+        return digits
+    image = _pillow()
+    resized = [np.asarray(image.fromarray(d).resize((size[1], size[0]), image.BILINEAR)) for d in digits]
+    return np.stack(resized)
+
+
 def _from_mnist(specs: list[InputSpec], options: ImageOptions) -> Dataset:
     spec = _single(specs, "mnist")
+    size = _mnist_size(spec, options)
+    _check_channels(options, 1, "mnist digits have")
     with np.load(mnist_path()) as archive:
         digits, labels = archive["x_test"], archive["y_test"]
+    pixels = _normalize(_resize_digits(digits, size)[..., None], options, 3)[..., 0]  # N, H, W
     dims = spec.dims or ()
     if len(dims) == 2:
-        batch = _normalize(digits.reshape(len(digits), -1), options, 1)
+        batch = pixels.reshape(len(pixels), -1)
     elif len(dims) == 3:
-        batch = _normalize(digits, options, 0)
+        batch = pixels
     else:
-        layout = _layout(spec, options)
-        batch = digits[:, None, :, :] if layout == "NCHW" else digits[:, :, :, None]
-        batch = _normalize(batch, options, 1 if layout == "NCHW" else 3)
+        batch = pixels[:, None] if _layout(spec, options) == "NCHW" else pixels[..., None]
     return Dataset(
         {spec.name: _fit_input(spec, batch, "mnist")},
         labels.astype(np.int64),
-        "MNIST test split (2000 digits)",
+        f"MNIST test split ({len(digits)} digits)",
     )
 
 
@@ -220,22 +417,22 @@ def load_dataset(
     specs = model_inputs(model)
     if source is None or str(source) == "random":
         raise UsageError("random inputs are not a dataset; use random_dataset()")
+    if not str(source).strip():
+        raise UsageError("--data is empty; pass random, mnist, FILE.npz, FILE.npy or an image folder")
     if str(source) == "mnist":
         return _from_mnist(specs, options)
     path = Path(source)
     if not path.exists():
         raise UsageError(f"--data {path}: no such file or folder")
     if path.is_dir():
-        return _from_images(path, specs, options)
-    if path.suffix == ".npz":
-        return _from_npz(path, specs)
-    if path.suffix == ".npy":
-        spec = _single(specs, str(path))
-        array = np.load(path, allow_pickle=False)
-        return Dataset(
-            {spec.name: _fit_input(spec, array, str(path))}, None, f"{path.name} ({len(array)} samples)"
-        )
-    raise UsageError(f"--data {path}: expected .npz, .npy, an image folder, 'mnist' or 'random'")
+        dataset = _from_images(path, specs, options)
+    elif path.suffix.lower() in (".npz", ".npy"):
+        dataset = _from_numpy(path, specs, options)
+    else:
+        raise UsageError(f"--data {path}: expected .npz, .npy, an image folder, 'mnist' or 'random'")
+    if len(dataset) == 0:
+        raise UsageError(f"--data {path} holds no samples (its first axis is 0)")
+    return dataset
 
 
 def random_batches(

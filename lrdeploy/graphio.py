@@ -48,6 +48,40 @@ def _restore_io(exported: onnx.GraphProto, original: onnx.GraphProto) -> None:
         exported.output.extend(original.output)
 
 
+def _subgraphs(graph: onnx.GraphProto):
+    for node in graph.node:
+        for attr in node.attribute:
+            yield from (attr.g,) if attr.type == onnx.AttributeProto.GRAPH else attr.graphs
+
+
+def _unshare_outer_weights(exported: onnx.GraphProto, original: onnx.GraphProto) -> None:
+    """Give weights the original read from the main graph inside If/Loop bodies back to the main graph.
+
+    graphsurgeon writes every constant a subgraph reads into that subgraph's initializers, so a weight
+    read by the main graph and two branches would be stored three times. A subgraph may not redefine an
+    outer name, so its copy of a main-graph weight is the same tensor: keep one, in the main graph.
+    """
+    outer = {t.name for t in original.initializer}
+    outer.update(out for node in original.node if node.op_type == "Constant" for out in node.output)
+    stored = {t.name for t in exported.initializer}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for sub in _subgraphs(graph):
+            kept = []
+            for tensor in sub.initializer:
+                if tensor.name not in outer:
+                    kept.append(tensor)
+                elif tensor.name not in stored:
+                    exported.initializer.append(tensor)
+                    stored.add(tensor.name)
+            if len(kept) != len(sub.initializer):
+                del sub.initializer[:]
+                sub.initializer.extend(kept)
+            visit(sub)
+
+    visit(exported)
+
+
 def from_graph(graph: gs.Graph, original: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
     """Export ``graph`` as a model that carries the original's metadata, opsets and declarations."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -63,6 +97,7 @@ def from_graph(graph: gs.Graph, original: onnx.ModelProto, ir_version: int) -> o
     del model.opset_import[:]
     model.opset_import.extend(original.opset_import)
     _restore_io(model.graph, original.graph)
+    _unshare_outer_weights(model.graph, original.graph)
     node_info = {n.name: n for n in original.graph.node if n.name and (n.doc_string or n.metadata_props)}
     for node in model.graph.node:
         source = node_info.get(node.name)

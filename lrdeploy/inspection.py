@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import onnx
 
 from lrdeploy import costs
-from lrdeploy.inputs import resolve_shapes
 from lrdeploy.modelio import load_model
 from lrdeploy.passes.names import name_nodes
 from lrdeploy.pipeline import decision_dicts, prepare_graph
 from lrdeploy.plan import LayerDecision, find_groups
 from lrdeploy.policy import round_half_up
+from lrdeploy.report import strict_json
 from lrdeploy.spectrum import Spectrum
 
 __all__ = ["Inspection", "LayerSpectrum", "inspect"]
@@ -71,19 +70,13 @@ class Inspection:
     params: int
 
     def to_json(self) -> str:
-        return (
-            json.dumps(
-                {
-                    "params": self.params,
-                    "layers": [layer.to_dict() for layer in self.layers],
-                    "not_factorizable": [
-                        {"name": d.name, "op": d.op, "reason": d.reason} for d in self.skipped
-                    ],
-                    "batchnorm": self.batchnorm,
-                },
-                indent=2,
-            )
-            + "\n"
+        return strict_json(
+            {
+                "params": self.params,
+                "layers": [layer.to_dict() for layer in self.layers],
+                "not_factorizable": [{"name": d.name, "op": d.op, "reason": d.reason} for d in self.skipped],
+                "batchnorm": self.batchnorm,
+            }
         )
 
 
@@ -91,8 +84,7 @@ def inspect(model: str | os.PathLike | onnx.ModelProto, *, fold_bn: bool = True)
     """Profile every factorizable weight after BN folding; nothing is written."""
     original, _ = load_model(model)
     name_nodes(original.graph)  # the same names compress gives, for --include/--exclude/--overrides
-    shapes = resolve_shapes(original, {}, strict=False)
-    graph, _, _, folded = prepare_graph(original, fold_bn, shapes)
+    graph, _, _, folded = prepare_graph(original, fold_bn)
     groups, unfit = find_groups(graph)
     layers = []
     for group in groups:

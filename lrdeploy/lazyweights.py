@@ -168,7 +168,8 @@ def _absolutize_external(model: onnx.ModelProto, base_dir: Path) -> None:
 
 
 def is_file_backed(tensor: TensorProto) -> bool:
-    return tensor.data_location == TensorProto.EXTERNAL
+    # A SparseTensorProto (graphsurgeon hands those around too) has no data_location: it is inline.
+    return getattr(tensor, "data_location", None) == TensorProto.EXTERNAL
 
 
 def read_raw(tensor: TensorProto) -> bytes:

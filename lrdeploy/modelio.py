@@ -21,9 +21,11 @@ from lrdeploy.lazyweights import is_file_backed, load_lazily, read_raw
 
 __all__ = [
     "MIN_OPSET",
+    "check_output_target",
     "choose_ir_version",
     "default_output_path",
     "estimated_size",
+    "files_read",
     "load_model",
     "materialize",
     "model_opset",
@@ -96,6 +98,34 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     return model, path
 
 
+def files_read(model: onnx.ModelProto, source: Path | None) -> list[Path]:
+    """The model file and every external data file it points to: files no output may replace."""
+    if source is None:
+        return []
+    files = {source}
+    for tensor in external_data_helper._get_all_tensors(model):
+        if getattr(tensor, "data_location", None) == TensorProto.EXTERNAL:  # sparse ones have none
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location:
+                files.add(source.parent / location)
+    return sorted(files)
+
+
+def check_output_target(path: Path, flag: str, protected: list[Path] = ()) -> None:
+    """Refuse, before any work is done, an output path that cannot be written or would replace an input."""
+    directory = path.parent if str(path.parent) else Path(".")
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{flag} {path}: {directory} is a file, not a directory; choose another path")
+    if not directory.is_dir():
+        raise UsageError(f"{flag}: directory {directory} does not exist; create it or choose another path")
+    if path.is_dir() or str(path).endswith(os.sep):
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    resolved = path.resolve()
+    for kept in protected:
+        if resolved == kept.resolve():
+            raise UsageError(f"{flag} {path} is a file the input model reads; choose another path")
+
+
 def default_output_path(input_path: Path) -> Path:
     name = input_path.name
     stem = name[: -len(".onnx")] if name.endswith(".onnx") else name
@@ -156,15 +186,19 @@ def _write_external(model: onnx.ModelProto, data_handle, location: str) -> None:
 def write_text_atomic(path: Path | str, text: str) -> None:
     """Write a small text file (a report) through a temporary file and a rename."""
     path = Path(path)
+    temporary = None
     try:
         fd, temporary = tempfile.mkstemp(
-            dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}."
+            dir=path.parent if str(path.parent) else ".", prefix=f".{path.name or 'out'}."
         )
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except OSError as error:
+        if temporary is not None:
+            with suppress(OSError):
+                os.unlink(temporary)
         raise RuntimeFailure(f"could not write {path}: {error.strerror or error}") from None
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -15,7 +13,7 @@ __all__ = ["decision_dicts", "prepare_graph"]
 
 
 def prepare_graph(
-    model: onnx.ModelProto, fold_bn: bool, input_shapes: Mapping[str, tuple[int, ...] | None]
+    model: onnx.ModelProto, fold_bn: bool
 ) -> tuple[gs.Graph, NameRegistry, PassResult, PassResult | None]:
     """Import, normalize and (optionally) fold BN; return the graph, its names and both pass results.
 
@@ -25,9 +23,21 @@ def prepare_graph(
     graph = to_graph(model)
     names = NameRegistry(graph)
     normalized = normalize(graph, names)
+    weights = {t.name for t in model.graph.initializer}
+    as_inputs = [v.name for v in model.graph.input if v.name in weights]
+    if as_inputs:  # graphsurgeon drops them from the inputs; say so, it changes the model's interface
+        normalized.record(
+            ", ".join(as_inputs[:3]) + (f" and {len(as_inputs) - 3} more" if len(as_inputs) > 3 else ""),
+            "graph input",
+            "constant",
+            f"{len(as_inputs)} initializer(s) listed as graph inputs (overridable defaults) are plain "
+            "weights in the output, so they can be folded and factorized",
+        )
     folded = None
     if fold_bn:
-        ranks = {name: len(shape) for name, shape in costs.infer_shapes(model, input_shapes).items()}
+        # Ranks from what the model declares, not from --input-shape: a fold must hold for every input
+        # the model accepts, and an input declared without a shape may take any rank.
+        ranks = {name: len(shape) for name, shape in costs.infer_shapes(model).items()}
         folded = fold_batchnorm(graph, names, ranks)
     return graph, names, normalized, folded
 

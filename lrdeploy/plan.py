@@ -75,10 +75,13 @@ def find_groups(graph: gs.Graph) -> tuple[list[WeightGroup], list[LayerDecision]
         if view.layout != group.view.layout:
             group.problem = f"weight '{view.weight.name}' is read with different layouts; left dense"
         group.nodes.append(node)
+    graph_outputs = {id(t) for g in (graph, *graph.subgraphs(recursive=True)) for t in g.outputs}
     for group in groups.values():
         members = {id(n) for n in group.nodes}
         others = [n for n in group.view.weight.outputs if id(n) not in members]
-        if others:
+        if id(group.view.weight) in graph_outputs:
+            group.problem = f"weight '{group.view.weight.name}' is also a graph output; left dense"
+        elif others:
             group.problem = (
                 f"weight '{group.view.weight.name}' is also read by {others[0].op} '{others[0].name}'; "
                 "left dense so it stays shared"
@@ -124,12 +127,20 @@ def plan_layers(
     groups: list[WeightGroup], config: CompressConfig, progress: Progress | None = None
 ) -> tuple[list[Rewrite], list[LayerDecision]]:
     candidates = [node.name for group in groups for node in group.nodes]
+    listing = f"{', '.join(candidates[:8]) or '(none)'}{', ...' if len(candidates) > 8 else ''}"
     unknown = sorted(set(config.overrides) - set(candidates))
     if unknown:  # a misspelt name would otherwise be ignored without a word
         raise UsageError(
             f"--overrides names '{unknown[0]}', which is not a factorizable layer of this model; "
-            f"the layers are: {', '.join(candidates[:8]) or '(none)'}{', ...' if len(candidates) > 8 else ''}"
+            f"the layers are: {listing}"
         )
+    for flag, patterns in (("--include", config.include), ("--exclude", config.exclude)):
+        idle = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in candidates)]
+        if idle:
+            raise UsageError(
+                f"{flag} '{idle[0]}' matches no factorizable layer (patterns are globs on node names); "
+                f"the layers are: {listing}"
+            )
     rewrites: list[Rewrite] = []
     decisions: list[LayerDecision] = []
     workers, blas_threads = _parallelism()

@@ -50,8 +50,13 @@ class VerifyConfig:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise UsageError(f"device must be one of {', '.join(DEVICES)}, got '{self.device}'")
-        if self.batch_size < 1 or self.random_batches < 1 or (self.limit is not None and self.limit < 1):
-            raise UsageError("--batch-size, --samples and --limit must be positive")
+        counts = {"--batch-size": self.batch_size, "--random-batches": self.random_batches}
+        counts["--limit"] = self.limit if self.limit is not None else 1
+        for flag, value in counts.items():
+            if value < 1:
+                raise UsageError(f"{flag} must be a positive integer, got {value}")
+        if self.seed < 0:
+            raise UsageError(f"--seed must be ≥ 0, got {self.seed}")
 
     def with_(self, **changes: object) -> VerifyConfig:
         return replace(self, **changes)

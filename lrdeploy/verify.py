@@ -37,14 +37,15 @@ class Gates:
     min_top1: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("atol", "rtol", "max_rel_l2"):
+        ranges = {"atol": (0, math.inf), "rtol": (0, math.inf), "max_rel_l2": (0, math.inf)}
+        ranges |= {"min_cosine": (-1.0, 1.0), "min_top1": (0.0, 1.0)}
+        for name, (low, high) in ranges.items():
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be ≥ 0, got {value}")
-        for name in ("min_cosine", "min_top1"):
-            value = getattr(self, name)
-            if value is not None and not -1.0 <= value <= 1.0:
-                raise UsageError(f"--{name.replace('_', '-')} must be in [-1, 1], got {value}")
+            if value is not None and not low <= value <= high:  # also refuses NaN
+                bounds = f"≥ {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+                raise UsageError(f"--{name.replace('_', '-')} must be {bounds}, got {value}")
+        if self.rtol and self.atol is None:  # |Δ| ≤ atol + rtol·|ref| with atol 0: rtol alone is a gate
+            object.__setattr__(self, "atol", 0.0)
 
     @property
     def active(self) -> bool:
@@ -106,6 +107,7 @@ class _Accumulator:
     equal: int = 0
     elements: int = 0
     nonfinite: bool = False
+    diverged: bool = False
 
     def add(self, ref: np.ndarray, new: np.ndarray, labels: np.ndarray | None) -> None:
         if ref.shape != new.shape:
@@ -122,15 +124,19 @@ class _Accumulator:
             b = np.asarray(new, dtype=np.float64)
         else:  # strings, maps: only equality means anything, a mismatch counts as |Δ| = 1
             a, b = (~same).astype(np.float64), np.zeros(same.shape)
-        self.nonfinite |= not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
-        if a.size:
-            diff = np.abs(a - b)
-            self.max_abs = max(self.max_abs, float(diff.max()))
-            self.excess = max(self.excess, float((diff - self.rtol * np.abs(a)).max()))
-        self.diff_sq += float(np.sum((a - b) ** 2))
-        self.ref_sq += float(np.sum(a * a))
-        self.new_sq += float(np.sum(b * b))
-        self.dot += float(np.sum(a * b))
+        finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+        if not (finite_a.all() and finite_b.all()):
+            self.nonfinite = True
+            # NaN/inf where the original has a number (or another NaN/inf) is an infinite error; the same
+            # NaN/inf in both (a masked score, say) is not, and the finite elements are compared as usual.
+            consistent = np.array_equal(finite_a, finite_b) and np.array_equal(
+                a[~finite_a], b[~finite_b], equal_nan=True
+            )
+            self.diverged |= not consistent
+            both = finite_a & finite_b
+            self._accumulate(a[both], b[both])
+        else:
+            self._accumulate(a, b)
         if self.discrete and ref.ndim == 1:  # one class id per sample
             self.top1 += int(np.sum(ref == new))
             self.rows += ref.shape[0]
@@ -152,6 +158,19 @@ class _Accumulator:
             self.correct_new += int(np.sum(np.argmax(b, axis=1) == labels))
             self.labelled += a.shape[0]
 
+    def _accumulate(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Error sums over elements both models computed as numbers."""
+        if self.diverged:
+            self.max_abs, self.excess = math.inf, math.inf
+        elif a.size:
+            diff = np.abs(a - b)
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            self.excess = max(self.excess, float((diff - self.rtol * np.abs(a)).max()))
+        self.diff_sq += float(np.sum((a - b) ** 2))
+        self.ref_sq += float(np.sum(a * a))
+        self.new_sq += float(np.sum(b * b))
+        self.dot += float(np.sum(a * b))
+
     def finish(self, name: str) -> OutputComparison:
         rel_l2 = (
             math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq else (0.0 if not self.diff_sq else math.inf)
@@ -160,7 +179,7 @@ class _Accumulator:
             cosine = self.dot / math.sqrt(self.ref_sq * self.new_sq)
         else:
             cosine = 1.0 if self.ref_sq == self.new_sq else 0.0
-        if self.nonfinite:
+        if self.diverged:
             rel_l2, cosine = math.nan, math.nan
         if self.discrete:
             rel_l2, cosine = None, None
@@ -296,11 +315,16 @@ def compare_models(
     """Run both models on each (feeds, labels) batch and compare every output."""
     reference = make_session(original, device)
     candidate = make_session(compressed, device)
-    names = [o.name for o in reference.get_outputs()]
-    if [o.name for o in candidate.get_outputs()] != names:
-        raise RuntimeFailure(
-            "the two models have different outputs; verify compares a model with its compression"
+    for kind in ("inputs", "outputs"):
+        ours, theirs = (
+            [v.name for v in getattr(session, f"get_{kind}")()] for session in (reference, candidate)
         )
+        if sorted(ours) != sorted(theirs):
+            raise UsageError(
+                f"the two models have different {kind} (original {ours}, compressed {theirs}); verify "
+                "compares a model with its compression"
+            )
+    names = [o.name for o in reference.get_outputs()]
     accumulators = {name: _Accumulator(rtol) for name in names}
     samples = 0
     for feeds, labels in batches:
@@ -313,5 +337,7 @@ def compare_models(
         samples += count
         if progress:
             progress(count)
+    if samples == 0:
+        raise UsageError(f"the data ({data}) has no samples; give a data set with at least one")
     outputs = tuple(acc.finish(name) for name, acc in accumulators.items())
     return Verification(device.provider, outputs, samples, data, device.note)

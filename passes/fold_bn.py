@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.passes.names import NameRegistry
 from lrdeploy.passes.result import PassResult
-from lrdeploy.passes.values import ScaledValues, read_values
+from lrdeploy.passes.values import ScaledValues, float_dtype, read_values
 
 __all__ = ["fold_batchnorm"]
 
@@ -54,9 +54,15 @@ def _replace_input(node: gs.Node, index: int, constant: gs.Constant) -> None:
         node.inputs.append(constant)
 
 
+def _sole_reader(tensor: gs.Tensor, names: NameRegistry) -> bool:
+    """True when the one node reading ``tensor`` may take its name: nothing else reads it, not even as
+    a graph output (two tensors of one name would leave one of them unreachable)."""
+    return len(tensor.outputs) == 1 and tensor.name not in names.graph_outputs
+
+
 def _new_constant(old: gs.Tensor | None, values: np.ndarray, base: str, names: NameRegistry) -> gs.Constant:
     """A constant for fused values: it keeps the old name when nothing else reads the old tensor."""
-    if isinstance(old, gs.Constant) and len(old.outputs) == 1:
+    if isinstance(old, gs.Constant) and _sole_reader(old, names):
         return gs.Constant(old.name, values=np.ascontiguousarray(values))
     return gs.Constant(names.tensor(base), values=np.ascontiguousarray(values))
 
@@ -65,12 +71,12 @@ def _scaled_weight(
     weight: gs.Constant, multiplier: np.ndarray, base: str, names: NameRegistry
 ) -> gs.Constant:
     """The folded weight, computed from ``weight`` when read (see `ScaledValues`)."""
-    name = weight.name if len(weight.outputs) == 1 else names.tensor(base)
+    name = weight.name if _sole_reader(weight, names) else names.tensor(base)
     return gs.Constant(name, values=ScaledValues(weight, multiplier))
 
 
 def _float_constant(tensor: gs.Tensor | None) -> bool:
-    return isinstance(tensor, gs.Constant) and np.dtype(tensor.dtype).kind == "f"
+    return isinstance(tensor, gs.Constant) and float_dtype(tensor)
 
 
 def _fold_conv(producer: gs.Node, scale: np.ndarray, shift: np.ndarray, names: NameRegistry) -> str | None:

@@ -21,11 +21,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrdeploy.passes.names import NameRegistry
-from lrdeploy.passes.values import read_values
+from lrdeploy.passes.values import float_dtype, read_values, type_name
 
 __all__ = ["ADAPTERS", "LowRankOp", "WeightView", "weight_view"]
-
-_FLOAT_KINDS = {np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)}
 
 
 @dataclass(frozen=True)
@@ -45,8 +43,8 @@ def _why_not_weight(tensor: gs.Tensor) -> str | None:
     if not isinstance(tensor, gs.Constant):
         producer = f" by {tensor.inputs[0].op} '{tensor.inputs[0].name}'" if tensor.inputs else ""
         return f"its weight is computed at run time{producer}, not a constant"
-    if np.dtype(tensor.dtype) not in _FLOAT_KINDS:
-        return f"weight type {np.dtype(tensor.dtype).name} is not float16/32/64"
+    if not float_dtype(tensor):
+        return f"weight type {type_name(tensor)} is not float16/32/64"
     return None
 
 

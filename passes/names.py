@@ -32,6 +32,9 @@ class NameRegistry:
             self.node_names.add(node.name)
             self.tensor_names.update(t.name for t in (*node.inputs, *node.outputs))
         self.tensor_names.update(t.name for t in (*graph.inputs, *graph.outputs))
+        # Outputs of the graph and of every subgraph: a pass must not reuse such a name for new values.
+        subgraphs = [sub for node in _all_nodes(graph) for sub in node.subgraphs()]
+        self.graph_outputs: set[str] = {t.name for g in (graph, *subgraphs) for t in g.outputs}
         self.node_names.discard("")
         self.tensor_names.discard("")
 

@@ -14,10 +14,29 @@ graphsurgeon exports a LazyValues' source tensor as is.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-__all__ = ["ScaledValues", "materialize_deferred", "read_values"]
+__all__ = ["ScaledValues", "float_dtype", "materialize_deferred", "read_values", "type_name"]
+
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def type_name(tensor: gs.Tensor) -> str:
+    """The element type's name, also for types numpy has no dtype for (bfloat16, float8: ONNX enums)."""
+    try:
+        return np.dtype(tensor.dtype).name
+    except TypeError:
+        return onnx.helper.tensor_dtype_to_string(int(tensor.dtype)).removeprefix("TensorProto.").lower()
+
+
+def float_dtype(tensor: gs.Tensor) -> bool:
+    """True for float16/32/64, the types the passes compute with in numpy."""
+    try:
+        return np.dtype(tensor.dtype) in _FLOATS
+    except TypeError:
+        return False
 
 
 def read_values(constant: gs.Constant) -> np.ndarray:

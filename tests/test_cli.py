@@ -55,11 +55,11 @@ def _error(capsys, argv: list[str], code: int = 2) -> str:
 
 
 def _assert_untouched(directory: Path, before: dict[str, str]) -> None:
-    assert {p.name: _digest(p) for p in directory.iterdir()} == before
+    assert _snapshot(directory) == before
 
 
 def _snapshot(directory: Path) -> dict[str, str]:
-    return {p.name: _digest(p) for p in directory.iterdir()}
+    return {p.name: _digest(p) if p.is_file() else "dir" for p in directory.iterdir()}
 
 
 def test_missing_file(capsys, tmp_path):
@@ -121,8 +121,52 @@ def test_output_equal_to_input(capsys, tmp_path, model_path, monkeypatch, spelli
     before = _snapshot(tmp_path)
     target = str(model_path) if spelling == "same" else "./net.onnx"
     line = _error(capsys, ["compress", "net.onnx", "--rank-ratio", "0.5", "-o", target])
-    assert "is the input model" in line
+    assert "is a file the input model reads" in line
     _assert_untouched(tmp_path, before)
+
+
+def test_output_over_the_inputs_external_data_is_refused(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = onnx.load(_model(tmp_path / "net.onnx"))
+    onnx.save(model, "ext.onnx", save_as_external_data=True, location="ext.weights", size_threshold=0)
+    before = _snapshot(tmp_path)
+    line = _error(capsys, ["compress", "ext.onnx", "--rank-ratio", "0.5", "-o", "ext.weights"])
+    assert "-o ext.weights is a file the input model reads" in line
+    _assert_untouched(tmp_path, before)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compress", "net.onnx", "--rank-ratio", "0.5", "-o", "adir"], "-o adir is a directory"),
+        (["compress", "net.onnx", "--rank-ratio", "0.5", "-o", "afile/x.onnx"], "afile is a file, not a dir"),
+        (["compress", "net.onnx", "--rank-ratio", "0.5", "--report", "no/r.json"], "directory no does not"),
+        (["compress", "net.onnx", "--rank-ratio", "0.5", "--report", "net.onnx"], "the input model reads"),
+        (
+            ["compress", "net.onnx", "--rank-ratio", "0.5", "-o", "o.onnx", "--report", "o.onnx"],
+            "--report o.onn",
+        ),
+        (["inspect", "net.onnx", "--json", "net.onnx"], "--json net.onnx is a file the input model reads"),
+        (["verify", "net.onnx", "afile", "--json", "afile"], "--json afile is a file the input model reads"),
+        (["bench", "net.onnx", "--json", "net.onnx"], "--json net.onnx is a file the input model reads"),
+        (["bench", "net.onnx", "./net.onnx"], "a model is given twice"),
+        (["bench", "net.onnx", "--plot", "latency"], "--plot latency: give a file name ending in one of"),
+    ],
+)
+def test_output_paths_are_checked_before_any_work(capsys, tmp_path, model_path, monkeypatch, argv, message):
+    """JSON, plots and models never replace an input or each other, and a bad path fails up front."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("not a directory")
+    before = _snapshot(tmp_path)
+    assert message in _error(capsys, argv)
+    assert _snapshot(tmp_path) == before  # no output, no temporary file, the input as it was
+
+
+def test_no_arguments_prints_help_without_an_empty_error(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert "compress" in captured.out and "error" not in captured.err
 
 
 @pytest.mark.parametrize(

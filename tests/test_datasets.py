@@ -136,3 +136,129 @@ def test_verify_config_validation():
         VerifyConfig(batch_size=0)
     with pytest.raises(UsageError):
         ImageOptions(layout="CHW")
+
+
+def _one_line_usage_error(message: str, *args, **kwargs) -> UsageError:
+    with pytest.raises(UsageError, match=message) as caught:
+        load_dataset(*args, **kwargs)
+    assert "\n" not in str(caught.value)
+    return caught.value
+
+
+@pytest.mark.parametrize("name", ["fake.npz", "fake.npy", "empty.npy"])
+def test_files_that_are_not_numpy_are_named(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("" if name.startswith("empty") else "not numpy at all\n")
+    _one_line_usage_error(r"is not a numpy \.npz/\.npy file", str(path), _flat_model(4))
+
+
+def test_zip_that_is_not_an_npz_is_refused(tmp_path):
+    import zipfile
+
+    path = tmp_path / "d.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "hello")
+    _one_line_usage_error("not a numpy .npz", str(path), _flat_model(4))
+
+
+def test_object_arrays_are_refused_without_unpickling(tmp_path):
+    np.save(tmp_path / "o.npy", np.array([1, None], dtype=object))
+    _one_line_usage_error("Python objects, which are not supported", str(tmp_path / "o.npy"), _flat_model(4))
+    np.savez(tmp_path / "o.npz", x=np.zeros((2, 4)), labels=np.array([1, None], dtype=object))
+    _one_line_usage_error("array 'labels' holds Python objects", str(tmp_path / "o.npz"), _flat_model(4))
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.array(["a", "b"])}, "has dtype <U1; save numeric arrays"),
+        ({"x": np.zeros((0, 4))}, "holds no samples"),
+        ({"x": np.zeros(4)[0]}, "is a scalar"),
+    ],
+)
+def test_unusable_arrays_are_usage_errors(tmp_path, arrays, message):
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    _one_line_usage_error(message, str(path), _flat_model(4))
+
+
+def test_labels_whole_floats_accepted_others_named(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((3, 4)), labels=np.array([0.0, 2.0, 1.0], np.float32))
+    labels = load_dataset(str(path), _flat_model(4)).labels
+    assert labels.dtype == np.int64 and list(labels) == [0, 2, 1]
+    np.savez(path, x=np.zeros((3, 4)), labels=np.array([0.5, 2.0, 1.0], np.float32))
+    _one_line_usage_error("labels must be integers, got float32", str(path), _flat_model(4))
+    np.savez(path, x=np.zeros((3, 4)), labels=np.eye(3))
+    _one_line_usage_error("one class index per sample.*one-hot", str(path), _flat_model(4))
+
+
+def test_image_options_refused_for_numpy_files(tmp_path):
+    path = tmp_path / "d.npy"
+    np.save(path, np.zeros((2, 4), np.float32))
+    options = ImageOptions(resize=(2, 2), mean=(0.5,))
+    _one_line_usage_error("--resize, --mean only apply to image folders", str(path), _flat_model(4), options)
+
+
+def test_corrupt_image_is_named_not_skipped(tmp_path):
+    image = pytest.importorskip("PIL.Image")
+    (tmp_path / "c0").mkdir()
+    image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "c0" / "good.png")
+    (tmp_path / "c0" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    error = _one_line_usage_error("is not a readable image", str(tmp_path), _conv_model(1, 5))
+    assert str(tmp_path / "c0" / "bad.png") in str(error)
+
+
+def test_empty_data_source_is_not_the_current_folder():
+    _one_line_usage_error("--data is empty", "", _conv_model(1, 5))
+
+
+def test_mnist_resize_is_applied_or_named():
+    pytest.importorskip("PIL.Image")
+    symbolic = graph_model(
+        [helper.make_node("GlobalAveragePool", ["x"], ["y"])],
+        {"x": ["N", 1, "H", "W"]},
+        {"y": None},
+        opset=17,
+    )
+    assert load_dataset("mnist", symbolic, ImageOptions(resize=(14, 12))).arrays["x"].shape == (
+        2000,
+        1,
+        14,
+        12,
+    )
+    assert load_dataset("mnist", _flat_model(196), ImageOptions(resize=(14, 14))).arrays["x"].shape == (
+        2000,
+        196,
+    )
+    _one_line_usage_error(
+        r"--resize 32,32 does not fit input 'x', fixed at 28x28",
+        "mnist",
+        _conv_model(1, 28),
+        ImageOptions(resize=(32, 32)),
+    )
+    _one_line_usage_error("pass --resize 32,32", "mnist", _conv_model(1, 32))
+    _one_line_usage_error("mnist gives 784 features", "mnist", _flat_model(100))
+    _one_line_usage_error("--layout applies to 4-D", "mnist", _flat_model(784), ImageOptions(layout="NHWC"))
+
+
+def test_mean_and_std_count_must_match_channels(tmp_path):
+    _one_line_usage_error(
+        r"--mean has 3 values but mnist digits have 1 channel; give 1 value",
+        "mnist",
+        _conv_model(1, 28),
+        ImageOptions(mean=(0.5, 0.5, 0.5)),
+    )
+    image = pytest.importorskip("PIL.Image")
+    image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "a.png")
+    _one_line_usage_error(
+        r"--std has 2 values but input 'x' has 3 channels; give 1 or 3 values",
+        str(tmp_path),
+        _conv_model(3, 5),
+        ImageOptions(std=(0.5, 0.5)),
+    )
+
+
+def test_random_batches_error_names_the_flag():
+    with pytest.raises(UsageError, match="--random-batches"):
+        VerifyConfig(random_batches=0)

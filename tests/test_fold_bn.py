@@ -13,7 +13,6 @@ from onnx import helper
 
 import lrdeploy
 from lrdeploy.graphio import from_graph
-from lrdeploy.inputs import resolve_shapes
 from lrdeploy.passes import PassResult
 from lrdeploy.pipeline import prepare_graph
 from models import assert_close, check_model, feeds_for, graph_model, run, weight
@@ -35,8 +34,7 @@ def bn_node(x: str, y: str, prefix: str = "bn", **attrs) -> onnx.NodeProto:
 
 def fold(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassResult]:
     """normalize + fold_batchnorm, exported the way compress exports."""
-    shapes = resolve_shapes(model, {}, strict=False)
-    graph, _, _, folded = prepare_graph(model, True, shapes)
+    graph, _, _, folded = prepare_graph(model, True)
     return from_graph(graph, model, 10), folded
 
 

@@ -178,6 +178,98 @@ def test_ir3_initializers_listed_as_graph_inputs():
     assert report.params_after == sum(int(np.prod(t.dims)) for t in compressed.graph.initializer)
     assert report.params_after < report.params_before
     assert compressed.ir_version >= 6  # what opset 11 needs
+    (note,) = [d for d in report.normalized if d["op"] == "graph input"]
+    assert note["status"] == "constant" and note["reason"].startswith(f"{len(model.graph.initializer)} init")
+
+
+def _if_model(rng, weight_in_main: bool) -> onnx.ModelProto:
+    """y = x·W, then an If whose branches also read W: how scripted control flow exports shared weights."""
+    then_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "W"], ["t"], name="then_mm")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, None)],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Mul", ["h", "W"], ["e"], name="else_mul")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, None)],
+    )
+    first = helper.make_node("MatMul", ["x", "W"], ["h"], name="mm") if weight_in_main else None
+    nodes = [
+        *([first] if first else [helper.make_node("Relu", ["x"], ["h"], name="relu")]),
+        helper.make_node("ReduceSum", ["h"], ["s"], name="sum", keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+        helper.make_node("If", ["c"], ["y"], name="if", then_branch=then_branch, else_branch=else_branch),
+    ]
+    params = {"W": weight(rng, 24, 24), "zero": np.zeros((), np.float32)}
+    return graph_model(nodes, {"x": [24, 24]}, {"y": [24, 24]}, params)
+
+
+@pytest.mark.parametrize("weight_in_main", [True, False])
+def test_weight_read_inside_if_branches_is_stored_once(weight_in_main):
+    model = _if_model(np.random.default_rng(11), weight_in_main)
+    same, report = lrdeploy.compress(model, rank_ratio=0.5, verify=False)
+    check_model(same)
+    assert report.params_after == report.params_before  # W is shared with the branches: left dense, once
+    assert [t.name for t in same.graph.initializer].count("W") == 1
+    assert not any(a.g.initializer for n in same.graph.node for a in n.attribute if a.g.name)
+    for sign in (1, -1):
+        feeds = {"x": sign * np.abs(weight(np.random.default_rng(1), 24, 24))}
+        assert_close(run(same, feeds), run(model, feeds))
+
+
+def test_weights_that_are_also_graph_outputs_keep_their_values():
+    """The Gemm weight F is an output: factorizing it would store it twice, so it stays dense. The conv
+    weight W is an output too: BN folding gives the conv a folded copy and W stays as it was."""
+    rng = np.random.default_rng(12)
+    model = _conv_bn_fc(rng)
+    for tensor in [t for t in model.graph.initializer if t.name in ("W", "F")]:
+        model.graph.output.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    feeds = feeds_for(model)
+    compressed, report = lrdeploy.compress(model, rank_ratio=0.25, verify=False)
+    check_model(compressed)
+    decisions = {layer.decision.name: layer.decision for layer in report.layers}
+    assert decisions["fc"].status == "skipped" and "graph output" in decisions["fc"].reason
+    assert decisions["conv"].status == "factorized"
+    assert [b["status"] for b in report.batchnorm] == ["folded"]
+    same, _ = lrdeploy.compress(model, rank_ratio=1.0, verify=False)
+    assert_close(run(same, feeds), run(model, feeds))
+
+
+def test_bn_after_matmul_is_not_folded_for_an_input_of_unknown_rank():
+    """--input-shape fixes what verification feeds, not what the model accepts: a 2-D-only fold is wrong
+    for a 3-D input the model also takes."""
+    rng = np.random.default_rng(13)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+        helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    params = {"W": weight(rng, 20, 16), "g": weight(rng, 16), "b": weight(rng, 16), "m": weight(rng, 16)}
+    params["v"] = rng.uniform(0.5, 1.5, 16).astype(np.float32)
+    model = graph_model(nodes, {"x": [4, 20]}, {"y": [4, 16]}, params)
+    model.graph.input[0].type.tensor_type.ClearField("shape")
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    same, report = lrdeploy.compress(model, rank_ratio=1.0, verify=False, input_shapes={"x": (4, 20)})
+    assert [b["status"] for b in report.batchnorm] == ["skipped"]
+    feeds = {"x": weight(rng, 2, 16, 20)}  # BN's channels are then axis 1, not the MatMul's features
+    assert_close(run(same, feeds), run(model, feeds))
+
+
+def test_bfloat16_weights_are_skipped_with_a_reason():
+    w = helper.make_tensor("w", onnx.TensorProto.BFLOAT16, [8, 6], np.arange(48, dtype=np.float32).tolist())
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xb"], to=onnx.TensorProto.BFLOAT16),
+        helper.make_node("MatMul", ["xb", "w"], ["y"], name="mm"),
+        helper.make_node("Cast", ["y"], ["z"], to=onnx.TensorProto.FLOAT),
+    ]
+    model = graph_model(nodes, {"x": [3, 8]}, {"z": [3, 6]})
+    model.graph.initializer.append(w)
+    _, report = lrdeploy.compress(model, rank_ratio=0.5, verify=False)
+    (layer,) = report.layers
+    assert layer.decision.status == "skipped" and "bfloat16" in layer.decision.reason
+    assert lrdeploy.inspect(model).skipped[0].reason == layer.decision.reason
 
 
 def test_external_data_loaded_from_another_directory(tmp_path, monkeypatch):
@@ -357,3 +449,22 @@ def test_dynamo_export(torch_net, tmp_path):
     check_model(compressed)
     assert [layer.decision.status for layer in report.layers] == ["factorized"] * 4
     assert run(compressed, feeds)[0].shape == (3, 10)
+
+
+def test_sparse_initializer_is_counted_and_left_as_it_is():
+    rng = np.random.default_rng(14)
+    dense = weight(rng, 40, 30) * (rng.random((40, 30)) < 0.3)
+    nonzero = np.flatnonzero(dense)
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(dense.ravel()[nonzero].astype(np.float32), "w"),
+        numpy_helper.from_array(nonzero.astype(np.int64), "w_indices"),
+        [40, 30],
+    )
+    model = graph_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], {"x": [3, 40]}, {"y": [3, 30]}
+    )
+    model.graph.sparse_initializer.append(sparse)
+    feeds = feeds_for(model)
+    same, report = lrdeploy.compress(model, rank_ratio=1.0, verify=False)
+    assert report.params_before == report.params_after == len(nonzero)
+    assert_close(run(same, feeds), run(model, feeds))

@@ -82,10 +82,22 @@ def test_nan_output_is_not_silently_passed():
     acc = _Accumulator(rtol=0.0)
     acc.add(np.ones((2, 3)), np.array([[1.0, np.nan, 1.0], [1, 1, 1]]), None)
     out = acc.finish("y")
-    assert math.isnan(out.rel_l2)
+    assert math.isnan(out.rel_l2) and out.max_abs_diff == math.inf
     result = Verification("CPUExecutionProvider", (out,), 2, "random")
     assert Gates(max_rel_l2=1.0).failures(result)
     assert Gates(min_cosine=0.0).failures(result)
+    assert Gates(atol=1e9).failures(result)  # NaN where the original has a number fails every gate
+
+
+def test_the_same_nonfinite_values_in_both_models_are_agreement():
+    """A masked score (-inf) or a NaN the original also produces is not an error of the compression."""
+    ref = np.array([[1.0, -np.inf, 2.0], [np.nan, 1.0, 1.0]])
+    acc = _Accumulator(rtol=0.0)
+    acc.add(ref, ref + np.array([[1e-3, 0, 0], [0, 0, 0]]), None)
+    out = acc.finish("y")
+    assert out.nonfinite and out.max_abs_diff == pytest.approx(1e-3)
+    assert out.rel_l2 == pytest.approx(1e-3 / math.sqrt(1 + 4 + 1 + 1))
+    assert not Gates(atol=1e-2).failures(Verification("CPUExecutionProvider", (out,), 2, "random"))
 
 
 def test_class_id_outputs_count_as_top1_not_as_magnitudes():
@@ -163,11 +175,31 @@ def test_gates(gates, failing):
             gates.check(result)
 
 
-def test_gate_values_are_validated():
-    with pytest.raises(UsageError):
-        Gates(atol=-1)
-    with pytest.raises(UsageError):
-        Gates(min_cosine=1.5)
+@pytest.mark.parametrize(
+    "gate",
+    [{"atol": -1}, {"atol": math.nan}, {"max_rel_l2": math.nan}, {"min_cosine": 1.5}, {"min_top1": -0.5}],
+)
+def test_gate_values_are_validated(gate):
+    with pytest.raises(UsageError, match=f"--{next(iter(gate)).replace('_', '-')} must be"):
+        Gates(**gate)
+
+
+def test_rtol_alone_is_a_gate():
+    assert Gates(rtol=0.1).active and Gates(rtol=0.1).atol == 0.0
+    assert Gates(atol=0.3, rtol=0.1).atol == 0.3
+
+
+def test_gates_with_no_verify_are_refused(rng):
+    with pytest.raises(UsageError, match="gates need verification"):
+        lrdeploy.compress(_classifier(rng), rank_ratio=0.5, verify=False, gates=Gates(min_cosine=0.99))
+
+
+def test_no_samples_is_a_usage_error(tmp_path, rng, capsys):
+    a = tmp_path / "a.onnx"
+    onnx.save(_classifier(rng), a)
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 32), np.float32))
+    assert main(["verify", str(a), str(a), "--data", str(tmp_path / "empty.npz")]) == 2
+    assert "no samples" in capsys.readouterr().err
 
 
 def test_verify_api_full_rank_passes_and_damaged_fails(tmp_path, rng):
@@ -224,6 +256,12 @@ def test_verify_cli_rejects_unrelated_models(tmp_path, rng, capsys):
     code = main(["verify", str(a), str(b)])
     assert code == 1
     assert "error:" in capsys.readouterr().err
+    renamed = _classifier(rng)
+    renamed.graph.input[0].name = "pixels"
+    renamed.graph.node[0].input[0] = "pixels"
+    onnx.save(renamed, b)
+    assert main(["verify", str(a), str(b)]) == 2
+    assert "different inputs (original ['x'], compressed ['pixels'])" in capsys.readouterr().err
 
 
 def test_compress_gate_failure_writes_nothing_and_exits_3(tmp_path, rng, capsys):

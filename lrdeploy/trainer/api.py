@@ -17,7 +17,8 @@ import torch
 from lrdeploy.errors import RuntimeFailure
 from lrdeploy.trainer.card import write_card
 from lrdeploy.trainer.config import TrainConfig
-from lrdeploy.trainer.export import INPUT_NAME, export_onnx, onnx_accuracy
+from lrdeploy.trainer.export import INPUT_NAME, onnx_accuracy, save_onnx, to_onnx
+from lrdeploy.trainer.files import check_targets, default_checkpoint, ranks_path, write_text_atomic
 from lrdeploy.trainer.loop import TrainResult, train
 from lrdeploy.trainer.progress import Reporter
 
@@ -33,8 +34,10 @@ class Exported:
     files: tuple[Path, ...] = ()
 
 
-def default_checkpoint(output: Path) -> Path:
-    return output.with_suffix(".ckpt.pt")
+def _inputs(config: TrainConfig) -> dict[str, Path]:
+    """The files the run reads, which no output may replace."""
+    data = Path(config.data)
+    return {"--data": data} if config.data != "mnist" and data.is_file() else {}
 
 
 def train_and_export(
@@ -48,17 +51,17 @@ def train_and_export(
     """Train as ``config`` says and write ``output`` (ONNX), its cards and, for LRPET, ``*.ranks.json``.
 
     Accuracy on onnxruntime must match PyTorch's to within one test image (ties in the logits), else
-    `RuntimeFailure`: an export that changed the function is a bug, not a result.
+    `RuntimeFailure`: an export that changed the function is a bug, not a result. The paths are checked
+    before training (`check_targets`), and nothing is written unless that check passed.
     """
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output, checkpoint = check_targets(output, checkpoint, _inputs(config))
     result = train(config, checkpoint=checkpoint, resume=resume, reporter=reporter)
     if not result.main:
         return Exported(result, None)
     metadata = {"lrdeploy.train.method": config.method.name, "lrdeploy.train.arch": config.arch}
-    proto = export_onnx(result.model, result.spec.shape, output, metadata)
+    proto = to_onnx(result.model, result.spec.shape, metadata)
     data = result.dataset
-    accuracy = onnx_accuracy(output, data.x_test, data.y_test)
+    accuracy = onnx_accuracy(proto.SerializeToString(), data.x_test, data.y_test)
     if abs(accuracy - result.test_accuracy) * len(data.y_test) > 1.0 + 1e-9:
         raise RuntimeFailure(
             f"the exported model scores {accuracy:.2%} on onnxruntime "
@@ -90,10 +93,10 @@ def train_and_export(
             "seconds": round(result.seconds, 1),
         },
     }
+    save_onnx(proto, output)
     files = [output, *write_card(card, output)]
     ranks = result.method_summary.get("ranks")
     if ranks:
-        ranks_path = output.with_suffix(".ranks.json")
-        ranks_path.write_text(json.dumps(ranks, indent=2) + "\n")
-        files.append(ranks_path)
+        write_text_atomic(ranks_path(output), json.dumps(ranks, indent=2) + "\n")
+        files.append(ranks_path(output))
     return Exported(result, output, accuracy, card, tuple(files))

@@ -10,14 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lrdeploy.trainer.files import card_paths, write_text_atomic
+
 __all__ = ["CARD_VERSION", "card_paths", "write_card"]
 
 CARD_VERSION = 1
-
-
-def card_paths(onnx_path: Path) -> tuple[Path, Path]:
-    stem = onnx_path.with_suffix("")
-    return stem.with_name(stem.name + ".card.json"), stem.with_name(stem.name + ".card.md")
 
 
 def _compress_hint(card: dict[str, Any], onnx_name: str) -> str:
@@ -78,6 +75,6 @@ def write_card(card: dict[str, Any], onnx_path: Path) -> tuple[Path, Path]:
     """Write both cards beside ``onnx_path``; return their paths."""
     json_path, md_path = card_paths(onnx_path)
     card = {"card_version": CARD_VERSION, **card}
-    json_path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
-    md_path.write_text(_markdown(card, onnx_path.name))
+    write_text_atomic(json_path, json.dumps(card, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(md_path, _markdown(card, onnx_path.name))
     return json_path, md_path

@@ -37,8 +37,8 @@ def train(
     data: Annotated[
         str, typer.Option(help="'mnist' (bundled), an .npz with x/y arrays, or an image folder.")
     ] = "mnist",
-    output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="ONNX to write (default: ARCH_METHOD.onnx).")
+    output: Annotated[  # str, not Path: Path drops the trailing '/' of "-o dir/", which must be refused
+        str | None, typer.Option("-o", "--output", help="ONNX to write (default: ARCH_METHOD.onnx).")
     ] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Batch size per process.")] = 128,
@@ -79,7 +79,7 @@ def train(
         int | None, typer.Option(help="Use only the first N train and test samples (quick runs).")
     ] = None,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Checkpoint saved every epoch (default: OUTPUT.ckpt.pt).")
+        str | None, typer.Option(help="Checkpoint saved every epoch (default: OUTPUT.ckpt.pt).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint (same flags).")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars and per-epoch lines.")] = True,
@@ -102,8 +102,9 @@ def train(
     except ImportError as error:
         raise UsageError("lrdeploy train needs PyTorch: pip install 'lrdeploy[train]'") from error
 
-    from lrdeploy.trainer.api import default_checkpoint, train_and_export
+    from lrdeploy.trainer.api import train_and_export
     from lrdeploy.trainer.config import TrainConfig
+    from lrdeploy.trainer.files import check_targets, default_checkpoint
     from lrdeploy.trainer.lorita import LoRITaConfig
     from lrdeploy.trainer.lrpet import LRPETConfig
     from lrdeploy.trainer.methods import METHODS, BaselineConfig
@@ -138,8 +139,9 @@ def train(
         device=device,
         subset=subset,
     )
-    output = output or Path(f"{arch}_{method}.onnx")
-    checkpoint = checkpoint or default_checkpoint(output)
+    output = f"{arch}_{method}.onnx" if output is None else output
+    if checkpoint is None:  # derived from a checked -o: Path("dir/") and Path(".") have no usable name
+        checkpoint = str(default_checkpoint(check_targets(output)[0]))
     reporter = RichReporter() if progress else SilentReporter()
     done = train_and_export(config, output, checkpoint=checkpoint, resume=resume, reporter=reporter)
     if done.onnx is None:  # a torchrun worker other than rank 0

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import hashlib
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,6 +27,7 @@ __all__ = ["Dataset", "load_dataset"]
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 _SPLIT_SEED = 0
 _TEST_FRACTION = 0.2
+_DATA_HINT = "give 'mnist', an .npz file or an image folder"
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,20 @@ def _split(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return x[train], y[train], x[test], y[test]
 
 
+def _pair(
+    arrays: Mapping[str, np.ndarray], path: Path, x_key: str, y_key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels that pair up by position: a count mismatch would silently drop or misalign them."""
+    x, y = _images(arrays[x_key], f"{path}: {x_key}"), _labels(arrays[y_key], f"{path}: {y_key}")
+    if len(x) != len(y):
+        raise UsageError(
+            f"{path}: {x_key} has {len(x)} images but {y_key} has {len(y)} labels; give one label per image"
+        )
+    return x, y
+
+
 def _make(name: str, arrays: tuple[np.ndarray, ...], source: str) -> Dataset:
     x_train, y_train, x_test, y_test = arrays
-    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
-        raise UsageError(f"{source}: images and labels differ in count")
     if len(x_train) == 0 or len(x_test) == 0:
         raise UsageError(f"{source}: the train and test splits must both be non-empty")
     if x_train.shape[1:] != x_test.shape[1:]:
@@ -112,23 +125,28 @@ def _make(name: str, arrays: tuple[np.ndarray, ...], source: str) -> Dataset:
     return Dataset(name, x_train, y_train, x_test, y_test, classes, source)
 
 
-def _from_npz(path: Path, name: str) -> Dataset:
+def _npz_arrays(path: Path) -> tuple[tuple[np.ndarray, ...], str]:
+    """(x_train, y_train, x_test, y_test), checked, and how they were split ("" when the file splits them)."""
     with np.load(path, allow_pickle=False) as arrays:
         keys = set(arrays.files)
         if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-            parts = (arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
-            split = ""
-        elif {"x", "y"} <= keys:
-            parts = _split(arrays["x"], arrays["y"])
+            train, test = _pair(arrays, path, "x_train", "y_train"), _pair(arrays, path, "x_test", "y_test")
+            return (*train, *test), ""
+        if {"x", "y"} <= keys:
             split = f", split {1 - _TEST_FRACTION:.0%}/{_TEST_FRACTION:.0%} with seed {_SPLIT_SEED}"
-        else:
-            raise UsageError(
-                f"{path} needs arrays x_train, y_train, x_test, y_test (or x, y); has {sorted(keys)}"
-            )
-    x_train, x_test = _images(parts[0], f"{path}: x_train"), _images(parts[2], f"{path}: x_test")
-    y_train, y_test = _labels(parts[1], f"{path}: y_train"), _labels(parts[3], f"{path}: y_test")
+            return _split(*_pair(arrays, path, "x", "y")), split
+    raise UsageError(f"{path} needs arrays x_train, y_train, x_test, y_test (or x, y); has {sorted(keys)}")
+
+
+def _from_npz(path: Path, name: str) -> Dataset:
+    if not zipfile.is_zipfile(path):  # numpy would try it as a pickle and say so, which misleads
+        raise UsageError(f"--data {path}: not an .npz file (not a zip archive of arrays); {_DATA_HINT}")
+    try:
+        arrays, split = _npz_arrays(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:  # truncated, or arrays of pickled objects
+        raise UsageError(f"--data {path}: not a readable .npz file ({error}); {_DATA_HINT}") from error
     source = f"{path.name} (sha256 {_sha256(path)[:16]}…){split}"
-    return _make(name, (x_train, y_train, x_test, y_test), source)
+    return _make(name, arrays, source)
 
 
 def _class_folders(root: Path) -> dict[str, list[Path]]:
@@ -204,9 +222,13 @@ def load_dataset(spec: str) -> Dataset:
             data.classes,
             "bundled MNIST, 10,000 digits (lrdeploy/data/mnist10k.npz, sha256 c9c281b5…)",
         )
+    if not spec:  # Path("") is the current directory, which nobody means by an empty --data
+        raise UsageError(f"--data is empty; {_DATA_HINT}")
     path = Path(spec)
     if path.is_dir():
         return _from_folder(path, path.name)
-    if path.suffix == ".npz" and path.is_file():
-        return _from_npz(path, path.stem)
-    raise UsageError(f"--data must be 'mnist', an .npz file or an image folder; {spec!r} is none of these")
+    if not path.exists():
+        raise UsageError(f"--data {spec}: no such file; {_DATA_HINT}")
+    if path.suffix != ".npz" or not path.is_file():
+        raise UsageError(f"--data {spec}: not an .npz file or an image folder; {_DATA_HINT}")
+    return _from_npz(path, path.stem)

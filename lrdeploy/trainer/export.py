@@ -17,6 +17,7 @@ Nodes of Linear/Conv2d layers are renamed to their module names (``fc1``, ``laye
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -27,9 +28,19 @@ import torch
 from torch import nn
 
 from lrdeploy.errors import RuntimeFailure
+from lrdeploy.trainer.files import write_atomic
 from lrdeploy.trainer.selection import candidates
 
-__all__ = ["INPUT_NAME", "OPSET", "OUTPUT_NAME", "export_onnx", "onnx_accuracy", "onnx_logits"]
+__all__ = [
+    "INPUT_NAME",
+    "OPSET",
+    "OUTPUT_NAME",
+    "export_onnx",
+    "onnx_accuracy",
+    "onnx_logits",
+    "save_onnx",
+    "to_onnx",
+]
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -87,22 +98,19 @@ def _fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
     return folded
 
 
-def export_onnx(
-    model: nn.Module,
-    shape: tuple[int, int, int],
-    path: str | os.PathLike,
-    metadata: dict[str, str] | None = None,
+def to_onnx(
+    model: nn.Module, shape: tuple[int, int, int], metadata: dict[str, str] | None = None
 ) -> onnx.ModelProto:
-    """Write ``model`` (images [batch, *shape] → logits [batch, classes]) to ``path``; return the proto."""
-    path = Path(path)
+    """``model`` (images [batch, *shape] → logits [batch, classes]) as a checked ONNX proto, in memory."""
     model = model.cpu().eval()
     example = torch.zeros(1, *shape)
+    buffer = io.BytesIO()  # nothing touches the disk until the caller has checked the model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and folding notes
         torch.onnx.export(
             model,
             (example,),
-            str(path),
+            buffer,
             dynamo=False,
             opset_version=OPSET,
             training=torch.onnx.TrainingMode.PRESERVE,
@@ -110,7 +118,7 @@ def export_onnx(
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
-    proto = _fold_constants(onnx.load(str(path)))
+    proto = _fold_constants(onnx.load_from_string(buffer.getvalue()))
     batchnorms = sum(isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) for m in model.modules())
     exported = sum(node.op_type == "BatchNormalization" for node in proto.graph.node)
     if exported != batchnorms:
@@ -123,7 +131,23 @@ def export_onnx(
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
+    return proto
+
+
+def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``proto`` atomically: an interrupted save leaves the old file (or none), never half a model."""
+    write_atomic(Path(path), lambda temporary: onnx.save(proto, str(temporary)))
+
+
+def export_onnx(
+    model: nn.Module,
+    shape: tuple[int, int, int],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+) -> onnx.ModelProto:
+    """Write ``model`` (images [batch, *shape] → logits [batch, classes]) to ``path``; return the proto."""
+    proto = to_onnx(model, shape, metadata)
+    save_onnx(proto, path)
     return proto
 
 

@@ -32,6 +32,7 @@ from lrdeploy.trainer.archs import InputSpec, build
 from lrdeploy.trainer.config import TrainConfig
 from lrdeploy.trainer.data import Dataset, load_dataset
 from lrdeploy.trainer.distributed import Context, setup, teardown
+from lrdeploy.trainer.files import checkpoint_target, write_atomic
 from lrdeploy.trainer.methods import hooks_for
 from lrdeploy.trainer.progress import Reporter, SilentReporter
 
@@ -39,6 +40,7 @@ __all__ = ["TrainResult", "evaluate", "recalibrate_batchnorm", "train"]
 
 CHECKPOINT_VERSION = 1
 CALIBRATION_SAMPLES = 2048
+_CHECKPOINT_KEYS = {"version", "config", "epoch", "model", "optimizer", "schedule", "history"}
 
 
 @dataclass
@@ -102,20 +104,37 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _save_atomic(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+def _save(state: dict, path: Path) -> None:
+    write_atomic(path, lambda temporary: torch.save(state, temporary))
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint's contents; a file that is not one is a one-line usage error, not a pickle traceback."""
+    if not path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {path}")
+    not_ours = f"--resume: {path} is not an lrdeploy checkpoint; give one that lrdeploy train saved"
+    try:  # weights_only: a checkpoint holds tensors and plain values, so no pickled code ever runs
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise UsageError(f"--resume: cannot read {path}: {error.strerror}") from error
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by file kind
+        raise UsageError(not_ours) from error
+    if not isinstance(state, dict) or not _CHECKPOINT_KEYS.issubset(state):
+        raise UsageError(not_ours)
+    if state["version"] != CHECKPOINT_VERSION:
+        raise UsageError(
+            f"{not_ours} (version {state['version']!r}, this trainer writes {CHECKPOINT_VERSION})"
+        )
+    return state
 
 
 def _load_checkpoint(path: Path, config: TrainConfig) -> dict:
-    if not path.is_file():
-        raise UsageError(f"--resume: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise UsageError(f"{path} is not a checkpoint of this trainer (version {state.get('version')!r})")
-    mismatch = config.resume_mismatch(TrainConfig.from_dict(state["config"]))
+    state = _read_checkpoint(path)
+    try:
+        saved = TrainConfig.from_dict(state["config"])
+    except (TypeError, KeyError, AttributeError) as error:
+        raise UsageError(f"--resume: {path} holds no readable training config") from error
+    mismatch = config.resume_mismatch(saved)
     if mismatch:
         raise UsageError(f"--resume: {path} was trained with other settings ({mismatch})")
     return state
@@ -130,20 +149,19 @@ def train(
 ) -> TrainResult:
     """Train as ``config`` says; with ``checkpoint``, save one every epoch (rank 0) and maybe resume."""
     reporter = reporter or SilentReporter()
-    checkpoint = Path(checkpoint) if checkpoint is not None else None
-    if resume and (checkpoint is None or not checkpoint.is_file()):
-        raise UsageError(
-            f"--resume: no checkpoint at {checkpoint}" if checkpoint else "--resume needs a checkpoint"
-        )
+    checkpoint = checkpoint_target(checkpoint) if checkpoint is not None else None
+    if resume and checkpoint is None:
+        raise UsageError("--resume needs a checkpoint")
+    state = _load_checkpoint(checkpoint, config) if resume else None  # refused before any data is read
     context = setup(config.device)
     try:
-        return _train(config, context, checkpoint, resume, reporter if context.main else SilentReporter())
+        return _train(config, context, checkpoint, state, reporter if context.main else SilentReporter())
     finally:
         teardown(context)
 
 
 def _train(
-    config: TrainConfig, context: Context, checkpoint: Path | None, resume: bool, reporter: Reporter
+    config: TrainConfig, context: Context, checkpoint: Path | None, state: dict | None, reporter: Reporter
 ) -> TrainResult:
     started = time.perf_counter()
     device = context.device
@@ -183,8 +201,7 @@ def _train(
 
     # -- resume: weights, optimizer and schedule from the checkpoint; data order follows from the epoch ---
     first_epoch, history = 1, []
-    if resume:
-        state = _load_checkpoint(checkpoint, config)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -235,7 +252,7 @@ def _train(
             )
             reporter.epoch(epoch, train_loss, train_acc, test_acc, seconds)
             if checkpoint is not None and context.main:
-                _save_atomic(
+                _save(
                     {
                         "version": CHECKPOINT_VERSION,
                         "config": config.to_dict(),

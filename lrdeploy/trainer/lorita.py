@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lrdeploy.errors import UsageError
-from lrdeploy.trainer.selection import candidates
+from lrdeploy.trainer.selection import candidates, check_patterns
 
 __all__ = ["INITS", "Composition", "LoRITaConfig", "collapse_", "overparameterize_"]
 
@@ -154,6 +154,7 @@ def overparameterize_(model: nn.Module, config: LoRITaConfig) -> list[str]:
     in their nets, which have BatchNorm after every layer) each factor shrinks the signal by about √3, and
     BN-free nets such as LeNet-5 with N = 3 did not train at all.
     """
+    check_patterns(model, config.include, config.exclude)
     chosen = [name for name in candidates(model, config.include, config.exclude) if name]
     for name in chosen:
         _replace(model, name, _compose(model.get_submodule(name), config.factor, config.init))

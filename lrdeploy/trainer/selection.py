@@ -23,7 +23,17 @@ from torch import nn
 from lrdeploy.errors import UsageError
 from lrdeploy.policy import round_half_up
 
-__all__ = ["candidates", "matrix_shape", "plan_ranks", "rank_for_ratio", "saves_parameters"]
+__all__ = [
+    "candidates",
+    "check_patterns",
+    "matrix_shape",
+    "plan_ranks",
+    "rank_for_ratio",
+    "saves_parameters",
+]
+
+#: Layer names shown when a pattern matches none.
+_LISTED = 8
 
 
 def matrix_shape(layer: nn.Module) -> tuple[int, int]:
@@ -65,6 +75,23 @@ def candidates(
     return chosen
 
 
+def check_patterns(model: nn.Module, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> None:
+    """Refuse a pattern that matches no layer: a typo would otherwise change the chosen layers silently."""
+    names = [name for name in candidates(model) if name]
+    for flag, patterns in (("--include", include), ("--exclude", exclude)):
+        idle = [pattern for pattern in patterns if not _matches_any(pattern, names)]
+        if idle:
+            listing = ", ".join(names[:_LISTED]) + (", ..." if len(names) > _LISTED else "")
+            raise UsageError(
+                f"{flag} '{idle[0]}' matches no Conv/Linear layer (patterns are globs on module names); "
+                f"the layers are: {listing or '(none)'}"
+            )
+
+
+def _matches_any(pattern: str, names: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for name in names)
+
+
 def plan_ranks(
     model: nn.Module,
     ratio: float | None,
@@ -73,6 +100,7 @@ def plan_ranks(
     exclude: Iterable[str] = (),
 ) -> dict[str, int]:
     """{module name: rank} for every layer the compressor will factorize at this setting."""
+    check_patterns(model, include, exclude)
     layers = candidates(model)
     unknown = sorted(set(ranks) - set(layers))
     if unknown:

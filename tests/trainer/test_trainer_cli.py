@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -31,19 +33,89 @@ def test_the_cli_module_imports_without_torch() -> None:
         (["--method", "lorita", "--factor", "1"], "--factor must be an integer ≥ 2"),
         (["--method", "svd"], "unknown --method 'svd'"),
         (["--arch", "alexnet", "--subset", "8"], "unknown architecture 'alexnet'"),
-        (["--data", "missing.npz"], "--data must be 'mnist'"),
+        (["--data", "missing.npz"], "--data missing.npz: no such file; give 'mnist'"),
+        (["--data", ""], "--data is empty"),
         (["--epochs", "0"], "--epochs must be a positive integer"),
         (["--device", "tpu"], "--device must be one of"),
         (["--method", "lrpet", "--ranks", "missing.json"], "--ranks: cannot read"),
         (["--exclude", "fc3"], "--include/--exclude choose the layers"),
         (["--resume", "-o", "none.onnx"], "no checkpoint"),
+        (["-o", "same.onnx", "--checkpoint", "same.onnx"], "is where -o same.onnx writes its ONNX model"),
+        (["-o", "cc.onnx", "--checkpoint", "cc.card.json"], "writes its JSON card"),
+        (["-o", "cc.onnx", "--checkpoint", "./cc.card.md"], "writes its Markdown card"),
+        (["-o", "cc.onnx", "--checkpoint", "cc.ranks.json"], "writes its LRPET ranks"),
+        (["-o", "adir"], "-o/--output adir is a directory"),
+        (["-o", "afile/x.onnx"], "afile is a file, not a directory"),
+        (["-o", "missing/x.onnx"], "directory missing does not exist"),
+        (["-o", "adir2/"], "-o/--output adir2/ ends with '/'"),
+        (["-o", ""], "-o/--output is empty"),
+        (["-o", "c.onnx", "--checkpoint", "adir"], "--checkpoint adir is a directory"),
+        (["-o", "c.onnx", "--checkpoint", "junk.pt", "--resume"], "junk.pt is not an lrdeploy checkpoint"),
+        (
+            ["--method", "lrpet", "--rank-ratio", "0.3", "--include", "nomatch"],
+            "--include 'nomatch' matches no",
+        ),
+        (["--method", "lorita", "--exclude", "fc9"], "the layers are: conv1, conv2, fc1"),
     ],
 )
 def test_bad_flags_are_one_line_usage_errors(argv, message, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main([*argv, "--no-progress"]) == 2
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["--subset", "16", "--epochs", "1", *argv, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # refused before writing anything
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": (50,), "y": (40,)}, "x has 50 images but y has 40 labels"),
+        ({"x_train": (50,), "y_train": (40,), "x_test": (10,), "y_test": (10,)}, "x_train has 50 images"),
+        ({"x_train": (50,), "y_train": (50,), "x_test": (10,), "y_test": (12,)}, "y_test has 12 labels"),
+    ],
+)
+def test_npz_with_more_images_than_labels_is_refused(arrays, message, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = {
+        k: np.zeros((n, 8, 8), np.uint8) if k.startswith("x") else np.arange(n) % 2
+        for k, (n,) in arrays.items()
+    }
+    np.savez(tmp_path / "d.npz", **data)
+    assert main(["--data", "d.npz", "--subset", "16", "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_a_data_folder_given_as_empty_string_does_not_train_on_the_current_directory(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    image = pytest.importorskip("PIL.Image")
+    monkeypatch.chdir(tmp_path)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(4):
+            image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(tmp_path / label / f"{i}.png")
+    assert main(["--data", "", "--arch", "mlp", "--epochs", "1", "--no-progress"]) == 2
+    assert "--data is empty" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_cannot_be_saved_leaves_no_temporary_file(tmp_path, monkeypatch, capsys) -> None:
+    from lrdeploy.trainer import loop
+
+    def failing_save(state, path) -> None:
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop.torch, "save", failing_save)
+    argv = ["--arch", "mlp", "--epochs", "1", "--subset", "16", "-o", "m.onnx", "--no-progress"]
+    assert main(argv) == 1
+    assert "cannot write m.ckpt.pt: No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_lrpet_run_writes_model_card_ranks_and_checkpoint(tmp_path, monkeypatch, capsys) -> None:

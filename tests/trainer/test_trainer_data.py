@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from importlib import resources
 
 import numpy as np
@@ -80,3 +81,21 @@ def test_bad_npz_is_a_usage_error(tmp_path, arrays: dict, message: str) -> None:
 def test_unknown_data_is_a_usage_error(tmp_path) -> None:
     with pytest.raises(UsageError, match=r"'mnist', an \.npz file or an image folder"):
         load_dataset(str(tmp_path / "nothing.npz"))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("junk.npz", b"junk", "junk.npz: not an .npz file (not a zip archive"),
+        ("notes.txt", b"text", "notes.txt: not an .npz file or an image folder"),
+    ],
+)
+def test_a_file_that_is_no_npz_is_a_usage_error(tmp_path, name: str, content: bytes, message: str) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        load_dataset(str(tmp_path / name))
+
+
+def test_empty_data_is_not_the_current_directory() -> None:
+    with pytest.raises(UsageError, match="--data is empty"):
+        load_dataset("")
