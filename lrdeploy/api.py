@@ -36,6 +36,7 @@ from lrdeploy.modelio import (
     save_model,
 )
 from lrdeploy.passes.factorize import factorize
+from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
 from lrdeploy.pipeline import decision_dicts, prepare_graph
 from lrdeploy.plan import LayerDecision, find_groups, plan_layers
@@ -134,6 +135,7 @@ def compress(
             )
         random_data = config.verification.data in (None, "random")
         shapes = resolve_shapes(original, config.input_shapes, strict=config.verify and random_data)
+        original, inlined = inline_layer_functions(original)
         renamed = name_nodes(original.graph)  # our private copy; counting and the report go by name
     with timer("count"):
         params_before = costs.count_params(original)
@@ -169,7 +171,7 @@ def compress(
         macs_after=_total(macs_after),
         layers=_layer_reports(decisions, pairs, macs_before, macs_after),
         batchnorm=decision_dicts(folded),
-        normalized=decision_dicts(renamed) + decision_dicts(normalized),
+        normalized=decision_dicts(inlined) + decision_dicts(renamed) + decision_dicts(normalized),
     )
     with _staged_output(output_path) as staged:
         with timer("save"):

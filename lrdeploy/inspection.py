@@ -9,6 +9,7 @@ import onnx
 
 from lrdeploy import costs
 from lrdeploy.modelio import load_model
+from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
 from lrdeploy.pipeline import decision_dicts, prepare_graph
 from lrdeploy.plan import LayerDecision, find_groups
@@ -82,7 +83,7 @@ class Inspection:
 
 def inspect(model: str | os.PathLike | onnx.ModelProto, *, fold_bn: bool = True) -> Inspection:
     """Profile every factorizable weight after BN folding; nothing is written."""
-    original, _ = load_model(model)
+    original, _ = inline_layer_functions(load_model(model)[0])
     name_nodes(original.graph)  # the same names compress gives, for --include/--exclude/--overrides
     graph, _, _, folded = prepare_graph(original, fold_bn)
     groups, unfit = find_groups(graph)

@@ -2,6 +2,7 @@
 
 from lrdeploy.passes.factorize import Rewrite, factorize
 from lrdeploy.passes.fold_bn import fold_batchnorm
+from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.lowrank_ops import ADAPTERS, WeightView, weight_view
 from lrdeploy.passes.names import NameRegistry
 from lrdeploy.passes.normalize import normalize
@@ -16,6 +17,7 @@ __all__ = [
     "WeightView",
     "factorize",
     "fold_batchnorm",
+    "inline_layer_functions",
     "normalize",
     "weight_view",
 ]

@@ -390,6 +390,7 @@ TORCHSCRIPT = {
     "preserve": {"training": "PRESERVE"},
     "preserve_no_folding": {"training": "PRESERVE", "do_constant_folding": False},
     "opset11_initializers_as_inputs": {"opset_version": 11, "keep_initializers_as_inputs": True},
+    "modules_as_functions": {"training": "PRESERVE", "export_modules_as_functions": True},
 }
 
 
@@ -425,8 +426,13 @@ def test_torchscript_export(torch_net, tmp_path, variant):
     assert [layer.decision.status for layer in report.layers] == ["factorized"] * 4, [
         (layer.decision.name, layer.decision.reason) for layer in report.layers
     ]
-    if any(n.op_type == "BatchNormalization" for n in exported.graph.node):
+    if variant.startswith("preserve") or exported.functions:
         assert [b["status"] for b in report.batchnorm] == ["folded", "folded"]
+    if exported.functions:  # inlined, each layer named by its call-site path, not the inliner's "Conv_0__1"
+        call = exported.graph.node[-1].name
+        names = [layer.decision.name for layer in report.layers]
+        assert all(name.startswith(f"{call}/") and "__" not in name for name in names), names
+        assert {d["status"] for d in report.normalized if d["op"] == "function"} == {"inlined"}
     assert report.params_after < report.params_before
     assert run(tmp_path / "small.onnx", feeds)[0].shape == (3, 10)
 

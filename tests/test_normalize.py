@@ -237,3 +237,48 @@ def test_weight_read_by_another_op_is_not_copied(rng):
     _, report = lrdeploy.compress(model, rank_ratio=0.25, verify=False)
     (layer,) = report.layers
     assert "computed at run time by Transpose 't'" in layer.decision.reason
+
+
+def test_local_functions_holding_layers_are_inlined_and_named_after_their_calls():
+    """As torch's export_modules_as_functions writes them: the weight is a function input."""
+    rng = np.random.default_rng(3)
+    linear = helper.make_function(
+        "mods",
+        "Linear",
+        ["x", "w"],
+        ["y"],
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_opsetid("", 17)],
+    )
+    block = helper.make_function(
+        "mods",
+        "Block",
+        ["x", "w"],
+        ["y"],
+        [
+            helper.make_node("Linear", ["x", "w"], ["h"], domain="mods"),
+            helper.make_node("Relu", ["h"], ["y"]),
+        ],
+        [helper.make_opsetid("", 17), helper.make_opsetid("mods", 1)],
+    )
+    activation = helper.make_function(
+        "mods", "Act", ["x"], ["y"], [helper.make_node("Tanh", ["x"], ["y"])], [helper.make_opsetid("", 17)]
+    )
+    nodes = [
+        helper.make_node("Block", ["x", "W1"], ["a"], name="/block", domain="mods"),
+        helper.make_node("Act", ["a"], ["b"], name="/act", domain="mods"),
+        helper.make_node("Linear", ["b", "W2"], ["y"], name="/head", domain="mods"),
+    ]
+    model = graph_model(
+        nodes, {"x": ["N", 24]}, {"y": ["N", 24]}, {"W1": weight(rng, 24, 24), "W2": weight(rng, 24, 24)}
+    )
+    model.opset_import.append(helper.make_opsetid("mods", 1))
+    model.functions.extend([linear, block, activation])
+    same, report = lrdeploy.compress(model, rank_ratio=1.0, verify=False)
+    check_model(same)
+    assert_close(run(same, feeds_for(model)), run(model, feeds_for(model)))
+    assert [layer.decision.name for layer in report.layers] == ["/block/Linear", "/head"]
+    assert [f.name for f in same.functions] == ["Act"]  # no layer inside: left as a function
+    assert [d["name"] for d in report.normalized if d["status"] == "inlined"] == ["Block", "Linear"]
+    _, report = lrdeploy.compress(model, rank_ratio=0.25, verify=False)
+    assert [layer.decision.status for layer in report.layers] == ["factorized", "factorized"]
