@@ -63,7 +63,9 @@ Resize = Annotated[
 Layout = Annotated[
     str | None, typer.Option(help="Images: NCHW or NHWC (default: guessed).", rich_help_panel=VERIFY)
 ]
-Scale = Annotated[float, typer.Option(help="Images/MNIST: pixel multiplier.", rich_help_panel=VERIFY)]
+Scale = Annotated[
+    float, typer.Option(help="Images/MNIST: pixel multiplier.", show_default="1/255", rich_help_panel=VERIFY)
+]
 Mean = Annotated[
     str, typer.Option(help="Images/MNIST: per-channel mean, e.g. 0.485,0.456,0.406.", rich_help_panel=VERIFY)
 ]

@@ -13,6 +13,8 @@ channel c is produced by a slice of W:
 - MatMul with a constant 2-D right operand [K, N], optionally followed by Add of a constant bias, and a
   rank-2 output (BN's axis 1 is then the feature axis): scale the columns, fold into the bias (an Add
   is inserted when there was none).
+- Conv/ConvTranspose followed by Add of a per-channel constant (a bias as converters sometimes write it):
+  the constant joins the conv's bias first, then BN folds as above.
 
 The fused weights are new tensors; a weight shared with other nodes is never changed in place. A BN is
 left in place, with the reason recorded, when its parameters are not constant, it runs in training mode,
@@ -149,7 +151,7 @@ def _fold_matmul(
             (i for i, t in enumerate(operands) if t.inputs and t.inputs[0].op == "MatMul"), None
         )
         if matmul_index is None or not isinstance(operands[1 - matmul_index], gs.Constant):
-            return "the Add before it is not MatMul + constant bias"
+            return "the Add before it is not Conv/MatMul + constant bias"
         matmul, bias = operands[matmul_index].inputs[0], operands[1 - matmul_index]
         if not _exclusive(graph, operands[matmul_index]):
             return "the MatMul output has other consumers"
@@ -183,6 +185,43 @@ def _fold_matmul(
     return None
 
 
+def _absorb_conv_bias_add(graph: gs.Graph, add: gs.Node, names: NameRegistry) -> gs.Node | None:
+    """Conv → Add(per-channel constant), as some converters write a conv bias: move the constant into the
+    Conv's bias and let the Conv write the Add's output. Returns the Conv, or None if the pattern is not
+    there (then nothing changed)."""
+    operands = list(add.inputs)
+    index = next(
+        (i for i, t in enumerate(operands) if t.inputs and t.inputs[0].op in ("Conv", "ConvTranspose")), None
+    )
+    if index is None or len(operands) != 2:
+        return None
+    conv_out, constant = operands[index], operands[1 - index]
+    conv = conv_out.inputs[0]
+    weight = conv.inputs[1] if len(conv.inputs) > 1 else None
+    if not (_float_constant(constant) and _float_constant(weight) and _exclusive(graph, conv_out)):
+        return None
+    group = int(conv.attrs.get("group", 1))
+    channels = weight.shape[0] if conv.op == "Conv" else weight.shape[1] * group
+    rank = len(weight.shape)
+    if len(constant.shape) > rank:
+        return None
+    shape = (1,) * (rank - len(constant.shape)) + tuple(constant.shape)
+    if any(size != 1 for axis, size in enumerate(shape) if axis != 1) or shape[1] not in (1, channels):
+        return None
+    bias_tensor = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
+    if bias_tensor is not None and not _float_constant(bias_tensor):
+        return None
+    added = np.broadcast_to(read_values(constant).astype(np.float64).reshape(-1), (channels,))
+    bias = read_values(bias_tensor).astype(np.float64) if bias_tensor is not None else 0.0
+    fused = (bias + added).astype(np.dtype(weight.dtype))
+    _replace_input(conv, 2, _new_constant(bias_tensor, fused, f"{conv.name}.bias", names))
+    out = add.outputs[0]
+    add.inputs.clear()
+    add.outputs.clear()
+    conv.outputs[0] = out
+    return conv
+
+
 def _why_not_foldable(graph: gs.Graph, bn: gs.Node) -> str | None:
     if int(bn.attrs.get("training_mode", 0)):
         return "BatchNormalization runs in training mode"
@@ -210,6 +249,8 @@ def fold_batchnorm(
         producer = bn.inputs[0].inputs[0] if reason is None else None
         if producer is not None:
             scale, shift = _bn_affine(bn)
+            if producer.op == "Add":
+                producer = _absorb_conv_bias_add(graph, producer, names) or producer
             if producer.op in ("Conv", "ConvTranspose"):
                 reason = _fold_conv(producer, scale, shift, names)
             elif producer.op == "Gemm":

@@ -85,6 +85,36 @@ def test_depthwise_conv(rng):
     assert_folds(graph_model([conv, bn_node("c", "y")], {"x": [1, 8, 6, 6]}, {"y": None}, params))
 
 
+@pytest.mark.parametrize(
+    ("op", "const_shape", "bias", "folds"),
+    [
+        ("Conv", [1, 6, 1, 1], False, True),
+        ("Conv", [6, 1, 1], True, True),
+        ("Conv", [1], False, True),
+        ("ConvTranspose", [1, 6, 1, 1], True, True),
+        ("Conv", [1, 6, 5, 5], False, False),  # not per channel: the BN stays
+    ],
+)
+def test_conv_then_constant_add_then_bn(rng, op, const_shape, bias, folds):
+    """Converters sometimes write a conv bias as a separate Add: it joins the conv's bias, then BN folds."""
+    params = {"W": weight(rng, 6, 3, 3, 3) if op == "Conv" else weight(rng, 3, 6, 3, 3), **bn_params(rng, 6)}
+    params["k"] = weight(rng, *const_shape)
+    inputs = ["x", "W"]
+    if bias:
+        params["B"] = weight(rng, 6)
+        inputs.append("B")
+    nodes = [
+        helper.make_node(op, inputs, ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["k", "c"], ["a"]),
+        bn_node("a", "y"),
+    ]
+    model = graph_model(nodes, {"x": [2, 3, 5, 5]}, {"y": None}, params)
+    if folds:
+        assert [n.op_type for n in assert_folds(model).graph.node] == [op]
+    else:
+        assert_not_folded(model, "not Conv/MatMul + constant bias")
+
+
 # --- ConvTranspose ------------------------------------------------------------------------------------
 
 
