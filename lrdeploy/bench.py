@@ -192,7 +192,7 @@ class _Runner:
     def __init__(
         self, proto, path: Path, device: Device, config: BenchConfig, shapes, spinning: bool
     ) -> None:
-        self.session = make_session(path, device, config.threads, spinning=spinning)
+        self.session = make_session(path, device, config.threads, spinning=spinning, label=str(path))
         feeds = random_feeds(proto, shapes, config.seed)
         self.binding = None
         if device.name == "cpu":

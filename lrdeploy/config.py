@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,10 @@ from lrdeploy.verification import VerifyConfig
 __all__ = ["CompressConfig", "load_overrides", "parse_input_shapes"]
 
 _VERIFY_FIELDS = set(VerifyConfig.__dataclass_fields__)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -39,19 +44,27 @@ class CompressConfig:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+        if not _is_int(self.rank_multiple) or self.rank_multiple < 1:
             raise UsageError(f"rank multiple must be a positive integer, got {self.rank_multiple!r}")
         for name, rank in self.overrides.items():
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            if not _is_int(rank) or rank < 1:
                 raise UsageError(f"override for '{name}' must be a positive integer rank, got {rank!r}")
+        for name, dims in self.input_shapes.items():
+            if not all(_is_int(d) and d >= 1 for d in dims):
+                raise UsageError(f"input shape for '{name}' must be positive integers, got {list(dims)}")
         if self.policy is None and not self.overrides:
             raise UsageError("choose a rank policy: --rank-ratio, --energy or --rank (or give --overrides)")
         if not self.verify and self.verification.gates.active:
             raise UsageError("verification gates need verification: drop --no-verify or the gate options")
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
-        object.__setattr__(self, "input_shapes", MappingProxyType(dict(self.input_shapes)))
+        for name in ("include", "exclude"):  # one pattern given as a string is one pattern, not its letters
+            patterns = getattr(self, name)
+            object.__setattr__(self, name, (patterns,) if isinstance(patterns, str) else tuple(patterns))
+        object.__setattr__(self, "rank_multiple", int(self.rank_multiple))
+        object.__setattr__(
+            self, "overrides", MappingProxyType({k: int(v) for k, v in self.overrides.items()})
+        )
+        shapes = {k: tuple(int(d) for d in v) for k, v in self.input_shapes.items()}
+        object.__setattr__(self, "input_shapes", MappingProxyType(shapes))
 
     @classmethod
     def build(

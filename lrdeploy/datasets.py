@@ -11,12 +11,14 @@ Sources (``--data``):
   resized, laid out NCHW or NHWC, scaled and normalized as the options say.
 - ``mnist``: the MNIST test split bundled with lrdeploy (2,000 digits), shaped to the model's input;
   28x28 unless ``--resize`` says otherwise.
+- From Python, arrays too: ``{"input name": array, "labels": array}`` or one array, fed as an .npz is.
 
 Real data is fed in batches along the first axis, which must be the model's batch dim.
 """
 
 from __future__ import annotations
 
+import os
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +32,15 @@ import onnx
 from lrdeploy.errors import UsageError
 from lrdeploy.inputs import InputSpec, model_inputs, random_feeds
 
-__all__ = ["Dataset", "ImageOptions", "load_dataset", "mnist_path", "random_batches"]
+__all__ = [
+    "Dataset",
+    "ImageOptions",
+    "InMemoryData",
+    "as_data_source",
+    "load_dataset",
+    "mnist_path",
+    "random_batches",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 LABEL_KEYS = ("labels", "label", "y")
@@ -172,6 +182,44 @@ def _reject_objects(path: Path) -> None:
             )
 
 
+@dataclass(frozen=True, eq=False)
+class InMemoryData:
+    """Arrays a Python caller passes as ``data``: fed like an .npz (one array: the single input)."""
+
+    arrays: Mapping[str, np.ndarray]
+
+    def __str__(self) -> str:
+        return "the given arrays" if len(self.arrays) != 1 or "" not in self.arrays else "the given array"
+
+
+def as_data_source(data: object) -> str | InMemoryData | None:
+    """``data`` as the verification configs hold it: None, a name or path (str), or arrays."""
+    if data is None or isinstance(data, str):
+        return data
+    if isinstance(data, os.PathLike):
+        return os.fspath(data)
+    if isinstance(data, np.ndarray):
+        return InMemoryData({"": data})
+    if isinstance(data, Mapping) and all(isinstance(v, np.ndarray) for v in data.values()):
+        return InMemoryData(dict(data))
+    raise UsageError(
+        f"data must be 'random', 'mnist', a path, a numpy array or {{input name: array}}, got "
+        f"{type(data).__name__}"
+    )
+
+
+def _from_memory(data: InMemoryData, specs: list[InputSpec], options: ImageOptions) -> Dataset:
+    flags = options.changed_flags()
+    if flags:
+        raise UsageError(f"{', '.join(flags)} only apply to image folders and mnist; arrays are fed as given")
+    arrays = dict(data.arrays)
+    if list(arrays) == [""]:
+        spec = _single(specs, str(data))
+        array = _fit_input(spec, arrays[""], str(data))
+        return Dataset({spec.name: array}, None, f"{data} ({len(array)} samples)")
+    return _from_arrays(str(data), arrays, specs)
+
+
 def _read_numpy(path: Path) -> np.ndarray | dict[str, np.ndarray]:
     """The array of an .npy or the arrays of an .npz (by content), as one-line errors when unreadable."""
     try:
@@ -190,7 +238,7 @@ def _read_numpy(path: Path) -> np.ndarray | dict[str, np.ndarray]:
     return arrays
 
 
-def _from_arrays(path: Path, arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> Dataset:
+def _from_arrays(path: Path | str, arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> Dataset:
     label_key = next((k for k in LABEL_KEYS if k in arrays and k not in {s.name for s in specs}), None)
     labels = arrays.pop(label_key) if label_key else None
     feeds: dict[str, np.ndarray] = {}
@@ -198,6 +246,11 @@ def _from_arrays(path: Path, arrays: dict[str, np.ndarray], specs: list[InputSpe
         feeds[specs[0].name] = _fit_input(specs[0], next(iter(arrays.values())), str(path))
     else:
         missing = [s.name for s in specs if s.name not in arrays]
+        if missing and not arrays and label_key:
+            raise UsageError(
+                f"{path} holds only '{label_key}', which is read as labels; store the inputs under "
+                f"{missing} (labels under 'labels')"
+            )
         if missing:
             raise UsageError(f"{path} has no array for input(s) {missing}; its keys are {sorted(arrays)}")
         feeds = {s.name: _fit_input(s, arrays[s.name], str(path)) for s in specs}
@@ -207,7 +260,7 @@ def _from_arrays(path: Path, arrays: dict[str, np.ndarray], specs: list[InputSpe
     return Dataset(
         feeds,
         _labels(labels, counts.pop(), str(path)),
-        f"{path.name} ({len(next(iter(feeds.values())))} samples)",
+        f"{getattr(path, 'name', path)} ({len(next(iter(feeds.values())))} samples)",
     )
 
 
@@ -410,11 +463,16 @@ def _from_mnist(specs: list[InputSpec], options: ImageOptions) -> Dataset:
 
 
 def load_dataset(
-    source: str | Path | None, model: onnx.ModelProto, options: ImageOptions | None = None
+    source: str | Path | InMemoryData | None, model: onnx.ModelProto, options: ImageOptions | None = None
 ) -> Dataset:
     """The dataset named by ``source`` (see the module docstring), shaped for ``model``'s inputs."""
     options = options or ImageOptions()
     specs = model_inputs(model)
+    if isinstance(source, InMemoryData):
+        dataset = _from_memory(source, specs, options)
+        if len(dataset) == 0:
+            raise UsageError(f"{source} hold no samples (the first axis is 0)")
+        return dataset
     if source is None or str(source) == "random":
         raise UsageError("random inputs are not a dataset; use random_dataset()")
     if not str(source).strip():

@@ -9,11 +9,14 @@ exported tensor keeps pointing at the file until `lrdeploy.modelio.save_model` c
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from lrdeploy.lazyweights import is_file_backed, read_tensor
 from lrdeploy.passes.values import materialize_deferred
@@ -28,8 +31,21 @@ class FileValues(LazyValues):
         return read_tensor(self.tensor)
 
 
+@contextmanager
+def _quiet_graphsurgeon() -> Iterator[None]:
+    """graphsurgeon prints warnings ("Could not convert: BFLOAT16", "colored module is not installed") on
+    stdout/stderr; lrdeploy reports what matters itself, so only its errors are let through."""
+    saved = G_LOGGER.severity
+    G_LOGGER.severity = G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = saved
+
+
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    graph = gs.import_onnx(model)
+    with _quiet_graphsurgeon():
+        graph = gs.import_onnx(model)
     for tensor in graph.tensors().values():
         values = getattr(tensor, "_values", None)
         if isinstance(values, LazyValues) and is_file_backed(values.tensor):
@@ -86,7 +102,7 @@ def from_graph(graph: gs.Graph, original: onnx.ModelProto, ir_version: int) -> o
     """Export ``graph`` as a model that carries the original's metadata, opsets and declarations."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     materialize_deferred(graph)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_graphsurgeon():
         warnings.simplefilter("ignore")
         model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = ir_version

@@ -72,6 +72,13 @@ def _check_loadable(model: onnx.ModelProto, label: str) -> None:
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
     """Return a private, lazily loaded copy of the model and the path it came from (None for a proto)."""
     if isinstance(source, onnx.ModelProto):
+        external = next((t for t in _file_backed_tensors(source)), None)
+        if external is not None:  # relative to a directory a proto does not know: refuse, do not guess
+            location = next((e.value for e in external.external_data if e.key == "location"), "?")
+            raise ModelError(
+                f"the given ModelProto keeps tensor '{external.name}' in an external file ({location}) it "
+                "has not loaded; pass the model's path instead, or onnx.load() it with its external data"
+            )
         model = onnx.ModelProto()
         model.CopyFrom(source)
         _check_loadable(model, "the given ModelProto")

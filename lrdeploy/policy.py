@@ -7,6 +7,7 @@ rounding to a hardware multiple and the "does it save parameters" rule.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +20,13 @@ __all__ = ["Energy", "FixedRank", "RankPolicy", "RankRatio", "round_half_up"]
 def round_half_up(value: float) -> int:
     """Python's round() rounds 2.5 to 2; ranks round halves up so that ρ·min(m, n) is predictable."""
     return math.floor(value + 0.5)
+
+
+def _number(value: object, what: str) -> float:
+    """A real number (numpy scalars included) as float; strings and bools are mistakes, said so."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UsageError(f"{what} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
 
 
 class RankPolicy(Protocol):
@@ -34,7 +42,8 @@ class RankRatio:
     ratio: float
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.ratio, int | float) and 0.0 < self.ratio <= 1.0):
+        object.__setattr__(self, "ratio", _number(self.ratio, "rank ratio"))
+        if not 0.0 < self.ratio <= 1.0:
             raise UsageError(f"rank ratio must be in (0, 1], got {self.ratio}; e.g. --rank-ratio 0.25")
 
     def rank(self, spectrum: Spectrum) -> int:
@@ -51,7 +60,8 @@ class Energy:
     fraction: float
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.fraction, int | float) and 0.0 < self.fraction <= 1.0):
+        object.__setattr__(self, "fraction", _number(self.fraction, "energy"))
+        if not 0.0 < self.fraction <= 1.0:
             raise UsageError(f"energy must be in (0, 1], got {self.fraction}; e.g. --energy 0.95")
 
     def rank(self, spectrum: Spectrum) -> int:
@@ -68,8 +78,11 @@ class FixedRank:
     value: int
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.value, int) and self.value >= 1):
+        if not (
+            isinstance(self.value, numbers.Integral) and not isinstance(self.value, bool) and self.value >= 1
+        ):
             raise UsageError(f"a rank must be a positive integer, got {self.value!r}")
+        object.__setattr__(self, "value", int(self.value))
 
     def rank(self, spectrum: Spectrum) -> int:
         return min(self.value, spectrum.full_rank)

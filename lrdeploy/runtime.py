@@ -14,6 +14,7 @@ import functools
 import glob
 import io
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -86,12 +87,26 @@ def _fallback_reason(printed: str) -> str:
     return text.split(", make sure")[0].split(". ")[0][:200]
 
 
+#: sys.stdout is one per process: sessions that may print a fallback are created one at a time.
+_STDOUT_LOCK = threading.Lock()
+
+
 def _create_session(ort: ModuleType, source, options, providers: list):
-    """(session, why a provider fell back): onnxruntime prints that on stdout; we make it our reason."""
+    """(session, why a provider fell back): onnxruntime prints that on stdout; we make it our reason.
+
+    Only a session that can fall back (a provider other than the CPU's) prints, so only that one swaps
+    stdout, under a lock: callers creating sessions from several threads keep their own stdout.
+    """
+    if all(_provider_name(p) == CPU for p in providers):
+        return ort.InferenceSession(source, options, providers=providers), ""
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with _STDOUT_LOCK, contextlib.redirect_stdout(printed):
         session = ort.InferenceSession(source, options, providers=providers)
     return session, _fallback_reason(printed.getvalue())
+
+
+def _provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
 
 
 @functools.cache
@@ -151,7 +166,12 @@ def select_device(device: str = "auto", *, tf32: bool = False, cuda_graph: bool 
 
 
 def make_session(
-    model: bytes | str | Path, device: Device, threads: int | None = None, *, spinning: bool = True
+    model: bytes | str | Path,
+    device: Device,
+    threads: int | None = None,
+    *,
+    spinning: bool = True,
+    label: str = "the model",
 ):
     """An InferenceSession on ``device``; failures become a one-line RuntimeFailure.
 
@@ -169,7 +189,7 @@ def make_session(
         session, fallback = _create_session(ort, source, options, list(device.providers))
     except Exception as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RuntimeFailure(f"onnxruntime could not load the model: {message[:300]}") from None
+        raise RuntimeFailure(f"onnxruntime could not load {label}: {message[:300]}") from None
     if session.get_providers()[0] != device.provider:
         why = f" ({fallback})" if fallback else ""
         raise DeviceUnavailable(

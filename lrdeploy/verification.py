@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from lrdeploy.datasets import ImageOptions, load_dataset, random_batches
+from lrdeploy.datasets import ImageOptions, InMemoryData, as_data_source, load_dataset, random_batches
 from lrdeploy.errors import UsageError
 from lrdeploy.inputs import model_inputs, resolve_shapes
 from lrdeploy.modelio import (
@@ -34,12 +35,16 @@ __all__ = ["VerifyConfig", "run_verification", "runtime_source", "verify"]
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class VerifyConfig:
     """Where and on what to compare: device, data (``None`` = seeded random), batching, gates."""
 
     device: str = "auto"
-    data: str | None = None
+    data: str | InMemoryData | None = None  # also accepts a Path, an array or {input: array}
     image: ImageOptions = field(default_factory=ImageOptions)
     batch_size: int = 32
     limit: int | None = None
@@ -53,10 +58,15 @@ class VerifyConfig:
         counts = {"--batch-size": self.batch_size, "--random-batches": self.random_batches}
         counts["--limit"] = self.limit if self.limit is not None else 1
         for flag, value in counts.items():
-            if value < 1:
-                raise UsageError(f"{flag} must be a positive integer, got {value}")
-        if self.seed < 0:
-            raise UsageError(f"--seed must be ≥ 0, got {self.seed}")
+            if not _is_int(value) or value < 1:
+                raise UsageError(f"{flag} must be a positive integer, got {value!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise UsageError(f"--seed must be an integer ≥ 0, got {self.seed!r}")
+        object.__setattr__(self, "data", as_data_source(self.data))
+        if isinstance(self.gates, Mapping):
+            object.__setattr__(self, "gates", Gates(**self.gates))
+        elif not isinstance(self.gates, Gates):
+            raise UsageError(f"gates must be lrdeploy.Gates(...), got {type(self.gates).__name__}")
 
     def with_(self, **changes: object) -> VerifyConfig:
         return replace(self, **changes)

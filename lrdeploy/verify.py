@@ -313,8 +313,8 @@ def compare_models(
     progress: Callable[[int], None] | None = None,
 ) -> Verification:
     """Run both models on each (feeds, labels) batch and compare every output."""
-    reference = make_session(original, device)
-    candidate = make_session(compressed, device)
+    reference = make_session(original, device, label="the original model")
+    candidate = make_session(compressed, device, label="the compressed model")
     for kind in ("inputs", "outputs"):
         ours, theirs = (
             [v.name for v in getattr(session, f"get_{kind}")()] for session in (reference, candidate)

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrdeploy.passes.names import NameRegistry
+from lrdeploy.passes.normalize import WEIGHT_PATH_OPS
 from lrdeploy.passes.values import float_dtype, read_values, type_name
 
 __all__ = ["ADAPTERS", "LowRankOp", "WeightView", "weight_view"]
@@ -41,11 +42,22 @@ class WeightView:
 
 def _why_not_weight(tensor: gs.Tensor) -> str | None:
     if not isinstance(tensor, gs.Constant):
-        producer = f" by {tensor.inputs[0].op} '{tensor.inputs[0].name}'" if tensor.inputs else ""
+        node = tensor.inputs[0] if tensor.inputs else None
+        producer = f" by {node.op} '{node.name}'" if node is not None else ""
+        if node is not None and node.op in WEIGHT_PATH_OPS and _reads_only_constants(node):
+            return (
+                f"its weight is computed at run time{producer} from constants, left unfolded because "
+                "another node reads the same constant as it is (a tied embedding, say) or the result is "
+                "larger than its inputs"
+            )
         return f"its weight is computed at run time{producer}, not a constant"
     if not float_dtype(tensor):
         return f"weight type {type_name(tensor)} is not float16/32/64"
     return None
+
+
+def _reads_only_constants(node: gs.Node) -> bool:
+    return bool(node.inputs) and all(isinstance(t, gs.Constant) for t in node.inputs if t.name)
 
 
 def _variable_input(node: gs.Node) -> bool:

@@ -138,9 +138,10 @@ def _fold_weight_paths(graph: gs.Graph, opset: int, result: PassResult) -> None:
         key = (node.op, repr(sorted(node.attrs.items())), tuple(id(t) for t in node.inputs))
         if key not in done:
             proto = OnnxExporter.export_node(node)
-            values = evaluate_node(proto, [read_values(t) for t in node.inputs if t.name], opset)
-            if values is None:
-                continue
+            inputs = [read_values(t) for t in node.inputs if t.name]
+            values = evaluate_node(proto, inputs, opset)
+            if values is None or sum(v.size for v in values) > sum(v.size for v in inputs):
+                continue  # a Gather/Mul that expands (a position-bias table) would only grow the file
             done[key] = [
                 gs.Constant(out.name, np.ascontiguousarray(v))
                 for out, v in zip(node.outputs, values, strict=False)

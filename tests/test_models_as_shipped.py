@@ -474,3 +474,48 @@ def test_sparse_initializer_is_counted_and_left_as_it_is():
     same, report = lrdeploy.compress(model, rank_ratio=1.0, verify=False)
     assert report.params_before == report.params_after == len(nonzero)
     assert_close(run(same, feeds), run(model, feeds))
+
+
+def test_proto_with_unloaded_external_data_is_a_clear_error(tmp_path):
+    rng = np.random.default_rng(15)
+    onnx.save(_conv_bn_fc(rng), tmp_path / "m.onnx", save_as_external_data=True, size_threshold=0)
+    proto = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    with pytest.raises(
+        lrdeploy.errors.ModelError, match=r"external file .* it has not loaded; pass the model's path"
+    ):
+        lrdeploy.compress(proto, rank_ratio=0.5, verify=False)
+    _, report = lrdeploy.compress(tmp_path / "m.onnx", rank_ratio=0.5, verify=False)  # the path works
+    assert report.params_after < report.params_before
+
+
+def test_a_gather_that_expands_a_constant_is_not_folded():
+    """A relative-position-bias table gathered by constant indices: folding would store the big result."""
+    rng = np.random.default_rng(16)
+    nodes = [
+        helper.make_node("Gather", ["table", "index"], ["bias"], name="gather"),
+        helper.make_node("Add", ["x", "bias"], ["y"], name="add"),
+    ]
+    index = rng.integers(0, 9, (64, 64)).astype(np.int64)
+    model = graph_model(
+        nodes, {"x": [64, 64, 4]}, {"y": [64, 64, 4]}, {"table": weight(rng, 9, 4), "index": index}
+    )
+    same, report = lrdeploy.compress(model, rank_ratio=1.0, verify=False)
+    assert report.params_after == report.params_before
+    assert [n.op_type for n in same.graph.node] == ["Gather", "Add"]
+
+
+def test_compress_from_threads_leaves_stdout_alone():
+    import sys
+    import threading
+
+    model = _conv_bn_fc(np.random.default_rng(17))
+    stdout = sys.stdout
+    threads = [
+        threading.Thread(target=lrdeploy.compress, args=(model,), kwargs={"rank_ratio": 0.5})
+        for _ in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sys.stdout is stdout

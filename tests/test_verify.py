@@ -313,3 +313,42 @@ def test_compress_with_labelled_data_reports_accuracy(tmp_path, rng):
     assert result.scored.accuracy_original == 1.0
     assert 0.0 <= result.scored.accuracy_compressed <= 1.0
     assert result.data.startswith("data.npz")
+
+
+def test_api_takes_arrays_as_data(rng):
+    model = _classifier(rng)
+    x = rng.standard_normal((40, 32)).astype(np.float32)
+    labels = rng.integers(0, 10, 40)
+    _, report = lrdeploy.compress(model, rank_ratio=0.5, data={"x": x, "labels": labels}, device="cpu")
+    assert (
+        report.verification.samples == 40 and report.verification.to_dict()["accuracy_original"] is not None
+    )
+    result = lrdeploy.verify(model, model, data=x, device="cpu")
+    assert result.samples == 40 and result.max_abs_diff == 0
+    with pytest.raises(UsageError, match="data must be 'random', 'mnist', a path, a numpy array"):
+        lrdeploy.verify(model, model, data=[1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"rank_ratio": "0.3"}, "rank ratio must be a number, got '0.3'"),
+        ({"rank_ratio": 0.3, "input_shapes": {"x": (-1, 32)}}, "input shape for 'x' must be positive"),
+        ({"rank_ratio": 0.3, "seed": "a"}, "--seed must be an integer"),
+        ({"rank_ratio": 0.3, "gates": 0.5}, "gates must be lrdeploy.Gates"),
+        ({"rank_ratio": 0.3, "exclude": "nothing*"}, "--exclude 'nothing\\*' matches no factorizable layer"),
+    ],
+)
+def test_api_arguments_are_checked_with_usage_errors(rng, options, message):
+    with pytest.raises(UsageError, match=message):
+        lrdeploy.compress(_classifier(rng), verify=False, **options)
+
+
+def test_api_accepts_numpy_scalars_and_gate_dicts(rng):
+    model = _classifier(rng)
+    _, report = lrdeploy.compress(
+        model, rank_ratio=np.float32(0.5), overrides={"fc1": np.int64(3)}, verify=False
+    )
+    assert {layer.decision.name: layer.decision.rank for layer in report.layers}["fc1"] == 3
+    with pytest.raises(VerificationFailed):
+        lrdeploy.compress(model, rank=1, gates={"max_rel_l2": 1e-6}, device="cpu")
