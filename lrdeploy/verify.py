@@ -313,7 +313,10 @@ def compare_models(
     progress: Callable[[int], None] | None = None,
 ) -> Verification:
     """Run both models on each (feeds, labels) batch and compare every output."""
-    reference = make_session(original, device, label="the original model")
+    try:
+        reference = make_session(original, device, label="the original model")
+    except RuntimeFailure as error:  # nothing to compare against on this device
+        raise RuntimeFailure(f"{error} (compress --no-verify skips verification)") from None
     candidate = make_session(compressed, device, label="the compressed model")
     for kind in ("inputs", "outputs"):
         ours, theirs = (
