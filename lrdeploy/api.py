@@ -38,6 +38,7 @@ from lrdeploy.modelio import (
 from lrdeploy.passes.factorize import factorize
 from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
+from lrdeploy.passes.upgrade import upgrade_opset
 from lrdeploy.pipeline import decision_dicts, prepare_graph
 from lrdeploy.plan import LayerDecision, find_groups, plan_layers
 from lrdeploy.report import LayerReport, Report
@@ -135,6 +136,8 @@ def compress(
             )
         random_data = config.verification.data in (None, "random")
         shapes = resolve_shapes(original, config.input_shapes, strict=config.verify and random_data)
+        input_opset = model_opset(original) or 0
+        original, upgraded = upgrade_opset(original)
         original, inlined = inline_layer_functions(original)
         renamed = name_nodes(original.graph)  # our private copy; counting and the report go by name
     with timer("count"):
@@ -162,7 +165,7 @@ def compress(
         input=str(source) if source else None,
         output=str(output_path) if output_path else None,
         config=config.describe(),
-        opset=model_opset(original) or 0,
+        opset=input_opset,
         ir_version=(original.ir_version, compressed.ir_version),
         input_shapes={k: list(v) if v else None for k, v in shapes.items()},
         params_before=params_before,
@@ -171,7 +174,8 @@ def compress(
         macs_after=_total(macs_after),
         layers=_layer_reports(decisions, pairs, macs_before, macs_after),
         batchnorm=decision_dicts(folded),
-        normalized=decision_dicts(inlined) + decision_dicts(renamed) + decision_dicts(normalized),
+        normalized=[d for r in (upgraded, inlined, renamed, normalized) for d in decision_dicts(r)],
+        notes=[d.reason for d in upgraded.decisions],
     )
     with _staged_output(output_path) as staged:
         with timer("save"):

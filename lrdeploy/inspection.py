@@ -11,6 +11,7 @@ from lrdeploy import costs
 from lrdeploy.modelio import load_model
 from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
+from lrdeploy.passes.upgrade import upgrade_opset
 from lrdeploy.pipeline import decision_dicts, prepare_graph
 from lrdeploy.plan import LayerDecision, find_groups
 from lrdeploy.policy import round_half_up
@@ -83,7 +84,7 @@ class Inspection:
 
 def inspect(model: str | os.PathLike | onnx.ModelProto, *, fold_bn: bool = True) -> Inspection:
     """Profile every factorizable weight after BN folding; nothing is written."""
-    original, _ = inline_layer_functions(load_model(model)[0])
+    original, _ = inline_layer_functions(upgrade_opset(load_model(model)[0])[0])
     name_nodes(original.graph)  # the same names compress gives, for --include/--exclude/--overrides
     graph, _, _, folded = prepare_graph(original, fold_bn)
     groups, unfit = find_groups(graph)

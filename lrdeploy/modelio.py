@@ -33,7 +33,7 @@ __all__ = [
     "write_text_atomic",
 ]
 
-MIN_OPSET = 11
+MIN_OPSET = 11  # older models are converted (lrdeploy.passes.upgrade)
 #: IR version 10 is read by onnxruntime 1.17 and newer; newer inputs are lowered to it where opsets allow.
 PREFERRED_MAX_IR = 10
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -59,11 +59,6 @@ def _check_loadable(model: onnx.ModelProto, label: str) -> None:
     opset = model_opset(model)
     if opset is None:
         raise ModelError(f"{label} imports no default-domain opset; it is not a standard ONNX model")
-    if opset < MIN_OPSET:
-        raise ModelError(
-            f"{label} uses opset {opset}; lrdeploy needs opset {MIN_OPSET} or newer - convert it first with "
-            "onnx.version_converter.convert_version(model, 17)"
-        )
     newest = onnx.defs.onnx_opset_version()
     if opset > newest:
         raise ModelError(f"{label} uses opset {opset}, newer than this onnx knows ({newest}); upgrade onnx")

@@ -85,12 +85,15 @@ def test_missing_file_and_directory(tmp_path):
 
 
 @pytest.mark.parametrize("opset", [7, 9, 10])
-def test_old_opset_is_refused(tmp_path, opset):
-    path = tmp_path / "old.onnx"
-    onnx.save(_mlp(opset=opset, ir_version=5), path)
-    with pytest.raises(ModelError, match=f"uses opset {opset}; lrdeploy needs opset 11") as raised:
-        load_model(path)
-    assert raised.value.exit_code == 2
+def test_old_opset_is_upgraded_to_13(tmp_path, opset):
+    from lrdeploy.passes.upgrade import upgrade_opset
+
+    model = _mlp(opset=opset, ir_version=5)
+    upgraded, result = upgrade_opset(model)
+    assert model_opset(upgraded) == 13 and model_opset(model) == opset
+    (decision,) = result.decisions
+    assert decision.action == "upgraded" and f"opset {opset} converted to 13" in decision.reason
+    assert upgrade_opset(upgraded)[0] is upgraded  # nothing to do at 11+
 
 
 def test_opset_ir_and_domain_checks():

@@ -519,3 +519,60 @@ def test_compress_from_threads_leaves_stdout_alone():
     for thread in threads:
         thread.join()
     assert sys.stdout is stdout
+
+
+def _model_zoo_opset7(rng) -> onnx.ModelProto:
+    """As the ONNX Model Zoo's older CNNs are: opset 7, IR 3, weights listed as inputs, BN `spatial`."""
+    params = {
+        "W1": weight(rng, 16, 3, 3, 3, scale=0.2),
+        "B1": weight(rng, 16),
+        "g": rng.uniform(0.5, 1.5, 16).astype(np.float32),
+        "b": weight(rng, 16),
+        "m": weight(rng, 16),
+        "v": rng.uniform(0.5, 1.5, 16).astype(np.float32),
+        "W2": weight(rng, 32, 16, 3, 3, scale=0.2),
+        "F": weight(rng, 10, 32 * 4 * 4, scale=0.2),
+        "fb": weight(rng, 10),
+        "shape": np.array([1, -1], np.int64),
+    }
+    nodes = [
+        helper.make_node(
+            "Conv", ["x", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], kernel_shape=[3, 3]
+        ),
+        helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["n1"], name="bn1", spatial=1),
+        helper.make_node("Relu", ["n1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "W2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("AveragePool", ["r2"], ["a"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Reshape", ["a", "shape"], ["f"]),
+        helper.make_node("Dropout", ["f"], ["d"]),
+        helper.make_node("Gemm", ["d", "F", "fb"], ["logits"], name="fc", transB=1),
+        helper.make_node("Softmax", ["logits"], ["y"]),
+    ]
+    model = graph_model(nodes, {"x": [1, 3, 16, 16]}, {"y": [1, 10]}, params, opset=7, ir_version=3)
+    for tensor in model.graph.initializer:
+        model.graph.input.append(
+            helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+        )
+    return model
+
+
+def test_model_zoo_opset7_cnn_is_upgraded_folded_and_factorized(tmp_path):
+    model = _model_zoo_opset7(np.random.default_rng(18))
+    onnx.save(model, tmp_path / "zoo7.onnx")
+    feeds = feeds_for(model)
+    same, report = lrdeploy.compress(tmp_path / "zoo7.onnx", rank_ratio=1.0, device="cpu")
+    check_model(same)
+    assert report.opset == 7 and model_opset_of(same) == 13
+    assert report.notes == ["opset 7 converted to 13 with onnx.version_converter; the output is opset 13"]
+    assert [b["status"] for b in report.batchnorm] == ["folded"]
+    assert_close(run(same, feeds), run(model, feeds))  # verified against the opset-7 original, too
+    assert report.verification.max_abs_diff < 1e-5
+    small, report = lrdeploy.compress(tmp_path / "zoo7.onnx", rank_ratio=0.3, verify=False)
+    check_model(small)
+    assert [layer.decision.status for layer in report.layers] == ["factorized"] * 3
+
+
+def model_opset_of(model: onnx.ModelProto) -> int:
+    return next(e.version for e in model.opset_import if e.domain in ("", "ai.onnx"))

@@ -1,0 +1,49 @@
+"""Bring models older than opset 11 up to opset 13, so the passes see one set of operator versions.
+
+Many models people still deploy were exported years ago (the ONNX Model Zoo's ResNets, VGGs and
+MobileNets are opset 7–9): ``BatchNormalization`` with ``spatial``, ``Upsample``, ``Dropout`` with
+``is_test``. onnx's version converter rewrites them op by op; verification then runs the original file
+against the compressed one, so a conversion that changed the maths would show in the report.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import version_converter
+
+from lrdeploy.errors import ModelError
+from lrdeploy.passes.result import PassResult
+
+__all__ = ["MIN_OPSET", "TARGET_OPSET", "upgrade_opset"]
+
+MIN_OPSET = 11
+TARGET_OPSET = 13
+
+
+def _default_opset(model: onnx.ModelProto) -> int | None:
+    return next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), None)
+
+
+def upgrade_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassResult]:
+    """The model at opset 13 when it was older than 11 (else the same object), and what was done."""
+    result = PassResult("upgrade")
+    opset = _default_opset(model)
+    if opset is None or opset >= MIN_OPSET:
+        return model, result
+    try:
+        upgraded = version_converter.convert_version(model, TARGET_OPSET)
+    except Exception as error:  # the converter raises bare RuntimeErrors from C++
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise ModelError(
+            f"the model uses opset {opset}, and onnx's version converter could not bring it to "
+            f"{TARGET_OPSET} ({reason}); export it again at opset {MIN_OPSET} or newer"
+        ) from None
+    upgraded.ir_version = max(upgraded.ir_version, model.ir_version)
+    result.record(
+        "model",
+        "opset",
+        "upgraded",
+        f"opset {opset} converted to {TARGET_OPSET} with onnx.version_converter; the output is opset "
+        f"{TARGET_OPSET}",
+    )
+    return upgraded, result
