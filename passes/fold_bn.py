@@ -65,8 +65,8 @@ def _sole_reader(tensor: gs.Tensor, names: NameRegistry) -> bool:
 def _new_constant(old: gs.Tensor | None, values: np.ndarray, base: str, names: NameRegistry) -> gs.Constant:
     """A constant for fused values: it keeps the old name when nothing else reads the old tensor."""
     if isinstance(old, gs.Constant) and _sole_reader(old, names):
-        return gs.Constant(old.name, values=np.ascontiguousarray(values))
-    return gs.Constant(names.tensor(base), values=np.ascontiguousarray(values))
+        return gs.Constant(old.name, values=np.array(values, order="C"))
+    return gs.Constant(names.tensor(base), values=np.array(values, order="C"))
 
 
 def _scaled_weight(

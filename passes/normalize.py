@@ -142,8 +142,8 @@ def _fold_weight_paths(graph: gs.Graph, opset: int, result: PassResult) -> None:
             values = evaluate_node(proto, inputs, opset)
             if values is None or sum(v.size for v in values) > sum(v.size for v in inputs):
                 continue  # a Gather/Mul that expands (a position-bias table) would only grow the file
-            done[key] = [
-                gs.Constant(out.name, np.ascontiguousarray(v))
+            done[key] = [  # np.array, not ascontiguousarray: that one makes a scalar 1-D
+                gs.Constant(out.name, np.array(v, order="C"))
                 for out, v in zip(node.outputs, values, strict=False)
             ]
         for output, constant in zip(list(node.outputs), done[key], strict=False):

@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+import lrdeploy
 from lrdeploy import modelio
 from lrdeploy.errors import ModelError, RuntimeFailure, UsageError
 from lrdeploy.modelio import (
@@ -19,7 +20,7 @@ from lrdeploy.modelio import (
     save_model,
     write_text_atomic,
 )
-from models import check_model, feeds_for, graph_model, run, weight
+from models import check_model, feeds_for, graph_model, parse, run, weight
 
 
 def _mlp(opset: int = 17, ir_version: int = 10, size: int = 64) -> onnx.ModelProto:
@@ -223,3 +224,51 @@ def test_onnx_default_ir_is_lowered_so_onnxruntime_loads_the_output():
     compressed, _ = lrdeploy.compress(model, rank_ratio=0.25, verify=False)
     assert compressed.ir_version == 10
     check_model(compressed)
+
+
+@pytest.mark.parametrize(
+    ("opset", "mode", "scale"), [(9, "linear", 2.0), (9, "nearest", 1.5), (7, "nearest", 2.0)]
+)
+def test_upgraded_upsample_keeps_its_coordinates(opset, mode, scale):
+    """Upsample sampled at x / scale; Resize-13 without attributes means half_pixel: other numbers."""
+    scales = [1.0, 1.0, scale, scale]
+    if opset == 7:
+        node = onnx.helper.make_node("Upsample", ["x"], ["y"], mode=mode, scales=scales)
+        params = {}
+    else:
+        node = onnx.helper.make_node("Upsample", ["x", "s"], ["y"], mode=mode)
+        params = {"s": np.array(scales, np.float32)}
+    size = int(4 * scale)
+    model = graph_model(
+        [node], {"x": [1, 2, 4, 4]}, {"y": [1, 2, size, size]}, params, opset=opset, ir_version=4
+    )
+    same, report = lrdeploy.compress(model, rank_ratio=1.0, device="cpu")
+    assert report.notes and report.verification.max_abs_diff < 1e-6
+    feeds = feeds_for(model)
+    np.testing.assert_allclose(run(same, feeds)[0], run(model, feeds)[0], atol=1e-6)
+
+
+def test_old_hardmax_is_refused_rather_than_changed():
+    node = onnx.helper.make_node("Hardmax", ["x"], ["y"], name="hm")
+    model = graph_model([node], {"x": [2, 3, 4]}, {"y": [2, 3, 4]}, opset=9, ir_version=4)
+    with pytest.raises(
+        ModelError, match="Hardmax 'hm', whose meaning onnx's version converter does not carry"
+    ):
+        lrdeploy.compress(model, rank_ratio=1.0, verify=False)
+
+
+def test_a_folded_scalar_stays_a_scalar():
+    values = ",".join(["0.1"] * 256)
+    model = parse(
+        f"""
+        <ir_version: 8, opset_import: ["": 13]>
+        g (float[2, 16] x) => (float[2, 16] y) <float[16, 16] w = {{{values}}}> {{
+            c = Constant<value = int64 {{8}}>()
+            cf = Cast<to = 1>(c)
+            h = MatMul(x, w)
+            y = Pow(h, cf)
+        }}"""
+    )
+    same, _ = lrdeploy.compress(model, rank_ratio=1.0, verify=False)
+    check_model(same)
+    assert [list(t.dims) for t in same.graph.initializer if t.name != "w"] == [[]]
