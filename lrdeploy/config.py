@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,15 +10,11 @@ from types import MappingProxyType
 
 from lrdeploy.errors import UsageError
 from lrdeploy.policy import Energy, FixedRank, RankPolicy, RankRatio
-from lrdeploy.verification import VerifyConfig
+from lrdeploy.verification import VerifyConfig, is_int
 
 __all__ = ["CompressConfig", "load_overrides", "parse_input_shapes"]
 
 _VERIFY_FIELDS = set(VerifyConfig.__dataclass_fields__)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -44,13 +39,13 @@ class CompressConfig:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not _is_int(self.rank_multiple) or self.rank_multiple < 1:
+        if not is_int(self.rank_multiple) or self.rank_multiple < 1:
             raise UsageError(f"rank multiple must be a positive integer, got {self.rank_multiple!r}")
         for name, rank in self.overrides.items():
-            if not _is_int(rank) or rank < 1:
+            if not is_int(rank) or rank < 1:
                 raise UsageError(f"override for '{name}' must be a positive integer rank, got {rank!r}")
         for name, dims in self.input_shapes.items():
-            if not all(_is_int(d) and d >= 1 for d in dims):
+            if not all(is_int(d) and d >= 1 for d in dims):
                 raise UsageError(f"input shape for '{name}' must be positive integers, got {list(dims)}")
         if self.policy is None and not self.overrides:
             raise UsageError("choose a rank policy: --rank-ratio, --energy or --rank (or give --overrides)")

@@ -105,11 +105,10 @@ def files_read(model: onnx.ModelProto, source: Path | None) -> list[Path]:
     if source is None:
         return []
     files = {source}
-    for tensor in external_data_helper._get_all_tensors(model):
-        if getattr(tensor, "data_location", None) == TensorProto.EXTERNAL:  # sparse ones have none
-            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
-            if location:
-                files.add(source.parent / location)
+    for tensor in _file_backed_tensors(model):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if location:
+            files.add(source.parent / location)
     return sorted(files)
 
 

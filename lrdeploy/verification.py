@@ -35,7 +35,8 @@ __all__ = ["VerifyConfig", "run_verification", "runtime_source", "verify"]
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """An integer of any kind (numpy's too), but not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -58,9 +59,9 @@ class VerifyConfig:
         counts = {"--batch-size": self.batch_size, "--random-batches": self.random_batches}
         counts["--limit"] = self.limit if self.limit is not None else 1
         for flag, value in counts.items():
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise UsageError(f"{flag} must be a positive integer, got {value!r}")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise UsageError(f"--seed must be an integer ≥ 0, got {self.seed!r}")
         object.__setattr__(self, "data", as_data_source(self.data))
         if isinstance(self.gates, Mapping):

@@ -37,11 +37,10 @@ def _refuse_what_converts_wrongly(model: onnx.ModelProto, opset: int) -> None:
         )
 
 
-def _keep_old_resize_coordinates(upgraded: onnx.ModelProto) -> int:
+def _keep_old_resize_coordinates(upgraded: onnx.ModelProto) -> None:
     """Upsample and Resize-10 sampled at ``x_out / scale`` (nearest: floor); the converter writes
     Resize-13 without attributes, which means half_pixel (and rounding for nearest): other outputs.
-    Say the old coordinates explicitly. Returns how many nodes were changed."""
-    changed = 0
+    Say the old coordinates explicitly."""
     for node in upgraded.graph.node:
         given = {a.name for a in node.attribute}
         if node.op_type != "Resize" or "coordinate_transformation_mode" in given:
@@ -50,8 +49,6 @@ def _keep_old_resize_coordinates(upgraded: onnx.ModelProto) -> int:
         mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
         if mode == "nearest" and "nearest_mode" not in given:
             node.attribute.append(onnx.helper.make_attribute("nearest_mode", "floor"))
-        changed += 1
-    return changed
 
 
 def upgrade_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassResult]:
