@@ -251,6 +251,8 @@ def _train(
                 {"epoch": epoch, "loss": train_loss, "train_accuracy": train_acc, "test_accuracy": test_acc}
             )
             reporter.epoch(epoch, train_loss, train_acc, test_acc, seconds)
+            if epoch == first_epoch and hooks.first_epoch_note and context.main:
+                reporter.message(hooks.first_epoch_note)
             if checkpoint is not None and context.main:
                 _save(
                     {

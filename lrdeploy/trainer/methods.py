@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -76,6 +76,8 @@ class Hooks:
     summary: dict[str, Any] = field(default_factory=dict)
     #: The hooks change weights outside the optimizer, so BatchNorm statistics go stale (see loop.py).
     moves_weights = False
+    #: Said once under the first epoch's line: what that epoch's test accuracy means for this method.
+    first_epoch_note: ClassVar[str | None] = None
 
     def prepare(self, model: nn.Module) -> None:
         """Change the model before the optimizer sees its parameters."""
@@ -96,6 +98,11 @@ class LRPETHooks(Hooks):
     config: LRPETConfig = field(default_factory=lambda: LRPETConfig(rank_ratio=1.0))
     sync: Sync | None = None
     moves_weights = True
+    first_epoch_note = (
+        "note: LRPET's test accuracy is that of the model just projected to rank r; in the first epochs "
+        "the weights are still far from rank r, so it starts low and recovers as training pulls them "
+        "towards rank r (see docs/training.md)"
+    )
 
     def prepare(self, model: nn.Module) -> None:
         self.plan = self.config.plan(model)

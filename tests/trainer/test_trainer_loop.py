@@ -85,3 +85,22 @@ def test_config_round_trips_through_json() -> None:
     again = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again.to_dict() == config.to_dict()
     assert again.resolved_lr == 0.05 and TrainConfig(method=LoRITaConfig()).resolved_weight_decay == 5e-3
+
+
+class _Messages(SilentReporter):
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+
+@pytest.mark.parametrize(
+    ("method", "noted"), [(LRPETConfig(rank_ratio=0.25), True), (BaselineConfig(), False)]
+)
+def test_lrpet_says_once_why_its_early_test_accuracy_is_low(method, noted, tmp_path) -> None:
+    reporter = _Messages()
+    config = TrainConfig(arch="mlp", method=method, epochs=2, subset=128, batch_size=64)
+    train_and_export(config, tmp_path / "m.onnx", reporter=reporter)
+    notes = [m for m in reporter.messages if "projected to rank r" in m]
+    assert len(notes) == (1 if noted else 0)

@@ -141,3 +141,22 @@ def test_batchnorm_pairs_follow_the_graph() -> None:
 def test_config_rejects_bad_values(kwargs: dict) -> None:
     with pytest.raises(UsageError):
         LRPETConfig(**kwargs)
+
+
+def test_the_own_loop_example_of_the_training_docs_runs_and_leaves_exact_ranks() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "training.md").read_text()
+    section = text[text.index("### LRPET in your own training loop") :]
+    code = section[section.index("```python") + len("```python") : section.index("```\n", 10)]
+    namespace: dict = {}
+    exec(compile(code, "docs/training.md", "exec"), namespace)
+    model, plan = namespace["model"], namespace["plan"]
+    assert plan == {"0": 2, "4": 32}
+    for name, rank in plan.items():
+        weight = dict(model.named_modules())[name].weight.detach()
+        folded = weight.reshape(weight.shape[0], -1).double()
+        if name == "0":  # BN-rectified: the folded operator is the one of exact rank r
+            bn = model[1]
+            folded = (bn.weight / (bn.running_var + bn.eps).sqrt()).double()[:, None] * folded
+        assert int((torch.linalg.svdvals(folded) > 1e-6 * torch.linalg.svdvals(folded)[0]).sum()) == rank
