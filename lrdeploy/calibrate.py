@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from lrdeploy.errors import UsageError
 from lrdeploy.runtime import Device, make_session
@@ -133,7 +133,8 @@ class LayerInput:
                 raise ValueError(f"node '{node.name}' is a grouped Conv")
             return cls(node.name, node.input[0], "Conv", int(np.prod(dims[1:])), attrs, dims[2:])
         if node.op_type == "Gemm":
-            return cls(node.name, node.input[0], "Gemm", dims[1] if attrs.get("transB", 0) else dims[0], attrs)
+            inputs = dims[1] if attrs.get("transB", 0) else dims[0]
+            return cls(node.name, node.input[0], "Gemm", inputs, attrs)
         if node.op_type == "MatMul":
             return cls(node.name, node.input[0], "MatMul", dims[0])
         raise ValueError(f"node '{node.name}' is a {node.op_type}, not Conv/Gemm/MatMul")
@@ -243,5 +244,6 @@ def _run(session, names: list[str], feed: Mapping[str, np.ndarray], batch: int) 
     except Exception as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(
-            f"calibration batch {batch} does not fit the model ({message[:300]}); check input names and shapes"
+            f"calibration batch {batch} does not fit the model ({message[:300]}); "
+            "check its input names and shapes"
         ) from None

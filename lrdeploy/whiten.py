@@ -54,9 +54,7 @@ def component_errors(a: np.ndarray, b: np.ndarray, second_moment: np.ndarray) ->
     return tail / total if total > 0 else np.zeros_like(tail)
 
 
-def holdout_error(
-    weight: np.ndarray, a: np.ndarray, b: np.ndarray, second_moment: np.ndarray
-) -> float:
+def holdout_error(weight: np.ndarray, a: np.ndarray, b: np.ndarray, second_moment: np.ndarray) -> float:
     """‖(W − AB) X_h‖² / ‖W X_h‖² from the second moment of rows X_h (0 when W X_h is 0)."""
     w = np.asarray(weight, dtype=np.float64)
     error = w - np.asarray(a, dtype=np.float64) @ np.asarray(b, dtype=np.float64)

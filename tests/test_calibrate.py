@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import graph_model, run
 from onnx import helper
 
 from lrdeploy import calibrate
 from lrdeploy.calibrate import SecondMoment, collect_moments, conv_rows
 from lrdeploy.errors import UsageError
+from models import graph_model, run
 
 
 def _patches_by_onnxruntime(x: np.ndarray, attrs: dict, kernel: tuple[int, ...]) -> np.ndarray:
