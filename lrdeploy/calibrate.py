@@ -206,6 +206,8 @@ def collect_moments(
     Conv/Gemm/MatMul nodes with a constant weight. Every ``holdout_every``-th sample (5: 20%) is held
     apart; 0 holds none. Bad data (wrong names or shapes, NaN, no samples) raises UsageError.
     """
+    if holdout_every == 1 or holdout_every < 0:
+        raise ValueError(f"holdout_every must be 0 (none held apart) or at least 2, got {holdout_every}")
     nodes = {node.name: node for node in model.graph.node}
     weights = {t.name: t for t in model.graph.initializer}
     missing = [name for name in layers if name not in nodes]
