@@ -26,7 +26,7 @@ def _brute_force(layers: dict[str, list[Candidate]], budget: float) -> float:
     """The least total error of any choice within the budget."""
     best = math.inf
     for choice in itertools.product(*layers.values()):
-        if sum(c.cost for c in choice) <= budget + 1e-9:
+        if sum(c.cost for c in choice) <= budget:
             best = min(best, sum(c.error for c in choice))
     return best
 
@@ -35,7 +35,7 @@ candidate = st.builds(
     Candidate,
     rank=st.integers(1, 64),
     error=st.floats(0.0, 1.0, allow_nan=False),
-    cost=st.floats(0.0, 10.0, allow_nan=False),
+    cost=st.integers(0, 100).map(float),  # parameters and MACs are whole numbers
 )
 layer_sets = st.dictionaries(
     st.sampled_from("abcd"), st.lists(candidate, min_size=2, max_size=5), min_size=2, max_size=4
@@ -51,7 +51,7 @@ def test_close_to_brute_force_within_the_budget(layers, share):
     choice = allocate(layers, budget)
     assert set(choice) == set(layers)
     assert all(choice[name] in options for name, options in layers.items())
-    assert total_cost(choice) <= budget * (1 + 1e-9) + 1e-9
+    assert total_cost(choice) <= budget
     error = sum(c.error for c in choice.values())
     optimum = _brute_force(layers, budget)
     assert error >= optimum - 1e-9
@@ -63,7 +63,7 @@ def test_close_to_brute_force_within_the_budget(layers, share):
 
 
 @settings(max_examples=300)
-@given(layer_sets, st.floats(0.01, 10.0))
+@given(layer_sets, st.floats(0.001, 1.0))
 def test_optimal_at_every_budget_a_multiplier_spends(layers, multiplier):
     """Everett: the choice minimizing error + λ·cost in every layer is optimal for the budget it costs."""
     spent = sum(
