@@ -1,0 +1,251 @@
+"""Calibration statistics: the second moment C = XᵀX / N of the rows each factorizable layer multiplies.
+
+Rows are exactly what the op multiplies by its weight seen as [outputs, inputs] (`passes.lowrank_ops`):
+
+- Conv (group 1, 1-D/2-D/3-D): the im2col patches as the op forms them — zero padding (explicit pads,
+  asymmetric too, or auto_pad SAME_UPPER/SAME_LOWER/VALID), strides, dilations — one row per output
+  position, flattened as (channel, k₁, k₂, …) to match ``W.reshape(Cout, Cin·Πk)``;
+- Gemm: the rows of A (Aᵀ's when transA = 1);
+- MatMul x @ W: every leading dimension of x flattened (batch × sequence), padding positions included as
+  the model sees them.
+
+Statistics stream: per batch, XᵀX is added to a float64 accumulator and the row count to a counter, so
+memory is the accumulators (Σ nᵢ²) plus one batch of activations; conv patches are formed a few samples
+at a time. A share of the samples (every ``holdout_every``-th along each layer input's first axis) goes
+to a second accumulator that the factorization never sees, to show over-fitting and to choose between
+whitened and plain factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lrdeploy.errors import UsageError
+from lrdeploy.runtime import Device, make_session
+
+__all__ = ["LayerInput", "LayerMoments", "SecondMoment", "collect_moments", "conv_pads", "conv_rows", "rows"]
+
+#: Conv patches formed at once are kept under this many bytes (float64), a few samples at a time.
+_CHUNK_BYTES = 64 << 20
+
+
+@dataclass
+class SecondMoment:
+    """Σ xxᵀ over rows x (float64) and how many rows; ``matrix`` is the mean, normalized by rows."""
+
+    dim: int
+    total: np.ndarray = field(init=False, repr=False)
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.total = np.zeros((self.dim, self.dim))
+
+    def update(self, rows: np.ndarray) -> None:
+        """Add the rows (r × dim); raises ValueError on a wrong width or non-finite values."""
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise ValueError(f"rows of shape {rows.shape} for a second moment of width {self.dim}")
+        if not np.isfinite(rows).all():
+            raise ValueError("the rows hold NaN or infinite values")
+        work = rows.astype(np.float64, copy=False)
+        self.total += work.T @ work
+        self.count += rows.shape[0]
+
+    @property
+    def matrix(self) -> np.ndarray:
+        if self.count == 0:
+            raise ValueError("no rows were accumulated")
+        return self.total / self.count
+
+
+def _ints(attrs: Mapping[str, object], name: str, default: list[int]) -> list[int]:
+    value = attrs.get(name)
+    return [int(v) for v in value] if value is not None and len(value) else default  # type: ignore[arg-type]
+
+
+def conv_pads(
+    spatial: Sequence[int], attrs: Mapping[str, object], kernel_shape: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """(pads at the start, pads at the end) per spatial axis, as onnxruntime resolves auto_pad."""
+    rank = len(kernel_shape)
+    strides = _ints(attrs, "strides", [1] * rank)
+    dilations = _ints(attrs, "dilations", [1] * rank)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, stride, dilation, k in zip(spatial, strides, dilations, kernel_shape, strict=True):
+            out = -(-size // stride)
+            needed = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - size)
+            low = needed // 2 if auto_pad == "SAME_UPPER" else needed - needed // 2
+            begin.append(low)
+            end.append(needed - low)
+        return begin, end
+    if auto_pad == "VALID":
+        return [0] * rank, [0] * rank
+    pads = _ints(attrs, "pads", [0] * 2 * rank)
+    return pads[:rank], pads[rank:]
+
+
+def conv_rows(x: np.ndarray, attrs: Mapping[str, object], kernel_shape: Sequence[int]) -> np.ndarray:
+    """The im2col rows of a group-1 Conv on x [N, C, *spatial]: [N·Π out, C·Π k], one row per output
+    position (sample-major, then output positions in C order), each row ordered (C, k₁, k₂, …)."""
+    rank = len(kernel_shape)
+    strides = _ints(attrs, "strides", [1] * rank)
+    dilations = _ints(attrs, "dilations", [1] * rank)
+    begin, end = conv_pads(x.shape[2:], attrs, kernel_shape)
+    padded = np.pad(x, [(0, 0), (0, 0), *zip(begin, end, strict=True)])
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel_shape, dilations, strict=True)]
+    axes = tuple(range(2, 2 + rank))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, extent, axis=axes)
+    outer = (slice(None), slice(None), *(slice(None, None, s) for s in strides))
+    inner = tuple(slice(None, None, d) for d in dilations)
+    patches = windows[(*outer, *inner)]  # [N, C, *out, *k]
+    order = (0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank))
+    channels_and_kernel = x.shape[1] * int(np.prod(kernel_shape))
+    return patches.transpose(order).reshape(-1, channels_and_kernel)
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """A factorizable node and how its input rows are formed (from `LayerInput.of` on the model)."""
+
+    node: str
+    tensor: str
+    op: str
+    dim: int
+    attrs: Mapping[str, object] = field(default_factory=dict)
+    kernel_shape: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, node: onnx.NodeProto, weights: Mapping[str, onnx.TensorProto]) -> LayerInput:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = weights.get(node.input[1]) if len(node.input) > 1 else None
+        if weight is None:
+            raise ValueError(f"node '{node.name}' has no constant weight")
+        dims = tuple(weight.dims)
+        if node.op_type == "Conv":
+            if int(attrs.get("group", 1)) != 1:
+                raise ValueError(f"node '{node.name}' is a grouped Conv")
+            return cls(node.name, node.input[0], "Conv", int(np.prod(dims[1:])), attrs, dims[2:])
+        if node.op_type == "Gemm":
+            inputs = dims[1] if attrs.get("transB", 0) else dims[0]
+            return cls(node.name, node.input[0], "Gemm", inputs, attrs)
+        if node.op_type == "MatMul":
+            return cls(node.name, node.input[0], "MatMul", dims[0])
+        raise ValueError(f"node '{node.name}' is a {node.op_type}, not Conv/Gemm/MatMul")
+
+
+def rows(layer: LayerInput, x: np.ndarray) -> np.ndarray:
+    """The rows ``layer`` multiplies for its input x (conv: all of them; see `_add` for chunking)."""
+    if layer.op == "Conv":
+        return conv_rows(x, layer.attrs, layer.kernel_shape)
+    if layer.op == "Gemm":
+        return x.T if layer.attrs.get("transA", 0) else x
+    return x.reshape(-1, x.shape[-1])
+
+
+def _add(layer: LayerInput, x: np.ndarray, moment: SecondMoment) -> None:
+    """Add x's rows; conv patches are formed a few samples at a time."""
+    if layer.op != "Conv" or x.shape[0] == 0:
+        moment.update(rows(layer, x))
+        return
+    per_sample = conv_rows(x[:1], layer.attrs, layer.kernel_shape).shape[0] * layer.dim * 8
+    step = max(1, _CHUNK_BYTES // max(per_sample, 1))
+    for start in range(0, x.shape[0], step):
+        moment.update(rows(layer, x[start : start + step]))
+
+
+@dataclass
+class LayerMoments:
+    """The second moments of one layer's input: rows the factors are fitted on, and rows held apart."""
+
+    fit: SecondMoment
+    holdout: SecondMoment
+    samples_seen: int = 0
+
+
+def _split(layer: LayerInput, x: np.ndarray, moments: LayerMoments, every: int) -> None:
+    """Samples along x's first axis (Gemm with transA: its columns) to fit or to holdout."""
+    axis = 1 if layer.op == "Gemm" and layer.attrs.get("transA", 0) else 0
+    if layer.op == "MatMul" and x.ndim == 1:
+        x, axis = x[None], 0
+    index = moments.samples_seen + np.arange(x.shape[axis])
+    moments.samples_seen += x.shape[axis]
+    held = (index % every == every - 1) if every else np.zeros(len(index), dtype=bool)
+    for part, mask in ((moments.fit, ~held), (moments.holdout, held)):
+        if mask.any():
+            _add(layer, np.compress(mask, x, axis=axis), part)
+
+
+def _with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    """A copy of the model that also returns ``tensors`` (the input model is not changed)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output}
+    for name in dict.fromkeys(tensors):
+        if name not in present:
+            copy.graph.output.append(onnx.ValueInfoProto(name=name))
+    return copy
+
+
+def collect_moments(
+    model: onnx.ModelProto,
+    layers: Sequence[str],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    holdout_every: int = 5,
+    threads: int | None = None,
+) -> dict[str, LayerMoments]:
+    """Run the model once over ``feeds`` on onnxruntime CPU and return every named layer's moments.
+
+    ``model`` is the model whose layers will be factorized (BN folded); ``layers`` are node names of
+    Conv/Gemm/MatMul nodes with a constant weight. Every ``holdout_every``-th sample (5: 20%) is held
+    apart; 0 holds none. Bad data (wrong names or shapes, NaN, no samples) raises UsageError.
+    """
+    if holdout_every == 1 or holdout_every < 0:
+        raise ValueError(f"holdout_every must be 0 (none held apart) or at least 2, got {holdout_every}")
+    nodes = {node.name: node for node in model.graph.node}
+    weights = {t.name: t for t in model.graph.initializer}
+    missing = [name for name in layers if name not in nodes]
+    if missing:
+        raise ValueError(f"no node named '{missing[0]}' in the model")
+    inputs = [LayerInput.of(nodes[name], weights) for name in layers]
+    graph_inputs = {v.name for v in model.graph.input}
+    captured = [layer.tensor for layer in inputs if layer.tensor not in graph_inputs]
+    session = make_session(
+        _with_outputs(model, captured).SerializeToString(),
+        Device("cpu"),
+        threads,
+        label="the model with its layer inputs as outputs",
+    )
+    moments = {layer.node: LayerMoments(SecondMoment(layer.dim), SecondMoment(layer.dim)) for layer in inputs}
+    batches = 0
+    for batches, feed in enumerate(feeds, 1):
+        values = dict(zip(captured, _run(session, captured, feed, batches), strict=True))
+        for layer in inputs:
+            x = np.asarray(feed[layer.tensor] if layer.tensor in graph_inputs else values[layer.tensor])
+            try:
+                _split(layer, x, moments[layer.node], holdout_every)
+            except ValueError as error:
+                raise UsageError(
+                    f"calibration batch {batches}: the input of layer '{layer.node}' is unusable ({error}); "
+                    "check the calibration data"
+                ) from None
+    if batches == 0 or any(m.fit.count == 0 for m in moments.values()):
+        raise UsageError("the calibration data has no samples to fit on; give at least one batch")
+    return moments
+
+
+def _run(session, names: list[str], feed: Mapping[str, np.ndarray], batch: int) -> list[np.ndarray]:
+    try:
+        return session.run(names, dict(feed)) if names else []
+    except Exception as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(
+            f"calibration batch {batch} does not fit the model ({message[:300]}); "
+            "check its input names and shapes"
+        ) from None

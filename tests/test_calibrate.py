@@ -1,0 +1,193 @@
+"""Calibration statistics: the rows each op multiplies, against onnxruntime itself; streaming; bad data."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from lrdeploy import calibrate
+from lrdeploy.calibrate import SecondMoment, collect_moments, conv_rows
+from lrdeploy.errors import UsageError
+from models import graph_model, run
+
+
+def _patches_by_onnxruntime(x: np.ndarray, attrs: dict, kernel: tuple[int, ...]) -> np.ndarray:
+    """im2col by the op itself: a Conv whose output channel (c, k…) is a one-hot weight on that tap."""
+    channels = x.shape[1]
+    width = channels * int(np.prod(kernel))
+    one_hot = np.eye(width, dtype=np.float32).reshape(width, channels, *kernel)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attrs)
+    model = graph_model([node], {"x": list(x.shape)}, {"y": None}, {"w": one_hot})
+    (y,) = run(model, {"x": x})
+    spatial = len(kernel)
+    return y.transpose(0, *range(2, 2 + spatial), 1).reshape(-1, width)
+
+
+@st.composite
+def conv_cases(draw):
+    spatial = draw(st.integers(1, 2))
+    kernel = tuple(draw(st.lists(st.integers(1, 3), min_size=spatial, max_size=spatial)))
+    dilations = draw(st.lists(st.integers(1, 2), min_size=spatial, max_size=spatial))
+    strides = draw(st.lists(st.integers(1, 3), min_size=spatial, max_size=spatial))
+    auto_pad = draw(st.sampled_from(["NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+    if auto_pad.startswith("SAME"):  # onnxruntime refuses dilations with SAME padding
+        dilations = [1] * spatial
+    extents = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    sizes = [e + draw(st.integers(0, 4)) for e in extents]
+    attrs: dict = {"strides": strides, "dilations": dilations}
+    if auto_pad == "NOTSET":
+        attrs["pads"] = draw(st.lists(st.integers(0, 2), min_size=2 * spatial, max_size=2 * spatial))
+    else:
+        attrs["auto_pad"] = auto_pad
+    channels = draw(st.integers(1, 3))
+    batch = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**16))
+    x = np.random.default_rng(seed).standard_normal((batch, channels, *sizes)).astype(np.float32)
+    return x, attrs, kernel
+
+
+@settings(max_examples=60)
+@given(conv_cases())
+def test_conv_rows_are_the_patches_onnxruntime_multiplies(case):
+    x, attrs, kernel = case
+    expected = _patches_by_onnxruntime(x, attrs, kernel)
+    actual = conv_rows(x, attrs, kernel)
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6)
+
+
+def test_conv_rows_3d():
+    x = np.random.default_rng(0).standard_normal((2, 2, 5, 4, 6)).astype(np.float32)
+    attrs = {"strides": [2, 1, 2], "pads": [1, 0, 2, 0, 1, 1], "dilations": [1, 2, 1]}
+    np.testing.assert_allclose(
+        conv_rows(x, attrs, (3, 2, 2)), _patches_by_onnxruntime(x, attrs, (3, 2, 2)), atol=1e-6
+    )
+
+
+def _conv_model(attrs: dict, channels: int = 3, size: int = 10):
+    w = np.random.default_rng(1).standard_normal((4, channels, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w"], ["y"], name="conv", **attrs),
+    ]
+    return graph_model(nodes, {"x": ["N", channels, size, size]}, {"y": None}, {"w": w})
+
+
+@settings(max_examples=15)
+@given(conv_cases().filter(lambda case: len(case[2]) == 2), st.integers(1, 3))
+def test_conv_second_moment_equals_brute_force_im2col(case, batches):
+    """The streamed moments of a Conv behind a Relu, fit and held apart, against ORT's own patches."""
+    x, attrs, kernel = case
+    w = np.random.default_rng(1).standard_normal((2, x.shape[1], *kernel)).astype(np.float32)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w"], ["y"], name="conv", **attrs),
+    ]
+    model = graph_model(nodes, {"x": ["N", *x.shape[1:]]}, {"y": None}, {"w": w})
+    feeds = [{"x": x + i} for i in range(batches)]
+    moments = collect_moments(model, ["conv"], feeds, holdout_every=2)["conv"]
+    samples = np.concatenate([np.maximum(f["x"], 0) for f in feeds])
+    held = np.arange(len(samples)) % 2 == 1
+    for part, mask in ((moments.fit, ~held), (moments.holdout, held)):
+        if not mask.any():
+            assert part.count == 0
+            continue
+        rows = _patches_by_onnxruntime(samples[mask], attrs, kernel).astype(np.float64)
+        assert part.count == rows.shape[0]
+        np.testing.assert_allclose(part.matrix, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_chunks_give_the_same_moment(monkeypatch):
+    model = _conv_model({"pads": [1, 1, 1, 1]})
+    feeds = [{"x": np.random.default_rng(2).standard_normal((5, 3, 10, 10)).astype(np.float32)}]
+    whole = collect_moments(model, ["conv"], feeds, holdout_every=0)["conv"].fit
+    monkeypatch.setattr(calibrate, "_CHUNK_BYTES", 1)  # one sample at a time
+    chunked = collect_moments(model, ["conv"], feeds, holdout_every=0)["conv"].fit
+    assert chunked.count == whole.count == 5 * 100
+    np.testing.assert_allclose(chunked.matrix, whole.matrix, rtol=1e-12)
+
+
+def test_gemm_rows_respect_trans_a():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 4)).astype(np.float32)  # transB: [N=6, K=4]
+    node = helper.make_node("Gemm", ["a", "w"], ["y"], name="fc", transA=1, transB=1)
+    model = graph_model([node], {"a": [4, "M"]}, {"y": None}, {"w": w})
+    a = rng.standard_normal((4, 10)).astype(np.float32)  # [K, M]: ten samples as columns
+    moments = collect_moments(model, ["fc"], [{"a": a}], holdout_every=5)["fc"]
+    rows = a.T.astype(np.float64)
+    held = np.arange(10) % 5 == 4
+    assert (moments.fit.count, moments.holdout.count) == (8, 2)
+    np.testing.assert_allclose(moments.fit.matrix, rows[~held].T @ rows[~held] / 8, rtol=1e-6)
+    np.testing.assert_allclose(moments.holdout.matrix, rows[held].T @ rows[held] / 2, rtol=1e-6)
+
+
+def test_matmul_flattens_every_leading_dimension():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((5, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Tanh", ["x"], ["t"], name="tanh"),
+        helper.make_node("MatMul", ["t", "w"], ["y"], name="proj"),
+    ]
+    model = graph_model(nodes, {"x": ["B", 7, 5]}, {"y": None}, {"w": w})
+    feeds = [{"x": rng.standard_normal((2, 7, 5)).astype(np.float32)} for _ in range(3)]
+    moments = collect_moments(model, ["proj"], feeds, holdout_every=3)["proj"]
+    samples = np.tanh(np.concatenate([f["x"] for f in feeds]).astype(np.float64))  # 6 samples
+    fit = samples[np.arange(6) % 3 != 2].reshape(-1, 5)
+    assert (moments.fit.count, moments.holdout.count) == (4 * 7, 2 * 7)
+    np.testing.assert_allclose(moments.fit.matrix, fit.T @ fit / len(fit), rtol=1e-5, atol=1e-7)
+
+
+def test_the_input_model_is_not_modified():
+    model = _conv_model({})
+    before = model.SerializeToString()
+    collect_moments(model, ["conv"], [{"x": np.ones((1, 3, 10, 10), np.float32)}])
+    assert model.SerializeToString() == before
+
+
+def _peak(model, batches: int) -> int:
+    rng = np.random.default_rng(5)
+    feed = {"x": rng.standard_normal((32, 3, 10, 10)).astype(np.float32)}
+    tracemalloc.start()
+    try:
+        collect_moments(model, ["conv"], (dict(feed) for _ in range(batches)))
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_number_of_batches():
+    model = _conv_model({"pads": [1, 1, 1, 1]})
+    _peak(model, 100)  # warm up: onnxruntime and numpy keep ~150 kB of caches after the first runs
+    few, many = _peak(model, 10), _peak(model, 100)
+    # Keeping the rows would add 90 × 0.7 MB (float64 patches of one batch); caches add ~0.1 MB.
+    assert many < 1.5 * few, (few, many)
+
+
+def test_second_moment_rejects_bad_rows():
+    moment = SecondMoment(3)
+    with pytest.raises(ValueError, match="width"):
+        moment.update(np.ones((2, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        moment.update(np.array([[1.0, np.nan, 0.0]]))
+    with pytest.raises(ValueError, match="no rows"):
+        _ = moment.matrix
+
+
+@pytest.mark.parametrize(
+    ("feeds", "message"),
+    [
+        ([], "no samples"),
+        ([{"x": np.full((1, 3, 10, 10), np.nan, np.float32)}], "NaN"),
+        ([{"image": np.ones((1, 3, 10, 10), np.float32)}], "does not fit the model"),
+        ([{"x": np.ones((1, 2, 10, 10), np.float32)}], "does not fit the model"),
+    ],
+)
+def test_bad_calibration_data_is_a_one_line_usage_error(feeds, message):
+    with pytest.raises(UsageError, match=message) as caught:
+        collect_moments(_conv_model({}), ["conv"], feeds)
+    assert "\n" not in str(caught.value)
