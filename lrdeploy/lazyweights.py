@@ -29,7 +29,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from lrdeploy.errors import ModelError
 from lrdeploy.extdata import model_directory, resolve_external
-from lrdeploy.tensorcheck import check_tensors, shown
+from lrdeploy.tensorcheck import check_tensors, check_text, shown
 from lrdeploy.wire import encode_varint, fields
 
 __all__ = ["is_file_backed", "load_lazily", "read_raw", "read_tensor"]
@@ -124,6 +124,7 @@ def load_lazily(path: Path) -> onnx.ModelProto:
                 f"initializer {shown(tensor.name)} (number {index + 1}) gives its {repeated} more than once "
                 "(protobuf reads the last, other readers the first); export or save the model again with onnx"
             )
+    check_text(model)
     external = check_tensors(model, [span[1] if span else None for span, _ in scans])
     for tensor, needed in external:  # locations the model gives, resolved before the loader adds its own
         ref = resolve_external(tensor, model_dir, needed)

@@ -18,7 +18,7 @@ from onnx import TensorProto, external_data_helper, helper
 
 from lrdeploy.errors import ModelError, RuntimeFailure, UsageError
 from lrdeploy.lazyweights import is_file_backed, load_lazily, read_raw
-from lrdeploy.tensorcheck import check_tensors, shown
+from lrdeploy.tensorcheck import check_tensors, check_text, shown
 
 __all__ = [
     "MIN_OPSET",
@@ -72,6 +72,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     the model's folder (`lrdeploy.extdata`) here, before anything reads a weight.
     """
     if isinstance(source, onnx.ModelProto):
+        check_text(source)
         check_tensors(source)  # protobuf has already picked one copy of each field: dims and payloads only
         external = next((t for t in _file_backed_tensors(source)), None)
         if external is not None:  # relative to a directory a proto does not know: refuse, do not guess

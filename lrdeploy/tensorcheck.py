@@ -17,7 +17,7 @@ from onnx import AttributeProto, TensorProto, helper
 
 from lrdeploy.errors import ModelError
 
-__all__ = ["all_tensors", "check_tensor", "check_tensors", "payload_bytes", "shown"]
+__all__ = ["all_tensors", "check_tensor", "check_tensors", "check_text", "payload_bytes", "shown"]
 
 #: Packed types: bits per element in raw data (one byte per int32_data entry for 2- and 4-bit types).
 _PACKED_BITS = {
@@ -35,10 +35,35 @@ _MAX_ELEMENTS = 2**63 - 1
 _FIX = "export or save the model again with onnx"
 
 
-def shown(text: str, limit: int = 80) -> str:
-    """A model-supplied string for a one-line message: quoted, control characters escaped, truncated."""
+def shown(text: str | bytes, limit: int = 80) -> str:
+    """A model-supplied string for a one-line message: quoted, control characters escaped, truncated.
+
+    Protobuf hands a string field that is not valid UTF-8 over as bytes: those are shown escaped too.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
     escaped = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[: limit + 1])
     return f"'{escaped[:limit]}…'" if len(escaped) > limit else f"'{escaped}'"
+
+
+def check_text(model: onnx.ModelProto) -> None:
+    """Refuse a string field that is not UTF-8 (names, domains, ...): protobuf returns it as bytes,
+    which nothing downstream expects. One walk over the parsed message, payloads already stripped."""
+    stack: list = [model]
+    while stack:
+        message = stack.pop()
+        for field, value in message.ListFields():
+            if field.type == field.TYPE_MESSAGE:
+                stack.extend(value) if field.is_repeated else stack.append(value)
+            elif field.type == field.TYPE_STRING:
+                bad = next(
+                    (v for v in (value if field.is_repeated else [value]) if isinstance(v, bytes)), None
+                )
+                if bad is not None:
+                    raise ModelError(
+                        f"the model has a {type(message).__name__}.{field.name} that is not UTF-8 text "
+                        f"({shown(bad)}); {_FIX}"
+                    )
 
 
 def all_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, bool]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from google.protobuf.internal.encoder import _VarintBytes
 from onnx import TensorProto, helper, numpy_helper
 
 from lrdeploy.cli import main
@@ -56,16 +57,8 @@ def _external(location: str, **entries: str) -> TensorProto:
 
 
 def _field(number: int, payload: bytes) -> bytes:
-    """One length-delimited protobuf field (wire type 2)."""
-
-    def varint(value: int) -> bytes:
-        out = bytearray()
-        while value >= 0x80:
-            out.append(value & 0x7F | 0x80)
-            value >>= 7
-        return bytes(out + bytes([value]))
-
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
+    """One length-delimited protobuf field (wire type 2), encoded by protobuf's own varint encoder."""
+    return _VarintBytes(number << 3 | 2) + _VarintBytes(len(payload)) + payload
 
 
 def _with_raw_initializer(tensor_bytes: bytes) -> bytes:
@@ -178,6 +171,14 @@ def _dims(dims: list[int], raw: bytes) -> Callable[[Path], Path]:
     return build
 
 
+def _not_utf8(folder):
+    """A weight named with bytes that are not UTF-8 (and a terminal escape): protobuf returns bytes."""
+    path = folder / "m.onnx"
+    path.write_bytes(_model(numpy_helper.from_array(VISIBLE, "WWWW")).SerializeToString())
+    path.write_bytes(path.read_bytes().replace(b"WWWW", b"\xff\x1b]0"))
+    return path
+
+
 def _ff_bytes(folder):
     path = folder / "m.onnx"
     path.write_bytes(b"\xff" * 400_000)
@@ -203,6 +204,7 @@ HOSTILE = {
     "dims_2e64_wrap": (_dims([1 << 32, 1 << 32], b""), "dims [4294967296, 4294967296], over 2^63 elements"),
     "negative_dims": (_dims([-4, 4], b"\0" * 64), "has negative dims [-4, 4]"),
     "ff_bytes": (_ff_bytes, "a varint longer than 10 bytes"),
+    "not_utf8": (_not_utf8, "is not UTF-8 text ('\\xff\\x1b]0')"),
 }
 
 
@@ -388,3 +390,62 @@ def test_memory_stays_bounded_on_a_dims_bomb(tmp_path):
     )
     assert done.returncode == 2, done.stderr
     assert "has 16 bytes of raw data, but its dims [1048576, 1048576] need 4398046511104" in done.stderr
+
+
+def _constant(tensor: TensorProto) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], ["k"], value=tensor)
+
+
+def _in_branch(tensor: TensorProto) -> onnx.GraphProto:
+    return helper.make_graph(
+        [helper.make_node("Identity", [tensor.name], ["b"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)],
+        [tensor],
+    )
+
+
+def _place(model: onnx.ModelProto, where: str, tensor: TensorProto) -> None:
+    """Put ``tensor`` somewhere other than the main graph's initializers."""
+    if where == "if_branch":
+        model.graph.input.append(helper.make_tensor_value_info("c", TensorProto.BOOL, []))
+        branch = _in_branch(tensor)
+        model.graph.node.append(helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch))
+    elif where == "constant_node":
+        model.graph.node.append(_constant(tensor))
+    elif where == "local_function":
+        body = helper.make_function(
+            "local", "F", [], ["k"], [_constant(tensor)], [helper.make_opsetid("", 17)]
+        )
+        model.functions.append(body)
+        model.opset_import.append(helper.make_opsetid("local", 1))
+        model.graph.node.append(helper.make_node("F", [], ["z"], domain="local"))
+    else:
+        indices = numpy_helper.from_array(np.array([0], np.int64), "V")
+        model.graph.sparse_initializer.append(helper.make_sparse_tensor(tensor, indices, [N * N]))
+
+
+@pytest.mark.parametrize("where", ["if_branch", "constant_node", "local_function", "sparse_initializer"])
+def test_external_data_anywhere_in_the_model_is_resolved_the_same_way(tmp_path, where):
+    """Subgraphs, attributes and functions hold tensors too; their locations get the same rules."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    _secret(folder)
+    model = _model(numpy_helper.from_array(VISIBLE, "W"))
+    tensor = _external("../secret.bin")
+    tensor.name = "V"
+    _place(model, where, tensor)
+    path = _save(folder, model)
+    expected = "points outside" if where != "sparse_initializer" else "sparse tensor 'V' keeps its values"
+    with pytest.raises(ModelError, match=expected):
+        load_model(path)
+
+
+def test_graph_attribute_with_another_type_is_refused(tmp_path):
+    """onnx's tensor walk follows the attribute's declared type; a graph hidden under INT would escape it."""
+    model = _model(numpy_helper.from_array(VISIBLE, "W"))
+    _place(model, "if_branch", numpy_helper.from_array(np.ones(2, np.float32), "B"))
+    model.graph.node[-1].attribute[0].type = onnx.AttributeProto.INT
+    with pytest.raises(ModelError, match="holds a graph but declares type 2"):
+        load_model(_save(tmp_path, model))
