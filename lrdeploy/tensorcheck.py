@@ -9,6 +9,7 @@ because numpy's int64 wraps ``[1<<32, 1<<32]`` to 0 elements and the size check 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -71,9 +72,9 @@ def check_text(model: onnx.ModelProto) -> None:
 def all_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, bool]]:
     """(tensor, is part of a sparse tensor) for every tensor of the model: the main graph's initializers
     first and in order, then subgraphs (If/Loop/Scan bodies), attributes, sparse tensors, functions."""
-    graphs: list[onnx.GraphProto | onnx.FunctionProto] = [model.graph, *model.functions]
+    graphs: deque[onnx.GraphProto | onnx.FunctionProto] = deque([model.graph, *model.functions])
     while graphs:
-        graph = graphs.pop(0)
+        graph = graphs.popleft()
         if isinstance(graph, onnx.GraphProto):
             yield from ((t, False) for t in graph.initializer)
             yield from _sparse_parts(graph.sparse_initializer)
@@ -121,17 +122,22 @@ def _typed_count(data_type: int, count: int) -> int:
     return (count * bits + 7) // 8 if bits in (2, 4) else count
 
 
+def _dims(tensor: TensorProto) -> str:
+    dims = [str(d) for d in tensor.dims[:8]] + (["…"] if len(tensor.dims) > 8 else [])
+    return f"[{', '.join(dims)}]"
+
+
 def _element_count(tensor: TensorProto, name: str) -> int:
     dims = list(tensor.dims)
     if any(d < 0 for d in dims):
-        raise ModelError(f"tensor {name} has negative dims {dims}; {_FIX}")
+        raise ModelError(f"tensor {name} has negative dims {_dims(tensor)}; {_FIX}")
     if 0 in dims:
         return 0
     count = 1
     for dim in dims:
         count *= dim
         if count > _MAX_ELEMENTS:
-            raise ModelError(f"tensor {name} has dims {dims[:8]}, over 2^63 elements; {_FIX}")
+            raise ModelError(f"tensor {name} has dims {_dims(tensor)}, over 2^63 elements; {_FIX}")
     return count
 
 
@@ -161,7 +167,9 @@ def check_tensor(tensor: TensorProto, stripped_bytes: int | None = None, sparse:
     if len(typed) + (raw is not None) > 1:
         raise ModelError(f"tensor {name} holds its values in more than one field; {_FIX}")
     if tensor.HasField("segment"):
-        raise ModelError(f"tensor {name} is a segment of a larger tensor, which lrdeploy does not read")
+        raise ModelError(
+            f"tensor {name} is a segment of a larger tensor, which lrdeploy does not read; {_FIX}"
+        )
     if sparse and external:
         raise ModelError(f"sparse tensor {name} keeps its values in an external file; save them inline")
     if tensor.data_type == TensorProto.STRING:
@@ -172,8 +180,7 @@ def check_tensor(tensor: TensorProto, stripped_bytes: int | None = None, sparse:
         needed = payload_bytes(tensor.data_type, count)
     if raw is not None and raw != needed:
         raise ModelError(
-            f"tensor {name} has {raw} bytes of raw data, but its dims {list(tensor.dims)[:8]} need {needed}; "
-            f"{_FIX}"
+            f"tensor {name} has {raw} bytes of raw data, but its dims {_dims(tensor)} need {needed}; {_FIX}"
         )
     if typed:
         field, expected = (
@@ -187,7 +194,7 @@ def check_tensor(tensor: TensorProto, stripped_bytes: int | None = None, sparse:
                 f"{field}; {_FIX}"
             )
     elif raw is None and not external and count > 0:
-        raise ModelError(f"tensor {name} has dims {list(tensor.dims)[:8]} but holds no data; {_FIX}")
+        raise ModelError(f"tensor {name} has dims {_dims(tensor)} but holds no data; {_FIX}")
     return needed
 
 
