@@ -63,8 +63,12 @@ def resolve_location(model_dir: Path, location: str, tensor_name: str) -> Path:
     if "\0" in location:
         raise refuse("contains a NUL byte")
     parts = PurePosixPath(location.replace("\\", "/")).parts
-    if location.startswith(("/", "\\", "~")) or re.match(r"[A-Za-z]:", location):
+    if location.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", location):
         raise refuse("is an absolute path")
+    if location.startswith("~"):
+        raise refuse("starts in a home directory ('~')")
+    if location.endswith(("/", "\\")):
+        raise refuse("names a directory")
     if ".." in parts:
         raise refuse("points outside the model's folder")
     real_dir = os.path.realpath(model_dir)

@@ -71,11 +71,16 @@ def check_text(model: onnx.ModelProto) -> None:
 
 def all_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, bool]]:
     """(tensor, is part of a sparse tensor) for every tensor of the model: the main graph's initializers
-    first and in order, then subgraphs (If/Loop/Scan bodies), attributes, sparse tensors, functions."""
+    first and in order, then subgraphs (If/Loop/Scan bodies), attributes, sparse tensors, functions.
+
+    A graph that defines an initializer name twice is refused on the way: which copy a reader keeps is
+    its own choice (onnxruntime's has changed), so the copy compressed might not be the one verified.
+    """
     graphs: deque[onnx.GraphProto | onnx.FunctionProto] = deque([model.graph, *model.functions])
     while graphs:
         graph = graphs.popleft()
         if isinstance(graph, onnx.GraphProto):
+            _check_unique_initializers(graph)
             yield from ((t, False) for t in graph.initializer)
             yield from _sparse_parts(graph.sparse_initializer)
         for node in graph.node:
@@ -87,6 +92,14 @@ def all_tensors(model: onnx.ModelProto) -> Iterator[tuple[TensorProto, bool]]:
                     yield from _sparse_parts([attribute.sparse_tensor])
                 yield from _sparse_parts(attribute.sparse_tensors)
                 graphs.extend(_subgraphs(attribute, node))
+
+
+def _check_unique_initializers(graph: onnx.GraphProto) -> None:
+    seen: set[str] = set()
+    for name in [t.name for t in graph.initializer] + [s.values.name for s in graph.sparse_initializer]:
+        if name in seen:
+            raise ModelError(f"graph {shown(graph.name)} defines initializer {shown(name)} twice; {_FIX}")
+        seen.add(name)
 
 
 def _sparse_parts(sparse: Sequence[onnx.SparseTensorProto]) -> Iterator[tuple[TensorProto, bool]]:

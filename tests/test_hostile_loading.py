@@ -188,7 +188,7 @@ def _ff_bytes(folder):
 HOSTILE = {
     "parent_dir": (_parent_dir, "points outside the model's folder"),
     "absolute": (_absolute, "is an absolute path"),
-    "home": (_home, "is an absolute path"),
+    "home": (_home, "starts in a home directory ('~')"),
     "symlink_out": (_symlink_out, "is a link to a file outside the model's folder"),
     "empty_name": (_empty_name, "is empty"),
     "nul_name": (_nul_name, "contains a NUL byte"),
@@ -449,3 +449,13 @@ def test_graph_attribute_with_another_type_is_refused(tmp_path):
     model.graph.node[-1].attribute[0].type = onnx.AttributeProto.INT
     with pytest.raises(ModelError, match="holds a graph but declares type 2"):
         load_model(_save(tmp_path, model))
+
+
+def test_initializer_defined_twice_is_refused(capsys, tmp_path):
+    """Two initializers named W (HIDDEN, then VISIBLE): readers disagree on which one counts."""
+    model = _model(numpy_helper.from_array(HIDDEN, "W"))
+    model.graph.initializer.append(numpy_helper.from_array(VISIBLE, "W"))
+    path = _save(tmp_path, model)
+    assert main(["compress", str(path), "--rank-ratio", "1.0", "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "graph 'hostile' defines initializer 'W' twice" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
