@@ -18,6 +18,7 @@ from onnx import TensorProto, external_data_helper, helper
 
 from lrdeploy.errors import ModelError, RuntimeFailure, UsageError
 from lrdeploy.lazyweights import is_file_backed, load_lazily, read_raw
+from lrdeploy.tensorcheck import check_tensors, check_text, shown
 
 __all__ = [
     "MIN_OPSET",
@@ -65,14 +66,21 @@ def _check_loadable(model: onnx.ModelProto, label: str) -> None:
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
-    """Return a private, lazily loaded copy of the model and the path it came from (None for a proto)."""
+    """Return a private, lazily loaded copy of the model and the path it came from (None for a proto).
+
+    Every tensor is checked (`lrdeploy.tensorcheck`) and every external-data location resolved inside
+    the model's folder (`lrdeploy.extdata`) here, before anything reads a weight.
+    """
     if isinstance(source, onnx.ModelProto):
+        check_text(source)
+        check_tensors(source)  # protobuf has already picked one copy of each field: dims and payloads only
         external = next((t for t in _file_backed_tensors(source)), None)
         if external is not None:  # relative to a directory a proto does not know: refuse, do not guess
             location = next((e.value for e in external.external_data if e.key == "location"), "?")
             raise ModelError(
-                f"the given ModelProto keeps tensor '{external.name}' in an external file ({location}) it "
-                "has not loaded; pass the model's path instead, or onnx.load() it with its external data"
+                f"the given ModelProto keeps tensor {shown(external.name)} in an external file "
+                f"({shown(location)}) it has not loaded; pass the model's path instead, or onnx.load() it "
+                "with its external data"
             )
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -87,8 +95,8 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
         raise ModelError(f"{path} is not a file; pass the path of a .onnx model")
     try:
         model = load_lazily(path)
-    except FileNotFoundError as error:
-        raise ModelError(f"{path}: {error}; keep the .data file(s) beside the model") from None
+    except ModelError as error:
+        raise ModelError(f"{path}: {error}") from None
     except (ValueError, IndexError, OSError, RuntimeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelError(f"{path} is not an ONNX model ({reason}); pass a .onnx file") from None
@@ -108,7 +116,7 @@ def files_read(model: onnx.ModelProto, source: Path | None) -> list[Path]:
     for tensor in _file_backed_tensors(model):
         location = next((e.value for e in tensor.external_data if e.key == "location"), None)
         if location:
-            files.add(source.parent / location)
+            files.add(Path(location))  # absolute: resolved inside the model's folder when loaded
     return sorted(files)
 
 

@@ -6,10 +6,14 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
+from google.protobuf.internal.encoder import _VarintBytes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
+from lrdeploy.errors import ModelError
 from lrdeploy.lazyweights import INLINE_BYTES, is_file_backed, load_lazily, read_raw, read_tensor
-from lrdeploy.modelio import materialize
+from lrdeploy.modelio import load_model, materialize
 from models import IR_VERSION
 
 DTYPES = [
@@ -141,16 +145,17 @@ def test_missing_and_truncated_external_data(tmp_path):
     data = tmp_path / "m.data"
     [lazy] = load_lazily(tmp_path / "m.onnx").graph.initializer
     data.write_bytes(data.read_bytes()[:100])  # shrinks after loading
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ModelError, match="changed while lrdeploy ran"):
         read_tensor(lazy)
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ModelError, match="changed while lrdeploy ran"):
         read_raw(lazy)
     with pytest.raises(
-        ValueError, match=r"tensor 'w' is truncated: it needs bytes 0-12000 of .*m.data, which has 100"
+        ModelError,
+        match=r"tensor 'w': external data in 'm.data' is shorter .* bytes 0-12000 of a 100-byte file",
     ):
         load_lazily(tmp_path / "m.onnx")  # found when loading, not deep inside a pass
     data.unlink()
-    with pytest.raises(FileNotFoundError, match=r"m\.data"):
+    with pytest.raises(ModelError, match=r"'m\.data' names no file beside the model"):
         load_lazily(tmp_path / "m.onnx")
 
 
@@ -164,3 +169,99 @@ def test_garbage_is_a_value_error(tmp_path, payload):
     path.write_bytes(payload)
     with pytest.raises((ValueError, IndexError)):
         load_lazily(path)
+
+
+def _tag(number: int, wire_type: int) -> bytes:
+    return _VarintBytes(number << 3 | wire_type)
+
+
+def _with_tensor_bytes(tensor_bytes: bytes) -> bytes:
+    """A model whose one initializer is serialized exactly as given, fields repeated or not."""
+    model = _model_with([numpy_helper.from_array(np.zeros(2, np.float32), "t")])
+    del model.graph.initializer[:]
+    graph = model.graph.SerializeToString() + _tag(5, 2) + _VarintBytes(len(tensor_bytes)) + tensor_bytes
+    model.ClearField("graph")
+    return model.SerializeToString() + _tag(7, 2) + _VarintBytes(len(graph)) + graph
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        (_tag(2, 0) + _VarintBytes(TensorProto.INT32), "data_type"),  # reinterprets the bytes
+        (_tag(8, 2) + _VarintBytes(1) + b"u", "name"),  # renames: another node would read it
+        (_tag(14, 0) + _VarintBytes(0), "data_location"),
+        (_tag(9, 2) + _VarintBytes(8) + bytes(8), "raw_data"),  # small last copy, large first one
+    ],
+    ids=["data_type", "name", "data_location", "raw_data"],
+)
+def test_repeated_singular_fields_are_refused(tmp_path, extra, field):
+    """Protobuf keeps the last copy of a singular field; refusing is the only reading everyone agrees on."""
+    tensor = numpy_helper.from_array(_array(np.float32, 2000), "t")
+    tensor.data_location = TensorProto.DEFAULT  # written out: proto2 keeps its presence
+    tensor = tensor.SerializeToString()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_with_tensor_bytes(tensor + extra))
+    with pytest.raises(ModelError, match=rf"initializer '.*' \(number 1\) gives its {field} more than once"):
+        load_lazily(path)
+    path.write_bytes(_with_tensor_bytes(tensor))  # the same bytes without the copy load
+    assert [t.name for t in load_lazily(path).graph.initializer] == ["t"]
+
+
+def test_unpacked_dims_and_unknown_fields_still_load(tmp_path):
+    """Repeated fields may come unpacked, and unknown fields are skipped: both are what protobuf reads."""
+    values = _array(np.float32, 2000).reshape(40, 50)
+    tensor = numpy_helper.from_array(values, "t")
+    del tensor.dims[:]
+    body = tensor.SerializeToString() + _tag(1, 0) + _VarintBytes(40) + _tag(1, 0) + _VarintBytes(50)
+    body += _tag(1000, 0) + _VarintBytes(2**63)  # an unknown field holding a 10-byte varint
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_with_tensor_bytes(body))
+    [lazy] = load_lazily(path).graph.initializer
+    np.testing.assert_array_equal(read_tensor(lazy), values)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"\x08" + b"\xff" * 9 + b"\x7f", "varint over 64 bits"),
+        (b"\x08" + b"\x80" * 10 + b"\x01", "varint longer than 10 bytes"),
+        (b"\x08\x80", "truncated protobuf message"),
+        (b"\x00\x01", "field number 0"),
+        (b"\x0b", "unsupported protobuf wire type 3"),
+        (b"\x3a\x05ab", "truncated protobuf message"),
+    ],
+    ids=["over_64_bits", "eleven_bytes", "truncated_varint", "field_zero", "group", "short_length"],
+)
+def test_wire_format_limits(tmp_path, payload, message):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(payload)
+    with pytest.raises(ValueError, match=message):
+        load_lazily(path)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_mutated_models_load_or_are_refused_in_one_line(tmp_path_factory, data):
+    """Bytes changed, inserted or cut anywhere in a small model with one lazy weight: load_model either
+    loads it or raises ModelError; never another exception."""
+    values = _array(np.float32, 1100)
+    model = _model_with([numpy_helper.from_array(values, "w"), numpy_helper.from_array(values[:3], "s")])
+    blob = bytearray(model.SerializeToString())
+    for _ in range(data.draw(st.integers(1, 4))):
+        where = data.draw(st.integers(0, len(blob)))
+        action = data.draw(st.sampled_from(["set", "insert", "cut"]))
+        if action == "cut":
+            del blob[where : where + data.draw(st.integers(1, 16))]
+        elif action == "insert":
+            blob[where:where] = data.draw(st.binary(min_size=1, max_size=12))
+        elif where < len(blob):
+            blob[where] = data.draw(st.integers(0, 255))
+    path = tmp_path_factory.mktemp("mutated") / "m.onnx"
+    path.write_bytes(bytes(blob))
+    try:
+        loaded, _ = load_model(path)
+    except ModelError as error:
+        assert "\n" not in str(error)
+        return
+    for tensor in loaded.graph.initializer:
+        read_tensor(tensor)  # what loads can be read

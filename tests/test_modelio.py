@@ -115,8 +115,41 @@ def test_opset_ir_and_domain_checks():
 def test_missing_external_data_is_a_model_error(tmp_path):
     onnx.save(_mlp(), tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
     (tmp_path / "m.data").unlink()
-    with pytest.raises(ModelError, match=r"keep the \.data file"):
+    with pytest.raises(
+        ModelError, match=r"m\.onnx: tensor '.*': external data location 'm\.data' names no file"
+    ):
         load_model(tmp_path / "m.onnx")
+
+
+def test_files_read_are_the_real_files_behind_every_location(tmp_path, monkeypatch):
+    """A location that is a link inside the folder protects the file it points to from every output."""
+    monkeypatch.chdir(tmp_path)
+    onnx.save(_mlp(), "m.onnx", save_as_external_data=True, location="real.data", size_threshold=0)
+    model = onnx.load("m.onnx", load_external_data=False)
+    for tensor in model.graph.initializer:
+        next(e for e in tensor.external_data if e.key == "location").value = "link.data"
+    onnx.save(model, "m.onnx")
+    (tmp_path / "link.data").symlink_to("real.data")
+    loaded, source = load_model("m.onnx")
+    assert set(modelio.files_read(loaded, source)) == {source, tmp_path / "real.data"}
+    with pytest.raises(UsageError, match="is a file the input model reads"):
+        modelio.check_output_target(tmp_path / "link.data", "-o", modelio.files_read(loaded, source))
+
+
+def test_proto_with_inline_and_external_data_is_refused_before_anything_reads_it():
+    model = _mlp()
+    tensor = model.graph.initializer[0]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="W.bin")
+    with pytest.raises(ModelError, match="tensor 'W' has both inline data and an external data location"):
+        load_model(model)
+
+
+def test_proto_with_dims_that_do_not_match_its_data_is_refused():
+    model = _mlp()
+    model.graph.initializer[0].dims[0] = 1 << 40
+    with pytest.raises(ModelError, match=r"tensor 'W' has 16384 bytes of raw data, but its dims"):
+        load_model(model)
 
 
 # --- save_model -------------------------------------------------------------------------------------------
