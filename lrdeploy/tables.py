@@ -26,7 +26,7 @@ __all__ = ["FORMATS", "Column", "Sheet", "print_line", "print_sheet"]
 
 FORMATS = ("table", "plain", "csv", "json")
 #: The name column keeps at least this many characters before the fixed columns are dropped.
-MIN_NAME = 16
+MIN_NAME = 28
 _EMPTY = ("", "-")
 
 
@@ -93,11 +93,16 @@ def _fit(sheet: Sheet, rows: list[list[str]], natural: list[int], room: int) -> 
     def needed(columns: list[int]) -> int:
         return sum(min(natural[i], MIN_NAME) if sheet.columns[i].name else natural[i] for i in columns)
 
+    dropped = []
     while needed(shown) > room(len(shown)):
         droppable = [i for i in shown if sheet.columns[i].drop > 0]
         if not droppable:
             break
-        shown.remove(max(droppable, key=lambda i: (sheet.columns[i].drop, i)))
+        dropped.append(max(droppable, key=lambda i: (sheet.columns[i].drop, i)))
+        shown.remove(dropped[-1])
+    for i in reversed(dropped[:-1]):  # a narrower column dropped earlier may fit again
+        if needed(sorted([*shown, i])) <= room(len(shown) + 1):
+            shown = sorted([*shown, i])
     return shown
 
 
