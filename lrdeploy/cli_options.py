@@ -153,7 +153,7 @@ def verify_config(
     from lrdeploy.verification import VerifyConfig
     from lrdeploy.verify import Gates
 
-    if data and data != "random" and Path(data).is_dir():
+    if data not in (None, "random", "mnist") and Path(data).is_dir():
         require_module("PIL", "--data with an image folder", "images", "Pillow")
     size = parse_ints(resize, "--resize") if resize else None
     if size is not None and len(size) != 2:
