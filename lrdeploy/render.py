@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
@@ -89,7 +90,11 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
         Column("MACs", right=True, drop=4),
         Column("status"),
     ]
-    sheet = Sheet("lrdeploy compress", columns)
+    records = [
+        layer.to_dict() | {"shared_primary": getattr(layer.decision, "shared_primary", None)}
+        for layer in report.layers
+    ]
+    sheet = Sheet("lrdeploy compress", columns, records=records)
     dynamic = [layer.decision for layer in report.layers if is_dynamic(layer.decision)]
     shown = [layer for layer in report.layers if not is_dynamic(layer.decision)]
     for layer in shown:
@@ -172,7 +177,8 @@ def render_verification_table(verification: Verification, console: Console, fmt:
         Column("acc orig", right=True, drop=5),
         Column("acc new", right=True, drop=5),
     ]
-    sheet = Sheet(f"lrdeploy verify ({verification.provider}, {verification.data})", columns)
+    title = f"lrdeploy verify ({verification.provider}, {verification.data})"
+    sheet = Sheet(title, columns, records=[asdict(out) for out in verification.outputs])
     for out in verification.outputs:
         sheet.add(
             [
@@ -213,7 +219,8 @@ def render_bench(result: BenchResult, console: Console, fmt: str = "table") -> N
         Column("MAC ÷", right=True, drop=2),
         Column("efficiency", right=True, drop=1),
     ]
-    sheet = Sheet(title, columns)
+    records = [{k: v for k, v in row.items() if k != "latencies_ms"} for row in result.to_dict()["results"]]
+    sheet = Sheet(title, columns, records=records)
     for timing in result.timings:
         speedup, reduction, efficiency = (
             result.speedup(timing),

@@ -47,6 +47,7 @@ class Sheet:
     footer: list[str] | None = None
     styles: list[str | None] = field(default_factory=list)  # per row (table format only)
     note_column: int = -1  # the cell a row's note marker follows
+    records: list[dict] | None = None  # for csv: the unrounded values, one dict per row
 
     def add(self, cells: Sequence[object], note: str | None = None, style: str | None = None) -> None:
         self.rows.append([str(c) for c in cells])
@@ -162,10 +163,24 @@ def print_sheet(sheet: Sheet, console: Console, fmt: str = "table") -> None:
 
 
 def _print_csv(sheet: Sheet, console: Console) -> None:
-    """Every column and the full names: data for a spreadsheet, one row per line."""
+    """Every column, full names and unrounded numbers where the sheet has them: data for a spreadsheet."""
+    if sheet.records is not None:
+        header = list(dict.fromkeys(key for record in sheet.records for key in record))
+        rows = [[_csv_value(record.get(key)) for key in header] for record in sheet.records]
+    else:
+        header = [c.header for c in sheet.columns] + ["note"]
+        rows = [[*row, note or ""] for row, note in zip(sheet.rows, sheet.notes, strict=True)]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([c.header for c in sheet.columns] + ["note"])
-    for row, note in zip(sheet.rows, sheet.notes, strict=True):
-        writer.writerow([printable(c, limit=None) for c in row] + [printable(note or "", limit=None)])
+    writer.writerow(header)
+    writer.writerows([printable(cell, limit=None) for cell in row] for row in rows)
     console.out(buffer.getvalue().rstrip("\n"), highlight=False)
+
+
+def _csv_value(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        joiner = "×" if all(isinstance(v, int) for v in value) else ";"
+        return joiner.join(str(v) for v in value)
+    return str(value)
