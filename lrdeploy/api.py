@@ -3,7 +3,8 @@
     model, report = lrdeploy.compress("model.onnx", rank_ratio=0.25, output="model.lowrank.onnx")
 
 Steps: load (lazily) → count → normalize + fold BN → plan (SVD per weight, ranks) → rewrite → export →
-count → save (to a temporary name while it is verified) → verify → report.
+count → save (into a staging folder beside the output while it is verified) → verify → report, then the
+output, its external data and the JSON report are renamed into place together (`lrdeploy.outputs`).
 """
 
 from __future__ import annotations
@@ -110,7 +111,14 @@ def compress(
         return _compress(model, config, Path(output) if output else None, report, outputs, progress)
 
 
-def _compress(model, config: CompressConfig, output_path, report_path, outputs: OutputSet, progress):
+def _compress(
+    model: str | os.PathLike | onnx.ModelProto,
+    config: CompressConfig,
+    output_path: Path | None,
+    report_path: str | os.PathLike | None,
+    outputs: OutputSet,
+    progress: Progress | None,
+) -> tuple[onnx.ModelProto, Report]:
     timer = _Timer()
     with timer("load"):
         original, source = load_model(model)
