@@ -3,15 +3,14 @@
     model, report = lrdeploy.compress("model.onnx", rank_ratio=0.25, output="model.lowrank.onnx")
 
 Steps: load (lazily) → count → normalize + fold BN → plan (SVD per weight, ranks) → rewrite → export →
-count → save (to a temporary name while it is verified) → verify → report.
+count → save (into a staging folder beside the output while it is verified) → verify → report, then the
+output, its external data and the JSON report are renamed into place together (`lrdeploy.outputs`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,7 +25,6 @@ from lrdeploy.graphio import from_graph
 from lrdeploy.inputs import resolve_shapes
 from lrdeploy.modelio import (
     EXTERNAL_DATA_THRESHOLD,
-    check_output_target,
     choose_ir_version,
     estimated_size,
     files_read,
@@ -35,6 +33,7 @@ from lrdeploy.modelio import (
     model_opset,
     save_model,
 )
+from lrdeploy.outputs import OutputSet
 from lrdeploy.passes.factorize import factorize
 from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
@@ -81,25 +80,6 @@ def _total(macs: Mapping[str, int | None]) -> int | None:
     return None if any(v is None for v in values) else sum(values)
 
 
-@contextmanager
-def _staged_output(output: Path | None) -> Iterator[Path | None]:
-    """A temporary name beside ``output`` for the model while it is verified; removed if not promoted."""
-    if output is None:
-        yield None
-        return
-    directory = output.parent if str(output.parent) else Path(".")
-    if not directory.is_dir():
-        raise UsageError(f"output directory {directory} does not exist; create it or pick another -o path")
-    fd, name = tempfile.mkstemp(dir=directory, prefix=f".{output.name}.", suffix=".unverified")
-    os.close(fd)
-    staged = Path(name)
-    try:
-        yield staged
-    finally:
-        with contextlib.suppress(OSError):
-            staged.unlink()
-
-
 def compress(
     model: str | os.PathLike | onnx.ModelProto,
     *,
@@ -107,6 +87,7 @@ def compress(
     energy: float | None = None,
     rank: int | None = None,
     output: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
     config: CompressConfig | None = None,
     progress: Progress | None = None,
     **options: object,
@@ -118,22 +99,34 @@ def compress(
     ``input_shapes``, ``keep_failed``) and `VerifyConfig` fields (``device``, ``data``, ``gates``,
     ``seed``, ...), or a ready ``config``. The input is never modified. With ``output`` the model is
     written there atomically (external data above 2 GB), and only if it passes the verification gates
-    (or ``keep_failed``); a failed gate raises `VerificationFailed` with ``.report`` attached.
+    (or ``keep_failed``); a failed gate raises `VerificationFailed` with ``.report`` attached. With
+    ``report`` the JSON report is written there too, also when a gate fails. Nothing is written when
+    anything else fails, and no output may replace a file the model reads (`lrdeploy.outputs`).
     """
     if config is None:
         config = CompressConfig.build(rank_ratio=rank_ratio, energy=energy, rank=rank, **options)
     elif rank_ratio is not None or energy is not None or rank is not None or options:
         raise UsageError("pass either config= or the policy and options as keywords, not both")
+    with OutputSet() as outputs:
+        return _compress(model, config, Path(output) if output else None, report, outputs, progress)
+
+
+def _compress(
+    model: str | os.PathLike | onnx.ModelProto,
+    config: CompressConfig,
+    output_path: Path | None,
+    report_path: str | os.PathLike | None,
+    outputs: OutputSet,
+    progress: Progress | None,
+) -> tuple[onnx.ModelProto, Report]:
     timer = _Timer()
     with timer("load"):
         original, source = load_model(model)
-        output_path = Path(output) if output is not None else None
-        if output_path is not None:
-            inputs = files_read(original, source)
-            check_output_target(output_path, "-o", inputs)
-            check_output_target(
-                output_path.with_name(output_path.name + ".data"), "-o (its .data file)", inputs
-            )
+        outputs.protect(files_read(original, source))
+        data_path = output_path.with_name(output_path.name + ".data") if output_path else None
+        outputs.check(output_path, "-o")
+        outputs.check(data_path, "-o (its .data file)")
+        outputs.check(Path(report_path) if report_path else None, "--report")
         random_data = config.verification.data in (None, "random")
         shapes = resolve_shapes(original, config.input_shapes, strict=config.verify and random_data)
         input_opset = model_opset(original) or 0
@@ -177,26 +170,27 @@ def compress(
         normalized=[d for r in (upgraded, inlined, renamed, normalized) for d in decision_dicts(r)],
         notes=[d.reason for d in upgraded.decisions],
     )
-    with _staged_output(output_path) as staged:
-        with timer("save"):
-            if staged is not None:
-                save_model(compressed, staged, data_name=output_path.name + ".data")
-            elif estimated_size(compressed) < EXTERNAL_DATA_THRESHOLD:
-                materialize(compressed)
-            else:
-                raise UsageError(
-                    "the compressed model is over 2 GB; pass output= to write it with external data"
-                )
-        if config.verify:
-            with timer("verify"):
-                report.verification = _verify(original, source, compressed, staged, shapes, config, progress)
-        failures = config.verification.gates.failures(report.verification) if report.verification else []
-        report.gate_failures = failures
-        if staged is not None and (not failures or config.keep_failed):
-            os.replace(staged, output_path)
-        elif staged is not None:
-            report.output = None
+    staged = outputs.stage(output_path) if output_path is not None else None
+    with timer("save"):
+        if staged is not None:
+            if save_model(compressed, staged, data_name=data_path.name) is not None:
+                outputs.stage(data_path, companion=True)
+        elif estimated_size(compressed) < EXTERNAL_DATA_THRESHOLD:
+            materialize(compressed)
+        else:
+            raise UsageError("the compressed model is over 2 GB; pass output= to write it with external data")
+    if config.verify:
+        with timer("verify"):
+            report.verification = _verify(original, source, compressed, staged, shapes, config, progress)
+    failures = config.verification.gates.failures(report.verification) if report.verification else []
+    report.gate_failures = failures
+    written = not failures or config.keep_failed
+    if not written:
+        report.output = None
     report.timings = timer.seconds
+    if report_path is not None:
+        outputs.write_text(Path(report_path), report.to_json())
+    outputs.promote(skip=() if written else (output_path, data_path))
     if failures:
         more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
         kept = "kept anyway (--keep-failed)" if config.keep_failed else "not written"

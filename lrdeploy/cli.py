@@ -11,6 +11,7 @@ import ctypes
 import json
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -26,6 +27,7 @@ from lrdeploy.cli_options import (
     BatchSize,
     Data,
     Device,
+    Format,
     InputShape,
     Layout,
     Limit,
@@ -40,10 +42,13 @@ from lrdeploy.cli_options import (
     Scale,
     Seed,
     Std,
+    output_format,
     parse_ints,
+    require_module,
     verify_config,
 )
 from lrdeploy.errors import LrdeployError, UsageError, VerificationFailed
+from lrdeploy.text import printable
 from lrdeploy.trainer.cli import train
 
 app = typer.Typer(
@@ -56,6 +61,39 @@ console = Console()
 err_console = Console(stderr=True)
 #: Width of tables written to a pipe or a log, where nothing wraps them.
 PIPED_WIDTH = 200
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from lrdeploy import __version__
+
+        console.out(f"lrdeploy {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Low-rank factorization of ONNX models, verified and benchmarked on ONNX Runtime."""
+
+
+def _consoles(fmt: str) -> tuple[Console, Console]:
+    """Where the result goes, and where remarks go: stderr when stdout carries CSV or JSON."""
+    return console, (console if fmt in ("table", "plain") else err_console)
+
+
+@contextmanager
+def _outputs(targets: dict[str, Path | None], models: list[Path]) -> Iterator:
+    """Check every output path before any work, stage what the command writes, remove what is left."""
+    from lrdeploy.outputs import OutputSet, input_files
+
+    with OutputSet(input_files(models)) as outputs:
+        for flag, path in targets.items():
+            outputs.check(path, flag)
+        yield outputs
 
 
 @contextmanager
@@ -124,12 +162,16 @@ def compress(
     max_rel_l2: MaxRelL2 = None,
     min_cosine: MinCosine = None,
     min_top1: MinTop1 = None,
+    format_: Format = None,
 ) -> None:
     """Fold BN, factorize Conv/Gemm/MatMul by truncated SVD, verify, and report."""
     from lrdeploy.api import compress as compress_model
     from lrdeploy.config import CompressConfig, load_overrides, parse_input_shapes
-    from lrdeploy.modelio import default_output_path, write_text_atomic
+    from lrdeploy.modelio import default_output_path
     from lrdeploy.render import render_report, render_verification
+    from lrdeploy.tables import print_line
+
+    fmt = output_format(format_, console.is_terminal)
 
     verification = verify_config(
         device,
@@ -164,37 +206,28 @@ def compress(
         input_shapes=parse_input_shapes(input_shape or []),
     )
     output = output or default_output_path(model)
-    _check_outputs({"-o": output, "--report": report}, [model])
     failure = None
-    with _progress() as update:
+    with _progress() as update:  # the API checks, stages and promotes -o, its .data and --report
         try:
-            _, result = compress_model(model, output=output, config=config, progress=update)
+            _, result = compress_model(model, output=output, report=report, config=config, progress=update)
         except VerificationFailed as error:
             failure, result = error, error.report
-    render_report(result, console)
+    out, remarks = _consoles(fmt)
+    if fmt == "json":
+        out.out(result.to_json().rstrip("\n"), highlight=False)
+    else:
+        render_report(result, out, fmt)
     if result.output:
-        console.print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
-    if result.verification is not None:
-        render_verification(result.verification, console)
+        print_line(remarks, f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)", fmt=fmt)
+    if result.verification is not None and fmt != "json":
+        render_verification(result.verification, remarks, fmt)
     if report is not None:
-        write_text_atomic(report, result.to_json())
-        console.print(f"report: {report}")
+        print_line(remarks, f"report: {report}", fmt=fmt)
     if failure is not None:
         raise failure
 
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
-
-
-def _check_outputs(outputs: dict[str, Path | None], inputs: list[Path]) -> None:
-    """Before any work: every output path is writable, replaces no input, and no two outputs coincide."""
-    from lrdeploy.modelio import check_output_target
-
-    taken = list(inputs)
-    for flag, path in outputs.items():
-        if path is not None:
-            check_output_target(path, flag, taken)
-            taken.append(path)
 
 
 @app.command()
@@ -204,18 +237,26 @@ def inspect(
         bool, typer.Option(help="Fold BatchNormalization first (what compress factorizes).")
     ] = True,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the profile as JSON here.")] = None,
+    format_: Format = None,
 ) -> None:
     """List factorizable layers and the singular-value energy profile of their weights."""
     from lrdeploy.inspection import inspect as inspect_model
-    from lrdeploy.modelio import write_text_atomic
     from lrdeploy.render import render_inspection
+    from lrdeploy.tables import print_line
 
-    _check_outputs({"--json": json_path}, [model])
-    inspection = inspect_model(model, fold_bn=fold_bn)
-    render_inspection(inspection, console)
+    fmt = output_format(format_, console.is_terminal)
+    out, remarks = _consoles(fmt)
+    with _outputs({"--json": json_path}, [model]) as outputs:
+        inspection = inspect_model(model, fold_bn=fold_bn)
+        if json_path is not None:
+            outputs.write_text(json_path, inspection.to_json())
+        outputs.promote()
+    if fmt == "json":
+        out.out(inspection.to_json().rstrip("\n"), highlight=False)
+    else:
+        render_inspection(inspection, out, fmt)
     if json_path is not None:
-        write_text_atomic(json_path, inspection.to_json())
-        console.print(f"profile: {json_path}")
+        print_line(remarks, f"profile: {json_path}", fmt=fmt)
 
 
 @app.command("verify")
@@ -240,14 +281,16 @@ def verify_command(
     max_rel_l2: MaxRelL2 = None,
     min_cosine: MinCosine = None,
     min_top1: MinTop1 = None,
+    format_: Format = None,
 ) -> None:
     """Compare two models' outputs on the same inputs; exit 3 when a gate fails."""
     from lrdeploy.config import parse_input_shapes
-    from lrdeploy.modelio import write_text_atomic
     from lrdeploy.render import render_verification_table
     from lrdeploy.report import strict_json
+    from lrdeploy.tables import print_line
     from lrdeploy.verification import verify
 
+    fmt = output_format(format_, console.is_terminal)
     config = verify_config(
         device,
         data,
@@ -266,8 +309,7 @@ def verify_command(
         min_cosine,
         min_top1,
     )
-    _check_outputs({"--json": json_path}, [original, compressed])
-    with _progress() as update:
+    with _outputs({"--json": json_path}, [original, compressed]) as outputs, _progress() as update:
         result = verify(
             original,
             compressed,
@@ -275,13 +317,20 @@ def verify_command(
             config=config,
             progress=lambda done, total: update("verify", done, total),
         )
-    render_verification_table(result, console)
+        document = strict_json(result.to_dict() | {"gate_failures": config.gates.failures(result)})
+        if json_path is not None:  # written when a gate fails too: it is the verdict
+            outputs.write_text(json_path, document)
+        outputs.promote()
+    out, remarks = _consoles(fmt)
+    if fmt == "json":
+        out.out(document.rstrip("\n"), highlight=False)
+    else:
+        render_verification_table(result, out, fmt)
     if json_path is not None:
-        failures = config.gates.failures(result)
-        write_text_atomic(json_path, strict_json(result.to_dict() | {"gate_failures": failures}))
-        console.print(f"result: {json_path}")
+        print_line(remarks, f"result: {json_path}", fmt=fmt)
     if not config.gates.active:
-        console.print("no gates set (--atol, --max-rel-l2, --min-cosine, --min-top1): nothing to fail")
+        line = "no gates set (--atol, --max-rel-l2, --min-cosine, --min-top1): nothing to fail"
+        print_line(remarks, line, fmt=fmt)
     config.gates.check(result)
 
 
@@ -305,14 +354,16 @@ def bench(
     plot: Annotated[
         Path | None, typer.Option(help="Draw latency vs batch size to this PNG (matplotlib).")
     ] = None,
+    format_: Format = None,
 ) -> None:
     """Median latency of models side by side (interleaved), with speedup and efficiency."""
     from lrdeploy.bench import BenchConfig, benchmark
     from lrdeploy.config import parse_input_shapes
-    from lrdeploy.modelio import write_text_atomic
     from lrdeploy.render import plot_bench, render_bench
     from lrdeploy.report import strict_json
+    from lrdeploy.tables import print_line
 
+    fmt = output_format(format_, console.is_terminal)
     config = BenchConfig(
         device=device,
         batch_sizes=parse_ints(batch, "--batch"),
@@ -326,18 +377,25 @@ def bench(
     )
     if len({m.resolve() for m in models}) != len(models):
         raise UsageError("a model is given twice; give each model once (copy the file to time it twice)")
-    _check_outputs({"--json": json_path, "--plot": plot}, models)
     if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
         raise UsageError(f"--plot {plot}: give a file name ending in one of {', '.join(PLOT_SUFFIXES)}")
-    with _progress() as update:
-        result = benchmark([str(m) for m in models], config, lambda done, total: update("bench", done, total))
-    render_bench(result, console)
-    if json_path is not None:
-        write_text_atomic(json_path, strict_json(result.to_dict()))
-        console.print(f"timings: {json_path}")
     if plot is not None:
-        plot_bench(result, plot)
-        console.print(f"plot: {plot}")
+        require_module("matplotlib", "--plot", "plot")
+    with _outputs({"--json": json_path, "--plot": plot}, models) as outputs, _progress() as update:
+        result = benchmark([str(m) for m in models], config, lambda done, total: update("bench", done, total))
+        if json_path is not None:
+            outputs.write_text(json_path, strict_json(result.to_dict()))
+        if plot is not None:
+            plot_bench(result, outputs.stage(plot))
+        outputs.promote()
+    out, remarks = _consoles(fmt)
+    if fmt == "json":
+        out.out(strict_json(result.to_dict()).rstrip("\n"), highlight=False)
+    else:
+        render_bench(result, out, fmt)
+    for flag, path in (("timings", json_path), ("plot", plot)):
+        if path is not None:
+            print_line(remarks, f"{flag}: {path}", fmt=fmt)
 
 
 @app.command()
@@ -364,7 +422,8 @@ app.command(help="Train a low-rank-friendly model (LRPET, LoRITa or baseline) an
 
 
 def _fail(message: str, code: int) -> int:
-    err_console.print(f"[bold red]error:[/] {escape(message.strip())}", highlight=False, soft_wrap=True)
+    text = escape(printable(message.strip(), limit=2000))
+    err_console.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
     return code
 
 

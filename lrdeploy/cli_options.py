@@ -18,6 +18,7 @@ __all__ = [
     "BatchSize",
     "Data",
     "Device",
+    "Format",
     "InputShape",
     "Layout",
     "Limit",
@@ -32,7 +33,9 @@ __all__ = [
     "Scale",
     "Seed",
     "Std",
+    "output_format",
     "parse_ints",
+    "require_module",
     "verify_config",
 ]
 
@@ -48,6 +51,12 @@ Data = Annotated[
     typer.Option(
         help="random (default), mnist, FILE.npz (keyed by input), FILE.npy, or an image folder.",
         rich_help_panel=VERIFY,
+    ),
+]
+Format = Annotated[
+    str | None,
+    typer.Option(
+        "--format", help="table, plain, csv or json (default: table on a terminal, plain in a pipe)."
     ),
 ]
 InputShape = Annotated[
@@ -83,6 +92,26 @@ MinCosine = Annotated[
 MinTop1 = Annotated[
     float | None, typer.Option(help="Gate: top-1 agreement at least this.", rich_help_panel=GATES)
 ]
+
+
+def output_format(value: str | None, terminal: bool) -> str:
+    from lrdeploy.tables import FORMATS
+
+    if value is None:
+        return "table" if terminal else "plain"
+    if value.lower() not in FORMATS:
+        raise UsageError(f"--format expects one of {', '.join(FORMATS)}, got '{value}'")
+    return value.lower()
+
+
+def require_module(module: str, flag: str, extra: str, package: str | None = None) -> None:
+    """Fail before any work when ``flag`` needs an optional dependency that is not installed."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"{flag} needs {package or module}: pip install 'lrdeploy[{extra}]'") from None
 
 
 def parse_floats(text: str, flag: str) -> tuple[float, ...]:
@@ -124,6 +153,8 @@ def verify_config(
     from lrdeploy.verification import VerifyConfig
     from lrdeploy.verify import Gates
 
+    if data not in (None, "random", "mnist") and Path(data).is_dir():
+        require_module("PIL", "--data with an image folder", "images", "Pillow")
     size = parse_ints(resize, "--resize") if resize else None
     if size is not None and len(size) != 2:
         raise UsageError(f"--resize expects H,W, got '{resize}'")

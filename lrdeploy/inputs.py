@@ -123,12 +123,11 @@ def resolve_shapes(
         if missing:
             if strict:
                 example = ",".join(
-                    str(d) if isinstance(d, int) else "1" if i == 0 else (d or "N").upper()
-                    for i, d in enumerate(spec.dims)
+                    str(d) if isinstance(d, int) else "1" if i == 0 else "64" for i, d in enumerate(spec.dims)
                 )
                 raise UsageError(
                     f"cannot guess {', '.join(missing)} of input '{spec.name}' {_format(spec.dims)}; "
-                    f"pass e.g. --input-shape {spec.name}:{example} with the upper-case names as sizes"
+                    f"pass e.g. --input-shape {spec.name}:{example} with 64 replaced by the real size"
                 )
             shapes[spec.name] = None
             continue

@@ -1,20 +1,30 @@
-"""Rich tables for the terminal: the compression report and the inspect profile."""
+"""What the commands print: the compression report, the inspect profile, verification and bench results.
+
+Each result becomes a `lrdeploy.tables.Sheet` printed in the chosen format (``table``, ``plain``,
+``csv``); model strings are escaped on the way (`lrdeploy.text`). Noise is summarized rather than listed:
+MatMuls of two activations (attention scores) have no weight and become one line, and nodes sharing a
+factorized weight point to the row that carries the saving.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from lrdeploy.bench import BenchResult
 from lrdeploy.errors import UsageError
 from lrdeploy.report import Report
+from lrdeploy.tables import Column, Sheet, print_line, print_sheet
 from lrdeploy.units import format_count
 from lrdeploy.verify import Verification
 
 __all__ = [
+    "format_shapes",
+    "is_dynamic",
     "plot_bench",
     "render_bench",
     "render_inspection",
@@ -34,58 +44,109 @@ def _shape(shape) -> str:
     return "×".join(str(d) for d in shape) if shape else "-"
 
 
-def render_report(report: Report, console: Console) -> None:
-    table = Table(title="lrdeploy compress", title_justify="left", header_style="bold")
-    for column in ("layer", "op", "weight", "rank", "energy", "params", "MACs", "status"):
-        table.add_column(
-            column, justify="right" if column in ("rank", "energy", "params", "MACs") else "left"
-        )
-    for layer in report.layers:
+def format_shapes(shapes: Mapping[str, Sequence[int] | None]) -> str:
+    """``input 1×3×64×64, mask 1×128``: the input shapes the counts were made at."""
+    return ", ".join(f"{name} {_shape(shape) if shape else '(unknown)'}" for name, shape in shapes.items())
+
+
+def is_dynamic(decision) -> bool:
+    """A node whose 'weight' is another activation (attention's Q·Kᵀ, attn·V): nothing to factorize."""
+    if getattr(decision, "dynamic", False):
+        return True
+    reason = decision.reason or ""
+    return (
+        decision.status != "factorized"
+        and "computed at run time" in reason
+        and reason.endswith("not a constant")
+    )
+
+
+def _dynamic_summary(decisions: Sequence) -> list[str]:
+    counts = Counter(d.op for d in decisions)
+    return [
+        f"{count} {op}{'s' if count > 1 else ''} of two activations (attention): nothing to factorize"
+        for op, count in counts.items()
+    ]
+
+
+def _status(decision) -> tuple[str, str | None, str | None]:
+    """The status cell, the note explaining it, and the row's style."""
+    primary = getattr(decision, "shared_primary", None)
+    if primary:
+        return "shared", f"shares its weight with {primary}, whose row counts the saving", None
+    if decision.status == "factorized":
+        return "factorized", None, "green"
+    return decision.status, decision.reason, "yellow"
+
+
+def render_report(report: Report, console: Console, fmt: str = "table") -> None:
+    columns = [
+        Column("layer", name=True),
+        Column("op", drop=5),
+        Column("weight", drop=6),
+        Column("rank", right=True),
+        Column("energy", right=True, drop=3),
+        Column("params", right=True, drop=2),
+        Column("MACs", right=True, drop=4),
+        Column("status"),
+    ]
+    records = [
+        layer.to_dict() | {"shared_primary": getattr(layer.decision, "shared_primary", None)}
+        for layer in report.layers
+    ]
+    sheet = Sheet("lrdeploy compress", columns, records=records)
+    dynamic = [layer.decision for layer in report.layers if is_dynamic(layer.decision)]
+    shown = [layer for layer in report.layers if not is_dynamic(layer.decision)]
+    for layer in shown:
         d = layer.decision
         rank = f"{d.rank}/{d.full_rank}" if d.rank else (f"-/{d.full_rank}" if d.full_rank else "-")
         energy = f"{100 * d.energy_kept:.1f}%" if d.energy_kept is not None else "-"
         params = f"{format_count(layer.params_before)}→{format_count(layer.params_after)}" if d.m else "-"
         macs = f"{format_count(layer.macs_before)}→{format_count(layer.macs_after)}"
-        status = (
-            "[green]factorized[/]" if d.status == "factorized" else f"[yellow]skipped[/]: {escape(d.reason)}"
-        )
-        table.add_row(escape(d.name), d.op, _shape(d.weight_shape), rank, energy, params, macs, status)
-    table.add_section()
-    table.add_row(
+        status, note, style = _status(d)
+        sheet.add([d.name, d.op, _shape(d.weight_shape), rank, energy, params, macs, status], note, style)
+    sheet.footer = [
         "total",
         "",
         "",
-        f"{len(report.factorized)}/{len(report.layers)}",
+        f"{len(report.factorized)}/{len(shown)}",
         "",
         f"{format_count(report.params_before)}→{format_count(report.params_after)}",
         f"{format_count(report.macs_before)}→{format_count(report.macs_after)}",
         "",
-    )
-    console.print(table)
+    ]
+    print_sheet(sheet, console, fmt)
+    if fmt == "csv":
+        return
+    for line in _dynamic_summary(dynamic):
+        print_line(console, line, fmt=fmt)
     folded = [b for b in report.batchnorm if b["status"] == "folded"]
     kept = [b for b in report.batchnorm if b["status"] != "folded"]
     if report.batchnorm:
-        console.print(f"BatchNormalization: {len(folded)} folded, {len(kept)} kept")
+        print_line(console, f"BatchNormalization: {len(folded)} folded, {len(kept)} kept", fmt=fmt)
         for bn in kept:
-            console.print(f"  kept [bold]{escape(bn['name'])}[/]: {escape(bn['reason'])}")
-    console.print(
+            print_line(console, f"  kept {bn['name']}: {bn['reason']}", fmt=fmt)
+    at = f" at {format_shapes(report.input_shapes)}" if report.input_shapes else ""
+    print_line(
+        console,
         f"params {format_count(report.params_before)} → {format_count(report.params_after)}"
         f"{_ratio(report.params_before, report.params_after)}, "
         f"MACs {format_count(report.macs_before)} → {format_count(report.macs_after)}"
-        f"{_ratio(report.macs_before, report.macs_after)} at {escape(str(report.input_shapes))}"
+        f"{_ratio(report.macs_before, report.macs_after)}{at}",
+        fmt=fmt,
     )
     for note in report.notes:
-        console.print(escape(note))
+        print_line(console, note, fmt=fmt)
 
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def render_verification(verification: Verification, console: Console) -> None:
+def render_verification(verification: Verification, console: Console, fmt: str = "table") -> None:
     """One line: where it ran, on what, and the worst numbers over the outputs."""
     if verification.note:
-        console.print(f"[yellow]{escape(verification.note)}[/]")
+        print_line(console, verification.note, "yellow", fmt)
     parts = [f"max |Δ| {verification.max_abs_diff:.3g}"]
     if verification.rel_l2 is not None:
         parts += [f"rel L2 {verification.rel_l2:.3g}", f"cosine {verification.cosine:.6f}"]
@@ -99,94 +160,95 @@ def render_verification(verification: Verification, console: Console) -> None:
         parts.append(
             f"accuracy {_percent(scored.accuracy_original)} → {_percent(scored.accuracy_compressed)}"
         )
-    where = f"verified on {verification.provider} with {escape(verification.data)}"
-    console.print(
-        f"{where}, {verification.samples} sample(s): " + ", ".join(parts),
-        highlight=False,
-    )
+    where = f"verified on {verification.provider} with {verification.data}"
+    print_line(console, f"{where}, {verification.samples} sample(s): " + ", ".join(parts), fmt=fmt)
 
 
-def render_verification_table(verification: Verification, console: Console) -> None:
-    table = Table(
-        title=f"lrdeploy verify ({verification.provider}, {escape(verification.data)})", title_justify="left"
-    )
-    columns = (
-        "output",
-        "shape",
-        "max |Δ|",
-        "rel L2",
-        "cosine",
-        "equal",
-        "top-1",
-        "top-5",
-        "acc orig",
-        "acc new",
-    )
-    for column in columns:
-        table.add_column(column, justify="left" if column == "output" else "right", overflow="fold")
+def render_verification_table(verification: Verification, console: Console, fmt: str = "table") -> None:
+    columns = [
+        Column("output", name=True),
+        Column("shape", drop=9),
+        Column("max |Δ|", right=True),
+        Column("rel L2", right=True),
+        Column("cosine", right=True, drop=2),
+        Column("equal", right=True, drop=3),
+        Column("top-1", right=True, drop=1),
+        Column("top-5", right=True, drop=4),
+        Column("acc orig", right=True, drop=5),
+        Column("acc new", right=True, drop=5),
+    ]
+    title = f"lrdeploy verify ({verification.provider}, {verification.data})"
+    sheet = Sheet(title, columns, records=[asdict(out) for out in verification.outputs])
     for out in verification.outputs:
-        table.add_row(
-            escape(out.name),
-            _shape(out.shape),
-            f"{out.max_abs_diff:.3g}",
-            "-" if out.rel_l2 is None else f"{out.rel_l2:.3g}",
-            "-" if out.cosine is None else f"{out.cosine:.6f}",
-            _percent(out.exact_match),
-            _percent(out.top1_agreement),
-            _percent(out.top5_agreement),
-            _percent(out.accuracy_original),
-            _percent(out.accuracy_compressed),
+        sheet.add(
+            [
+                out.name,
+                _shape(out.shape),
+                f"{out.max_abs_diff:.3g}",
+                "-" if out.rel_l2 is None else f"{out.rel_l2:.3g}",
+                "-" if out.cosine is None else f"{out.cosine:.6f}",
+                _percent(out.exact_match),
+                _percent(out.top1_agreement),
+                _percent(out.top5_agreement),
+                _percent(out.accuracy_original),
+                _percent(out.accuracy_compressed),
+            ]
         )
-    console.print(table)
+    print_sheet(sheet, console, fmt)
+    if fmt == "csv":
+        return
     if verification.note:
-        console.print(f"[yellow]{escape(verification.note)}[/]")
-    console.print(f"{verification.samples} sample(s)")
+        print_line(console, verification.note, "yellow", fmt)
+    print_line(console, f"{verification.samples} sample(s)", fmt=fmt)
 
 
-def render_bench(result: BenchResult, console: Console) -> None:
+def render_bench(result: BenchResult, console: Console, fmt: str = "table") -> None:
     config = result.config
     threads = f", {config.threads} threads" if config.threads else ""
     title = f"lrdeploy bench ({result.provider}{threads}; median of {config.runs} interleaved rounds)"
-    table = Table(title=title, title_justify="left", header_style="bold")
-    columns = (
-        "model",
-        "batch",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "mean ms",
-        "items/s",
-        "MACs",
-        "speedup",
-        "MAC ÷",
-        "efficiency",
-    )
-    for column in columns:
-        table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
+    columns = [
+        Column("model", name=True),
+        Column("batch", right=True),
+        Column("p50 ms", right=True),
+        Column("p90 ms", right=True, drop=5),
+        Column("p99 ms", right=True, drop=6),
+        Column("mean ms", right=True, drop=7),
+        Column("items/s", right=True, drop=3),
+        Column("MACs", right=True, drop=4),
+        Column("speedup", right=True),
+        Column("MAC ÷", right=True, drop=2),
+        Column("efficiency", right=True, drop=1),
+    ]
+    records = [{k: v for k, v in row.items() if k != "latencies_ms"} for row in result.to_dict()["results"]]
+    sheet = Sheet(title, columns, records=records)
     for timing in result.timings:
         speedup, reduction, efficiency = (
             result.speedup(timing),
             result.mac_reduction(timing),
             result.efficiency(timing),
         )
-        table.add_row(
-            escape(timing.model),
-            str(timing.batch),
-            f"{timing.p50:.3f}",
-            f"{timing.percentile(90):.3f}",
-            f"{timing.percentile(99):.3f}",
-            f"{timing.mean:.3f}",
-            f"{timing.throughput:.1f}",
-            format_count(timing.macs),
-            f"{speedup:.2f}×" if speedup else "-",
-            f"{reduction:.2f}×" if reduction else "-",
-            f"{efficiency:.2f}" if efficiency else "-",
+        sheet.add(
+            [
+                timing.model,
+                timing.batch,
+                f"{timing.p50:.3f}",
+                f"{timing.percentile(90):.3f}",
+                f"{timing.percentile(99):.3f}",
+                f"{timing.mean:.3f}",
+                f"{timing.throughput:.1f}",
+                format_count(timing.macs),
+                f"{speedup:.2f}×" if speedup else "-",
+                f"{reduction:.2f}×" if reduction else "-",
+                f"{efficiency:.2f}" if efficiency else "-",
+            ]
         )
-    console.print(table)
+    print_sheet(sheet, console, fmt)
+    if fmt == "csv":
+        return
     if result.note:
-        console.print(f"[yellow]{escape(result.note)}[/]")
+        print_line(console, result.note, "yellow", fmt)
     for skipped in result.skipped:
-        console.print(f"skipped {escape(skipped)}")
+        print_line(console, f"skipped {skipped}", fmt=fmt)
 
 
 def plot_bench(result: BenchResult, path: Path) -> None:
@@ -214,44 +276,58 @@ def plot_bench(result: BenchResult, path: Path) -> None:
     plt.close(figure)
 
 
-def render_inspection(inspection, console: Console) -> None:
-    table = Table(title="factorizable layers (BN folded)", title_justify="left", header_style="bold")
-    columns = (
-        "layer",
-        "op",
-        "weight",
-        "m×n",
-        "full",
-        "E@10%",
-        "E@25%",
-        "E@50%",
-        "r@90%",
-        "r@99%",
-        "break-even",
-    )
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("layer", "op", "weight") else "right")
+def render_inspection(inspection, console: Console, fmt: str = "table") -> None:
+    columns = [
+        Column("layer", name=True),
+        Column("op", drop=7),
+        Column("weight", drop=8),
+        Column("m×n", right=True, drop=6),
+        Column("full", right=True),
+        Column("E@10%", right=True, drop=3),
+        Column("E@25%", right=True),
+        Column("E@50%", right=True, drop=4),
+        Column("r@90%", right=True, drop=2),
+        Column("r@99%", right=True),
+        Column("break-even", right=True, drop=5),
+    ]
+    sheet = Sheet("factorizable layers (BN folded)", columns, note_column=0)
     for layer in inspection.layers:
-        name = escape(layer.names[0]) + (f" (+{len(layer.names) - 1} shared)" if len(layer.names) > 1 else "")
-        table.add_row(
-            name,
-            layer.op,
-            _shape(layer.weight_shape),
-            f"{layer.m}×{layer.n}",
-            str(layer.full_rank),
-            *(f"{100 * layer.energy_at(r):.1f}%" for r in (0.1, 0.25, 0.5)),
-            *(str(layer.rank_for(e)) for e in (0.9, 0.99)),
-            str(layer.break_even_rank()),
+        others = layer.names[1:]
+        note = f"the same weight is also read by {', '.join(others)}" if others else None
+        sheet.add(
+            [
+                layer.names[0],
+                layer.op,
+                _shape(layer.weight_shape),
+                f"{layer.m}×{layer.n}",
+                layer.full_rank,
+                *(f"{100 * layer.energy_at(r):.1f}%" for r in (0.1, 0.25, 0.5)),
+                *(layer.rank_for(e) for e in (0.9, 0.99)),
+                layer.break_even_rank(),
+            ],
+            note,
         )
-    console.print(table)
-    console.print(
+    print_sheet(sheet, console, fmt)
+    if fmt == "csv":
+        return
+    print_line(
+        console,
         "E@x: fraction of Σσ² kept at rank ratio x; r@e: smallest rank keeping energy e; "
-        "break-even: largest rank that still saves parameters"
+        "break-even: largest rank that still saves parameters",
+        fmt=fmt,
     )
+    dynamic = [d for d in inspection.skipped if is_dynamic(d)]
+    for line in _dynamic_summary(dynamic):
+        print_line(console, line, fmt=fmt)
     for decision in inspection.skipped:
-        console.print(
-            f"  not factorizable [bold]{escape(decision.name)}[/] ({decision.op}): {escape(decision.reason)}"
-        )
+        if not is_dynamic(decision):
+            print_line(
+                console, f"  not factorizable {decision.name} ({decision.op}): {decision.reason}", fmt=fmt
+            )
     folded = sum(1 for b in inspection.batchnorm if b["status"] == "folded")
     if inspection.batchnorm:
-        console.print(f"BatchNormalization: {folded} foldable, {len(inspection.batchnorm) - folded} not")
+        print_line(
+            console,
+            f"BatchNormalization: {folded} foldable, {len(inspection.batchnorm) - folded} not",
+            fmt=fmt,
+        )

@@ -312,4 +312,46 @@ def test_brackets_in_messages_are_printed_not_taken_as_markup(tmp_path, capsys):
     onnx.save(model, path)
     assert main(["compress", str(path), "--rank-ratio", "0.5"]) == 2
     err = capsys.readouterr().err
-    assert "'x' [batch, seq]" in err and "--input-shape x:1,SEQ" in err
+    assert "'x' [batch, seq]" in err and "--input-shape x:1,64 with 64 replaced by the real size" in err
+
+
+def test_version(capsys):
+    from lrdeploy import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"lrdeploy {__version__}"
+
+
+def test_plot_without_matplotlib_fails_before_any_work(capsys, tmp_path, model_path, monkeypatch):
+    import lrdeploy.bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(lrdeploy.bench, "benchmark", lambda *a, **k: pytest.fail("benchmarked first"))
+    before = _snapshot(tmp_path)
+    line = _error(capsys, ["bench", str(model_path), "--plot", str(tmp_path / "p.png")])
+    assert "--plot needs matplotlib: pip install 'lrdeploy[plot]'" in line
+    assert _snapshot(tmp_path) == before
+
+
+def test_image_folder_without_pillow_fails_before_any_work(capsys, tmp_path, model_path, monkeypatch):
+    import lrdeploy.api
+
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setattr(lrdeploy.api, "compress", lambda *a, **k: pytest.fail("compressed first"))
+    (tmp_path / "images").mkdir()
+    line = _error(capsys, ["compress", str(model_path), "--rank", "4", "--data", str(tmp_path / "images")])
+    assert "--data with an image folder needs Pillow: pip install 'lrdeploy[images]'" in line
+
+
+@pytest.mark.parametrize("command", ["compress", "inspect", "verify", "bench"])
+def test_every_command_takes_format(capsys, tmp_path, model_path, command):
+    argv = {
+        "compress": ["compress", str(model_path), "--rank", "4", "--no-verify"],
+        "inspect": ["inspect", str(model_path)],
+        "verify": ["verify", str(model_path), str(model_path), "--device", "cpu"],
+        "bench": ["bench", str(model_path), "--runs", "1", "--warmup", "0"],
+    }[command]
+    assert main([*argv, "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert isinstance(json.loads(captured.out), dict)  # stdout is the document; remarks go to stderr
+    assert main([*argv, "--format", "yaml"]) == 2
