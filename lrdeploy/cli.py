@@ -44,6 +44,7 @@ from lrdeploy.cli_options import (
     verify_config,
 )
 from lrdeploy.errors import LrdeployError, UsageError, VerificationFailed
+from lrdeploy.spelling import command_line
 from lrdeploy.trainer.cli import train
 
 app = typer.Typer(
@@ -380,6 +381,7 @@ def _fixed_mmap_threshold() -> None:
             ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors instead of tracebacks; returns the exit code."""
     _fixed_mmap_threshold()

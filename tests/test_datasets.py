@@ -197,7 +197,7 @@ def test_image_options_refused_for_numpy_files(tmp_path):
     path = tmp_path / "d.npy"
     np.save(path, np.zeros((2, 4), np.float32))
     options = ImageOptions(resize=(2, 2), mean=(0.5,))
-    _one_line_usage_error("--resize, --mean only apply to image folders", str(path), _flat_model(4), options)
+    _one_line_usage_error("resize, mean only apply to image folders", str(path), _flat_model(4), options)
 
 
 def test_corrupt_image_is_named_not_skipped(tmp_path):
@@ -210,7 +210,7 @@ def test_corrupt_image_is_named_not_skipped(tmp_path):
 
 
 def test_empty_data_source_is_not_the_current_folder():
-    _one_line_usage_error("--data is empty", "", _conv_model(1, 5))
+    _one_line_usage_error("data is empty", "", _conv_model(1, 5))
 
 
 def test_mnist_resize_is_applied_or_named():
@@ -232,19 +232,19 @@ def test_mnist_resize_is_applied_or_named():
         196,
     )
     _one_line_usage_error(
-        r"--resize 32,32 does not fit input 'x', fixed at 28x28",
+        r"resize='32,32' does not fit input 'x', fixed at 28x28",
         "mnist",
         _conv_model(1, 28),
         ImageOptions(resize=(32, 32)),
     )
-    _one_line_usage_error("pass --resize 32,32", "mnist", _conv_model(1, 32))
+    _one_line_usage_error("pass resize='32,32'", "mnist", _conv_model(1, 32))
     _one_line_usage_error("mnist gives 784 features", "mnist", _flat_model(100))
-    _one_line_usage_error("--layout applies to 4-D", "mnist", _flat_model(784), ImageOptions(layout="NHWC"))
+    _one_line_usage_error("layout applies to 4-D", "mnist", _flat_model(784), ImageOptions(layout="NHWC"))
 
 
 def test_mean_and_std_count_must_match_channels(tmp_path):
     _one_line_usage_error(
-        r"--mean has 3 values but mnist digits have 1 channel; give 1 value",
+        r"mean has 3 values but mnist digits have 1 channel; give 1 value",
         "mnist",
         _conv_model(1, 28),
         ImageOptions(mean=(0.5, 0.5, 0.5)),
@@ -252,7 +252,7 @@ def test_mean_and_std_count_must_match_channels(tmp_path):
     image = pytest.importorskip("PIL.Image")
     image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "a.png")
     _one_line_usage_error(
-        r"--std has 2 values but input 'x' has 3 channels; give 1 or 3 values",
+        r"std has 2 values but input 'x' has 3 channels; give 1 or 3 values",
         str(tmp_path),
         _conv_model(3, 5),
         ImageOptions(std=(0.5, 0.5)),
@@ -260,5 +260,5 @@ def test_mean_and_std_count_must_match_channels(tmp_path):
 
 
 def test_random_batches_error_names_the_flag():
-    with pytest.raises(UsageError, match="--random-batches"):
+    with pytest.raises(UsageError, match="random_batches"):
         VerifyConfig(random_batches=0)

@@ -113,7 +113,7 @@ def test_class_id_outputs_count_as_top1_not_as_magnitudes():
     result = Verification("CPUExecutionProvider", (scores.finish("y"), ids), 4, "random")
     assert result.max_abs_diff == pytest.approx(0.1)  # from the scores only
     assert result.rel_l2 == pytest.approx(0.1)
-    assert Gates(min_top1=0.8).failures(result) == ["output 'label' top-1 agreement 0.7500 < --min-top1 0.8"]
+    assert Gates(min_top1=0.8).failures(result) == ["output 'label' top-1 agreement 0.7500 < min_top1=0.8"]
     assert Gates(max_rel_l2=0.2, min_cosine=0.9).failures(result) == []
     assert Gates(atol=0.5).failures(result)  # allclose semantics still hold for ids
 
@@ -180,7 +180,7 @@ def test_gates(gates, failing):
     [{"atol": -1}, {"atol": math.nan}, {"max_rel_l2": math.nan}, {"min_cosine": 1.5}, {"min_top1": -0.5}],
 )
 def test_gate_values_are_validated(gate):
-    with pytest.raises(UsageError, match=f"--{next(iter(gate)).replace('_', '-')} must be"):
+    with pytest.raises(UsageError, match=f"{next(iter(gate))} must be"):
         Gates(**gate)
 
 
@@ -334,7 +334,7 @@ def test_api_takes_arrays_as_data(rng):
     [
         ({"rank_ratio": "0.3"}, "rank ratio must be a number, got '0.3'"),
         ({"rank_ratio": 0.3, "input_shapes": {"x": (-1, 32)}}, "input shape for 'x' must be positive"),
-        ({"rank_ratio": 0.3, "seed": "a"}, "--seed must be an integer"),
+        ({"rank_ratio": 0.3, "seed": "a"}, "seed must be an integer"),
         ({"rank_ratio": 0.3, "gates": 0.5}, "gates must be lrdeploy.Gates"),
         ({"rank_ratio": 0.3, "exclude": "nothing*"}, "--exclude 'nothing\\*' matches no factorizable layer"),
     ],
