@@ -83,7 +83,7 @@ def _read_header(handle: IO[bytes], stored: int, source: str, key: str) -> Array
 
 
 class NumpyFile:
-    """An .npy (one array, key ``""``) or .npz opened lazily: ``keys``, ``header(key)``, ``read(key)``."""
+    """An .npy (one array, key ``""``) or .npz opened lazily: ``keys``, ``shape(key)``, ``read(key)``..."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -130,6 +130,12 @@ class NumpyFile:
                     f"{what}{self.source} is not a numpy .npz/.npy file ({NUMPY_HINT})"
                 ) from None
         return self._headers[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.header(key).shape
+
+    def dtype(self, key: str) -> np.dtype:
+        return self.header(key).dtype
 
     def read(self, key: str, limit: int | None = None) -> np.ndarray:
         """The array under ``key``, only its first ``limit`` rows, checked against the size budget."""

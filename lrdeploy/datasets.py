@@ -17,7 +17,8 @@ Sources (``--data``):
 
 Real data is fed in batches along the first axis, which must be the model's batch dim. Data is cast to
 the input's type only when no value changes (pixels scaled by 1/255 fed to a uint8 input would all be 0):
-otherwise the error says what to pass. At most `MAX_DATA_BYTES` are held (``--limit`` reads fewer).
+otherwise the error says what to pass. At most `lrdeploy.datafiles.MAX_DATA_BYTES` (2 GiB) are held;
+``limit`` reads fewer.
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ from types import ModuleType
 import numpy as np
 import onnx
 
-from lrdeploy.datafiles import MAX_DATA_BYTES, NumpyFile, check_budget
+from lrdeploy.datafiles import NumpyFile, check_budget
 from lrdeploy.errors import UsageError
 from lrdeploy.inputs import InputSpec, model_inputs, random_feeds
 from lrdeploy.spelling import option
 
 __all__ = [
-    "MAX_DATA_BYTES",
     "Dataset",
     "ImageOptions",
     "InMemoryData",
@@ -257,14 +257,6 @@ class _Arrays:
         return array[:limit] if limit and array.ndim else array
 
 
-class _File(NumpyFile):
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.header(key).shape
-
-    def dtype(self, key: str) -> np.dtype:
-        return self.header(key).dtype
-
-
 def _refuse_image_options(options: ImageOptions, what: str) -> None:
     flags = options.changed_flags()
     if flags:
@@ -278,7 +270,7 @@ def _samples(name: str, used: int, total: int, noun: str = "samples") -> str:
     return f"{name} ({used} of {total} {noun})" if used < total else f"{name} ({total} {noun})"
 
 
-def _from_store(name: str, store: _Arrays | _File, specs: list[InputSpec], limit: int | None) -> Dataset:
+def _from_store(name: str, store: _Arrays | NumpyFile, specs: list[InputSpec], limit: int | None) -> Dataset:
     """Map arrays to inputs by key (one array: the single input), check headers, read only those."""
     source = store.source
     if store.keys == [""]:  # an .npy, or one array from Python
@@ -327,7 +319,7 @@ def _from_memory(
 
 def _from_numpy(path: Path, specs: list[InputSpec], options: ImageOptions, limit: int | None) -> Dataset:
     _refuse_image_options(options, f"{path} is")
-    with _File(path) as store:
+    with NumpyFile(path) as store:
         return _from_store(path.name, store, specs, limit)
 
 
