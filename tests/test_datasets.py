@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper
 
 from lrdeploy.datasets import ImageOptions, load_dataset, mnist_path
@@ -533,3 +536,26 @@ def test_an_unused_5_gib_array_in_a_small_npz_is_never_read(tmp_path, monkeypatc
     assert done.returncode == 0, done.stderr[-2000:]
     count, *_, seconds = done.stdout.split()
     assert count == "3" and float(seconds) < 5 and time.perf_counter() - start < 60
+
+
+@given(
+    array=st.one_of(
+        hnp.arrays(np.float64, st.integers(1, 6), elements=st.floats(allow_nan=True, allow_infinity=True)),
+        hnp.arrays(np.float64, st.integers(1, 6), elements=st.integers(-300, 300).map(float)),
+        hnp.arrays(np.int64, st.integers(1, 6), elements=st.integers(-(2**40), 2**40)),
+        hnp.arrays(np.int64, st.integers(1, 6), elements=st.integers(-2, 260)),
+    ),
+    target=st.sampled_from([np.uint8, np.int8, np.int32, np.bool_, np.float32, np.float16]),
+)
+def test_a_cast_is_accepted_exactly_when_every_value_survives(array, target):
+    from lrdeploy.datasets import _loss
+
+    dtype = np.dtype(target)
+    cast, lost = _loss(array, dtype)
+    assert cast.dtype == dtype
+    with np.errstate(all="ignore"):
+        if dtype.kind == "f" and array.dtype.kind == "f":  # rounding is fine, overflow to inf is not
+            survives = np.array_equal(np.isfinite(array), np.isfinite(cast))
+        else:
+            survives = np.array_equal(cast.astype(array.dtype), array)
+    assert (lost is None) == survives, lost
