@@ -399,13 +399,13 @@ def test_limit_reads_only_the_first_rows_and_says_so(tmp_path):
 
 
 def test_limit_on_an_image_folder_decodes_only_that_many(tmp_path, monkeypatch):
-    from lrdeploy import datasets
+    from lrdeploy import images
 
     for label in ("a", "b"):
         _image_folder(tmp_path / label, count=25)
     decoded = []
-    read = datasets._read_image
-    monkeypatch.setattr(datasets, "_read_image", lambda *args: decoded.append(args[1]) or read(*args))
+    read = images._read_image
+    monkeypatch.setattr(images, "_read_image", lambda *args: decoded.append(args[1]) or read(*args))
     data = load_dataset(str(tmp_path), _conv_model(3, 8), limit=1)
     assert len(decoded) == 1 and len(data) == 1
     assert data.description == f"{tmp_path} (1 of 50 images, 2 classes)"
