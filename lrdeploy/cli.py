@@ -48,6 +48,7 @@ from lrdeploy.cli_options import (
     verify_config,
 )
 from lrdeploy.errors import LrdeployError, UsageError, VerificationFailed
+from lrdeploy.spelling import command_line
 from lrdeploy.text import printable
 from lrdeploy.trainer.cli import train
 
@@ -150,7 +151,7 @@ def compress(
     data: Data = None,
     batch_size: BatchSize = 32,
     limit: Limit = None,
-    random_batches: RandomBatches = 1,
+    random_batches: RandomBatches = 8,  # lrdeploy.verification.RANDOM_BATCHES
     seed: Seed = 0,
     resize: Resize = None,
     layout: Layout = None,
@@ -269,7 +270,7 @@ def verify_command(
     data: Data = None,
     batch_size: BatchSize = 32,
     limit: Limit = None,
-    random_batches: RandomBatches = 1,
+    random_batches: RandomBatches = 8,  # lrdeploy.verification.RANDOM_BATCHES
     seed: Seed = 0,
     resize: Resize = None,
     layout: Layout = None,
@@ -439,6 +440,7 @@ def _fixed_mmap_threshold() -> None:
             ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors instead of tracebacks; returns the exit code."""
     _fixed_mmap_threshold()

@@ -64,7 +64,9 @@ InputShape = Annotated[
 ]
 BatchSize = Annotated[int, typer.Option(help="Samples per batch for real data.", rich_help_panel=VERIFY)]
 Limit = Annotated[int | None, typer.Option(help="Use at most this many samples.", rich_help_panel=VERIFY)]
-RandomBatches = Annotated[int, typer.Option(help="Random batches to draw.", rich_help_panel=VERIFY)]
+RandomBatches = Annotated[
+    int, typer.Option(help="Random batches to draw (samples = batches × batch size).", rich_help_panel=VERIFY)
+]
 Seed = Annotated[int, typer.Option(help="Seed of the random inputs.", rich_help_panel=VERIFY)]
 Resize = Annotated[
     str | None, typer.Option(help="Images: H,W (default: the model's).", rich_help_panel=VERIFY)

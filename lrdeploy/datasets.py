@@ -7,30 +7,35 @@ Sources (``--data``):
   floats are accepted).
 - ``FILE.npy``: the samples of a single-input model.
   Both are fed as saved (the image options are refused) and never unpickled: object arrays are refused.
+  Only the arrays the model's inputs and the labels need are read, only their first ``limit`` rows
+  (`lrdeploy.datafiles`).
 - ``DIR/``: images (png/jpg/bmp/...), one sub-folder per class (labels from sorted folder names) or flat;
-  resized, laid out NCHW or NHWC, scaled and normalized as the options say.
+  resized, laid out NCHW or NHWC, scaled and normalized as the options say (`lrdeploy.images`).
 - ``mnist``: the MNIST test split bundled with lrdeploy (2,000 digits), shaped to the model's input;
   28x28 unless ``--resize`` says otherwise.
 - From Python, arrays too: ``{"input name": array, "labels": array}`` or one array, fed as an .npz is.
 
-Real data is fed in batches along the first axis, which must be the model's batch dim.
+Real data is fed in batches along the first axis, which must be the model's batch dim. Data is cast to
+the input's type only when no value changes (pixels scaled by 1/255 fed to a uint8 input would all be 0):
+otherwise the error says what to pass. At most `lrdeploy.datafiles.MAX_DATA_BYTES` (2 GiB) are held;
+``limit`` reads fewer.
 """
 
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import IO
 
 import numpy as np
 import onnx
 
+from lrdeploy.datafiles import NumpyFile
 from lrdeploy.errors import UsageError
+from lrdeploy.images import ImageOptions, Pixels, counted, mnist_path, read_folder, read_mnist
 from lrdeploy.inputs import InputSpec, model_inputs, random_feeds
+from lrdeploy.spelling import option
 
 __all__ = [
     "Dataset",
@@ -42,46 +47,7 @@ __all__ = [
     "random_batches",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 LABEL_KEYS = ("labels", "label", "y")
-MNIST_SIZE = (28, 28)
-NUMPY_HINT = "save arrays with numpy.savez or numpy.save"
-
-
-@dataclass(frozen=True)
-class ImageOptions:
-    """Preprocessing for image folders and MNIST: ``x = (pixel · scale − mean) / std`` per channel."""
-
-    resize: tuple[int, int] | None = None  # (height, width); default: the model's input size (MNIST: 28x28)
-    layout: str | None = None  # "NCHW" or "NHWC"; default: guessed from the model's input
-    scale: float = 1.0 / 255.0
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-
-    def __post_init__(self) -> None:
-        if self.layout not in (None, "NCHW", "NHWC"):
-            raise UsageError(f"--layout must be NCHW or NHWC, got {self.layout}")
-        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):
-            raise UsageError(f"--resize expects two positive integers H,W, got {self.resize}")
-        if not self.mean or not self.std:
-            raise UsageError("--mean and --std need at least one value")
-        if any(s == 0 for s in self.std):
-            raise UsageError("--std values must be non-zero")
-
-    def changed_flags(self) -> list[str]:
-        """The flags set away from their defaults, to refuse them where they would be ignored."""
-        default = ImageOptions()
-        return [
-            flag
-            for flag, value, base in (
-                ("--resize", self.resize, default.resize),
-                ("--layout", self.layout, default.layout),
-                ("--scale", self.scale, default.scale),
-                ("--mean", self.mean, default.mean),
-                ("--std", self.std, default.std),
-            )
-            if value != base
-        ]
 
 
 @dataclass
@@ -107,32 +73,85 @@ class Dataset:
             yield None if self.labels is None else self.labels[start : min(start + batch_size, total)]
 
 
-def mnist_path() -> Path:
-    return Path(__file__).parent / "data" / "mnist10k.npz"
-
-
-def _fit_input(spec: InputSpec, array: np.ndarray, source: str) -> np.ndarray:
-    """Check dtype, rank and fixed dims (beyond the batch axis) and cast to the input's dtype."""
-    if array.dtype.kind not in "biuf":
-        raise UsageError(
-            f"{source}: array for input '{spec.name}' has dtype {array.dtype}; save numeric arrays"
-        )
-    if array.ndim == 0:
+def _check_input(spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype, source: str) -> None:
+    """Dtype kind, rank and fixed dims (beyond the batch axis), before anything is read."""
+    if dtype.kind not in "biuf":
+        raise UsageError(f"{source}: array for input '{spec.name}' has dtype {dtype}; save numeric arrays")
+    if not shape:
         raise UsageError(
             f"{source}: array for input '{spec.name}' is a scalar; the first axis must be samples"
         )
     if spec.dims is not None:
-        if array.ndim != len(spec.dims):
+        if len(shape) != len(spec.dims):
             raise UsageError(
-                f"{source}: array for input '{spec.name}' has shape {list(array.shape)}, "
+                f"{source}: array for input '{spec.name}' has shape {list(shape)}, "
                 f"the model expects {len(spec.dims)} dims {['?' if d is None else d for d in spec.dims]}"
             )
-        for index, (want, have) in enumerate(zip(spec.dims[1:], array.shape[1:], strict=True), 1):
+        for index, (want, have) in enumerate(zip(spec.dims[1:], shape[1:], strict=True), 1):
             if isinstance(want, int) and want != have:
                 raise UsageError(
                     f"{source}: input '{spec.name}' dim {index} is {want} in the model but {have} in the data"
                 )
-    return array.astype(spec.dtype, copy=False)
+
+
+def _loss(array: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, str | None]:
+    """``array`` cast to ``dtype``, and what the cast destroyed (None when every value survived).
+
+    A narrower float only rounds (float64 data for a float32 input is the usual case), so only
+    overflow to inf counts there; any other cast must give back the same values when cast back.
+    """
+    if np.can_cast(array.dtype, dtype, "safe"):
+        return array.astype(dtype, copy=False), None
+    with np.errstate(all="ignore"):  # out-of-range casts warn, and are what this function detects
+        cast = array.astype(dtype)
+        if array.dtype.kind == "f" and dtype.kind == "f":
+            lost = np.isfinite(array) & ~np.isfinite(cast)
+        else:
+            lost = cast.astype(array.dtype) != array  # NaN != NaN: NaN is lost too
+    if not lost.any():
+        return cast, None
+    example = array[lost].flat[0].item()
+    if dtype.kind == "f":
+        return cast, f"values {dtype} cannot hold (e.g. {example:.6g})"
+    if array.dtype.kind == "f" and not np.isfinite(example):
+        return cast, "NaN or inf"
+    if array.dtype.kind == "f" and example != round(example):
+        return cast, f"fractions (e.g. {example:.4g})"
+    if dtype.kind == "b":
+        return cast, f"values other than 0 and 1 (e.g. {example:g})"
+    info = np.iinfo(dtype)
+    return cast, f"values outside {dtype}'s range [{info.min}, {info.max}] (e.g. {example:g})"
+
+
+def _fit_input(spec: InputSpec, array: np.ndarray, source: str, key: str | None = None) -> np.ndarray:
+    """Check ``array`` (from a file or a caller, under ``key``) against ``spec`` and cast it losslessly."""
+    _check_input(spec, array.shape, array.dtype, source)
+    cast, lost = _loss(array, spec.dtype)
+    if lost:
+        name = f"array '{key}'" if key else "the array"
+        raise UsageError(
+            f"{source}: {name} for input '{spec.name}' ({spec.dtype}) holds {lost}, which a cast would "
+            f"change; store it as {spec.dtype}"
+        )
+    return cast
+
+
+def _fit_pixels(spec: InputSpec, pixels: np.ndarray, source: str, options: ImageOptions) -> np.ndarray:
+    """Preprocessed pixels as the input's type; an integer input needs raw pixels that fit it."""
+    cast, lost = _loss(pixels, spec.dtype)
+    if not lost:
+        return cast
+    if not options.raw_pixels:
+        normalized = any(options.mean) or any(s != 1 for s in options.std)
+        what = "normalized" if normalized else f"scaled by {options.scale:.4g}"
+        raise UsageError(
+            f"{source}: input '{spec.name}' is {spec.dtype} but the pixels {what} give {lost}; pass "
+            f"{option('scale', 1)} (and no {option('mean')}/{option('std')}) to feed raw pixels 0-255"
+        )
+    raise UsageError(
+        f"{source}: input '{spec.name}' is {spec.dtype} but the pixels (0-255) give {lost}; "
+        f"feed an .npz of {spec.dtype} arrays instead"
+    )
 
 
 def _labels(values: np.ndarray | None, count: int, source: str) -> np.ndarray | None:
@@ -153,33 +172,6 @@ def _labels(values: np.ndarray | None, count: int, source: str) -> np.ndarray | 
         detail = " with fractional or non-finite values" if labels.dtype.kind == "f" else ""
         raise UsageError(f"{source}: labels must be integers, got {labels.dtype}{detail}")
     return labels.astype(np.int64)
-
-
-def _npy_dtype(handle: IO[bytes]) -> np.dtype:
-    """The dtype in an .npy header, read without loading (or unpickling) the data."""
-    version = np.lib.format.read_magic(handle)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    return read(handle)[2]
-
-
-def _reject_objects(path: Path) -> None:
-    """Object arrays need pickle, which could run code from the file; name the problem before np.load does."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                with archive.open(name) as member:
-                    if name.endswith(".npy") and _npy_dtype(member).hasobject:
-                        key = name.removesuffix(".npy")
-                        raise UsageError(
-                            f"--data {path}: array '{key}' holds Python objects, which are not supported; "
-                            "save numeric arrays"
-                        )
-        return
-    with path.open("rb") as handle:
-        if _npy_dtype(handle).hasobject:
-            raise UsageError(
-                f"--data {path} holds Python objects, which are not supported; save a numeric array"
-            )
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,76 +200,85 @@ def as_data_source(data: object) -> str | InMemoryData | None:
     )
 
 
-def _from_memory(data: InMemoryData, specs: list[InputSpec], options: ImageOptions) -> Dataset:
-    flags = options.changed_flags()
-    if flags:
-        raise UsageError(f"{', '.join(flags)} only apply to image folders and mnist; arrays are fed as given")
-    arrays = dict(data.arrays)
-    if list(arrays) == [""]:
-        spec = _single(specs, str(data))
-        array = _fit_input(spec, arrays[""], str(data))
-        return Dataset({spec.name: array}, None, f"{data} ({len(array)} samples)")
-    return _from_arrays(str(data), arrays, specs)
+class _Arrays:
+    """A caller's arrays behind the interface of `NumpyFile`: ``keys``, ``shape``, ``read``."""
+
+    def __init__(self, data: InMemoryData) -> None:
+        self.arrays = {key: np.asarray(value) for key, value in data.arrays.items()}
+        self.keys = list(self.arrays)
+        self.source = str(data)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.arrays[key].shape
+
+    def dtype(self, key: str) -> np.dtype:
+        return self.arrays[key].dtype
+
+    def read(self, key: str, limit: int | None = None) -> np.ndarray:
+        array = self.arrays[key]
+        return array[:limit] if limit and array.ndim else array
 
 
-def _read_numpy(path: Path) -> np.ndarray | dict[str, np.ndarray]:
-    """The array of an .npy or the arrays of an .npz (by content), as one-line errors when unreadable."""
-    try:
-        _reject_objects(path)
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            return loaded
-        with loaded as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (ValueError, EOFError, zipfile.BadZipFile):
-        raise UsageError(f"--data {path} is not a numpy .npz/.npy file ({NUMPY_HINT})") from None
-    except OSError as error:
-        raise UsageError(f"--data {path}: cannot read it ({error.strerror or error})") from None
-    if not all(isinstance(a, np.ndarray) for a in arrays.values()):
-        raise UsageError(f"--data {path} is a zip file but not a numpy .npz ({NUMPY_HINT})")
-    return arrays
-
-
-def _from_arrays(path: Path | str, arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> Dataset:
-    label_key = next((k for k in LABEL_KEYS if k in arrays and k not in {s.name for s in specs}), None)
-    labels = arrays.pop(label_key) if label_key else None
-    feeds: dict[str, np.ndarray] = {}
-    if len(specs) == 1 and specs[0].name not in arrays and len(arrays) == 1:
-        feeds[specs[0].name] = _fit_input(specs[0], next(iter(arrays.values())), str(path))
-    else:
-        missing = [s.name for s in specs if s.name not in arrays]
-        if missing and not arrays and label_key:
-            raise UsageError(
-                f"{path} holds only '{label_key}', which is read as labels; store the inputs under "
-                f"{missing} (labels under 'labels')"
-            )
-        if missing:
-            raise UsageError(f"{path} has no array for input(s) {missing}; its keys are {sorted(arrays)}")
-        feeds = {s.name: _fit_input(s, arrays[s.name], str(path)) for s in specs}
-    counts = {len(a) for a in feeds.values()}
-    if len(counts) != 1:
-        raise UsageError(f"{path}: arrays have different numbers of samples {sorted(counts)}")
-    return Dataset(
-        feeds,
-        _labels(labels, counts.pop(), str(path)),
-        f"{getattr(path, 'name', path)} ({len(next(iter(feeds.values())))} samples)",
-    )
-
-
-def _from_numpy(path: Path, specs: list[InputSpec], options: ImageOptions) -> Dataset:
+def _refuse_image_options(options: ImageOptions, what: str) -> None:
     flags = options.changed_flags()
     if flags:
         raise UsageError(
-            f"{', '.join(flags)} only apply to image folders and mnist; {path} is fed as saved "
-            "(preprocess the arrays, or drop the flags)"
+            f"{', '.join(flags)} only apply to image folders and mnist; {what} fed as given "
+            "(preprocess the arrays, or drop the options)"
         )
-    loaded = _read_numpy(path)
-    if isinstance(loaded, dict):
-        return _from_arrays(path, loaded, specs)
-    spec = _single(specs, str(path))
-    return Dataset(
-        {spec.name: _fit_input(spec, loaded, str(path))}, None, f"{path.name} ({len(loaded)} samples)"
-    )
+
+
+def _from_store(name: str, store: _Arrays | NumpyFile, specs: list[InputSpec], limit: int | None) -> Dataset:
+    """Map arrays to inputs by key (one array: the single input), check headers, read only those."""
+    source = store.source
+    if store.keys == [""]:  # an .npy, or one array from Python
+        _single(specs, source)
+    input_names = {s.name for s in specs}
+    label_key = next((k for k in LABEL_KEYS if k in store.keys and k not in input_names), None)
+    others = [k for k in store.keys if k != label_key]
+    if len(specs) == 1 and specs[0].name not in others and len(others) == 1:
+        keys = {specs[0].name: others[0]}
+    else:
+        missing = [s.name for s in specs if s.name not in others]
+        if missing and not others and label_key:
+            raise UsageError(
+                f"{source} holds only '{label_key}', which is read as labels; store the inputs under "
+                f"{missing} (labels under 'labels')"
+            )
+        if missing:
+            raise UsageError(f"{source} has no array for input(s) {missing}; its keys are {sorted(others)}")
+        keys = {s.name: s.name for s in specs}
+    by_name = {s.name: s for s in specs}
+    for input_name, key in keys.items():
+        _check_input(by_name[input_name], store.shape(key), store.dtype(key), source)
+    counts = {store.shape(key)[0] for key in keys.values()}
+    if len(counts) != 1:
+        raise UsageError(f"{source}: arrays have different numbers of samples {sorted(counts)}")
+    total = counts.pop()
+    if label_key and (not store.shape(label_key) or store.shape(label_key)[0] != total):
+        raise UsageError(
+            f"{source}: labels must be {total} integers, got shape {list(store.shape(label_key))}"
+        )
+    feeds = {
+        input_name: _fit_input(by_name[input_name], store.read(key, limit), source, key)
+        for input_name, key in keys.items()
+    }
+    used = len(next(iter(feeds.values())))
+    labels = _labels(store.read(label_key, limit), used, source) if label_key else None
+    return Dataset(feeds, labels, counted(name, used, total))
+
+
+def _from_memory(
+    data: InMemoryData, specs: list[InputSpec], options: ImageOptions, limit: int | None
+) -> Dataset:
+    _refuse_image_options(options, "arrays are")
+    return _from_store(str(data), _Arrays(data), specs, limit)
+
+
+def _from_numpy(path: Path, specs: list[InputSpec], options: ImageOptions, limit: int | None) -> Dataset:
+    _refuse_image_options(options, f"{path} is")
+    with NumpyFile(path) as store:
+        return _from_store(path.name, store, specs, limit)
 
 
 def _single(specs: list[InputSpec], source: str) -> InputSpec:
@@ -288,208 +289,50 @@ def _single(specs: list[InputSpec], source: str) -> InputSpec:
     return specs[0]
 
 
-def _layout(spec: InputSpec, options: ImageOptions) -> str:
-    if options.layout:
-        return options.layout
-    dims = spec.dims or ()
-    if len(dims) == 4 and dims[-1] in (1, 3) and dims[1] not in (1, 3):
-        return "NHWC"
-    return "NCHW"
-
-
-def _channels_and_size(dims: Sequence[object], layout: str) -> tuple[object, tuple[object, object]]:
-    """(channels, (height, width)) of a 4-D input's dims in ``layout``."""
-    return (dims[1], (dims[2], dims[3])) if layout == "NCHW" else (dims[3], (dims[1], dims[2]))
-
-
-def _check_size(
-    spec: InputSpec, model: Sequence[object], size: tuple[int, int], options: ImageOptions
-) -> None:
-    """A size a fixed input cannot take fails here, naming --resize, not later as a bare dim mismatch.
-
-    Without --resize only MNIST's 28x28 can mismatch (folders default to the model's size).
-    """
-    if all(not isinstance(m, int) or m == s for m, s in zip(model, size, strict=True)):
-        return
-    fixed = "x".join("?" if not isinstance(m, int) else str(m) for m in model)
-    if options.resize:
-        raise UsageError(f"--resize {size[0]},{size[1]} does not fit input '{spec.name}', fixed at {fixed}")
-    raise UsageError(
-        f"mnist digits are {size[0]}x{size[1]} but input '{spec.name}' is fixed at {fixed}; "
-        f"pass --resize {fixed.replace('x', ',')}"
-    )
-
-
-def _layout_note(options: ImageOptions) -> str:
-    return f" (with --layout {options.layout})" if options.layout else ""
-
-
-def _check_channels(options: ImageOptions, channels: int, what: str) -> None:
-    """--mean/--std give one value for all channels or one per channel; anything else is a typo."""
-    noun = "channel" if channels == 1 else "channels"
-    for flag, values in (("--mean", options.mean), ("--std", options.std)):
-        if len(values) not in (1, channels):
-            allowed = "1 value" if channels == 1 else f"1 or {channels} values"
-            raise UsageError(
-                f"{flag} has {len(values)} values but {what} {channels} {noun}{_layout_note(options)}; "
-                f"give {allowed}"
-            )
-
-
-def _image_geometry(spec: InputSpec, options: ImageOptions, source: str) -> tuple[str, int, tuple[int, int]]:
-    dims = spec.dims
-    if dims is None or len(dims) != 4:
-        raise UsageError(f"{source}: images need a 4-D model input, '{spec.name}' has dims {dims}")
-    layout = _layout(spec, options)
-    channels, model_size = _channels_and_size(dims, layout)
-    if not isinstance(channels, int):
-        raise UsageError(f"{source}: the model's channel dim is symbolic; pass --layout and fixed channels")
-    size = options.resize or model_size
-    if not all(isinstance(d, int) for d in size):
-        raise UsageError(f"{source}: the model's image size is symbolic; pass --resize H,W")
-    _check_size(spec, model_size, size, options)  # type: ignore[arg-type]
-    _check_channels(options, channels, f"input '{spec.name}' has")
-    return layout, channels, size  # type: ignore[return-value]
-
-
-def _normalize(pixels: np.ndarray, options: ImageOptions, channel_axis: int) -> np.ndarray:
-    shape = [1] * pixels.ndim
-    shape[channel_axis] = -1
-    mean = np.asarray(options.mean, dtype=np.float32).reshape(shape)
-    std = np.asarray(options.std, dtype=np.float32).reshape(shape)
-    return (pixels.astype(np.float32) * np.float32(options.scale) - mean) / std
-
-
-def _pillow() -> ModuleType:
-    try:
-        from PIL import Image
-    except ImportError:
-        raise UsageError("reading or resizing images needs Pillow: pip install 'lrdeploy[images]'") from None
-    return Image
-
-
-def _read_image(image: ModuleType, path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    """One image as HxWxC pixels; an unreadable file is named, not skipped, so no sample goes missing."""
-    try:
-        with image.open(path) as opened:
-            pixels = np.asarray(opened.convert(mode).resize((size[1], size[0]), image.BILINEAR))
-    except image.UnidentifiedImageError:
-        raise UsageError(
-            f"{path} is not a readable image (corrupt or mislabeled?); fix or remove it"
-        ) from None
-    except (OSError, SyntaxError, ValueError, image.DecompressionBombError) as error:
-        raise UsageError(f"cannot read image {path} ({error}); fix or remove it") from None
-    return pixels.reshape(size[0], size[1], -1)
-
-
-def _from_images(folder: Path, specs: list[InputSpec], options: ImageOptions) -> Dataset:
-    image = _pillow()
-    spec = _single(specs, str(folder))
-    layout, channels, size = _image_geometry(spec, options, str(folder))
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise UsageError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    classes = sorted({p.parent.relative_to(folder).parts[0] for p in files if p.parent != folder})
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise UsageError(
-            f"{folder}: the model expects {channels} channels{_layout_note(options)}; "
-            "images give 1 (L) or 3 (RGB)"
-        )
-    batch = np.stack([_read_image(image, path, mode, size) for path in files])  # NHWC
-    if layout == "NCHW":
-        batch = batch.transpose(0, 3, 1, 2)
-    batch = _normalize(batch, options, 1 if layout == "NCHW" else 3)
-    labels = None
-    if classes and all(p.parent != folder for p in files):
-        index = {name: i for i, name in enumerate(classes)}
-        labels = np.array([index[p.parent.relative_to(folder).parts[0]] for p in files], dtype=np.int64)
-    feeds = {spec.name: _fit_input(spec, batch, str(folder))}
-    return Dataset(feeds, labels, f"{folder} ({len(files)} images, {len(classes)} classes)")
-
-
-def _mnist_size(spec: InputSpec, options: ImageOptions) -> tuple[int, int]:
-    """The digit size to feed: --resize if given, else 28x28; checked against the input's fixed dims."""
-    dims = spec.dims or ()
-    size = options.resize or MNIST_SIZE
-    if len(dims) in (2, 3) and options.layout:
-        raise UsageError(f"--layout applies to 4-D image inputs; input '{spec.name}' has dims {list(dims)}")
-    if len(dims) == 4:
-        channels, model_size = _channels_and_size(dims, _layout(spec, options))
-        if isinstance(channels, int) and channels != 1:
-            raise UsageError(
-                f"mnist digits have 1 channel but input '{spec.name}' expects {channels}"
-                f"{_layout_note(options)}"
-            )
-        _check_size(spec, model_size, size, options)
-    elif len(dims) == 3:
-        _check_size(spec, dims[1:], size, options)
-    elif len(dims) == 2 and isinstance(dims[1], int) and dims[1] != size[0] * size[1]:
-        resized = " with --resize" if options.resize else ""
-        raise UsageError(
-            f"mnist gives {size[0] * size[1]} features ({size[0]}x{size[1]}{resized}) "
-            f"but input '{spec.name}' takes {dims[1]}"
-        )
-    return size
-
-
-def _resize_digits(digits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if size == digits.shape[1:]:
-        return digits
-    image = _pillow()
-    resized = [np.asarray(image.fromarray(d).resize((size[1], size[0]), image.BILINEAR)) for d in digits]
-    return np.stack(resized)
-
-
-def _from_mnist(specs: list[InputSpec], options: ImageOptions) -> Dataset:
-    spec = _single(specs, "mnist")
-    size = _mnist_size(spec, options)
-    _check_channels(options, 1, "mnist digits have")
-    with np.load(mnist_path()) as archive:
-        digits, labels = archive["x_test"], archive["y_test"]
-    pixels = _normalize(_resize_digits(digits, size)[..., None], options, 3)[..., 0]  # N, H, W
-    dims = spec.dims or ()
-    if len(dims) == 2:
-        batch = pixels.reshape(len(pixels), -1)
-    elif len(dims) == 3:
-        batch = pixels
-    else:
-        batch = pixels[:, None] if _layout(spec, options) == "NCHW" else pixels[..., None]
+def _from_pixels(pixels: Pixels, spec: InputSpec, source: str, options: ImageOptions) -> Dataset:
     return Dataset(
-        {spec.name: _fit_input(spec, batch, "mnist")},
-        labels.astype(np.int64),
-        f"MNIST test split ({len(digits)} digits)",
+        {spec.name: _fit_pixels(spec, pixels.batch, source, options)}, pixels.labels, pixels.description
     )
 
 
 def load_dataset(
-    source: str | Path | InMemoryData | None, model: onnx.ModelProto, options: ImageOptions | None = None
+    source: str | Path | InMemoryData | None,
+    model: onnx.ModelProto,
+    options: ImageOptions | None = None,
+    limit: int | None = None,
 ) -> Dataset:
-    """The dataset named by ``source`` (see the module docstring), shaped for ``model``'s inputs."""
+    """The dataset named by ``source`` (see the module docstring), shaped for ``model``'s inputs.
+
+    With ``limit`` only the first ``limit`` samples are read (and images decoded).
+    """
     options = options or ImageOptions()
     specs = model_inputs(model)
     if isinstance(source, InMemoryData):
-        dataset = _from_memory(source, specs, options)
+        dataset = _from_memory(source, specs, options, limit)
         if len(dataset) == 0:
             raise UsageError(f"{source} hold no samples (the first axis is 0)")
         return dataset
     if source is None or str(source) == "random":
         raise UsageError("random inputs are not a dataset; use random_dataset()")
     if not str(source).strip():
-        raise UsageError("--data is empty; pass random, mnist, FILE.npz, FILE.npy or an image folder")
+        raise UsageError(
+            f"{option('data')} is empty; pass random, mnist, FILE.npz, FILE.npy or an image folder"
+        )
     if str(source) == "mnist":
-        return _from_mnist(specs, options)
+        return _from_pixels(read_mnist(_single(specs, "mnist"), options, limit), specs[0], "mnist", options)
     path = Path(source)
+    named = option("data", str(path))
     if not path.exists():
-        raise UsageError(f"--data {path}: no such file or folder")
+        raise UsageError(f"{named}: no such file or folder")
     if path.is_dir():
-        dataset = _from_images(path, specs, options)
+        spec = _single(specs, str(path))
+        dataset = _from_pixels(read_folder(path, spec, options, limit), spec, str(path), options)
     elif path.suffix.lower() in (".npz", ".npy"):
-        dataset = _from_numpy(path, specs, options)
+        dataset = _from_numpy(path, specs, options, limit)
     else:
-        raise UsageError(f"--data {path}: expected .npz, .npy, an image folder, 'mnist' or 'random'")
+        raise UsageError(f"{named}: expected .npz, .npy, an image folder, 'mnist' or 'random'")
     if len(dataset) == 0:
-        raise UsageError(f"--data {path} holds no samples (its first axis is 0)")
+        raise UsageError(f"{named} holds no samples (its first axis is 0)")
     return dataset
 
 

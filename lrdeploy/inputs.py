@@ -153,7 +153,8 @@ def _index_ranges(model: onnx.ModelProto) -> dict[str, int]:
 def random_feeds(
     model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Seeded inputs: standard normal floats; integers in [0, table size) for embedding indices, else 0/1."""
+    """Seeded inputs: standard normal floats; integers in [0, table size) for embedding indices, the whole
+    range for other 8-bit integers (pixels, quantized data), else 0/1."""
     rng = np.random.default_rng(seed)
     ranges = _index_ranges(model)
     feeds: dict[str, np.ndarray] = {}
@@ -170,6 +171,8 @@ def random_feeds(
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind == "b":
             feeds[spec.name] = rng.random(shape) < 0.5
+        elif dtype.itemsize == 1 and spec.name not in ranges:  # pixels, quantized values: the full range
+            feeds[spec.name] = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, shape, dtype, True)
         else:
             feeds[spec.name] = rng.integers(0, ranges.get(spec.name, 2), size=shape).astype(dtype)
     return feeds

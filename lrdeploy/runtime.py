@@ -4,7 +4,9 @@
 on machines without a GPU or without the CUDA 13 / cuDNN 9 libraries, and then logs a loud error and
 silently falls back to CPU. So we look for a GPU first, probe with a tiny session while the logger is
 quiet, and check ``session.get_providers()``. ``cuda`` is strict: it fails instead of falling back.
-TF32 is off on CUDA so that a comparison measures the model, not TF32 rounding.
+TF32 is off on CUDA so that a comparison measures the model, not TF32 rounding. Our sessions log nothing
+(severity 4): onnxruntime's multi-line errors would reach stderr before the one-line error that says the
+same; the probe takes its reason from what onnxruntime prints on stdout, which is not its log.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from pathlib import Path
 from types import ModuleType
 
 from lrdeploy.errors import DeviceUnavailable, RuntimeFailure, UsageError
+from lrdeploy.spelling import either, option
 
 __all__ = ["Device", "make_session", "probe_provider", "require_onnxruntime", "select_device"]
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
+#: onnxruntime's FATAL only: what it would log as an error reaches the user as our one-line message.
+QUIET = 4
 
 
 def require_onnxruntime() -> ModuleType:
@@ -34,7 +39,7 @@ def require_onnxruntime() -> ModuleType:
     except ImportError:
         raise UsageError(
             "onnxruntime is not installed: pip install 'lrdeploy[cpu]' (or 'lrdeploy[gpu]' for CUDA), "
-            "or pass --no-verify"
+            f"or pass {either('--no-verify', 'verify=False')}"
         ) from None
     return onnxruntime
 
@@ -119,8 +124,7 @@ def probe_provider(provider: str) -> str | None:
         return "no NVIDIA GPU found"
     with contextlib.suppress(Exception):
         ort.preload_dlls()  # finds CUDA/cuDNN from the nvidia-* pip packages when they are installed
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
+    options = _session_options(ort)
     try:
         with _quiet_logger(ort):
             session, fallback = _create_session(ort, _probe_model(), options, [provider, CPU])
@@ -150,19 +154,27 @@ def select_device(device: str = "auto", *, tf32: bool = False, cuda_graph: bool 
     if device == "cpu":
         return Device("cpu")
     if device not in ("auto", "cuda", "tensorrt"):
-        raise UsageError(f"device must be auto, cpu, cuda or tensorrt, got '{device}'")
+        raise UsageError(f"{option('device')} must be auto, cpu, cuda or tensorrt, got '{device}'")
     if device == "tensorrt":
         reason = probe_provider(TENSORRT)
         if reason:
-            raise DeviceUnavailable(f"--device tensorrt: {reason}")
+            raise DeviceUnavailable(f"{option('device', 'tensorrt')}: {reason}")
         return Device("tensorrt", ((TENSORRT, {}), (CUDA, _cuda_options(tf32, False)), (CPU, {})))
     reason = probe_provider(CUDA)
     if reason is None:
         return Device("cuda", ((CUDA, _cuda_options(tf32, cuda_graph)), (CPU, {})))
     if device == "cuda":
-        raise DeviceUnavailable(f"--device cuda: {reason}; use --device cpu or auto")
+        use = f"{option('device', 'cpu')} or {option('device', 'auto')}"
+        raise DeviceUnavailable(f"{option('device', 'cuda')}: {reason}; use {use}")
     quiet = reason.startswith("this onnxruntime has no") or reason == "no NVIDIA GPU found"
     return Device("cpu", note=None if quiet else f"CUDA EP unavailable ({reason}); running on CPU")
+
+
+def _session_options(ort: ModuleType):
+    options = ort.SessionOptions()
+    options.log_severity_level = QUIET
+    options.logid = "lrdeploy"
+    return options
 
 
 def make_session(
@@ -178,8 +190,7 @@ def make_session(
     ``spinning=False`` stops idle CPU worker threads from busy-waiting after a run (see `lrdeploy.bench`).
     """
     ort = require_onnxruntime()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = _session_options(ort)
     if threads:
         options.intra_op_num_threads = threads
     if not spinning:

@@ -7,6 +7,10 @@ agreement (the original's top-1 class is among the compressed model's top 5) and
 accuracy of both models. Integer and boolean outputs (class ids from an ArgMax, masks) are categories, not
 magnitudes: they get the fraction of equal elements instead of rel L2 and cosine, and an output of one id
 per sample counts as top-1. Gates turn these numbers into pass/fail (`Gates.check`).
+
+Without a gate the numbers still speak: `Verification.warning` names an output far from the original's
+(cosine < 0.9 or rel L2 > 0.5, or NaN/inf where the original has numbers), and ``few_samples`` says that a
+top-1 agreement over fewer than 100 samples is an anecdote, not a rate.
 """
 
 from __future__ import annotations
@@ -20,10 +24,16 @@ import numpy as np
 
 from lrdeploy.errors import RuntimeFailure, UsageError, VerificationFailed
 from lrdeploy.runtime import Device, make_session
+from lrdeploy.spelling import either, option
 
 __all__ = ["Gates", "OutputComparison", "Verification", "compare_models"]
 
 Batch = tuple[Mapping[str, np.ndarray], np.ndarray | None]
+#: Below this many samples a top-1 agreement is reported as a count, not a rate.
+MIN_RATE_SAMPLES = 100
+#: An output this far from the original's is flagged even with no gate set.
+WARN_COSINE = 0.9
+WARN_REL_L2 = 0.5
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,7 @@ class Gates:
             value = getattr(self, name)
             if value is not None and not low <= value <= high:  # also refuses NaN
                 bounds = f"≥ {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
-                raise UsageError(f"--{name.replace('_', '-')} must be {bounds}, got {value}")
+                raise UsageError(f"{option(name)} must be {bounds}, got {value}")
         if self.rtol and self.atol is None:  # |Δ| ≤ atol + rtol·|ref| with atol 0: rtol alone is a gate
             object.__setattr__(self, "atol", 0.0)
 
@@ -57,26 +67,24 @@ class Gates:
         for out in verification.outputs:
             if self.atol is not None and out.allclose_excess > self.atol:
                 failed.append(
-                    f"output '{out.name}' exceeds --atol {self.atol:g}/--rtol {self.rtol:g} "
+                    f"output '{out.name}' exceeds {option('atol', self.atol)}/{option('rtol', self.rtol)} "
                     f"(max |Δ| {out.max_abs_diff:.3g})"
                 )
             if self.max_rel_l2 is not None and out.rel_l2 is not None and not out.rel_l2 <= self.max_rel_l2:
                 failed.append(
-                    f"output '{out.name}' rel L2 {out.rel_l2:.3g} > --max-rel-l2 {self.max_rel_l2:g}"
+                    f"output '{out.name}' rel L2 {out.rel_l2:.3g} > {option('max_rel_l2', self.max_rel_l2)}"
                 )
             if self.min_cosine is not None and out.cosine is not None and not out.cosine >= self.min_cosine:
                 failed.append(
-                    f"output '{out.name}' cosine {out.cosine:.6f} < --min-cosine {self.min_cosine:g}"
+                    f"output '{out.name}' cosine {out.cosine:.6f} < {option('min_cosine', self.min_cosine)}"
                 )
             if (
                 self.min_top1 is not None
                 and out.top1_agreement is not None
                 and out.top1_agreement < self.min_top1
             ):
-                agreement = out.top1_agreement
-                failed.append(
-                    f"output '{out.name}' top-1 agreement {agreement:.4f} < --min-top1 {self.min_top1:g}"
-                )
+                gate = option("min_top1", self.min_top1)
+                failed.append(f"output '{out.name}' top-1 agreement {out.top1_agreement:.4f} < {gate}")
         return failed
 
     def check(self, verification: Verification) -> None:
@@ -89,7 +97,9 @@ class Gates:
 @dataclass
 class _Accumulator:
     rtol: float
-    shape: tuple[int, ...] = ()
+    shape: tuple[int, ...] = ()  # of the last batch
+    low: tuple[int, ...] | None = None  # per dim, the smallest and largest over the batches
+    high: tuple[int, ...] = ()
     max_abs: float = 0.0
     excess: float = -math.inf
     diff_sq: float = 0.0
@@ -115,6 +125,9 @@ class _Accumulator:
                 f"output shapes differ: original {list(ref.shape)}, compressed {list(new.shape)}"
             )
         self.shape = ref.shape
+        same_rank = self.low is not None and len(self.low) == ref.ndim
+        self.low = tuple(map(min, self.low, ref.shape)) if same_rank else ref.shape  # type: ignore[arg-type]
+        self.high = tuple(map(max, self.high, ref.shape)) if same_rank else ref.shape
         self.discrete = ref.dtype.kind not in "fc"
         same = np.asarray(ref == new, dtype=bool)
         self.equal += int(np.sum(same))
@@ -189,7 +202,9 @@ class _Accumulator:
         labelled = scores and self.labelled > 0
         return OutputComparison(
             name=name,
-            shape=tuple(self.shape),
+            shape=tuple(
+                lo if lo == hi else f"{lo}-{hi}" for lo, hi in zip(self.low or (), self.high, strict=True)
+            ),
             max_abs_diff=self.max_abs,
             allclose_excess=self.excess if self.excess > -math.inf else 0.0,
             rel_l2=rel_l2,
@@ -206,7 +221,7 @@ class _Accumulator:
 @dataclass(frozen=True)
 class OutputComparison:
     name: str
-    shape: tuple[int, ...]  # of the last batch
+    shape: tuple[int | str, ...]  # a dim that differs between batches (the last is short) is "8-32"
     max_abs_diff: float
     allclose_excess: float
     rel_l2: float | None  # None for integer/boolean outputs
@@ -262,8 +277,44 @@ class Verification:
         """The first output with accuracies against labels."""
         return next((o for o in self.outputs if o.accuracy_original is not None), None)
 
+    @property
+    def accuracy_original(self) -> float | None:
+        return self.scored.accuracy_original if self.scored else None
+
+    @property
+    def accuracy_compressed(self) -> float | None:
+        return self.scored.accuracy_compressed if self.scored else None
+
+    @property
+    def nonfinite(self) -> bool:
+        return any(o.nonfinite for o in self.outputs)
+
+    @property
+    def few_samples(self) -> bool:
+        """A top-1 agreement (or accuracy) measured on fewer than `MIN_RATE_SAMPLES` samples."""
+        return self.top1_agreement is not None and self.samples < MIN_RATE_SAMPLES
+
+    @property
+    def warning(self) -> str | None:
+        """Why the compressed model's outputs look wrong, even when no gate is set; None when they don't."""
+        far = []
+        for out in self.outputs:
+            if out.rel_l2 is None or out.cosine is None:
+                continue
+            if math.isnan(out.rel_l2) or math.isnan(out.cosine):
+                far.append(f"output '{out.name}' has NaN/inf where the original has numbers")
+            elif out.cosine < WARN_COSINE or out.rel_l2 > WARN_REL_L2:
+                far.append(
+                    f"output '{out.name}' is far from the original's (cosine {out.cosine:.3f}, "
+                    f"rel L2 {out.rel_l2:.3g})"
+                )
+        if not far:
+            return None
+        more = f" (+{len(far) - 1} more)" if len(far) > 1 else ""
+        return f"{far[0]}{more}; check the model before use, or compress less"
+
     def to_dict(self) -> dict:
-        scored = self.scored
+        """The JSON form: every key is also an attribute of the same name."""
         return {
             "provider": self.provider,
             "data": self.data,
@@ -271,11 +322,13 @@ class Verification:
             "max_abs_diff": _json_float(self.max_abs_diff),
             "rel_l2": _json_float(self.rel_l2),
             "cosine": _json_float(self.cosine),
-            "nonfinite": any(o.nonfinite for o in self.outputs),
+            "nonfinite": self.nonfinite,
             "top1_agreement": self.top1_agreement,
             "top5_agreement": self.top5_agreement,
-            "accuracy_original": scored.accuracy_original if scored else None,
-            "accuracy_compressed": scored.accuracy_compressed if scored else None,
+            "accuracy_original": self.accuracy_original,
+            "accuracy_compressed": self.accuracy_compressed,
+            "few_samples": self.few_samples,
+            "warning": self.warning,
             "note": self.note,
             "outputs": [
                 {k: _json_float(v) for k, v in asdict(o).items()} | {"shape": list(o.shape)}
@@ -316,7 +369,8 @@ def compare_models(
     try:
         reference = make_session(original, device, label="the original model")
     except RuntimeFailure as error:  # nothing to compare against on this device
-        raise RuntimeFailure(f"{error} (compress --no-verify skips verification)") from None
+        skip = either("compress --no-verify", "compress(verify=False)")
+        raise RuntimeFailure(f"{error} ({skip} skips verification)") from None
     candidate = make_session(compressed, device, label="the compressed model")
     for kind in ("inputs", "outputs"):
         ours, theirs = (

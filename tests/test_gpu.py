@@ -36,7 +36,7 @@ def test_auto_falls_back_to_cpu_quietly_or_uses_cuda():
 
 @pytest.mark.skipif(cuda_reason is None, reason="CUDA works here")
 def test_strict_cuda_fails_in_one_line_without_cuda():
-    with pytest.raises(DeviceUnavailable, match="--device cuda") as caught:
+    with pytest.raises(DeviceUnavailable, match="device='cuda'") as caught:
         select_device("cuda")
     assert "\n" not in str(caught.value)
 

@@ -14,7 +14,7 @@ import lrdeploy
 from lrdeploy import verify
 from lrdeploy.cli import main
 from lrdeploy.errors import UsageError, VerificationFailed
-from lrdeploy.verification import VerifyConfig
+from lrdeploy.verification import RANDOM_BATCHES, VerifyConfig
 from lrdeploy.verify import Gates, OutputComparison, Verification, _Accumulator
 from models import graph_model, run, weight
 
@@ -113,7 +113,7 @@ def test_class_id_outputs_count_as_top1_not_as_magnitudes():
     result = Verification("CPUExecutionProvider", (scores.finish("y"), ids), 4, "random")
     assert result.max_abs_diff == pytest.approx(0.1)  # from the scores only
     assert result.rel_l2 == pytest.approx(0.1)
-    assert Gates(min_top1=0.8).failures(result) == ["output 'label' top-1 agreement 0.7500 < --min-top1 0.8"]
+    assert Gates(min_top1=0.8).failures(result) == ["output 'label' top-1 agreement 0.7500 < min_top1=0.8"]
     assert Gates(max_rel_l2=0.2, min_cosine=0.9).failures(result) == []
     assert Gates(atol=0.5).failures(result)  # allclose semantics still hold for ids
 
@@ -180,7 +180,7 @@ def test_gates(gates, failing):
     [{"atol": -1}, {"atol": math.nan}, {"max_rel_l2": math.nan}, {"min_cosine": 1.5}, {"min_top1": -0.5}],
 )
 def test_gate_values_are_validated(gate):
-    with pytest.raises(UsageError, match=f"--{next(iter(gate)).replace('_', '-')} must be"):
+    with pytest.raises(UsageError, match=f"{next(iter(gate))} must be"):
         Gates(**gate)
 
 
@@ -334,7 +334,7 @@ def test_api_takes_arrays_as_data(rng):
     [
         ({"rank_ratio": "0.3"}, "rank ratio must be a number, got '0.3'"),
         ({"rank_ratio": 0.3, "input_shapes": {"x": (-1, 32)}}, "input shape for 'x' must be positive"),
-        ({"rank_ratio": 0.3, "seed": "a"}, "--seed must be an integer"),
+        ({"rank_ratio": 0.3, "seed": "a"}, "seed must be an integer"),
         ({"rank_ratio": 0.3, "gates": 0.5}, "gates must be lrdeploy.Gates"),
         ({"rank_ratio": 0.3, "exclude": "nothing*"}, "--exclude 'nothing\\*' matches no factorizable layer"),
     ],
@@ -352,3 +352,131 @@ def test_api_accepts_numpy_scalars_and_gate_dicts(rng):
     assert {layer.decision.name: layer.decision.rank for layer in report.layers}["fc1"] == 3
     with pytest.raises(VerificationFailed):
         lrdeploy.compress(model, rank=1, gates={"max_rel_l2": 1e-6}, device="cpu")
+
+
+# --- honest defaults: how many samples, and a warning when outputs are far off ----------------------
+
+
+def test_default_verification_draws_several_random_samples_and_says_so(rng):
+    model = _classifier(rng)
+    assert VerifyConfig().random_batches == RANDOM_BATCHES == 8
+    result = verify(model, model)
+    assert result.samples == 8 and result.data == "random (8 batches, seed 0)"
+    assert result.few_samples and result.to_dict()["few_samples"] is True  # top-1 of 8 is no rate
+    assert result.warning is None
+    many = verify(model, model, data=rng.standard_normal((120, 32)).astype(np.float32))
+    assert many.samples == 120 and not many.few_samples
+
+
+def test_outputs_far_from_the_original_are_flagged_without_a_gate(rng):
+    model = _classifier(rng)
+    result = verify(model, _damaged(model, "w2", -1.0))
+    assert not VerifyConfig().gates.active and not Gates().failures(result)
+    assert result.warning.startswith("output 'logits' is far from the original's (cosine -1.000, rel L2 2.0")
+    assert result.to_dict()["warning"] == result.warning
+    slightly = verify(model, _damaged(model, "w2", 1.01))
+    assert slightly.warning is None
+    acc = _Accumulator(rtol=0.0)
+    acc.add(np.ones((2, 3)), np.array([[1.0, np.nan, 1.0], [1.0, 1.0, 1.0]]), None)
+    nan = Verification("CPUExecutionProvider", (acc.finish("y"),), 2, "random")
+    assert nan.warning.startswith("output 'y' has NaN/inf where the original has numbers")
+
+
+def test_data_label_and_shape_say_what_was_used_under_limit(tmp_path, rng):
+    model = _classifier(rng)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((40, 32)).astype(np.float32))
+    result = verify(model, model, data=tmp_path / "d.npz", limit=30, batch_size=8)
+    assert result.samples == 30 and result.data == "d.npz (30 of 40 samples)"
+    assert result.outputs[0].shape == ("6-8", 10)  # batches of 8, 8, 8 and 6
+    assert result.to_dict()["outputs"][0]["shape"] == ["6-8", 10]
+    assert verify(model, model, input_shapes={"x": (4, 32)}).outputs[0].shape == (4, 10)
+
+
+def test_result_attributes_match_the_json_keys(tmp_path, rng):
+    model = _classifier(rng)
+    x = rng.standard_normal((20, 32)).astype(np.float32)
+    result = verify(model, model, data={"x": x, "labels": run(model, {"x": x})[0].argmax(1)})
+    saved = json.loads(json.dumps(result.to_dict()))
+    assert saved["accuracy_original"] == 1.0
+    for key, value in saved.items():
+        attribute = getattr(result, key)
+        if key == "outputs":
+            assert len(attribute) == len(value)
+            for out, out_json in zip(attribute, value, strict=True):
+                assert {k: getattr(out, k) for k in out_json} == out_json | {"shape": out.shape}
+        else:
+            assert attribute == value, key
+
+
+def test_messages_name_parameters_in_python_and_flags_on_the_command_line(tmp_path, rng, capsys):
+    from lrdeploy.spelling import command_line, option
+
+    assert (option("device", "cuda"), option("verify", False)) == ("device='cuda'", "verify=False")
+    as_flags = command_line(
+        lambda: (option("device", "cuda"), option("verify", False), option("input_shapes"))
+    )
+    assert as_flags() == ("--device cuda", "--no-verify", "--input-shape")
+    assert option("device", "cuda") == "device='cuda'"  # the CLI's spelling ends with the call
+    with pytest.raises(UsageError, match=r"^batch_size must be a positive integer, got 0$"):
+        VerifyConfig(batch_size=0)
+    with pytest.raises(UsageError, match=r"^min_cosine must be in \[-1, 1\], got 2$"):
+        Gates(min_cosine=2)
+    path = tmp_path / "m.onnx"
+    onnx.save(_classifier(rng), path)
+    assert main(["verify", str(path), str(path), "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --batch-size must be a positive integer, got 0")
+    assert main(["verify", str(path), str(path), "--data", str(tmp_path / "none.npz")]) == 2
+    assert f"--data {tmp_path / 'none.npz'}: no such file" in capsys.readouterr().err
+
+
+def test_integer_image_input_is_refused_from_scaled_pixels_and_verified_from_raw(tmp_path, capsys):
+    image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{index}.png")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["x"], ["xf"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("ReduceMean", ["xf"], ["y"], axes=[2, 3], keepdims=0),
+        ],
+        "uint8_input",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    assert main(["verify", str(path), str(path), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "input 'x' is uint8 but the pixels scaled by 0.003922 give fractions" in err
+    assert "pass --scale 1 (and no --mean/--std)" in err and len(err.strip().splitlines()) == 1
+    assert main(["verify", str(path), str(path), "--data", str(tmp_path), "--scale", "1"]) == 0
+    assert "3 sample(s)" in capsys.readouterr().out
+
+
+ORT_FAILS_AT_RUN = """
+import sys
+import onnx
+from onnx import TensorProto, helper
+graph = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+     helper.make_tensor_value_info("s", TensorProto.INT64, [1])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), sys.argv[1])
+from lrdeploy.cli import main
+sys.exit(main(["verify", sys.argv[1], sys.argv[1]]))
+"""
+
+
+def test_onnxruntime_logs_nothing_before_our_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", ORT_FAILS_AT_RUN, str(tmp_path / "m.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: onnxruntime failed to run the original model")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # no [E:onnxruntime:...] log above it
