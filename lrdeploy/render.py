@@ -154,7 +154,8 @@ def render_verification(verification: Verification, console: Console, fmt: str =
     if matches:
         parts.append(f"ids/masks equal {_percent(min(matches))}")
     if verification.top1_agreement is not None:
-        parts.append(f"top-1 agreement {_percent(verification.top1_agreement)}")
+        few = f" ({verification.samples} samples: too few for a rate)" if verification.few_samples else ""
+        parts.append(f"top-1 agreement {_percent(verification.top1_agreement)}{few}")
     scored = verification.scored
     if scored is not None:
         parts.append(
@@ -162,6 +163,8 @@ def render_verification(verification: Verification, console: Console, fmt: str =
         )
     where = f"verified on {verification.provider} with {verification.data}"
     print_line(console, f"{where}, {verification.samples} sample(s): " + ", ".join(parts), fmt=fmt)
+    if verification.warning:  # users read the last line: say it there even when no gate was set
+        print_line(console, f"warning: {verification.warning}", "yellow", fmt)
 
 
 def render_verification_table(verification: Verification, console: Console, fmt: str = "table") -> None:
