@@ -21,8 +21,9 @@ _VERIFY_FIELDS = set(VerifyConfig.__dataclass_fields__)
 class CompressConfig:
     """How to compress.
 
-    ``include``/``exclude`` are shell-style patterns (fnmatch) on node names; ``overrides`` maps a node
-    name to a rank and wins over the policy and the patterns. With no policy, only overridden layers
+    ``include``/``exclude`` are shell-style patterns (fnmatch) on a layer's node name, weight names and
+    module scopes (`lrdeploy.selection`); ``overrides`` maps such a name or pattern to a rank and wins
+    over the policy and the patterns. With no policy, only overridden layers
     are factorized. ``verification`` says how the result is checked; when its gates fail the output is
     not written unless ``keep_failed``.
     """
@@ -92,6 +93,17 @@ class CompressConfig:
         elif rank is not None:
             policy = FixedRank(rank)
         return cls(policy=policy, **options)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        """What decides the output model (for provenance); verification settings are left out."""
+        return {
+            "policy": self.policy.describe() if self.policy else None,
+            "rank_multiple": self.rank_multiple,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "overrides": dict(self.overrides),
+            "fold_bn": self.fold_bn,
+        }
 
     def describe(self) -> str:
         parts = [self.policy.describe()] if self.policy else ["overrides only"]
