@@ -204,14 +204,16 @@ def inspect(
         bool, typer.Option(help="Fold BatchNormalization first (what compress factorizes).")
     ] = True,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the profile as JSON here.")] = None,
+    input_shape: InputShape = None,
 ) -> None:
-    """List factorizable layers and the singular-value energy profile of their weights."""
+    """List factorizable layers, the singular-value energy profile of their weights and their MACs."""
+    from lrdeploy.config import parse_input_shapes
     from lrdeploy.inspection import inspect as inspect_model
     from lrdeploy.modelio import write_text_atomic
     from lrdeploy.render import render_inspection
 
     _check_outputs({"--json": json_path}, [model])
-    inspection = inspect_model(model, fold_bn=fold_bn)
+    inspection = inspect_model(model, fold_bn=fold_bn, input_shapes=parse_input_shapes(input_shape or []))
     render_inspection(inspection, console)
     if json_path is not None:
         write_text_atomic(json_path, inspection.to_json())

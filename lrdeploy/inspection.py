@@ -84,7 +84,13 @@ class Inspection:
 
     def to_json(self) -> str:
         skipped = [
-            {"name": d.name, "op": d.op, "reason": d.reason, "macs": self.macs.get(d.name), "dynamic": d.dynamic}
+            {
+                "name": d.name,
+                "op": d.op,
+                "reason": d.reason,
+                "macs": self.macs.get(d.name),
+                "dynamic": d.dynamic,
+            }
             for d in self.skipped
         ]
         return strict_json(

@@ -87,7 +87,8 @@ def _row(
     """A row for a node that is not factorized, with the weights it holds."""
     if not weights:
         return LayerDecision(node.name, node.op, "skipped", reason, params=0, dynamic=dynamic)
-    primary = [first_reader.setdefault(id(w), node.name) for w in weights][0]
+    readers = [first_reader.setdefault(id(w), node.name) for w in weights]  # claims all of them
+    primary = readers[0]
     return LayerDecision(
         node.name,
         node.op,
@@ -121,7 +122,9 @@ def find_groups(
             if dense is not None:
                 reason, weights = dense
                 dynamic = not weights and activation_product(node, runtime)
-                rows.append(_row(node, ACTIVATION_PRODUCT if dynamic else reason, weights, first_reader, dynamic))
+                rows.append(
+                    _row(node, ACTIVATION_PRODUCT if dynamic else reason, weights, first_reader, dynamic)
+                )
             continue
         if isinstance(view, str):
             dynamic = activation_product(node, runtime)
@@ -170,13 +173,17 @@ def _round_up(rank: int, multiple: int, full_rank: int) -> int:
 def plan_layers(
     groups: list[WeightGroup], config: CompressConfig, progress: Progress | None = None
 ) -> tuple[list[Rewrite], list[LayerDecision]]:
-    layers = [([n.name for n in group.nodes], group.labels or [n.name for n in group.nodes]) for group in groups]
+    layers = [
+        ([n.name for n in group.nodes], group.labels or [n.name for n in group.nodes]) for group in groups
+    ]
     choices = select(layers, config.overrides, config.include, config.exclude, config.policy)
     rewrites: list[Rewrite] = []
     decisions: list[LayerDecision] = []
     workers, blas_threads = _parallelism()
     with threadpool_limits(blas_threads), ThreadPoolExecutor(workers) as pool:
-        planned = pool.map(lambda job: _plan_group(job[0], config, *job[1]), zip(groups, choices, strict=True))
+        planned = pool.map(
+            lambda job: _plan_group(job[0], config, *job[1]), zip(groups, choices, strict=True)
+        )
         for done, (rewrite, decided) in enumerate(planned, 1):
             if rewrite is not None:
                 rewrites.append(rewrite)

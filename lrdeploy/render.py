@@ -228,6 +228,7 @@ def render_inspection(inspection, console: Console) -> None:
         "r@90%",
         "r@99%",
         "break-even",
+        "MACs",
     )
     for column in columns:
         table.add_column(column, justify="left" if column in ("layer", "op", "weight") else "right")
@@ -242,16 +243,19 @@ def render_inspection(inspection, console: Console) -> None:
             *(f"{100 * layer.energy_at(r):.1f}%" for r in (0.1, 0.25, 0.5)),
             *(str(layer.rank_for(e)) for e in (0.9, 0.99)),
             str(layer.break_even_rank()),
+            format_count(layer.macs),
         )
     console.print(table)
     console.print(
         "E@x: fraction of Σσ² kept at rank ratio x; r@e: smallest rank keeping energy e; "
-        "break-even: largest rank that still saves parameters"
+        "break-even: largest rank that still saves parameters; "
+        f"MACs at {escape(str(inspection.input_shapes))} (model total {format_count(inspection.total_macs)})"
     )
     for decision in inspection.skipped:
-        console.print(
-            f"  not factorizable [bold]{escape(decision.name)}[/] ({decision.op}): {escape(decision.reason)}"
-        )
+        macs = inspection.macs.get(decision.name)
+        cost = f", {format_count(macs)} MACs" if decision.name in inspection.macs else ""
+        name, reason = escape(decision.name), escape(decision.reason)
+        console.print(f"  not factorizable [bold]{name}[/] ({decision.op}{cost}): {reason}")
     folded = sum(1 for b in inspection.batchnorm if b["status"] == "folded")
     if inspection.batchnorm:
         console.print(f"BatchNormalization: {folded} foldable, {len(inspection.batchnorm) - folded} not")

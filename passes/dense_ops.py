@@ -57,7 +57,12 @@ def dense_row(node: gs.Node) -> tuple[str, list[gs.Constant]] | None:
     if node.op == "Gather" and node.inputs:
         table = node.inputs[0]
         runtime_indices = len(node.inputs) > 1 and not isinstance(node.inputs[1], gs.Constant)
-        if isinstance(table, gs.Constant) and float_dtype(table) and len(table.shape) == 2 and runtime_indices:
+        if (
+            isinstance(table, gs.Constant)
+            and float_dtype(table)
+            and len(table.shape) == 2
+            and runtime_indices
+        ):
             return _EMBEDDING, [table]
     return None
 
