@@ -32,6 +32,7 @@ class LayerSpectrum:
     weight_shape: tuple[int, ...]
     spectrum: Spectrum
     macs: int | None = None  # all readers together, at the inspection's input shapes
+    labels: tuple[str, ...] = ()  # what --include/--exclude/--overrides match (`lrdeploy.selection`)
 
     @property
     def m(self) -> int:
@@ -64,6 +65,7 @@ class LayerSpectrum:
             "full_rank": self.full_rank,
             "break_even_rank": self.break_even_rank(),
             "macs": self.macs,
+            "labels": list(self.labels),
             "singular_values": [float(s) for s in self.spectrum.singular_values],
         }
 
@@ -133,7 +135,7 @@ def inspect(
         names = tuple(node.name for node in group.nodes)
         shape = tuple(int(d) for d in group.view.weight.shape)
         cost = _sum([macs.get(name) for name in names])
-        layers.append(LayerSpectrum(names, group.view.layout[0], shape, spectrum, cost))
+        layers.append(LayerSpectrum(names, group.view.layout[0], shape, spectrum, cost, group.labels))
     shared = [LayerDecision(n.name, n.op, "skipped", g.problem) for g in groups if g.problem for n in g.nodes]
     return Inspection(
         layers,

@@ -1,9 +1,11 @@
 """Analyze and plan: which layers are factorized at which rank, and the factors for each.
 
 Planning reads weights but never edits the graph: it returns `Rewrite`s for `passes.factorize` and one
-`LayerDecision` per candidate node for the report. Nodes that read the same weight form one group: the
-group is factorized once (shared factors) when every reader is factorizable with the same storage
-layout, and left dense otherwise, so a shared initializer is never corrupted.
+`LayerDecision` per node that holds a weight or costs MACs, for the report: candidates, and the ops that
+have no low-rank pair (`passes.dense_ops`), so that the rows account for the whole model. Nodes that
+read the same weight form one group: the group is factorized once (shared factors) when every reader is
+factorizable with the same storage layout, and left dense otherwise, so a shared initializer is never
+corrupted. Which groups are factorized, and at which rank, is `lrdeploy.selection`'s and the policy's call.
 """
 
 from __future__ import annotations
@@ -110,7 +112,6 @@ def find_groups(
     ``source`` is the model the graph was imported from (node names as in the graph): the weight names
     and module scopes the exporter wrote there become selection labels.
     """
-    labels = layer_labels(source) if source is not None else {}
     runtime = runtime_tensors(graph)
     groups: dict[int, WeightGroup] = {}
     rows: list[LayerDecision] = []
@@ -128,7 +129,7 @@ def find_groups(
             continue
         if isinstance(view, str):
             dynamic = activation_product(node, runtime)
-            weights = [t for t in node.inputs[:2] if isinstance(t, gs.Constant)][:1]
+            weights = [t for t in node.inputs[1::-1] if isinstance(t, gs.Constant)][:1]  # W, else x
             rows.append(_row(node, ACTIVATION_PRODUCT if dynamic else view, weights, first_reader, dynamic))
             continue
         first_reader.setdefault(id(view.weight), node.name)
@@ -136,12 +137,13 @@ def find_groups(
         if view.layout != group.view.layout:
             group.problem = f"weight '{view.weight.name}' is read with different layouts; left dense"
         group.nodes.append(node)
-        group.labels = tuple(
-            dict.fromkeys((*group.labels, *labels.get(node.name, (node.name,)), node.name, view.weight.name))
-        )
     graph_outputs = {id(t) for g in (graph, *graph.subgraphs(recursive=True)) for t in g.outputs}
+    members = {node.name for group in groups.values() for node in group.nodes}
+    labels = layer_labels(source, members) if source is not None else {}
     for key, group in groups.items():
         group.primary = first_reader[key]
+        found = (label for node in group.nodes for label in labels.get(node.name, (node.name,)))
+        group.labels = tuple(dict.fromkeys((*found, group.view.weight.name)))
         members = {id(n) for n in group.nodes}
         others = [n for n in group.view.weight.outputs if id(n) not in members]
         if id(group.view.weight) in graph_outputs:
@@ -173,9 +175,7 @@ def _round_up(rank: int, multiple: int, full_rank: int) -> int:
 def plan_layers(
     groups: list[WeightGroup], config: CompressConfig, progress: Progress | None = None
 ) -> tuple[list[Rewrite], list[LayerDecision]]:
-    layers = [
-        ([n.name for n in group.nodes], group.labels or [n.name for n in group.nodes]) for group in groups
-    ]
+    layers = [([n.name for n in group.nodes], group.labels) for group in groups]
     choices = select(layers, config.overrides, config.include, config.exclude, config.policy)
     rewrites: list[Rewrite] = []
     decisions: list[LayerDecision] = []

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 
 import onnx
 
@@ -30,12 +30,16 @@ from lrdeploy.policy import FixedRank
 __all__ = ["layer_labels", "module_scopes", "select"]
 
 Choice = tuple[FixedRank | None, str | None]  # (override, reason to leave dense)
+_MAX_META = 1 << 16
+_GLOB = frozenset("*?[")
 
 
 def module_scopes(node: onnx.NodeProto) -> list[str]:
     """Module paths of a node from exporter metadata, outermost first (the op's own name left out)."""
     meta = {p.key: p.value for p in node.metadata_props}
     scopes: list[str] = []
+    if len(meta.get("pkg.torch.onnx.name_scopes", "")) > _MAX_META:  # untrusted: no parsing of megabytes
+        return []
     if "pkg.torch.onnx.name_scopes" in meta:
         try:
             parsed = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
@@ -62,17 +66,21 @@ def _weight_sources(model: onnx.ModelProto) -> dict[str, tuple[str, ...]]:
     return sources
 
 
-def layer_labels(model: onnx.ModelProto) -> dict[str, tuple[str, ...]]:
-    """Node name → its labels (node name, weight names as exported, module scopes)."""
+def layer_labels(model: onnx.ModelProto, names: Container[str] | None = None) -> dict[str, tuple[str, ...]]:
+    """Node name → its labels (node name, weight names as exported, module scopes), for ``names`` or all."""
     sources = _weight_sources(model)
     labels = {}
     for node in model.graph.node:
+        if names is not None and node.name not in names:
+            continue
         weights = (s for name in node.input if name for s in sources.get(name, ()))
         labels[node.name] = tuple(dict.fromkeys((node.name, *weights, *module_scopes(node))))
     return labels
 
 
 def _matches(labels: Iterable[str], pattern: str) -> bool:
+    if _GLOB.isdisjoint(pattern):  # a plain name: a lookup, not a glob per label
+        return pattern in labels
     return any(fnmatch.fnmatchcase(label, pattern) for label in labels)
 
 

@@ -49,6 +49,9 @@ def test_dynamo_export_nodes_carry_weight_names_and_module_scopes(dynamo_export)
     assert set(by_weight) == {"0.weight", "2.conv.weight", "4.weight"}
     assert "2" in by_weight["2.conv.weight"] and "4" in by_weight["4.weight"]
     assert all(label.startswith("node_") for label in (labels[n.name][0] for n in dynamo_export.graph.node))
+    profiled = {layer.names[0]: layer.labels for layer in lrdeploy.inspect(dynamo_export).layers}
+    assert all(labels[0] == name for name, labels in profiled.items())  # the node name comes first
+    assert any("2.conv.weight" in labels and "2" in labels for labels in profiled.values())
 
 
 def test_select_by_weight_name_on_a_dynamo_export(dynamo_export):
