@@ -113,7 +113,7 @@ class CompressConfig:
 
 
 def load_overrides(path: Path | str) -> dict[str, int]:
-    """Read a per-layer rank file: a JSON object ``{"node name": rank}``."""
+    """Read a per-layer rank file: a JSON object ``{"layer or glob": rank}`` (`lrdeploy.selection`)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -121,10 +121,10 @@ def load_overrides(path: Path | str) -> dict[str, int]:
         raise UsageError(f"overrides file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UsageError(
-            f'overrides file {path} is not valid JSON ({error}); expected {{"node": rank}}'
+            f'overrides file {path} is not valid JSON ({error}); expected {{"layer": rank}}'
         ) from None
     if not isinstance(data, dict):
-        raise UsageError(f'overrides file {path} must hold a JSON object {{"node name": rank}}')
+        raise UsageError(f'overrides file {path} must hold a JSON object {{"layer": rank}}')
     return data
 
 

@@ -87,6 +87,7 @@ def _row(
     node: gs.Node, reason: str, weights: list[gs.Constant], first_reader: dict[int, str], dynamic: bool
 ) -> LayerDecision:
     """A row for a node that is not factorized, with the weights it holds."""
+    reason = ACTIVATION_PRODUCT if dynamic else reason
     if not weights:
         return LayerDecision(node.name, node.op, "skipped", reason, params=0, dynamic=dynamic)
     readers = [first_reader.setdefault(id(w), node.name) for w in weights]  # claims all of them
@@ -123,14 +124,12 @@ def find_groups(
             if dense is not None:
                 reason, weights = dense
                 dynamic = not weights and activation_product(node, runtime)
-                rows.append(
-                    _row(node, ACTIVATION_PRODUCT if dynamic else reason, weights, first_reader, dynamic)
-                )
+                rows.append(_row(node, reason, weights, first_reader, dynamic))
             continue
         if isinstance(view, str):
             dynamic = activation_product(node, runtime)
             weights = [t for t in node.inputs[1::-1] if isinstance(t, gs.Constant)][:1]  # W, else x
-            rows.append(_row(node, ACTIVATION_PRODUCT if dynamic else view, weights, first_reader, dynamic))
+            rows.append(_row(node, view, weights, first_reader, dynamic))
             continue
         first_reader.setdefault(id(view.weight), node.name)
         group = groups.setdefault(id(view.weight), WeightGroup(view, []))
@@ -138,8 +137,8 @@ def find_groups(
             group.problem = f"weight '{view.weight.name}' is read with different layouts; left dense"
         group.nodes.append(node)
     graph_outputs = {id(t) for g in (graph, *graph.subgraphs(recursive=True)) for t in g.outputs}
-    members = {node.name for group in groups.values() for node in group.nodes}
-    labels = layer_labels(source, members) if source is not None else {}
+    candidates = {node.name for group in groups.values() for node in group.nodes}
+    labels = layer_labels(source, candidates) if source is not None else {}
     for key, group in groups.items():
         group.primary = first_reader[key]
         found = (label for node in group.nodes for label in labels.get(node.name, (node.name,)))
