@@ -40,6 +40,7 @@ from lrdeploy.passes.names import name_nodes
 from lrdeploy.passes.upgrade import upgrade_opset
 from lrdeploy.pipeline import decision_dicts, prepare_graph
 from lrdeploy.plan import LayerDecision, find_groups, plan_layers
+from lrdeploy.provenance import provenance
 from lrdeploy.report import LayerReport, Report
 
 __all__ = ["compress"]
@@ -139,7 +140,7 @@ def _compress(
     with timer("fold_bn"):
         graph, names, normalized, folded = prepare_graph(original, config.fold_bn)
     with timer("plan"):
-        groups, unfit = find_groups(graph)
+        groups, unfit = find_groups(graph, original)
         tick = (lambda done, total: progress("factorize", done, total)) if progress else None
         rewrites, decisions = plan_layers(groups, config, tick)
     with timer("rewrite"):
@@ -147,7 +148,8 @@ def _compress(
         pairs = {d.node: d.details["pair"] for d in rewritten.decisions}
         del rewrites, groups
         gc.collect()  # replaced weights sit in graphsurgeon's reference cycles until collected
-        compressed = from_graph(graph, original, choose_ir_version(original.ir_version, original))
+        ir_version = choose_ir_version(original.ir_version, original)
+        compressed = from_graph(graph, original, ir_version, metadata=provenance(model, config))
         del graph
     with timer("count"):
         params_after = costs.count_params(compressed)

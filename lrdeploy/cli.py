@@ -134,13 +134,19 @@ def compress(
     rank: Annotated[int | None, typer.Option(help="The same rank for every layer.")] = None,
     rank_multiple: Annotated[int, typer.Option(help="Round ranks up to a multiple of this (hardware).")] = 1,
     include: Annotated[
-        list[str] | None, typer.Option(help="Only nodes matching this glob (repeatable).")
+        list[str] | None,
+        typer.Option(
+            help="Only layers whose node, weight or module-scope name matches this glob (repeatable)."
+        ),
     ] = None,
     exclude: Annotated[
-        list[str] | None, typer.Option(help="Skip nodes matching this glob (repeatable).")
+        list[str] | None,
+        typer.Option(
+            help="Skip layers whose node, weight or module-scope name matches this glob (repeatable)."
+        ),
     ] = None,
     overrides: Annotated[
-        Path | None, typer.Option(help='JSON {"node name": rank}; wins over the policy.')
+        Path | None, typer.Option(help='JSON {"layer name or glob": rank}; wins over the policy.')
     ] = None,
     fold_bn: Annotated[bool, typer.Option(help="Fold BatchNormalization into its producer first.")] = True,
     verify: Annotated[bool, typer.Option(help="Compare outputs with the original on onnxruntime.")] = True,
@@ -238,17 +244,20 @@ def inspect(
         bool, typer.Option(help="Fold BatchNormalization first (what compress factorizes).")
     ] = True,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the profile as JSON here.")] = None,
+    input_shape: InputShape = None,
     format_: Format = None,
 ) -> None:
-    """List factorizable layers and the singular-value energy profile of their weights."""
+    """List factorizable layers, the singular-value energy profile of their weights and their MACs."""
+    from lrdeploy.config import parse_input_shapes
     from lrdeploy.inspection import inspect as inspect_model
     from lrdeploy.render import render_inspection
     from lrdeploy.tables import print_line
 
     fmt = output_format(format_, console.is_terminal)
     out, remarks = _consoles(fmt)
+    shapes = parse_input_shapes(input_shape or [])
     with _outputs({"--json": json_path}, [model]) as outputs:
-        inspection = inspect_model(model, fold_bn=fold_bn)
+        inspection = inspect_model(model, fold_bn=fold_bn, input_shapes=shapes)
         if json_path is not None:
             outputs.write_text(json_path, inspection.to_json())
         outputs.promote()

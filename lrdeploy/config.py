@@ -21,8 +21,9 @@ _VERIFY_FIELDS = set(VerifyConfig.__dataclass_fields__)
 class CompressConfig:
     """How to compress.
 
-    ``include``/``exclude`` are shell-style patterns (fnmatch) on node names; ``overrides`` maps a node
-    name to a rank and wins over the policy and the patterns. With no policy, only overridden layers
+    ``include``/``exclude`` are shell-style patterns (fnmatch) on a layer's node name, weight names and
+    module scopes (`lrdeploy.selection`); ``overrides`` maps such a name or pattern to a rank and wins
+    over the policy and the patterns. With no policy, only overridden layers
     are factorized. ``verification`` says how the result is checked; when its gates fail the output is
     not written unless ``keep_failed``.
     """
@@ -93,6 +94,17 @@ class CompressConfig:
             policy = FixedRank(rank)
         return cls(policy=policy, **options)  # type: ignore[arg-type]
 
+    def to_dict(self) -> dict[str, object]:
+        """What decides the output model (for provenance); verification settings are left out."""
+        return {
+            "policy": self.policy.describe() if self.policy else None,
+            "rank_multiple": self.rank_multiple,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "overrides": dict(self.overrides),
+            "fold_bn": self.fold_bn,
+        }
+
     def describe(self) -> str:
         parts = [self.policy.describe()] if self.policy else ["overrides only"]
         if self.rank_multiple > 1:
@@ -101,7 +113,7 @@ class CompressConfig:
 
 
 def load_overrides(path: Path | str) -> dict[str, int]:
-    """Read a per-layer rank file: a JSON object ``{"node name": rank}``."""
+    """Read a per-layer rank file: a JSON object ``{"layer or glob": rank}`` (`lrdeploy.selection`)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -109,10 +121,10 @@ def load_overrides(path: Path | str) -> dict[str, int]:
         raise UsageError(f"overrides file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UsageError(
-            f'overrides file {path} is not valid JSON ({error}); expected {{"node": rank}}'
+            f'overrides file {path} is not valid JSON ({error}); expected {{"layer": rank}}'
         ) from None
     if not isinstance(data, dict):
-        raise UsageError(f'overrides file {path} must hold a JSON object {{"node name": rank}}')
+        raise UsageError(f'overrides file {path} must hold a JSON object {{"layer": rank}}')
     return data
 
 

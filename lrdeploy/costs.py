@@ -5,6 +5,10 @@ tensors keep their dims but not their bytes), so counting costs almost nothing f
 
 - Conv: N·Cout·Π(out spatial)·(Cin/group)·Πk        - ConvTranspose: N·Cin·Π(in spatial)·(Cout/group)·Πk
 - Gemm: M·K·N                                      - MatMul: Π(batch dims)·M·K·N (broadcast output)
+- LSTM/GRU/RNN: T·N·(|W| + |R|): each step multiplies the input by W [dirs, gates·H, I] and the
+  state by R [dirs, gates·H, H] (4 gates for LSTM, 3 for GRU, 1 for RNN; both directions in dirs)
+- Einsum: operands contracted left to right, each step costing Π(sizes of the labels it touches)
+- QLinearConv/ConvInteger as Conv, QLinearMatMul/MatMulInteger as MatMul; Gather 0 (a table lookup)
 """
 
 from __future__ import annotations
@@ -20,7 +24,22 @@ from lrdeploy.constfold import fold_shape_arithmetic
 __all__ = ["count_macs", "count_params", "infer_shapes", "skeleton"]
 
 _SKELETON_BYTES = 4096
-_MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# op → (kind, index of the data input, index of the weight input)
+_MAC_OPS = {
+    "Conv": ("Conv", 0, 1),
+    "ConvInteger": ("Conv", 0, 1),
+    "QLinearConv": ("Conv", 0, 3),
+    "ConvTranspose": ("ConvTranspose", 0, 1),
+    "Gemm": ("Gemm", 0, 1),
+    "MatMul": ("MatMul", 0, 1),
+    "MatMulInteger": ("MatMul", 0, 1),
+    "QLinearMatMul": ("MatMul", 0, 3),
+    "LSTM": ("Recurrent", 0, 1),
+    "GRU": ("Recurrent", 0, 1),
+    "RNN": ("Recurrent", 0, 1),
+    "Einsum": ("Einsum", 0, 1),
+    "Gather": ("Gather", 0, 0),
+}
 
 
 def _elements(tensor: TensorProto) -> int:
@@ -157,37 +176,83 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return next((a.i for a in node.attribute if a.name == name), default)
 
 
+def _einsum_macs(node: onnx.NodeProto, inputs: list[tuple[int | None, ...] | None]) -> int | None:
+    equation = next((a.s.decode() for a in node.attribute if a.name == "equation"), "").replace(" ", "")
+    if len(inputs) < 2:
+        return 0
+    if not all(_known(shape) for shape in inputs):
+        return None
+    lhs, _, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(inputs):
+        return None
+    sizes: dict[str, int] = {}
+    operands = []
+    for term, shape in zip(terms, inputs, strict=True):
+        explicit = term.replace("...", "")
+        ellipsis = len(shape) - len(explicit)
+        broadcast = "".join(chr(0x2460 + ellipsis - 1 - i) for i in range(ellipsis))  # right-aligned
+        labels = term.replace("...", broadcast) if "..." in term else term
+        if len(labels) != len(shape):
+            return None
+        for label, size in zip(labels, shape, strict=True):
+            sizes[label] = max(sizes.get(label, 1), size)
+        operands.append(set(labels))
+    if not rhs and "->" not in equation:  # implicit output: labels that appear once
+        rhs = "".join(label for label in sizes if sum(label in ops for ops in operands) == 1)
+    kept = set(rhs.replace("...", "")) | {label for label in sizes if ord(label) >= 0x2460}
+    total, current = 0, operands[0]
+    for index, operand in enumerate(operands[1:], 2):
+        touched = current | operand
+        total += int(np.prod([sizes[label] for label in touched], dtype=np.int64))
+        later = set().union(*operands[index:]) if index < len(operands) else set()
+        current = {label for label in touched if label in kept or label in later}
+    return total
+
+
 def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int | None, ...]]) -> int | None:
+    kind, data, weight_index = _MAC_OPS[node.op_type]
     inputs = [shapes.get(name) if name else None for name in node.input]
     output = shapes.get(node.output[0]) if node.output else None
-    if len(inputs) < 2 or not _known(inputs[1]):
+    if kind == "Gather":
+        return 0
+    if kind == "Einsum":
+        return _einsum_macs(node, inputs)
+    if len(inputs) <= weight_index or not _known(inputs[weight_index]):
         return None
-    weight = inputs[1]
-    if node.op_type == "Conv":
+    weight, x = inputs[weight_index], inputs[data]
+    if kind == "Conv":
         if not _known(output):
             return None
         return int(np.prod(output, dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
-    if node.op_type == "ConvTranspose":
-        if not _known(inputs[0]):
+    if kind == "ConvTranspose":
+        if not _known(x):
             return None
         per_input = weight[1] * np.prod(weight[2:], dtype=np.int64)  # (Cout/group)·Πk
-        return int(np.prod(inputs[0], dtype=np.int64) * per_input)
-    if node.op_type == "Gemm":
-        if not _known(output) or not _known(inputs[0]):
+        return int(np.prod(x, dtype=np.int64) * per_input)
+    if kind == "Recurrent":
+        recurrent = inputs[2] if len(inputs) > 2 else None
+        if not _known(x) or len(x) != 3 or not _known(recurrent):
             return None
-        k = inputs[0][0] if _attr(node, "transA", 0) else inputs[0][1]
+        steps, batch = (x[1], x[0]) if _attr(node, "layout", 0) else (x[0], x[1])
+        per_step = np.prod(weight, dtype=np.int64) + np.prod(recurrent, dtype=np.int64)
+        return int(steps * batch * per_step)
+    if not _known(output) or not _known(x):
+        return None
+    if kind == "Gemm":
+        k = x[0] if _attr(node, "transA", 0) else x[1]
         return int(output[0] * output[1] * k)
-    if node.op_type == "MatMul":
-        if not _known(output) or not _known(inputs[0]):
-            return None
-        k = inputs[0][-1]
-        return int(np.prod(output, dtype=np.int64) * k)
-    return None
+    return int(np.prod(output, dtype=np.int64) * x[-1])  # MatMul: every output element is a K-long dot
 
 
 def count_macs(
     model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...] | None]
 ) -> dict[str, int | None]:
-    """Node name → MACs for Conv/ConvTranspose/Gemm/MatMul (None where shapes are unknown)."""
+    """Node name → MACs for every op that costs them (None where shapes are unknown), and 0 for Gather,
+    so that report rows of embedding tables read 0 rather than unknown."""
     shapes = infer_shapes(model, input_shapes)
-    return {node.name: _node_macs(node, shapes) for node in model.graph.node if node.op_type in _MAC_OPS}
+    return {
+        node.name: _node_macs(node, shapes)
+        for node in model.graph.node
+        if node.op_type in _MAC_OPS and node.domain in ("", "ai.onnx")
+    }

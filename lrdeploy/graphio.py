@@ -9,7 +9,7 @@ exported tensor keeps pointing at the file until `lrdeploy.modelio.save_model` c
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
@@ -21,7 +21,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from lrdeploy.lazyweights import is_file_backed, read_tensor
 from lrdeploy.passes.values import materialize_deferred
 
-__all__ = ["from_graph", "to_graph"]
+__all__ = ["from_graph", "set_metadata", "to_graph"]
 
 
 class FileValues(LazyValues):
@@ -98,8 +98,27 @@ def _unshare_outer_weights(exported: onnx.GraphProto, original: onnx.GraphProto)
     visit(exported)
 
 
-def from_graph(graph: gs.Graph, original: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
-    """Export ``graph`` as a model that carries the original's metadata, opsets and declarations."""
+def set_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
+    """Set ``entries`` in ``metadata_props``: a key already there is replaced in place (once), others kept."""
+    kept, done = [], set()
+    for prop in model.metadata_props:
+        if prop.key not in entries:
+            kept.append(onnx.StringStringEntryProto(key=prop.key, value=prop.value))
+        elif prop.key not in done:
+            kept.append(onnx.StringStringEntryProto(key=prop.key, value=entries[prop.key]))
+            done.add(prop.key)
+    kept += [onnx.StringStringEntryProto(key=k, value=v) for k, v in entries.items() if k not in done]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+
+
+def from_graph(
+    graph: gs.Graph, original: onnx.ModelProto, ir_version: int, metadata: Mapping[str, str] | None = None
+) -> onnx.ModelProto:
+    """Export ``graph`` as a model that carries the original's metadata, opsets and declarations.
+
+    ``metadata`` (lrdeploy's provenance) is set on top of the original's ``metadata_props``.
+    """
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     materialize_deferred(graph)
     with warnings.catch_warnings(), _quiet_graphsurgeon():
@@ -110,6 +129,7 @@ def from_graph(graph: gs.Graph, original: onnx.ModelProto, ir_version: int) -> o
         setattr(model, name, getattr(original, name))
     del model.metadata_props[:]
     model.metadata_props.extend(original.metadata_props)
+    set_metadata(model, metadata or {})
     del model.opset_import[:]
     model.opset_import.extend(original.opset_import)
     _restore_io(model.graph, original.graph)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import onnx
 
 from lrdeploy import costs
+from lrdeploy.inputs import resolve_shapes
 from lrdeploy.modelio import load_model
 from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
@@ -29,6 +31,8 @@ class LayerSpectrum:
     op: str
     weight_shape: tuple[int, ...]
     spectrum: Spectrum
+    macs: int | None = None  # all readers together, at the inspection's input shapes
+    labels: tuple[str, ...] = ()  # what --include/--exclude/--overrides match (`lrdeploy.selection`)
 
     @property
     def m(self) -> int:
@@ -60,6 +64,8 @@ class LayerSpectrum:
             "matrix": [self.m, self.n],
             "full_rank": self.full_rank,
             "break_even_rank": self.break_even_rank(),
+            "macs": self.macs,
+            "labels": list(self.labels),
             "singular_values": [float(s) for s in self.spectrum.singular_values],
         }
 
@@ -70,30 +76,72 @@ class Inspection:
     skipped: list[LayerDecision]
     batchnorm: list[dict]
     params: int
+    macs: dict[str, int | None] = field(default_factory=dict)  # node name → MACs
+    input_shapes: dict[str, list[int] | None] = field(default_factory=dict)
+
+    @property
+    def total_macs(self) -> int | None:
+        values = list(self.macs.values())
+        return None if any(v is None for v in values) else sum(values)
 
     def to_json(self) -> str:
+        skipped = [
+            {
+                "name": d.name,
+                "op": d.op,
+                "reason": d.reason,
+                "macs": self.macs.get(d.name),
+                "dynamic": d.dynamic,
+            }
+            for d in self.skipped
+        ]
         return strict_json(
             {
                 "params": self.params,
+                "macs": self.total_macs,
+                "input_shapes": self.input_shapes,
                 "layers": [layer.to_dict() for layer in self.layers],
-                "not_factorizable": [{"name": d.name, "op": d.op, "reason": d.reason} for d in self.skipped],
+                "not_factorizable": skipped,
                 "batchnorm": self.batchnorm,
             }
         )
 
 
-def inspect(model: str | os.PathLike | onnx.ModelProto, *, fold_bn: bool = True) -> Inspection:
-    """Profile every factorizable weight after BN folding; nothing is written."""
+def _sum(values: list[int | None]) -> int | None:
+    return None if any(v is None for v in values) else sum(values)  # type: ignore[arg-type]
+
+
+def inspect(
+    model: str | os.PathLike | onnx.ModelProto,
+    *,
+    fold_bn: bool = True,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> Inspection:
+    """Profile every factorizable weight after BN folding, with MACs at ``input_shapes``; nothing is written.
+
+    Symbolic dims not given in ``input_shapes`` are guessed as `compress` does (a leading one is 1);
+    MACs that depend on a dim that cannot be guessed are None.
+    """
     original, _ = inline_layer_functions(upgrade_opset(load_model(model)[0])[0])
     name_nodes(original.graph)  # the same names compress gives, for --include/--exclude/--overrides
+    shapes = resolve_shapes(original, input_shapes, strict=False)
+    macs = costs.count_macs(original, shapes)
     graph, _, _, folded = prepare_graph(original, fold_bn)
-    groups, unfit = find_groups(graph)
+    groups, unfit = find_groups(graph, original)
     layers = []
     for group in groups:
         spectrum = Spectrum.of(group.view.matrix())
         spectrum.release()
         names = tuple(node.name for node in group.nodes)
         shape = tuple(int(d) for d in group.view.weight.shape)
-        layers.append(LayerSpectrum(names, group.view.layout[0], shape, spectrum))
+        cost = _sum([macs.get(name) for name in names])
+        layers.append(LayerSpectrum(names, group.view.layout[0], shape, spectrum, cost, group.labels))
     shared = [LayerDecision(n.name, n.op, "skipped", g.problem) for g in groups if g.problem for n in g.nodes]
-    return Inspection(layers, unfit + shared, decision_dicts(folded), costs.count_params(original))
+    return Inspection(
+        layers,
+        unfit + shared,
+        decision_dicts(folded),
+        costs.count_params(original),
+        macs,
+        {k: list(v) if v else None for k, v in shapes.items()},
+    )

@@ -101,7 +101,11 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
         d = layer.decision
         rank = f"{d.rank}/{d.full_rank}" if d.rank else (f"-/{d.full_rank}" if d.full_rank else "-")
         energy = f"{100 * d.energy_kept:.1f}%" if d.energy_kept is not None else "-"
-        params = f"{format_count(layer.params_before)}→{format_count(layer.params_after)}" if d.m else "-"
+        params = (
+            f"{format_count(layer.params_before)}→{format_count(layer.params_after)}"
+            if layer.params_before is not None
+            else "-"
+        )
         macs = f"{format_count(layer.macs_before)}→{format_count(layer.macs_after)}"
         status, note, style = _status(d)
         sheet.add([d.name, d.op, _shape(d.weight_shape), rank, energy, params, macs, status], note, style)
@@ -292,6 +296,7 @@ def render_inspection(inspection, console: Console, fmt: str = "table") -> None:
         Column("r@90%", right=True, drop=2),
         Column("r@99%", right=True),
         Column("break-even", right=True, drop=5),
+        Column("MACs", right=True, drop=9),
     ]
     sheet = Sheet("factorizable layers (BN folded)", columns, note_column=0)
     for layer in inspection.layers:
@@ -307,6 +312,7 @@ def render_inspection(inspection, console: Console, fmt: str = "table") -> None:
                 *(f"{100 * layer.energy_at(r):.1f}%" for r in (0.1, 0.25, 0.5)),
                 *(layer.rank_for(e) for e in (0.9, 0.99)),
                 layer.break_even_rank(),
+                format_count(layer.macs),
             ],
             note,
         )
@@ -316,7 +322,8 @@ def render_inspection(inspection, console: Console, fmt: str = "table") -> None:
     print_line(
         console,
         "E@x: fraction of Σσ² kept at rank ratio x; r@e: smallest rank keeping energy e; "
-        "break-even: largest rank that still saves parameters",
+        "break-even: largest rank that still saves parameters; "
+        f"MACs at {format_shapes(inspection.input_shapes)} (model total {format_count(inspection.total_macs)})",
         fmt=fmt,
     )
     dynamic = [d for d in inspection.skipped if is_dynamic(d)]
@@ -324,8 +331,12 @@ def render_inspection(inspection, console: Console, fmt: str = "table") -> None:
         print_line(console, line, fmt=fmt)
     for decision in inspection.skipped:
         if not is_dynamic(decision):
+            macs = inspection.macs.get(decision.name)
+            cost = f", {format_count(macs)} MACs" if decision.name in inspection.macs else ""
             print_line(
-                console, f"  not factorizable {decision.name} ({decision.op}): {decision.reason}", fmt=fmt
+                console,
+                f"  not factorizable {decision.name} ({decision.op}{cost}): {decision.reason}",
+                fmt=fmt,
             )
     folded = sum(1 for b in inspection.batchnorm if b["status"] == "folded")
     if inspection.batchnorm:

@@ -20,6 +20,9 @@ SCHEMA_VERSION = 1
 
 @dataclass(frozen=True)
 class LayerReport:
+    """One row. A weight read by several rows is counted on its primary row only (the others show 0),
+    so the rows' parameters add up to the weights they hold."""
+
     decision: LayerDecision
     macs_before: int | None
     macs_after: int | None
@@ -27,14 +30,18 @@ class LayerReport:
     @property
     def params_before(self) -> int | None:
         d = self.decision
-        return None if d.m is None else d.m * d.n
+        if d.shared_primary is not None:
+            return 0
+        return d.params if d.params is not None or d.m is None else d.m * d.n
 
     @property
     def params_after(self) -> int | None:
         d = self.decision
-        if d.m is None:
-            return None
-        return d.rank * (d.m + d.n) if d.status == "factorized" else d.m * d.n
+        if d.shared_primary is not None:
+            return 0
+        if d.status == "factorized" and d.rank is not None and d.m is not None:
+            return d.rank * (d.m + d.n)
+        return self.params_before
 
     def to_dict(self) -> dict[str, Any]:
         d = self.decision
@@ -55,6 +62,8 @@ class LayerReport:
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "shared_with": list(d.shared_with),
+            "shared_primary": d.shared_primary,
+            "dynamic": d.dynamic,
         }
 
 

@@ -174,3 +174,55 @@ def test_unnamed_nodes_are_counted_each_and_attributed_to_their_layer():
     assert [layer.macs_before for layer in report.layers] == [2 * 64 * 64, 2 * 64 * 64]
     assert [layer.macs_after for layer in report.layers] == [2 * 16 * 128, 2 * 16 * 128]
     assert {row["status"] for row in report.normalized} == {"renamed"}
+
+
+def _einsum_macs(equation: str, *shapes: tuple[int, ...]) -> int | None:
+    names = [f"i{k}" for k in range(len(shapes))]
+    given = dict(zip(names, shapes, strict=True))
+    node = helper.make_node("Einsum", names, ["y"], name="e", equation=equation)
+    graph = helper.make_graph(
+        [node],
+        "einsum",
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(s)) for n, s in given.items()],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return count_macs(model, given)["e"]
+
+
+def test_einsum_macs_contract_left_to_right():
+    assert _einsum_macs("bij,bjk->bik", (2, 3, 4), (2, 4, 5)) == 2 * 3 * 4 * 5
+    # broadcast dims (...) align from the right, also with an implicit output
+    assert _einsum_macs("...ij,jk->...ik", (7, 2, 3, 4), (4, 5)) == 7 * 2 * 3 * 4 * 5
+    assert _einsum_macs("...ij,...jk", (7, 2, 3, 4), (2, 4, 5)) == 7 * 2 * 3 * 4 * 5
+    # (ij·jk) first, keeping i and k, then (ik·kl)
+    assert _einsum_macs("ij,jk,kl->il", (2, 3), (3, 4), (4, 5)) == 2 * 3 * 4 + 2 * 4 * 5
+    assert _einsum_macs("ii->i", (3, 3)) == 0
+
+
+def test_quantized_and_recurrent_ops_are_counted_and_custom_domains_are_not(rng):
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17, "com.example" : 1]>
+        net (uint8[2, 4] a, uint8[4, 3] b, float[5, 2, 4] seq, float[1, 3, 4] w, float[1, 3, 3] r,
+             float[2, 4] x, float[4, 3] v)
+            => (int32[2, 3] y, float[5, 1, 2, 3] h, float[2, 3] z)
+        {
+            y = MatMulInteger (a, b)
+            h = RNN<hidden_size = 3> (seq, w, r)
+            z = com.example.MatMul (x, v)
+        }
+        """
+    )
+    name_nodes(model.graph)
+    shapes = {
+        "a": (2, 4),
+        "b": (4, 3),
+        "seq": (5, 2, 4),
+        "w": (1, 3, 4),
+        "r": (1, 3, 3),
+        "x": (2, 4),
+        "v": (4, 3),
+    }
+    macs = count_macs(model, shapes)
+    assert list(macs.values()) == [2 * 4 * 3, 5 * 2 * (3 * 4 + 3 * 3)]  # T·N·(|W| + |R|)

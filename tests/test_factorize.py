@@ -293,7 +293,9 @@ def test_weight_shared_with_gather_stays_dense(rng):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     compressed, report = lrdeploy.compress(model, rank=2, verify=False)
-    [layer] = report.layers
+    embed, layer = report.layers  # the table is counted once, on the first row that reads it
+    assert (embed.decision.op, embed.params_before, embed.macs_before) == ("Gather", 256, 0)
+    assert (layer.decision.shared_primary, layer.params_before, layer.params_after) == ("embed", 0, 0)
     assert layer.decision.status == "skipped"
     assert "also read by Gather 'embed'" in layer.decision.reason
     assert [n.op_type for n in compressed.graph.node] == ["Gather", "MatMul"]

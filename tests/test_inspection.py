@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 from onnx import helper
 
@@ -72,3 +73,39 @@ def test_profile_is_of_the_bn_folded_weight(rng):
     np.testing.assert_allclose(
         unfolded.spectrum.singular_values, np.linalg.svd(w.reshape(4, 4), compute_uv=False), rtol=1e-5
     )
+
+
+def test_macs_per_layer_at_the_given_input_shape(rng, tmp_path, capsys, monkeypatch):
+    params = {"W": weight(rng, 8, 16), "Wt": weight(rng, 16, 4, 2, 2)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
+        helper.make_node("ConvTranspose", ["img", "Wt"], ["up"], name="up", strides=[2, 2]),
+    ]
+    model = graph_model(
+        nodes, {"x": ["n", "t", 8], "img": [1, 16, 3, 3]}, {"h": ["n", "t", 16], "up": [1, 4, 6, 6]}, params
+    )
+    guessed = lrdeploy.inspect(model)  # a leading dim is taken as 1; "t" cannot be guessed
+    assert guessed.layers[0].macs is None and guessed.total_macs is None
+    result = lrdeploy.inspect(model, input_shapes={"x": (2, 5, 8)})
+    [layer] = result.layers
+    assert layer.macs == 2 * 5 * 8 * 16
+    assert result.macs["up"] == 16 * 9 * 4 * 4 and result.total_macs == layer.macs + 16 * 9 * 16
+    data = json.loads(result.to_json())
+    assert data["layers"][0]["macs"] == 1280 and data["macs"] == result.total_macs
+    assert data["not_factorizable"][0] == {
+        "name": "up",
+        "op": "ConvTranspose",
+        "reason": "transposed convolution is not factorized",
+        "macs": 2304,
+        "dynamic": False,
+    }
+    assert data["input_shapes"] == {"x": [2, 5, 8], "img": [1, 16, 3, 3]}
+
+    from lrdeploy.cli import main
+
+    path = tmp_path / "net.onnx"
+    onnx.save(model, path)
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["inspect", str(path), "--input-shape", "x:2,5,8"]) == 0
+    out = capsys.readouterr().out
+    assert "MACs" in out and "1.28k" in out and "up (ConvTranspose, 2.30k MACs)" in out
