@@ -323,7 +323,8 @@ def render_inspection(inspection, console: Console, fmt: str = "table") -> None:
         console,
         "E@x: fraction of Σσ² kept at rank ratio x; r@e: smallest rank keeping energy e; "
         "break-even: largest rank that still saves parameters; "
-        f"MACs at {format_shapes(inspection.input_shapes)} (model total {format_count(inspection.total_macs)})",
+        f"MACs at {format_shapes(inspection.input_shapes)} "
+        f"(model total {format_count(inspection.total_macs)})",
         fmt=fmt,
     )
     dynamic = [d for d in inspection.skipped if is_dynamic(d)]
