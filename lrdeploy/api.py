@@ -42,6 +42,7 @@ from lrdeploy.pipeline import decision_dicts, prepare_graph
 from lrdeploy.plan import LayerDecision, find_groups, plan_layers
 from lrdeploy.provenance import provenance
 from lrdeploy.report import LayerReport, Report
+from lrdeploy.spelling import either, option
 
 __all__ = ["compress"]
 
@@ -125,9 +126,10 @@ def _compress(
         original, source = load_model(model)
         outputs.protect(files_read(original, source))
         data_path = output_path.with_name(output_path.name + ".data") if output_path else None
-        outputs.check(output_path, "-o")
-        outputs.check(data_path, "-o (its .data file)")
-        outputs.check(Path(report_path) if report_path else None, "--report")
+        out_flag = either("-o", "output=")
+        outputs.check(output_path, out_flag)
+        outputs.check(data_path, f"{out_flag} (its .data file)")
+        outputs.check(Path(report_path) if report_path else None, option("report"))
         random_data = config.verification.data in (None, "random")
         shapes = resolve_shapes(original, config.input_shapes, strict=config.verify and random_data)
         input_opset = model_opset(original) or 0

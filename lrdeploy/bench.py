@@ -25,6 +25,7 @@ from lrdeploy.errors import UsageError
 from lrdeploy.inputs import model_inputs, random_feeds, resolve_shapes
 from lrdeploy.modelio import load_model
 from lrdeploy.runtime import Device, make_session, select_device
+from lrdeploy.spelling import either, option
 from lrdeploy.units import format_count
 
 __all__ = ["BenchConfig", "BenchResult", "Timing", "benchmark"]
@@ -44,11 +45,14 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise UsageError("--batch needs positive batch sizes, e.g. --batch 1,8,32")
+            raise UsageError(
+                f"{option('batch_sizes')} needs positive batch sizes, e.g. "
+                + either("--batch 1,8,32", "batch_sizes=(1, 8, 32)")
+            )
         if self.runs < 1 or self.warmup < 0:
-            raise UsageError("--runs must be ≥ 1 and --warmup ≥ 0")
+            raise UsageError(f"{option('runs')} must be ≥ 1 and {option('warmup')} ≥ 0")
         if self.threads is not None and self.threads < 1:
-            raise UsageError("--threads must be ≥ 1")
+            raise UsageError(f"{option('threads')} must be ≥ 1")
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,7 @@ class _Runner:
                 continue
             shape = inferred.get(output.name)
             if shape is None or None in shape:
-                raise UsageError(f"--cuda-graph needs a static shape for output '{output.name}'")
+                raise UsageError(f"{option('cuda_graph')} needs a static shape for output '{output.name}'")
             dtype = helper.tensor_dtype_to_np_dtype(output.type.tensor_type.elem_type)
             value = OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", 0)
             self._buffers.append(value)
@@ -240,7 +244,7 @@ def benchmark(
         raise UsageError("give at least one model to benchmark")
     device = select_device(config.device, tf32=config.tf32, cuda_graph=config.cuda_graph)
     if config.cuda_graph and device.name != "cuda":
-        raise UsageError(f"--cuda-graph needs the CUDA EP; this run uses {device.provider}")
+        raise UsageError(f"{option('cuda_graph')} needs the CUDA EP; this run uses {device.provider}")
     loaded = []
     for model in models:
         proto, path = load_model(model)

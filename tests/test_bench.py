@@ -125,3 +125,12 @@ def test_env_reports_versions_and_providers(capsys):
     assert info["packages"]["onnx"] == onnx.__version__
     assert "CPUExecutionProvider" in info["onnxruntime_providers"]
     assert info["cuda_runs"] == "yes" or info["cuda_runs"].startswith("no")
+
+
+def test_config_errors_name_parameters_in_python_and_flags_on_the_command_line(capsys) -> None:
+    with pytest.raises(UsageError, match=r"batch_sizes needs positive batch sizes, e\.g\. batch_sizes="):
+        BenchConfig(batch_sizes=(0,))
+    with pytest.raises(UsageError, match="threads must be"):
+        BenchConfig(threads=0)
+    assert main(["bench", "x.onnx", "--threads", "0"]) == 2
+    assert "--threads must be ≥ 1" in capsys.readouterr().err
