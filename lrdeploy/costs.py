@@ -9,9 +9,9 @@ tensors keep their dims but not their bytes), so counting costs almost nothing f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
-import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -24,7 +24,7 @@ _MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _elements(tensor: TensorProto) -> int:
-    return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    return math.prod(tensor.dims)  # Python integers: numpy's int64 product of [2^32, 2^32] is 0
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -166,12 +166,12 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int | None, ...]
     if node.op_type == "Conv":
         if not _known(output):
             return None
-        return int(np.prod(output, dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+        return math.prod(output) * math.prod(weight[1:])
     if node.op_type == "ConvTranspose":
         if not _known(inputs[0]):
             return None
-        per_input = weight[1] * np.prod(weight[2:], dtype=np.int64)  # (Cout/group)·Πk
-        return int(np.prod(inputs[0], dtype=np.int64) * per_input)
+        per_input = math.prod(weight[1:])  # (Cout/group)·Πk
+        return math.prod(inputs[0]) * per_input
     if node.op_type == "Gemm":
         if not _known(output) or not _known(inputs[0]):
             return None
@@ -181,7 +181,7 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int | None, ...]
         if not _known(output) or not _known(inputs[0]):
             return None
         k = inputs[0][-1]
-        return int(np.prod(output, dtype=np.int64) * k)
+        return math.prod(output) * k
     return None
 
 
