@@ -174,3 +174,14 @@ def test_unnamed_nodes_are_counted_each_and_attributed_to_their_layer():
     assert [layer.macs_before for layer in report.layers] == [2 * 64 * 64, 2 * 64 * 64]
     assert [layer.macs_after for layer in report.layers] == [2 * 16 * 128, 2 * 16 * 128]
     assert {row["status"] for row in report.normalized} == {"renamed"}
+
+
+def test_params_and_macs_in_python_integers():
+    """numpy's int64 product of [2^32, 2^32] is 0: a size check on it would pass anything."""
+    huge = onnx.TensorProto(name="W", data_type=onnx.TensorProto.FLOAT, dims=[1 << 32, 1 << 32])
+    model = graph_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], {"x": [1, 1 << 32]}, {"y": [1, 1 << 32]}
+    )
+    model.graph.initializer.append(huge)
+    assert count_params(model) == 1 << 64
+    assert count_macs(model, {"x": (1, 1 << 32)}) == {"": 1 << 64}
