@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-__all__ = ["result_elements"]
+__all__ = ["SIZED_OPS", "result_elements"]
 
 #: Each output is no larger than the first input (views, casts, unary maths, slices, splits).
 _NOT_LARGER = frozenset(
@@ -34,6 +34,14 @@ _BROADCAST = frozenset(
     )
 )
 _REDUCE = frozenset(("ReduceProd", "ReduceSum", "ReduceMax", "ReduceMin"))
+_OTHERS = frozenset(
+    (
+        *("Constant", "Shape", "Size", "Concat", "GatherElements", "Gather"),
+        *("ConstantOfShape", "Expand", "Tile", "Range"),
+    )
+)
+#: Every op `result_elements` can size; constant folding evaluates no other.
+SIZED_OPS = _NOT_LARGER | _BROADCAST | _REDUCE | _OTHERS
 
 
 def _broadcast(*shapes: Sequence[int]) -> tuple[int, ...] | None:
@@ -90,8 +98,10 @@ def _sized(node: onnx.NodeProto, inputs: Sequence[np.ndarray]) -> int | None:
         return None if shape is None else math.prod(shape)
     if op in _REDUCE:  # a reduced axis of length 0 gives 1: bound by the dims with 0 read as 1
         return math.prod(max(int(d), 1) for d in shapes[0])
-    if op in ("Shape", "Size"):
+    if op == "Shape":
         return len(shapes[0])
+    if op == "Size":
+        return 1
     if op == "Concat":
         return sum(a.size for a in inputs)
     if op == "GatherElements":

@@ -178,14 +178,15 @@ def _check_acyclic(nodes: list[onnx.NodeProto], where: str) -> None:
     if done == len(nodes):
         return
     node = next(i for i, count in enumerate(waiting) if count)  # walk back until a node repeats
-    path: list[int] = []
-    while node not in path:
-        path.append(node)
+    seen: dict[int, int] = {}
+    while node not in seen:
+        seen[node] = len(seen)
         node = next(source for source in needs[node] if waiting[source])
-    cycle = [_label(nodes[i].name or nodes[i].op_type) for i in [*path[path.index(node) :], node]][::-1]
-    raise ModelError(
-        f"{where} has a cycle ({' → '.join(cycle)}); ONNX graphs must be acyclic, the model is malformed"
-    )
+    walked = list(seen)
+    cycle = [*walked[seen[node] :], node][::-1]
+    shown = [_label(nodes[i].name or nodes[i].op_type) for i in (cycle if len(cycle) <= 6 else cycle[:3])]
+    text = " → ".join(shown) if len(cycle) <= 6 else f"{' → '.join(shown)} → ... ({len(cycle) - 1} nodes)"
+    raise ModelError(f"{where} has a cycle ({text}); ONNX graphs must be acyclic, the model is malformed")
 
 
 def _check_graphs(nodes: list[onnx.NodeProto], where: str) -> None:

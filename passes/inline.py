@@ -75,8 +75,8 @@ class _CallSites:
 
     def names(self, node: onnx.NodeProto, prefix: str = "") -> Iterator[str]:
         own = node.name or node.op_type
-        if self.count(node) == 1 or (node.domain, node.op_type) not in self.selected:
-            yield prefix + own  # a one-node body takes the call's own name
+        if self.count(node) == 1:
+            yield prefix + own  # not a call, or one whose body is one node: the call's own name
             return
         for body_node in self.local[(node.domain, node.op_type)].node:
             yield from self.names(body_node, f"{prefix}{own}/")

@@ -21,11 +21,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lrdeploy.cli import main
-from lrdeploy.constfold import evaluate_node
+from lrdeploy.constfold import FOLDABLE, evaluate_node
 from lrdeploy.errors import ModelError
 from lrdeploy.inputs import MAX_RANDOM_BYTES
 from lrdeploy.passes.names import NameRegistry, name_nodes
-from lrdeploy.resultsize import result_elements
+from lrdeploy.passes.normalize import WEIGHT_PATH_OPS
+from lrdeploy.resultsize import SIZED_OPS, result_elements
 from lrdeploy.structure import MAX_CALL_DEPTH, MAX_EXPANDED_BYTES, check_structure
 from models import check_model
 
@@ -349,6 +350,11 @@ _SIZES = [
 )
 def test_result_elements_before_evaluation(node, inputs, expected):
     assert result_elements(node, inputs) == expected
+
+
+def test_every_op_folded_is_sized():
+    """A foldable op without a size rule would never be folded: adding one to a fold list needs a rule."""
+    assert FOLDABLE | WEIGHT_PATH_OPS <= SIZED_OPS
 
 
 def test_sparse_constant_is_sized_by_its_dense_shape():
