@@ -6,15 +6,21 @@ Exporters compute reshape targets at run time: ``Shape → Gather → Div → Un
 With concrete input shapes, each ``Shape`` of a fully known tensor is a constant; we evaluate such chains
 node by node with onnx's reference evaluator and infer shapes again until nothing changes. Only small
 tensors are evaluated (shape arithmetic, not weights), on a copy used for counting only.
+
+The model is untrusted: `evaluate_node` sizes a node's outputs before evaluating it
+(`lrdeploy.resultsize`), and evaluates nothing whose result would exceed the caller's bound.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from lrdeploy.resultsize import result_elements
 
 __all__ = ["evaluate_node", "fold_shape_arithmetic"]
 
@@ -48,10 +54,16 @@ MAX_ELEMENTS = 4096
 Shapes = Mapping[str, tuple[int | None, ...]]
 
 
-def evaluate_node(node: onnx.NodeProto, inputs: Sequence[np.ndarray], opset: int) -> list[np.ndarray] | None:
-    """The outputs of one node on constant inputs, or None when the reference evaluator cannot run it."""
+def evaluate_node(
+    node: onnx.NodeProto, inputs: Sequence[np.ndarray], opset: int, max_elements: int
+) -> list[np.ndarray] | None:
+    """The outputs of one node on constant inputs, or None when the reference evaluator cannot run it or
+    they would hold more than ``max_elements`` elements together (known before evaluating)."""
     from onnx.reference import ReferenceEvaluator
 
+    expected = result_elements(node, inputs)
+    if expected is None or expected > max_elements:
+        return None
     names = [name for name in node.input if name]
     graph = helper.make_graph(
         [node],
@@ -64,18 +76,22 @@ def evaluate_node(node: onnx.NodeProto, inputs: Sequence[np.ndarray], opset: int
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     try:
-        return [
-            np.asarray(v) for v in ReferenceEvaluator(model).run(None, dict(zip(names, inputs, strict=True)))
-        ]
+        outputs = ReferenceEvaluator(model).run(None, dict(zip(names, inputs, strict=True)))
     except Exception:  # an op or type the reference evaluator lacks: leave the node alone
         return None
+    outputs = [np.asarray(v) for v in outputs]
+    return outputs if sum(v.size for v in outputs) <= max_elements else None
 
 
 def _small_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     values = {}
     for tensor in graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL and np.prod(tensor.dims) <= MAX_ELEMENTS:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or math.prod(tensor.dims) > MAX_ELEMENTS:
+            continue
+        try:
             values[tensor.name] = numpy_helper.to_array(tensor)
+        except (ValueError, TypeError):  # a payload that does not match its dims: not folded
+            continue
     return values
 
 
@@ -114,10 +130,7 @@ def _fold(node: onnx.NodeProto, values, shapes: Shapes, opset: int) -> list[np.n
     inputs = [values.get(name) for name in node.input if name]
     if any(v is None for v in inputs):
         return None
-    result = evaluate_node(node, inputs, opset)
-    if result is None or any(r.size > MAX_ELEMENTS for r in result):
-        return None
-    return result
+    return evaluate_node(node, inputs, opset, MAX_ELEMENTS)
 
 
 def fold_shape_arithmetic(

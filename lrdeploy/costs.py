@@ -13,9 +13,9 @@ tensors keep their dims but not their bytes), so counting costs almost nothing f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
-import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -43,7 +43,7 @@ _MAC_OPS = {
 
 
 def _elements(tensor: TensorProto) -> int:
-    return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    return math.prod(tensor.dims)  # Python integers: numpy's int64 product of [2^32, 2^32] is 0
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -204,7 +204,7 @@ def _einsum_macs(node: onnx.NodeProto, inputs: list[tuple[int | None, ...] | Non
     total, current = 0, operands[0]
     for index, operand in enumerate(operands[1:], 2):
         touched = current | operand
-        total += int(np.prod([sizes[label] for label in touched], dtype=np.int64))
+        total += math.prod(sizes[label] for label in touched)
         later = set().union(*operands[index:]) if index < len(operands) else set()
         current = {label for label in touched if label in kept or label in later}
     return total
@@ -224,25 +224,23 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int | None, ...]
     if kind == "Conv":
         if not _known(output):
             return None
-        return int(np.prod(output, dtype=np.int64) * np.prod(weight[1:], dtype=np.int64))
+        return math.prod(output) * math.prod(weight[1:])
     if kind == "ConvTranspose":
         if not _known(x):
             return None
-        per_input = weight[1] * np.prod(weight[2:], dtype=np.int64)  # (Cout/group)·Πk
-        return int(np.prod(x, dtype=np.int64) * per_input)
+        return math.prod(x) * math.prod(weight[1:])  # (Cout/group)·Πk per input element
     if kind == "Recurrent":
         recurrent = inputs[2] if len(inputs) > 2 else None
         if not _known(x) or len(x) != 3 or not _known(recurrent):
             return None
         steps, batch = (x[1], x[0]) if _attr(node, "layout", 0) else (x[0], x[1])
-        per_step = np.prod(weight, dtype=np.int64) + np.prod(recurrent, dtype=np.int64)
-        return int(steps * batch * per_step)
+        return steps * batch * (math.prod(weight) + math.prod(recurrent))
     if not _known(output) or not _known(x):
         return None
     if kind == "Gemm":
         k = x[0] if _attr(node, "transA", 0) else x[1]
         return int(output[0] * output[1] * k)
-    return int(np.prod(output, dtype=np.int64) * x[-1])  # MatMul: every output element is a K-long dot
+    return math.prod(output) * x[-1]  # MatMul: every output element is a K-long dot
 
 
 def count_macs(

@@ -3,10 +3,14 @@
 Exported models leave dims symbolic (``batch``, ``sequence``). A leading symbolic dim is taken as the
 batch and set to 1; any other must come from ``--input-shape NAME:d0,d1,...`` or from another input
 that names the same symbol, otherwise the error names the dims that cannot be guessed.
+
+Declared shapes are untrusted: a 1 KB model may declare an input of ``[1, 10000, 10000, 4]``. Random
+feeds are sized in Python integers before anything is allocated, and refused over `MAX_RANDOM_BYTES`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,9 +20,18 @@ from onnx import TensorProto, helper
 
 from lrdeploy.errors import UsageError
 
-__all__ = ["InputSpec", "model_inputs", "random_feeds", "resolve_shapes"]
+__all__ = [
+    "MAX_RANDOM_BYTES",
+    "InputSpec",
+    "check_random_size",
+    "model_inputs",
+    "random_feeds",
+    "resolve_shapes",
+]
 
 Dim = int | str | None
+#: Random inputs of one batch, all inputs together.
+MAX_RANDOM_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -89,7 +102,11 @@ def _format(dims: tuple[Dim, ...]) -> str:
 def resolve_shapes(
     model: onnx.ModelProto, given: Mapping[str, tuple[int, ...]] | None = None, *, strict: bool = True
 ) -> dict[str, tuple[int, ...] | None]:
-    """Concrete shapes for every input. With ``strict=False`` an unguessable input maps to None."""
+    """Concrete shapes for every input. With ``strict=False`` an unguessable input maps to None.
+
+    ``strict`` is for shapes that random inputs will be made at (`random_feeds`): every dim must be
+    known, and the feeds must fit `MAX_RANDOM_BYTES`, which is checked here, before any work is done.
+    """
     specs = model_inputs(model)
     given = dict(given or {})
     symbols = _check_given(specs, given)
@@ -132,6 +149,8 @@ def resolve_shapes(
             shapes[spec.name] = None
             continue
         shapes[spec.name] = tuple(resolved)
+    if strict:
+        check_random_size(specs, shapes)
     return shapes
 
 
@@ -150,6 +169,36 @@ def _index_ranges(model: onnx.ModelProto) -> dict[str, int]:
     return ranges
 
 
+def _itemsize(spec: InputSpec) -> int:
+    try:
+        return spec.dtype.itemsize or 1
+    except (TypeError, ValueError, KeyError):  # no numpy dtype (strings, bfloat16): refused when fed
+        return 1
+
+
+def check_random_size(specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...] | None]) -> None:
+    """UsageError when random inputs at ``shapes`` would take more than MAX_RANDOM_BYTES."""
+    sizes = {
+        spec.name: math.prod(shapes[spec.name]) * _itemsize(spec)
+        for spec in specs
+        if shapes.get(spec.name) is not None
+    }
+    total = sum(sizes.values())
+    if total <= MAX_RANDOM_BYTES:
+        return
+    name = max(sizes, key=sizes.__getitem__)
+    shape = ",".join(map(str, shapes[name]))
+    raise UsageError(
+        f"random inputs would take {_mib(total)} (input '{name}' [{shape}] alone {_mib(sizes[name])}), over "
+        f"the {_mib(MAX_RANDOM_BYTES)} limit; pass smaller sizes with --input-shape {name}:... where the "
+        "model leaves dims open, or real inputs with --data"
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB" if size < 2**40 else f"{size / 2**40:,.3g} TiB"
+
+
 def random_feeds(
     model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -158,7 +207,9 @@ def random_feeds(
     rng = np.random.default_rng(seed)
     ranges = _index_ranges(model)
     feeds: dict[str, np.ndarray] = {}
-    for spec in model_inputs(model):
+    specs = model_inputs(model)
+    check_random_size(specs, shapes)
+    for spec in specs:
         shape = shapes[spec.name]
         if spec.elem_type == 0:
             raise UsageError(f"input '{spec.name}' is not a tensor; lrdeploy can only feed tensor inputs")
@@ -170,7 +221,7 @@ def random_feeds(
         if dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind == "b":
-            feeds[spec.name] = rng.random(shape) < 0.5
+            feeds[spec.name] = np.asarray(rng.random(shape) < 0.5)  # rank 0: a numpy scalar otherwise
         elif dtype.itemsize == 1 and spec.name not in ranges:  # pixels, quantized values: the full range
             feeds[spec.name] = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, shape, dtype, True)
         else:

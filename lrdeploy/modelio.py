@@ -18,6 +18,7 @@ from onnx import TensorProto, external_data_helper, helper
 
 from lrdeploy.errors import ModelError, RuntimeFailure, UsageError
 from lrdeploy.lazyweights import is_file_backed, load_lazily, read_raw
+from lrdeploy.structure import check_structure
 from lrdeploy.tensorcheck import check_tensors, check_text, shown
 
 __all__ = [
@@ -63,6 +64,7 @@ def _check_loadable(model: onnx.ModelProto, label: str) -> None:
     newest = onnx.defs.onnx_opset_version()
     if opset > newest:
         raise ModelError(f"{label} uses opset {opset}, newer than this onnx knows ({newest}); upgrade onnx")
+    check_structure(model, label)  # before anything expands local functions or walks the graph
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:

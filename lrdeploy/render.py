@@ -51,14 +51,7 @@ def format_shapes(shapes: Mapping[str, Sequence[int] | None]) -> str:
 
 def is_dynamic(decision) -> bool:
     """A node whose 'weight' is another activation (attention's Q·Kᵀ, attn·V): nothing to factorize."""
-    if getattr(decision, "dynamic", False):
-        return True
-    reason = decision.reason or ""
-    return (
-        decision.status != "factorized"
-        and "computed at run time" in reason
-        and reason.endswith("not a constant")
-    )
+    return bool(getattr(decision, "dynamic", False))
 
 
 def _dynamic_summary(decisions: Sequence) -> list[str]:

@@ -5,14 +5,20 @@ local function; the Conv/Gemm inside is then invisible to a graph pass. onnx's i
 Its node names (``Conv_0__1``) mean nothing to a user, so each expanded node is named after its call
 site instead: the call's own name when the body is one node (``/c2/Conv2d``), else ``call/body-node``,
 recursively for nested calls.
+
+Local functions are untrusted: before anything is expanded, `lrdeploy.structure.check_functions` counts
+what the calls expand to and refuses recursive functions and expansions beyond its bounds.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import onnx
 import onnx.inliner
 
 from lrdeploy.passes.result import PassResult
+from lrdeploy.structure import check_functions
 
 __all__ = ["inline_layer_functions"]
 
@@ -47,22 +53,42 @@ def _layer_functions(model: onnx.ModelProto) -> set[FunctionKey]:
     return {key for key in local if holds_layer(key, frozenset())}
 
 
-def _expanded_names(node: onnx.NodeProto, local: dict, selected: set[FunctionKey]) -> list[str]:
-    """Names for the nodes a call expands to, in the inliner's order: call-site paths."""
-    key = (node.domain, node.op_type)
-    own = node.name or node.op_type
-    if key not in selected:
-        return [own]
-    names = [name for body_node in local[key].node for name in _expanded_names(body_node, local, selected)]
-    return [own] if len(names) == 1 else [f"{own}/{name}" for name in names]
+class _CallSites:
+    """Names for the nodes calls expand to, in the inliner's order: call-site paths.
+
+    Generated one at a time under a growing prefix, so naming costs what the names are (at most
+    `lrdeploy.structure.MAX_EXPANDED_BYTES`), not that times the nesting depth.
+    """
+
+    def __init__(self, local: dict, selected: set[FunctionKey]) -> None:
+        self.local, self.selected = local, selected
+        self.counts: dict[FunctionKey, int] = {}
+
+    def count(self, node: onnx.NodeProto) -> int:
+        """How many nodes ``node`` becomes once inlined."""
+        key = (node.domain, node.op_type)
+        if key not in self.selected:
+            return 1
+        if key not in self.counts:
+            self.counts[key] = sum(self.count(body_node) for body_node in self.local[key].node)
+        return self.counts[key]
+
+    def names(self, node: onnx.NodeProto, prefix: str = "") -> Iterator[str]:
+        own = node.name or node.op_type
+        if self.count(node) == 1:
+            yield prefix + own  # not a call, or one whose body is one node: the call's own name
+            return
+        for body_node in self.local[(node.domain, node.op_type)].node:
+            yield from self.names(body_node, f"{prefix}{own}/")
 
 
 def _name_after_call_sites(
     before: onnx.GraphProto, after: onnx.GraphProto, local: dict, selected: set[FunctionKey]
 ) -> None:
     """Name expanded nodes after the calls they came from (top-level graph; left as is if counts differ)."""
-    names = [name for node in before.node for name in _expanded_names(node, local, selected)]
-    if len(names) == len(after.node):
+    sites = _CallSites(local, selected)
+    if sum(sites.count(node) for node in before.node) == len(after.node):
+        names = (name for node in before.node for name in sites.names(node))
         for node, name in zip(after.node, names, strict=True):
             node.name = name
 
@@ -70,6 +96,7 @@ def _name_after_call_sites(
 def inline_layer_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassResult]:
     """The model with layer-holding local functions inlined (the same object when there are none)."""
     result = PassResult("inline")
+    check_functions(model)  # `load_model` did so too; this pass may be called on any proto
     selected = _layer_functions(model)
     if not selected:
         return model, result

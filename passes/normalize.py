@@ -11,6 +11,8 @@ A Constant node or Identity whose output is a graph output stays: an initializer
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
@@ -118,7 +120,7 @@ def _keeps_weight_single(node: gs.Node, graph_outputs: set[int]) -> bool:
     weights = [
         tensor
         for tensor in node.inputs
-        if isinstance(tensor, gs.Constant) and np.prod(tensor.shape, dtype=np.int64) >= _WEIGHT_ELEMENTS
+        if isinstance(tensor, gs.Constant) and math.prod(tensor.shape) >= _WEIGHT_ELEMENTS
     ]
     return all(_foldable(reader, graph_outputs) for weight in weights for reader in weight.outputs)
 
@@ -139,9 +141,11 @@ def _fold_weight_paths(graph: gs.Graph, opset: int, result: PassResult) -> None:
         if key not in done:
             proto = OnnxExporter.export_node(node)
             inputs = [read_values(t) for t in node.inputs if t.name]
-            values = evaluate_node(proto, inputs, opset)
-            if values is None or sum(v.size for v in values) > sum(v.size for v in inputs):
-                continue  # a Gather/Mul that expands (a position-bias table) would only grow the file
+            # Folds may not grow: a Gather/Mul that expands (a position-bias table) would only grow the
+            # file, and a hostile one (`[N,1] * [1,N]`) would fill memory. Sized before evaluating.
+            values = evaluate_node(proto, inputs, opset, max_elements=sum(v.size for v in inputs))
+            if values is None:
+                continue
             done[key] = [  # np.array, not ascontiguousarray: that one makes a scalar 1-D
                 gs.Constant(out.name, np.array(v, order="C"))
                 for out, v in zip(node.outputs, values, strict=False)

@@ -13,6 +13,8 @@ graphsurgeon exports a LazyValues' source tensor as is.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -53,7 +55,7 @@ class ScaledValues(LazyValues):
         self.tensor = None
         self.shape = tuple(source.shape)
         self.dtype = np.dtype(source.dtype)
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
 
     def load(self) -> np.ndarray:
         return np.ascontiguousarray((read_values(self.source) * self.multiplier).astype(self.dtype))

@@ -226,3 +226,14 @@ def test_quantized_and_recurrent_ops_are_counted_and_custom_domains_are_not(rng)
     }
     macs = count_macs(model, shapes)
     assert list(macs.values()) == [2 * 4 * 3, 5 * 2 * (3 * 4 + 3 * 3)]  # T·N·(|W| + |R|)
+
+
+def test_params_and_macs_in_python_integers():
+    """numpy's int64 product of [2^32, 2^32] is 0: a size check on it would pass anything."""
+    huge = onnx.TensorProto(name="W", data_type=onnx.TensorProto.FLOAT, dims=[1 << 32, 1 << 32])
+    model = graph_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], {"x": [1, 1 << 32]}, {"y": [1, 1 << 32]}
+    )
+    model.graph.initializer.append(huge)
+    assert count_params(model) == 1 << 64
+    assert count_macs(model, {"x": (1, 1 << 32)}) == {"": 1 << 64}

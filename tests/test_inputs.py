@@ -116,3 +116,24 @@ def test_parse_input_shapes():
     for bad in ("x", "x:", ":1,2", "x:1,a", "x:0,3", "x:-1"):
         with pytest.raises(UsageError, match="NAME:d0,d1"):
             parse_input_shapes([bad])
+
+
+def test_random_feeds_are_sized_before_allocation():
+    """A declared [1, 10000, 10000, 4] float input would take 1.5 GiB (5.7 GiB while being drawn)."""
+    model = _two_inputs([1, 10_000, 10_000, 4], [1])
+    with pytest.raises(
+        UsageError, match=r"1,526 MiB \(input 'x' \[1,10000,10000,4\].*--input-shape x:.*--data"
+    ):
+        resolve_shapes(model)  # strict: the shapes random inputs will be drawn at
+    assert resolve_shapes(model, strict=False)["x"] == (1, 10_000, 10_000, 4)  # real data may be smaller
+    huge = {"x": (1 << 32, 1 << 32), "y": (1,)}  # 2^64 elements: no int64 overflow to a small number
+    with pytest.raises(UsageError, match="random inputs would take"):
+        random_feeds(model, huge)
+
+
+def test_rank0_bool_feed_is_an_array():
+    model = graph_model(
+        [helper.make_node("Not", ["c"], ["d"])], {"c": []}, {"d": []}, dtype=onnx.TensorProto.BOOL
+    )
+    feed = random_feeds(model, resolve_shapes(model))["c"]
+    assert isinstance(feed, np.ndarray) and feed.shape == () and feed.dtype == np.bool_
