@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from lrdeploy.errors import UsageError
+from lrdeploy.spelling import either, option
 
 __all__ = [
     "MAX_RANDOM_BYTES",
@@ -77,22 +78,31 @@ def _check_given(specs: list[InputSpec], given: Mapping[str, tuple[int, ...]]) -
         spec = by_name.get(name)
         if spec is None:
             known = ", ".join(by_name) or "(none)"
-            raise UsageError(f"unknown input '{name}' in --input-shape; the model's inputs are: {known}")
+            raise UsageError(
+                f"unknown input '{name}' in {option('input_shapes')}; the model's inputs are: {known}"
+            )
         if spec.dims is None:
             continue
         if len(shape) != len(spec.dims):
             raise UsageError(
-                f"--input-shape {name} has {len(shape)} dims but the model's input has {len(spec.dims)}: "
+                f"{option('input_shapes')} {name} has {len(shape)} dims but the model's input has "
+                f"{len(spec.dims)}: "
                 f"{_format(spec.dims)}"
             )
         for index, (model_dim, user_dim) in enumerate(zip(spec.dims, shape, strict=True)):
             if isinstance(model_dim, int) and model_dim != user_dim:
                 raise UsageError(
-                    f"--input-shape {name}: dim {index} is fixed to {model_dim} in the model, got {user_dim}"
+                    f"{option('input_shapes')} {name}: dim {index} is fixed to {model_dim} in the model, "
+                    f"got {user_dim}"
                 )
             if isinstance(model_dim, str):
                 symbols.setdefault(model_dim, user_dim)
     return symbols
+
+
+def shape_hint(name: str, dims: str) -> str:
+    """How to give an input's shape: ``--input-shape x:1,64`` in a shell, ``input_shapes={'x': (1, 64)}``."""
+    return either(f"--input-shape {name}:{dims}", f"input_shapes={{{name!r}: ({dims})}}")
 
 
 def _format(dims: tuple[Dim, ...]) -> str:
@@ -121,7 +131,7 @@ def resolve_shapes(
         if spec.dims is None:
             if strict:
                 raise UsageError(
-                    f"input '{spec.name}' has no known rank; pass --input-shape {spec.name}:d0,d1,..."
+                    f"input '{spec.name}' has no known rank; pass {shape_hint(spec.name, 'd0,d1,...')}"
                 )
             shapes[spec.name] = None
             continue
@@ -144,7 +154,7 @@ def resolve_shapes(
                 )
                 raise UsageError(
                     f"cannot guess {', '.join(missing)} of input '{spec.name}' {_format(spec.dims)}; "
-                    f"pass e.g. --input-shape {spec.name}:{example} with 64 replaced by the real size"
+                    f"pass e.g. {shape_hint(spec.name, example)} with 64 replaced by the real size"
                 )
             shapes[spec.name] = None
             continue
@@ -190,8 +200,8 @@ def check_random_size(specs: list[InputSpec], shapes: Mapping[str, tuple[int, ..
     shape = ",".join(map(str, shapes[name]))
     raise UsageError(
         f"random inputs would take {_mib(total)} (input '{name}' [{shape}] alone {_mib(sizes[name])}), over "
-        f"the {_mib(MAX_RANDOM_BYTES)} limit; pass smaller sizes with --input-shape {name}:... where the "
-        "model leaves dims open, or real inputs with --data"
+        f"the {_mib(MAX_RANDOM_BYTES)} limit; pass smaller sizes with {shape_hint(name, '...')} where the "
+        f"model leaves dims open, or real inputs with {either('--data', 'data=...')}"
     )
 
 

@@ -81,7 +81,7 @@ def test_cuda_graph_needs_cuda(tmp_path):
         pytest.skip("CUDA works here")
     path = tmp_path / "m.onnx"
     onnx.save(_conv_model(), path)
-    with pytest.raises(UsageError, match="--cuda-graph needs the CUDA EP"):
+    with pytest.raises(UsageError, match="cuda_graph needs the CUDA EP"):
         benchmark([path], BenchConfig(device="auto", cuda_graph=True))
 
 

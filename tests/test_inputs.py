@@ -41,7 +41,7 @@ def test_batch_symbol_used_by_an_input_listed_first():
 def test_given_shapes_are_checked():
     model = _two_inputs(["batch", 3], ["batch", 3])
     with pytest.raises(
-        UsageError, match="unknown input 'image' in --input-shape; the model's inputs are: x, y"
+        UsageError, match="unknown input 'image' in input_shapes; the model's inputs are: x, y"
     ):
         resolve_shapes(model, {"image": (1, 3)})
     with pytest.raises(UsageError, match="has 3 dims but the model's input has 2"):
@@ -122,7 +122,7 @@ def test_random_feeds_are_sized_before_allocation():
     """A declared [1, 10000, 10000, 4] float input would take 1.5 GiB (5.7 GiB while being drawn)."""
     model = _two_inputs([1, 10_000, 10_000, 4], [1])
     with pytest.raises(
-        UsageError, match=r"1,526 MiB \(input 'x' \[1,10000,10000,4\].*--input-shape x:.*--data"
+        UsageError, match=r"1,526 MiB \(input 'x' \[1,10000,10000,4\].*input_shapes=\{'x'.*data="
     ):
         resolve_shapes(model)  # strict: the shapes random inputs will be drawn at
     assert resolve_shapes(model, strict=False)["x"] == (1, 10_000, 10_000, 4)  # real data may be smaller
