@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 import pytest
 from google.protobuf.internal.encoder import _VarintBytes
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from lrdeploy.cli import main
@@ -459,3 +461,113 @@ def test_initializer_defined_twice_is_refused(capsys, tmp_path):
     assert main(["compress", str(path), "--rank-ratio", "1.0", "-o", str(tmp_path / "o.onnx")]) == 2
     assert "graph 'hostile' defines initializer 'W' twice" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+# --- structured fuzzing: external-data entries, repeated fields and dims, against onnxruntime ---------------
+
+_FUZZ_LOCATIONS = [
+    "w.bin",
+    "./w.bin",
+    "sub/../w.bin",
+    "../outside.bin",
+    "sub/../../outside.bin",
+    "ABSOLUTE",
+    "",
+    "w.bin\0.txt",
+    "in_link.bin",
+    "out_link.bin",
+    "sub",
+    "missing.bin",
+]
+_FUZZ_OFFSETS = [None, "0", "4", "-4", "abc", str(2**70), "BEYOND"]
+_FUZZ_LENGTHS = [None, "EXACT", "SHORT", "LONG", "0", "-1"]
+_FUZZ_DIMS = [[N, N], [N, N + 1], [N * N], [-N, -N], [2**32, 2**32], [0, N], [N // 2, N]]
+LOADED: list[str] = []  # models the fuzzer saw load, for the check that it compares some
+_FUZZ_EXTRAS = ["none", "inline_too", "repeat_data_type", "repeat_location", "repeat_raw_data"]
+
+
+def _fuzz_folder(root: Path) -> Path:
+    folder = root / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "w.bin").write_bytes(b"\0" * 4 + VISIBLE.tobytes() + b"\0" * 4)
+    (root / "outside.bin").write_bytes((HIDDEN.tobytes()) * 2)
+    (folder / "in_link.bin").symlink_to(folder / "w.bin")
+    (folder / "out_link.bin").symlink_to(root / "outside.bin")
+    return folder
+
+
+def _fuzz_model(folder: Path, location, offset, length, dims, extra) -> bytes:
+    size = (folder / "w.bin").stat().st_size
+    exact = 4 * max(0, int(np.prod(dims, dtype=object)))
+    entries = {"location": str(folder / "w.bin") if location == "ABSOLUTE" else location}
+    if offset is not None:
+        entries["offset"] = str(size + 4) if offset == "BEYOND" else offset
+    if length is not None:
+        lengths = {"EXACT": exact, "SHORT": exact - 4, "LONG": exact + 4}
+        entries["length"] = str(lengths.get(length, length))
+    tensor = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=dims)
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in entries.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    if extra == "inline_too":
+        tensor.raw_data = HIDDEN.tobytes()
+    blob = tensor.SerializeToString()
+    if extra == "repeat_data_type":
+        blob += _VarintBytes(2 << 3) + _VarintBytes(TensorProto.DOUBLE)
+    elif extra == "repeat_location":
+        blob += _VarintBytes(14 << 3) + _VarintBytes(TensorProto.DEFAULT)
+    elif extra == "repeat_raw_data":
+        blob += _field(9, HIDDEN.tobytes()) + _field(9, VISIBLE.tobytes())
+    graph = helper.make_graph(  # the weight itself is the output: any dims make a valid graph
+        [helper.make_node("Identity", ["W"], ["y"], name="read")],
+        "fuzzed",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    graph = model.graph.SerializeToString() + _field(5, blob)
+    model.ClearField("graph")
+    return model.SerializeToString() + _field(7, graph)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(  # each entry is the well-formed value half of the time, so some models load and are compared
+    location=st.one_of(st.sampled_from(["w.bin", "in_link.bin"]), st.sampled_from(_FUZZ_LOCATIONS)),
+    offset=st.one_of(st.just("4"), st.sampled_from(_FUZZ_OFFSETS)),
+    length=st.one_of(st.sampled_from(["EXACT", None]), st.sampled_from(_FUZZ_LENGTHS)),
+    dims=st.one_of(st.just([N, N]), st.sampled_from(_FUZZ_DIMS)),
+    extra=st.one_of(st.just("none"), st.sampled_from(_FUZZ_EXTRAS)),
+)
+@example(location="sub/../w.bin", offset="4", length="EXACT", dims=[N, N], extra="none")
+def test_fuzzed_external_entries_load_what_onnxruntime_reads_or_are_refused(
+    tmp_path_factory, location, offset, length, dims, extra
+):
+    """Whatever the external-data entries, repeated fields and dims say, the loader refuses in one line or
+    reads exactly the weight onnxruntime runs, and never a byte outside the model's folder."""
+    import onnxruntime as ort
+
+    folder = _fuzz_folder(tmp_path_factory.mktemp("fuzz"))
+    path = folder / "m.onnx"
+    path.write_bytes(_fuzz_model(folder, location, offset, length, dims, extra))
+    try:
+        loaded, _ = load_model(path)
+        from lrdeploy.lazyweights import read_tensor
+
+        ours = read_tensor(loaded.graph.initializer[0])
+    except ModelError as error:
+        assert "\n" not in str(error) and "Traceback" not in str(error)
+        return
+    assert location not in ("../outside.bin", "sub/../../outside.bin", "out_link.bin", "ABSOLUTE", "")
+    assert extra in ("none",), f"{extra} should have been refused"
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    LOADED.append(location)
+    np.testing.assert_array_equal(session.run(None, {})[0], ours)
+
+
+def test_the_fuzzer_compared_loaded_models_with_onnxruntime():
+    if not LOADED:
+        pytest.skip("runs after the fuzzer, in the same session")
+    assert len(LOADED) >= 2
