@@ -117,6 +117,7 @@ def _metrics(model: Model, out: np.ndarray, chars: list[str], truth: list[str]) 
     texts = ctc_decode(out, chars)
     metrics["cer_vs_original"] = cer(texts, ctc_decode(ref, chars), ignore_spaces=True)
     metrics["cer_vs_truth"] = cer(texts, truth, ignore_spaces=True)
+    metrics["empty"] = sum(not text.strip() for text in texts) / len(texts)
     return metrics
 
 
@@ -206,6 +207,7 @@ COLUMNS = (  # (model, key, header, format)
     ("rec", "cer_vs_truth", "CER vs truth", ".2%"),
     ("rec", "rel_l2", "rec rel. L2", ".3f"),
     ("rec", "cosine", "rec cosine", ".3f"),
+    ("rec", "empty", "empty lines", ".0%"),
     ("rec", "compress_s", "s", ".1f"),
     ("det", "macs_fraction", "det MACs", ".3f"),
     ("det", "params_fraction", "det params", ".3f"),
@@ -226,7 +228,7 @@ def _model_line(name: str, entry: dict[str, Any], shape: str) -> str:
         f"- {name} `{entry['file']}`: {entry['macs'] / 1e6:.0f}M MACs at {shape}, "
         f"{entry['params'] / 1e6:.2f}M params; {entry['factorizable_layers']} of {entry['layers']} layers "
         f"factorizable, {entry['factorizable_macs_share']:.0%} of the MACs; rank 1 on all of them leaves "
-        f"{entry['min_macs_fraction']:.1%} of the MACs (grouped/depthwise convs, attention: the floor)."
+        f"{entry['min_macs_fraction']:.1%} of the MACs (the floor: what is not factorizable)."
     )
 
 
@@ -253,7 +255,8 @@ def _markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"counting them); the original detector covers {original['det_line_recall']:.0%} of the rendered "
         f"lines, {original['det_mask_in_boxes']:.0%} of its mask inside them.",
         "",
-        "CER: edit distance of the greedy CTC text ÷ reference length, spaces ignored. IoU: of the "
+        "CER: edit distance of the greedy CTC text ÷ reference length, spaces ignored; empty lines: "
+        "share of lines read as nothing (all blank). IoU: of the "
         "detector's maps binarized at 0.3, pooled over the pages. s: seconds of "
         "`lrdeploy.compress(..., verify=False)` on that model.",
         "",
