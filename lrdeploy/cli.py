@@ -454,7 +454,8 @@ def imc_command(
 ) -> None:
     """Crossbar arrays, utilization and cycles (im2col, SDK, VW-SDK) per layer; --simulate analog noise."""
     from lrdeploy.config import parse_input_shapes
-    from lrdeploy.imc import map_model
+    from lrdeploy.imc import map_model, parse_array
+    from lrdeploy.imc.report import parse_mappings
     from lrdeploy.render_imc import plot_imc, render_imc
     from lrdeploy.tables import print_line
 
@@ -466,6 +467,7 @@ def imc_command(
     if plot is not None:
         require_module("matplotlib", "--plot", "plot")
     shapes = parse_input_shapes(input_shape or [])
+    size, mappings = parse_array(array), parse_mappings(mapping.split(","))
     settings = None
     if simulate:
         from lrdeploy.imc.simulate import NoiseSettings, image_options
@@ -475,7 +477,7 @@ def imc_command(
     elif data is not None:
         raise UsageError("--data is read by --simulate; add --simulate or drop --data")
     with _outputs({"--json": json_path, "--plot": plot}, models) as outputs, _progress() as update:
-        report = map_model(*models, array=array, mappings=mapping.split(","), input_shapes=shapes)
+        report = map_model(*models, array=size, mappings=mappings, input_shapes=shapes)
         if settings is not None:
             from lrdeploy.imc.simulate import simulate_models
 

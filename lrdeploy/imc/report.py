@@ -25,7 +25,16 @@ from lrdeploy.passes.names import name_nodes
 from lrdeploy.passes.upgrade import upgrade_opset
 from lrdeploy.report import strict_json
 
-__all__ = ["SCHEMA_VERSION", "ImcLayer", "ImcReport", "ModelMap", "geometry_of", "map_model"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "ImcLayer",
+    "ImcReport",
+    "ModelMap",
+    "geometry_of",
+    "map_graph",
+    "map_model",
+    "parse_mappings",
+]
 
 SCHEMA_VERSION = 1
 _OPS = ("Conv", "Gemm", "MatMul")
@@ -228,7 +237,7 @@ def map_graph(
     return ModelMap(label, layers, skipped, shown)
 
 
-def _mappings(mappings: str | Sequence[str]) -> tuple[str, ...]:
+def parse_mappings(mappings: str | Sequence[str]) -> tuple[str, ...]:
     chosen = [mappings] if isinstance(mappings, str) else list(mappings)
     chosen = [m for value in chosen for m in (MAPPINGS if value == "all" else (value,))]
     unknown = [m for m in chosen if m not in MAPPINGS]
@@ -250,7 +259,7 @@ def map_model(
     Raises UsageError when a model has no layer with a constant weight to map.
     """
     size = parse_array(array)
-    chosen = _mappings(mappings)
+    chosen = parse_mappings(mappings)
     maps = []
     for index, source in enumerate(m for m in (model, compressed) if m is not None):
         loaded, path = load_model(source)
