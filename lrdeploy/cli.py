@@ -443,6 +443,9 @@ def imc_command(
     dac_bits: Annotated[int, typer.Option(help="Input DAC resolution (bits, 0: ideal).")] = 8,
     adc_bits: Annotated[int, typer.Option(help="Per-tile ADC resolution (bits, 0: ideal).")] = 8,
     output_noise: Annotated[float, typer.Option(help="Output noise σ ÷ ADC range.")] = 0.0,
+    adc_bound: Annotated[
+        float, typer.Option(help="ADC full scale ÷ (input range · max |w| of the tile).")
+    ] = 10.0,
     runs: Annotated[int, typer.Option(help="Monte Carlo runs (noise draws).")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the first run.")] = 0,
     batch_size: BatchSize = 32,
@@ -472,7 +475,7 @@ def imc_command(
     if simulate:
         from lrdeploy.imc.simulate import NoiseSettings, image_options
 
-        settings = NoiseSettings(weight_noise, dac_bits, adc_bits, output_noise, runs, seed)
+        settings = NoiseSettings(weight_noise, dac_bits, adc_bits, output_noise, runs, seed, adc_bound)
         image = image_options(scale, mean, std)
     elif data is not None:
         raise UsageError("--data is read by --simulate; add --simulate or drop --data")
