@@ -165,9 +165,8 @@ def _bias(layer: AnalogLayer, graph: onnx.GraphProto, nodes: list, source: str, 
         nodes.append(helper.make_node("Reshape", [bias, shape], [f"{prefix}_b"], name=f"{prefix}_bshape"))
         bias = f"{prefix}_b"
     elif (beta := _attr(node, "beta", 1.0)) != 1.0:
-        nodes.append(
-            helper.make_node("Mul", [bias, _constant(graph, f"{prefix}_beta", beta)], [f"{prefix}_b"])
-        )
+        beta_name = _constant(graph, f"{prefix}_beta", beta)
+        nodes.append(helper.make_node("Mul", [bias, beta_name], [f"{prefix}_b"], name=f"{prefix}_beta"))
         bias = f"{prefix}_b"
     nodes.append(helper.make_node("Add", [source, bias], [f"{prefix}_biased"], name=f"{prefix}_bias"))
     return f"{prefix}_biased"
@@ -214,9 +213,14 @@ def _replace(
         if settings.output_noise:
             scale = settings.output_noise * full_scale
             noise = helper.make_node(
-                "RandomNormalLike", [partial], [f"{tile}_n"], scale=scale, seed=float(seed + index)
+                "RandomNormalLike",
+                [partial],
+                [f"{tile}_n"],
+                f"{tile}_noise",
+                scale=scale,
+                seed=float(seed + index),
             )
-            nodes += [noise, helper.make_node("Add", [partial, f"{tile}_n"], [f"{tile}_pn"])]
+            nodes += [noise, helper.make_node("Add", [partial, f"{tile}_n"], [f"{tile}_pn"], f"{tile}_noisy")]
             partial = f"{tile}_pn"
         if settings.adc_bits:
             partial = _quantize(graph, nodes, partial, full_scale, settings.adc_bits, f"{tile}_adc")
