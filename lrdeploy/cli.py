@@ -444,8 +444,11 @@ def imc_command(
     adc_bits: Annotated[int, typer.Option(help="Per-tile ADC resolution (bits, 0: ideal).")] = 8,
     output_noise: Annotated[float, typer.Option(help="Output noise σ ÷ ADC range.")] = 0.0,
     adc_bound: Annotated[
-        float, typer.Option(help="ADC full scale ÷ (input range · max |w| of the tile).")
-    ] = 10.0,
+        float | None,
+        typer.Option(
+            help="ADC full scale = this × input range × tile max |w| (default: calibrated per tile)."
+        ),
+    ] = None,
     runs: Annotated[int, typer.Option(help="Monte Carlo runs (noise draws).")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the first run.")] = 0,
     batch_size: BatchSize = 32,

@@ -16,7 +16,7 @@ from rich.console import Console
 from lrdeploy import cli
 from lrdeploy.errors import UsageError
 from lrdeploy.imc.analog import NoiseSettings, analog_layers, analog_model, tile_bounds
-from lrdeploy.imc.simulate import simulate
+from lrdeploy.imc.simulate import _calibrate, _calibrate_adc, _Runner, simulate
 from models import check_model, graph_model, run, weight
 
 IDEAL = NoiseSettings(weight_noise=0.0, dac_bits=0, adc_bits=0)
@@ -66,7 +66,7 @@ def test_ideal_crossbars_are_exact_whatever_the_tiling(layers_model):
 
 def test_the_input_model_is_not_modified(layers_model):
     before = layers_model.SerializeToString()
-    analog_model(layers_model, {"c1": 1.0}, NoiseSettings(), 8, seed=0)
+    analog_model(layers_model, {"c1": 1.0}, NoiseSettings(adc_bound=10.0), 8, seed=0)
     assert layers_model.SerializeToString() == before
 
 
@@ -93,6 +93,29 @@ def test_dac_and_adc_equal_a_numpy_reference():
     for start, stop in tile_bounds(10, 4):  # rows 4, 3, 3
         partial = xq[:, start:stop] @ w[start:stop].astype(np.float64)
         expected = expected + _quantize(partial, 0.5 * 1.5 * np.abs(w[start:stop]).max(), 5)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrated_adc_takes_each_tiles_largest_partial_sum():
+    rng = np.random.default_rng(4)
+    w = weight(rng, 10, 6)
+    model = graph_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], {"x": [8, 10]}, {"y": [8, 6]}, {"W": w}
+    )
+    x = rng.standard_normal((8, 10)).astype(np.float32)
+    settings = NoiseSettings(weight_noise=0.0, dac_bits=0, adc_bits=3)
+    runner = _Runner([{"x": x}])
+    ranges = _calibrate(model, runner)
+    assert ranges == {"mm": pytest.approx(float(np.abs(x).max()))}
+    with pytest.raises(ValueError, match="calibrated ADC needs adc_ranges"):
+        analog_model(model, ranges, settings, 4, seed=0)
+    full = _calibrate_adc(model, ranges, settings, 4, runner)
+    expected = 0.0
+    for index, (start, stop) in enumerate(tile_bounds(10, 4)):
+        partial = x[:, start:stop].astype(np.float64) @ w[start:stop]
+        assert full[f"imc_mm_t{index}"] == pytest.approx(np.abs(partial).max(), rel=1e-5)
+        expected = expected + _quantize(partial, np.abs(partial).max(), 3)
+    got = runner.outputs(analog_model(model, ranges, settings, 4, seed=0, adc_ranges=full))[0][0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -216,7 +239,9 @@ def test_cli_simulation_in_json_and_table(monkeypatch, tmp_path):
 
 
 def test_model_outputs_analog_check(layers_model, tmp_path):
-    analog = analog_model(layers_model, {"c1": 2.0, "fc": 3.0}, NoiseSettings(output_noise=0.01), 8, seed=0)
+    analog = analog_model(
+        layers_model, {"c1": 2.0, "fc": 3.0}, NoiseSettings(output_noise=0.01, adc_bound=4.0), 8, seed=0
+    )
     check_model(analog)
     names = {t.name for t in analog.graph.initializer}
     assert {"imc_c1_t0_w", "imc_fc_t0_w"} <= names

@@ -13,8 +13,10 @@ unrolled inputs Cin/groups·Πk in ONNX's weight order):
 - programming noise, drawn once per run: W_t + ε, ε ~ N(0, (η·max_rows|W_t[col]|)²), η = weight noise,
   the maximum over each physical column of the tile (aihwkit-lightning's ADD_NORMAL_PER_CHANNEL).
 - output noise: p_t + N(0, (ν·B_t)²) per output element and inference (ν = output noise).
-- ADC: full scale B_t = β·R·max|W_t| (clean weights; β the ADC bound, aihwkit-lightning's
-  ``out_bound``); p_q = round(clip(p_t, −B_t, B_t) / q)·q with q = B_t / (2^(b−1) − 1).
+- ADC: p_q = round(clip(p_t, −B_t, B_t) / q)·q with q = B_t / (2^(b−1) − 1) and the full scale B_t
+  either calibrated (the default: the largest |p_t| the noiseless tile gives on the data, DAC applied;
+  `partial_sums` names the tensors to measure) or B_t = β·R·max|W_t| with a fixed ADC bound β (clean
+  weights; aihwkit-lightning's ``out_bound``, the same for every tile whatever its number of rows).
 - digital: y = Σ_t p_q,t + bias (Gemm: β_gemm·C; its α is folded into W first).
 
 Bits of 0 mean an ideal converter. Each tile is a full-size op with zeroed rows, which costs tiles× the
@@ -33,7 +35,7 @@ from onnx import helper, numpy_helper
 
 from lrdeploy.errors import UsageError
 
-__all__ = ["AnalogLayer", "NoiseSettings", "analog_layers", "analog_model", "tile_bounds"]
+__all__ = ["AnalogLayer", "NoiseSettings", "analog_layers", "analog_model", "partial_sums", "tile_bounds"]
 
 MAX_BITS = 16
 MAX_RUNS = 10_000
@@ -47,7 +49,7 @@ class NoiseSettings:
     output_noise: float = 0.0
     runs: int = 10
     seed: int = 0
-    adc_bound: float = 10.0
+    adc_bound: float | None = None  # None: each tile's ADC calibrated to its largest |partial sum|
 
     def __post_init__(self) -> None:
         for flag, value in (("dac-bits", self.dac_bits), ("adc-bits", self.adc_bits)):
@@ -56,7 +58,7 @@ class NoiseSettings:
         for flag, value in (("weight-noise", self.weight_noise), ("output-noise", self.output_noise)):
             if not (math.isfinite(value) and 0 <= value <= 10):
                 raise UsageError(f"--{flag} {value}: give a relative σ in 0..10 (e.g. 0.02)")
-        if not (math.isfinite(self.adc_bound) and self.adc_bound > 0):
+        if self.adc_bound is not None and not (math.isfinite(self.adc_bound) and self.adc_bound > 0):
             raise UsageError(f"--adc-bound {self.adc_bound}: give a positive multiple of R·max|w|")
         if not 1 <= self.runs <= MAX_RUNS:
             raise UsageError(f"--runs {self.runs}: give 1..{MAX_RUNS} runs")
@@ -71,6 +73,7 @@ class NoiseSettings:
             "dac_bits": self.dac_bits,
             "adc_bits": self.adc_bits,
             "output_noise": self.output_noise,
+            "adc_range": "calibrated" if self.adc_bound is None else "bound",
             "adc_bound": self.adc_bound,
             "runs": self.runs,
             "seed": self.seed,
@@ -190,6 +193,7 @@ def _replace(
     array_rows: int,
     rng: np.random.Generator,
     seed: int,
+    adc_ranges: Mapping[str, float] | None,
 ) -> list[onnx.NodeProto]:
     prefix = f"imc_{layer.node.name or layer.node.output[0]}"
     nodes: list[onnx.NodeProto] = []
@@ -209,7 +213,10 @@ def _replace(
         weight = _constant(graph, f"{tile}_w", layer.weight(noisy))
         nodes.append(_tile_node(layer, source, weight, f"{tile}_p", f"{tile}_mvm"))
         partial = f"{tile}_p"
-        full_scale = settings.adc_bound * input_range * float(np.abs(clean).max())
+        if settings.adc_bound is None:
+            full_scale = adc_ranges.get(tile, 0.0) if adc_ranges is not None else 0.0
+        else:
+            full_scale = settings.adc_bound * input_range * float(np.abs(clean).max())
         if settings.output_noise:
             scale = settings.output_noise * full_scale
             noise = helper.make_node(
@@ -238,9 +245,13 @@ def analog_model(
     settings: NoiseSettings,
     array_rows: int,
     seed: int,
+    adc_ranges: Mapping[str, float] | None = None,
 ) -> onnx.ModelProto:
     """A copy of ``model`` with every layer named in ``ranges`` (node name → input range R) on noisy
-    crossbars; ``seed`` draws this run's programming and output noise."""
+    crossbars; ``seed`` draws this run's programming and output noise. ``adc_ranges`` (tile → full scale,
+    from `partial_sums`) is what a calibrated ADC (``settings.adc_bound`` None) uses."""
+    if settings.adc_bound is None and (settings.adc_bits or settings.output_noise) and adc_ranges is None:
+        raise ValueError("a calibrated ADC needs adc_ranges (measure them with partial_sums)")
     rng = np.random.default_rng(seed)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -253,7 +264,16 @@ def analog_model(
             nodes.append(node)
             continue
         run_seed = (seed * 1_000_003 + position * 7_919) % 2**31
-        nodes += _replace(layer, graph, ranges[node.name], settings, array_rows, rng, run_seed)
+        nodes += _replace(layer, graph, ranges[node.name], settings, array_rows, rng, run_seed, adc_ranges)
     del graph.node[:]
     graph.node.extend(nodes)
     return copy
+
+
+def partial_sums(analog: onnx.ModelProto) -> dict[str, str]:
+    """Tile name → the tensor holding its partial sum (before noise and ADC), in an `analog_model`."""
+    return {
+        node.name.removesuffix("_mvm"): node.output[0]
+        for node in analog.graph.node
+        if node.name.endswith("_mvm")
+    }

@@ -5,7 +5,8 @@ run on onnxruntime, the task metric's mean ± std per model.
   ‖y − y₀‖ / ‖y₀‖ over all outputs and samples, against the noiseless (digital) outputs of the *first*
   model, so a compressed model's figure includes what compression lost.
 - Input ranges (the DAC's R) are calibrated once per model and layer: the largest |x| the layer reads
-  when the noiseless model runs on the same data.
+  when the noiseless model runs on the same data; by default each tile's ADC range likewise (the
+  largest |partial sum| of the noiseless tile), see `lrdeploy.imc.analog`.
 - Runs differ only in their seed (seed, seed+1, ...); without weight or output noise one run is made.
 """
 
@@ -21,7 +22,7 @@ from onnx import helper
 
 from lrdeploy.datasets import ImageOptions, as_data_source, load_dataset, random_batches
 from lrdeploy.errors import UsageError
-from lrdeploy.imc.analog import NoiseSettings, analog_layers, analog_model
+from lrdeploy.imc.analog import NoiseSettings, analog_layers, analog_model, partial_sums
 from lrdeploy.imc.mapping import ArraySize, parse_array
 from lrdeploy.inputs import model_inputs, resolve_shapes
 from lrdeploy.modelio import load_model, materialize
@@ -79,6 +80,24 @@ def _calibrate(model: onnx.ModelProto, runner: _Runner) -> dict[str, float]:
         for layer in layers:
             ranges[layer.node.name] = max(ranges[layer.node.name], float(np.max(np.abs(by_name[layer.data]))))
     return ranges
+
+
+def _calibrate_adc(
+    model: onnx.ModelProto, ranges: Mapping[str, float], settings: NoiseSettings, rows: int, runner: _Runner
+) -> dict[str, float] | None:
+    """Tile → the largest |partial sum| of the noiseless tiles (DAC applied): each ADC's full scale."""
+    if settings.adc_bound is not None or not (settings.adc_bits or settings.output_noise):
+        return None
+    ideal = NoiseSettings(weight_noise=0.0, dac_bits=settings.dac_bits, adc_bits=0, adc_bound=1.0)
+    probe = analog_model(model, ranges, ideal, rows, seed=0)
+    tiles = partial_sums(probe)
+    for name in tiles.values():
+        probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    full = dict.fromkeys(tiles, 0.0)
+    for results in runner.outputs(probe, list(tiles.values())):
+        for tile, values in zip(tiles, results, strict=True):
+            full[tile] = max(full[tile], float(np.max(np.abs(values))))
+    return full
 
 
 def _metric(
@@ -148,9 +167,10 @@ def simulate(
     for graph, label in models:
         digital = reference if graph is models[0][0] else runner.outputs(graph)
         ranges = _calibrate(graph, runner)
+        adc_ranges = _calibrate_adc(graph, ranges, settings, size.rows, runner)
         values = []
         for run in range(runs):
-            analog = analog_model(graph, ranges, settings, size.rows, settings.seed + run)
+            analog = analog_model(graph, ranges, settings, size.rows, settings.seed + run, adc_ranges)
             values.append(_metric(runner.outputs(analog), labels, reference))
             done += 1
             if progress is not None:
