@@ -114,7 +114,9 @@ def _render_simulation(simulation: dict, console: Console, fmt: str) -> None:
         noiseless = result.get("noiseless")
         extra = f" (noiseless {noiseless:.4f})" if noiseless is not None else ""
         print_line(
-            console, f"  {result['model']}: {metric} {value} over {result['runs']} runs{extra}", fmt=fmt
+            console,
+            f"  {result['model']}: {metric} {value} over {result['runs']} run{'s' * (result['runs'] != 1)}{extra}",
+            fmt=fmt,
         )
 
 
