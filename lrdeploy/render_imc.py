@@ -113,11 +113,8 @@ def _render_simulation(simulation: dict, console: Console, fmt: str) -> None:
         value = f"{result['mean']:.4f} ± {result['std']:.4f}"
         noiseless = result.get("noiseless")
         extra = f" (noiseless {noiseless:.4f})" if noiseless is not None else ""
-        print_line(
-            console,
-            f"  {result['model']}: {metric} {value} over {result['runs']} run{'s' * (result['runs'] != 1)}{extra}",
-            fmt=fmt,
-        )
+        runs = f"{result['runs']} run" + ("s" if result["runs"] != 1 else "")
+        print_line(console, f"  {result['model']}: {metric} {value} over {runs}{extra}", fmt=fmt)
 
 
 def plot_imc(report: ImcReport, path: Path) -> None:
