@@ -427,6 +427,85 @@ def env(
         console.print(f"[bold]{key}[/]: {escape(str(value))}", highlight=False)
 
 
+@app.command("imc")
+def imc_command(
+    models: Annotated[
+        list[Path], typer.Argument(help="MODEL, and optionally its COMPRESSED version.", show_default=False)
+    ],
+    array: Annotated[str, typer.Option(help="Crossbar size ROWSxCOLS.")] = "256x256",
+    mapping: Annotated[str, typer.Option(help="im2col, sdk, vwsdk or all (comma-separated).")] = "all",
+    input_shape: InputShape = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw cycles per layer to this PNG (matplotlib).")] = None,
+    simulate: Annotated[bool, typer.Option(help="Run the models on simulated noisy crossbars.")] = False,
+    data: Data = None,
+    weight_noise: Annotated[float, typer.Option(help="Programming noise σ ÷ column max |w|.")] = 0.02,
+    dac_bits: Annotated[int, typer.Option(help="Input DAC resolution (bits, 0: ideal).")] = 8,
+    adc_bits: Annotated[int, typer.Option(help="Per-tile ADC resolution (bits, 0: ideal).")] = 8,
+    output_noise: Annotated[float, typer.Option(help="Output noise σ ÷ ADC range.")] = 0.0,
+    adc_bound: Annotated[
+        float | None,
+        typer.Option(
+            help="ADC full scale = this × input range × tile max |w| (default: calibrated per tile)."
+        ),
+    ] = None,
+    runs: Annotated[int, typer.Option(help="Monte Carlo runs (noise draws).")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the first run.")] = 0,
+    batch_size: BatchSize = 32,
+    limit: Limit = None,
+    scale: Scale = 1 / 255,
+    mean: Mean = "0",
+    std: Std = "1",
+    format_: Format = None,
+) -> None:
+    """Crossbar arrays, utilization and cycles (im2col, SDK, VW-SDK) per layer; --simulate analog noise."""
+    from lrdeploy.config import parse_input_shapes
+    from lrdeploy.imc import map_model, parse_array
+    from lrdeploy.imc.report import parse_mappings
+    from lrdeploy.render_imc import plot_imc, render_imc
+    from lrdeploy.tables import print_line
+
+    fmt = output_format(format_, console.is_terminal)
+    if len(models) > 2:
+        raise UsageError(f"imc takes MODEL [COMPRESSED], got {len(models)} models")
+    if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"--plot {plot}: give a file name ending in one of {', '.join(PLOT_SUFFIXES)}")
+    if plot is not None:
+        require_module("matplotlib", "--plot", "plot")
+    shapes = parse_input_shapes(input_shape or [])
+    size, mappings = parse_array(array), parse_mappings(mapping.split(","))
+    settings = None
+    if simulate:
+        from lrdeploy.imc.simulate import NoiseSettings, image_options
+
+        settings = NoiseSettings(weight_noise, dac_bits, adc_bits, output_noise, runs, seed, adc_bound)
+        image = image_options(scale, mean, std)
+    elif data is not None:
+        raise UsageError("--data is read by --simulate; add --simulate or drop --data")
+    with _outputs({"--json": json_path, "--plot": plot}, models) as outputs, _progress() as update:
+        report = map_model(*models, array=size, mappings=mappings, input_shapes=shapes)
+        if settings is not None:
+            from lrdeploy.imc.simulate import simulate_models
+
+            progress = lambda done, total: update("simulate", done, total)  # noqa: E731
+            report.simulation = simulate_models(
+                models, report.array, settings, data, shapes, batch_size, limit, image, progress
+            )
+        if json_path is not None:
+            outputs.write_text(json_path, report.to_json())
+        if plot is not None:
+            plot_imc(report, outputs.stage(plot))
+        outputs.promote()
+    out, remarks = _consoles(fmt)
+    if fmt == "json":
+        out.out(report.to_json().rstrip("\n"), highlight=False)
+    else:
+        render_imc(report, out, fmt)
+    for flag, path in (("report", json_path), ("plot", plot)):
+        if path is not None:
+            print_line(remarks, f"{flag}: {path}", fmt=fmt)
+
+
 # `lrdeploy train` (the [train] extra): its module imports typer only; torch loads when the command runs.
 app.command(help="Train a low-rank-friendly model (LRPET, LoRITa or baseline) and export ONNX.")(train)
 
