@@ -19,6 +19,8 @@ from pathlib import Path
 import onnx
 
 from lrdeploy import costs
+from lrdeploy.budget import plan_budget
+from lrdeploy.calibration import Calibration, calibrate
 from lrdeploy.config import CompressConfig
 from lrdeploy.errors import UsageError, VerificationFailed
 from lrdeploy.graphio import from_graph
@@ -141,8 +143,22 @@ def _compress(
         graph, names, normalized, folded = prepare_graph(original, config.fold_bn)
     with timer("plan"):
         groups, unfit = find_groups(graph, original)
-        tick = (lambda done, total: progress("factorize", done, total)) if progress else None
-        rewrites, decisions = plan_layers(groups, config, tick)
+    calibration = folded_model = None
+    if config.calib is not None:
+        with timer("calibrate"):
+            folded_model, calibration = _calibrate(graph, original, groups, config)
+    with timer("plan"):
+        budget = None
+        if config.target is None:
+            tick = (lambda done, total: progress("factorize", done, total)) if progress else None
+            moments = calibration.moments if calibration else None
+            rewrites, decisions = plan_layers(groups, config, tick, moments)
+        else:
+            totals = {"params": params_before, "macs": _total(macs_before)}
+            rewrites, decisions, budget = plan_budget(
+                groups, config, totals, macs_before, calibration, folded_model, progress
+            )
+        del folded_model
     with timer("rewrite"):
         rewritten = factorize(graph, rewrites, names)
         pairs = {d.node: d.details["pair"] for d in rewritten.decisions}
@@ -171,7 +187,13 @@ def _compress(
         batchnorm=decision_dicts(folded),
         normalized=[d for r in (upgraded, inlined, renamed, normalized) for d in decision_dicts(r)],
         notes=[d.reason for d in upgraded.decisions],
+        calibration=calibration.to_dict() if calibration else None,
     )
+    if budget is not None:
+        after = params_after if budget.kind == "params" else _total(macs_after)
+        before = params_before if budget.kind == "params" else _total(macs_before)
+        achieved = after / before if after is not None and before else None
+        report.budget = budget.to_dict() | {"achieved": achieved}
     staged = outputs.stage(output_path) if output_path is not None else None
     with timer("save"):
         if staged is not None:
@@ -199,6 +221,28 @@ def _compress(
         suffix = f"; output {kept}" if output_path is not None else ""
         raise VerificationFailed(f"verification failed: {failures[0]}{more}{suffix}", report=report)
     return compressed, report
+
+
+def _calibrate(
+    graph, original: onnx.ModelProto, groups, config: CompressConfig
+) -> tuple[onnx.ModelProto, Calibration]:
+    """Run the BN-folded model (the layers as they will be factorized) over the calibration data."""
+    from lrdeploy.verification import _batch_size  # a fixed batch dim is fed as it is declared
+
+    folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
+    layers = [node.name for group in groups if not group.problem for node in group.nodes]
+    assert config.calib is not None
+    calibration = calibrate(
+        folded,
+        layers,
+        config.calib,
+        config.verification.image,
+        config.calib_samples,
+        config.calib_holdout,
+        _batch_size(folded, config.verification.batch_size),
+        seed=config.verification.seed,
+    )
+    return folded, calibration
 
 
 def _verify(original, source, compressed, staged, shapes, config: CompressConfig, progress: Progress | None):
