@@ -52,6 +52,8 @@ __all__ = [
 
 #: Ranks offered per layer at most (ResNet-50's widest layers have ~1,000 that save).
 MAX_CANDIDATES = 256
+#: The achieved fraction lands within this of the target when a combination of ranks allows it.
+TOLERANCE = 0.005
 _FIXED = "(not factorizable)"
 
 
@@ -160,7 +162,7 @@ def choose_ranks(
     table[_FIXED] = [Candidate(None, 0.0, max(total - dense, 0.0))]
     cheapest = math.fsum(min(c.cost for c in options) for options in table.values()) / total
     try:
-        choice = allocate(table, target * total)
+        choice = allocate(table, target * total, tolerance=TOLERANCE * total)
     except BudgetUnreachable:
         flag = option("target_macs" if kind == "macs" else "target_params")
         raise UsageError(

@@ -23,8 +23,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.exceptions import Abort, Exit, TyperException
 
 from lrdeploy.cli_options import (
+    Allocate,
     Atol,
     BatchSize,
+    Calib,
+    CalibHoldout,
+    CalibSamples,
     Data,
     Device,
     Format,
@@ -33,6 +37,7 @@ from lrdeploy.cli_options import (
     Limit,
     MaxRelL2,
     Mean,
+    Method,
     MinCosine,
     MinTop1,
     ModelArg,
@@ -42,6 +47,8 @@ from lrdeploy.cli_options import (
     Scale,
     Seed,
     Std,
+    TargetMacs,
+    TargetParams,
     output_format,
     parse_ints,
     require_module,
@@ -132,6 +139,13 @@ def compress(
         float | None, typer.Option(help="Keep this fraction of Σσ² per layer, in (0, 1].")
     ] = None,
     rank: Annotated[int | None, typer.Option(help="The same rank for every layer.")] = None,
+    target_params: TargetParams = None,
+    target_macs: TargetMacs = None,
+    allocate: Allocate = "error",
+    method: Method = "auto",
+    calib: Calib = None,
+    calib_samples: CalibSamples = 256,
+    calib_holdout: CalibHoldout = 0.2,
     rank_multiple: Annotated[int, typer.Option(help="Round ranks up to a multiple of this (hardware).")] = 1,
     include: Annotated[
         list[str] | None,
@@ -180,6 +194,8 @@ def compress(
 
     fmt = output_format(format_, console.is_terminal)
 
+    if calib not in (None, "random", "mnist") and Path(calib).is_dir():
+        require_module("PIL", "--calib with an image folder", "images", "Pillow")
     verification = verify_config(
         device,
         data,
@@ -211,6 +227,13 @@ def compress(
         verification=verification,
         keep_failed=keep_failed,
         input_shapes=parse_input_shapes(input_shape or []),
+        target_params=target_params,
+        target_macs=target_macs,
+        allocate=allocate,
+        method=method,
+        calib=calib,
+        calib_samples=calib_samples,
+        calib_holdout=calib_holdout,
     )
     output = output or default_output_path(model)
     failure = None
