@@ -90,6 +90,9 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
         Column("MACs", right=True, drop=4),
         Column("status"),
     ]
+    calibrated = report.calibration is not None
+    if calibrated:  # after status, dropped first on a narrow terminal
+        columns += [Column("method", drop=7), Column("calib err fit/held (svd)", right=True, drop=8)]
     records = [
         layer.to_dict() | {"shared_primary": getattr(layer.decision, "shared_primary", None)}
         for layer in report.layers
@@ -108,7 +111,10 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
         )
         macs = f"{format_count(layer.macs_before)}→{format_count(layer.macs_after)}"
         status, note, style = _status(d)
-        sheet.add([d.name, d.op, _shape(d.weight_shape), rank, energy, params, macs, status], note, style)
+        row = [d.name, d.op, _shape(d.weight_shape), rank, energy, params, macs, status]
+        if calibrated:
+            row += [d.method or "-", _calib_errors(d.calib)]
+        sheet.add(row, note, style)
     sheet.footer = [
         "total",
         "",
@@ -118,7 +124,7 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
         f"{format_count(report.params_before)}→{format_count(report.params_after)}",
         f"{format_count(report.macs_before)}→{format_count(report.macs_after)}",
         "",
-    ]
+    ] + (["", ""] if calibrated else [])
     print_sheet(sheet, console, fmt)
     if fmt == "csv":
         return
@@ -139,8 +145,41 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
         f"{_ratio(report.macs_before, report.macs_after)}{at}",
         fmt=fmt,
     )
+    for line in _budget_lines(report):
+        print_line(console, line, fmt=fmt)
     for note in report.notes:
         print_line(console, note, fmt=fmt)
+
+
+def _calib_errors(errors) -> str:
+    """The layer's relative output error on the fit and held-apart calibration rows, plain SVD's after."""
+    if not errors:
+        return "-"
+
+    def pair(fit: float | None, held: float | None) -> str:
+        return "/".join("-" if v is None else f"{v:.3f}" for v in (fit, held))
+
+    return f"{pair(errors['fit'], errors['holdout'])} ({pair(errors['svd_fit'], errors['svd_holdout'])})"
+
+
+def _budget_lines(report: Report) -> list[str]:
+    lines = []
+    if report.budget:
+        b = report.budget
+        achieved = "-" if b.get("achieved") is None else f"{b['achieved']:.3f}"
+        lines.append(
+            f"budget: {b['target']:g} of the {b['kind']} asked, {achieved} achieved "
+            f"(allocated by {b['allocator']}; {b['cheapest']:.3f} is the least reachable)"
+        )
+    if report.calibration:
+        c = report.calibration
+        fallbacks = sum(1 for layer in report.factorized if layer.decision.fallback)
+        lines.append(
+            f"calibration: {c['source']}, {c['held_apart']} of {c['samples']} samples held apart; "
+            f"{format_count(c['rows_fit'])} fit / {format_count(c['rows_held_apart'])} held-apart rows over "
+            f"all layers; {fallbacks} layer(s) fell back to plain SVD"
+        )
+    return lines
 
 
 def _percent(value: float | None) -> str:
