@@ -52,8 +52,8 @@ __all__ = [
 
 #: Ranks offered per layer at most (ResNet-50's widest layers have ~1,000 that save).
 MAX_CANDIDATES = 256
-#: The achieved fraction lands within this of the target when a combination of ranks allows it.
-TOLERANCE = 0.005
+#: The achieved fraction lands within this of the target (issue 9 asks 1%) when some ranks allow it.
+TOLERANCE = 0.01
 _FIXED = "(not factorizable)"
 
 

@@ -268,9 +268,12 @@ def inspect(
     ] = True,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the profile as JSON here.")] = None,
     input_shape: InputShape = None,
+    calib: Calib = None,
+    calib_samples: CalibSamples = 256,
     format_: Format = None,
 ) -> None:
-    """List factorizable layers, the singular-value energy profile of their weights and their MACs."""
+    """List factorizable layers, the singular-value energy profile of their weights and their MACs;
+    with --calib, each layer's output error on the calibration data for plain SVD and whitened factors."""
     from lrdeploy.config import parse_input_shapes
     from lrdeploy.inspection import inspect as inspect_model
     from lrdeploy.render import render_inspection
@@ -280,7 +283,9 @@ def inspect(
     out, remarks = _consoles(fmt)
     shapes = parse_input_shapes(input_shape or [])
     with _outputs({"--json": json_path}, [model]) as outputs:
-        inspection = inspect_model(model, fold_bn=fold_bn, input_shapes=shapes)
+        inspection = inspect_model(
+            model, fold_bn=fold_bn, input_shapes=shapes, calib=calib, calib_samples=calib_samples
+        )
         if json_path is not None:
             outputs.write_text(json_path, inspection.to_json())
         outputs.promote()

@@ -322,6 +322,13 @@ def plot_bench(result: BenchResult, path: Path) -> None:
     plt.close(figure)
 
 
+def _inspected_errors(errors: dict | None) -> str:
+    """Relative output error on the calibration rows at rank ratio 0.25: plain SVD → whitened."""
+    if not errors:
+        return "-"
+    return f"{errors['svd'][1]:.3f}→{errors['whiten'][1]:.3f}"
+
+
 def render_inspection(inspection, console: Console, fmt: str = "table") -> None:
     columns = [
         Column("layer", name=True),
@@ -337,6 +344,9 @@ def render_inspection(inspection, console: Console, fmt: str = "table") -> None:
         Column("break-even", right=True, drop=5),
         Column("MACs", right=True, drop=9),
     ]
+    calibrated = any(layer.output_errors for layer in inspection.layers)
+    if calibrated:
+        columns.append(Column("out err @25% svd→whiten", right=True, drop=10))
     sheet = Sheet("factorizable layers (BN folded)", columns, note_column=0)
     for layer in inspection.layers:
         others = layer.names[1:]
@@ -352,6 +362,7 @@ def render_inspection(inspection, console: Console, fmt: str = "table") -> None:
                 *(layer.rank_for(e) for e in (0.9, 0.99)),
                 layer.break_even_rank(),
                 format_count(layer.macs),
+                *([_inspected_errors(layer.output_errors)] if calibrated else []),
             ],
             note,
         )
