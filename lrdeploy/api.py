@@ -2,7 +2,8 @@
 
     model, report = lrdeploy.compress("model.onnx", rank_ratio=0.25, output="model.lowrank.onnx")
 
-Steps: load (lazily) → count → normalize + fold BN → plan (SVD per weight, ranks) → rewrite → export →
+Steps: load (lazily) → count → normalize + fold BN → calibrate (with ``calib``) → plan (SVD or whitened
+factors per weight; ranks from the policy or a budget, `lrdeploy.budget`) → rewrite → export →
 count → save (into a staging folder beside the output while it is verified) → verify → report, then the
 output, its external data and the JSON report are renamed into place together (`lrdeploy.outputs`).
 """
@@ -97,9 +98,12 @@ def compress(
 ) -> tuple[onnx.ModelProto, Report]:
     """Fold BN, factorize Conv/Gemm/MatMul weights by truncated SVD, verify, and report.
 
-    Give the policy as ``rank_ratio``/``energy``/``rank`` plus `CompressConfig` fields as keywords
-    (``rank_multiple``, ``include``, ``exclude``, ``overrides``, ``fold_bn``, ``verify``,
-    ``input_shapes``, ``keep_failed``) and `VerifyConfig` fields (``device``, ``data``, ``gates``,
+    Give the policy as ``rank_ratio``/``energy``/``rank``, or a whole-model budget as ``target_params``
+    or ``target_macs`` (a fraction of the original; ``allocate="error"|"sensitivity"``), plus
+    `CompressConfig` fields as keywords (``rank_multiple``, ``include``, ``exclude``, ``overrides``,
+    ``fold_bn``, ``verify``, ``input_shapes``, ``keep_failed``; calibration: ``calib`` — what ``data``
+    takes: a path, "mnist" (training digits) or arrays —, ``calib_samples``, ``calib_holdout``,
+    ``method="auto"|"svd"|"whiten"``) and `VerifyConfig` fields (``device``, ``data``, ``gates``,
     ``seed``, ...), or a ready ``config``. The input is never modified. With ``output`` the model is
     written there atomically (external data above 2 GB), and only if it passes the verification gates
     (or ``keep_failed``); a failed gate raises `VerificationFailed` with ``.report`` attached. With
