@@ -70,10 +70,6 @@ def calibration_dataset(
     return _from_pixels(read_mnist(spec, image, limit, split="train"), spec, "mnist", image)
 
 
-def _batches(dataset: Dataset, size: int):
-    yield from dataset.batches(size)
-
-
 def calibrate(
     folded: onnx.ModelProto,
     layers: Sequence[str],
@@ -96,7 +92,7 @@ def calibrate(
     if count - held < 1:
         raise UsageError(f"{option('calib')} has no samples to fit on; give more samples")
     moments = collect_moments(
-        folded, list(layers), _batches(dataset, batch_size), every, max_cost=max_cost, seed=seed
+        folded, list(layers), dataset.batches(batch_size), every, max_cost=max_cost, seed=seed
     )
     probe = _probe(dataset.arrays, every)
     return Calibration(moments, dataset.description, count, held, probe, time.perf_counter() - start)

@@ -403,3 +403,16 @@ def test_compress_with_a_budget_and_calibration(capsys, tmp_path, model_path):
 def test_budget_flag_errors(capsys, tmp_path, model_path, flags, message):
     line = _error(capsys, ["compress", str(model_path), "-o", str(tmp_path / "o.onnx"), *flags])
     assert re.search(message, line), line
+
+
+def test_inspect_with_calibration_shows_output_errors(capsys, tmp_path, model_path):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((12, 32)).astype(np.float32))
+    profile = tmp_path / "profile.json"
+    argv = ["inspect", str(model_path), "--calib", str(calib), "--json", str(profile), "--format", "plain"]
+    assert main(argv) == 0
+    assert "out err @25% svd→whiten" in capsys.readouterr().out
+    layer = json.loads(profile.read_text())["layers"][0]
+    errors = layer["output_rel_error"]
+    assert errors["rank_ratios"] == [0.1, 0.25, 0.5]
+    assert all(w <= s + 1e-9 for s, w in zip(errors["svd"], errors["whiten"], strict=True))
