@@ -193,6 +193,12 @@ def _compress(
         notes=[d.reason for d in upgraded.decisions],
         calibration=calibration.to_dict() if calibration else None,
     )
+    few = [d.name for d in decisions if d.calib_rows and d.n and d.calib_rows[0] < d.n]
+    if few:
+        report.notes.append(
+            f"{len(few)} layer(s) had fewer calibration rows than inputs (e.g. '{few[0]}'); their statistics "
+            "are rank-deficient and floored (see calib_rows); more calibration samples help"
+        )
     if budget is not None:
         after = params_after if budget.kind == "params" else _total(macs_after)
         before = params_before if budget.kind == "params" else _total(macs_before)
