@@ -221,8 +221,45 @@ def _repair(layers: Mapping[str, Sequence[Candidate]], choice: dict[str, Candida
             return
 
 
-def allocate(candidates: Mapping[str, Sequence[Candidate]], budget: float) -> dict[str, Candidate]:
+def _fill(tables: Mapping[str, _Table], choice: dict[str, Candidate], budget: float, low: float) -> None:
+    """Bring the cost into [low, budget] by the one change of a layer, or of two, that adds the least
+    error (the relaxation can stop a large rank step short of the budget); unchanged if none lands there."""
+    spent = total_cost(choice)
+    best_gain, move = -math.inf, None
+    for i, first in tables.items():
+        rest = spent - choice[i].cost + first.costs  # the cost after moving layer i there
+        saved = choice[i].error - first.errors
+        window = (rest >= low) & (rest <= budget)
+        if window.any():
+            gain = np.where(window, saved, -np.inf)
+            index = int(np.argmax(gain))
+            if gain[index] > best_gain:
+                best_gain, move = float(gain[index]), (i, index, None, 0)
+        for j, second in tables.items():
+            if j == i:
+                continue
+            position = np.searchsorted(second.costs, budget - rest + choice[j].cost, side="right") - 1
+            pick = second.best[np.maximum(position, 0)]
+            total = rest - choice[j].cost + second.costs[pick]
+            fits = (position >= 0) & (total >= low) & (total <= budget)
+            gain = np.where(fits, saved + choice[j].error - second.errors[pick], -np.inf)
+            index = int(np.argmax(gain))
+            if gain[index] > best_gain:
+                best_gain, move = float(gain[index]), (i, index, j, int(pick[index]))
+    if move is not None:
+        i, index, j, pick = move
+        choice[i] = tables[i].options[index]
+        if j is not None:
+            choice[j] = tables[j].options[pick]
+
+
+def allocate(
+    candidates: Mapping[str, Sequence[Candidate]], budget: float, tolerance: float = 0.0
+) -> dict[str, Candidate]:
     """One candidate per layer, total cost ≤ ``budget``, near-least total error (see the module doc).
+
+    With ``tolerance`` > 0, an allocation that spends less than ``budget − tolerance`` is moved into
+    that window by the cheapest change in error of one or two layers (`_fill`), when one exists.
 
     Raises `BudgetUnreachable` when the cheapest candidates already exceed the budget, ValueError for
     empty or non-finite candidates.
@@ -236,4 +273,7 @@ def allocate(candidates: Mapping[str, Sequence[Candidate]], budget: float) -> di
     position = _lagrangian(hulls, budget, slack_floor)
     choice = {name: hulls[name][index] for name, index in position.items()}
     _repair(candidates, choice, budget + slack_floor)
+    if tolerance > 0 and total_cost(choice) < budget - tolerance and len(candidates) > 1:
+        tables = {name: _Table.of(options) for name, options in candidates.items()}
+        _fill(tables, choice, budget + slack_floor, budget - tolerance)
     return choice

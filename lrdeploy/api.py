@@ -2,7 +2,8 @@
 
     model, report = lrdeploy.compress("model.onnx", rank_ratio=0.25, output="model.lowrank.onnx")
 
-Steps: load (lazily) → count → normalize + fold BN → plan (SVD per weight, ranks) → rewrite → export →
+Steps: load (lazily) → count → normalize + fold BN → calibrate (with ``calib``) → plan (SVD or whitened
+factors per weight; ranks from the policy or a budget, `lrdeploy.budget`) → rewrite → export →
 count → save (into a staging folder beside the output while it is verified) → verify → report, then the
 output, its external data and the JSON report are renamed into place together (`lrdeploy.outputs`).
 """
@@ -19,6 +20,8 @@ from pathlib import Path
 import onnx
 
 from lrdeploy import costs
+from lrdeploy.budget import plan_budget
+from lrdeploy.calibration import Calibration, calibrate
 from lrdeploy.config import CompressConfig
 from lrdeploy.errors import UsageError, VerificationFailed
 from lrdeploy.graphio import from_graph
@@ -96,9 +99,12 @@ def compress(
 ) -> tuple[onnx.ModelProto, Report]:
     """Fold BN, factorize Conv/Gemm/MatMul weights by truncated SVD, verify, and report.
 
-    Give the policy as ``rank_ratio``/``energy``/``rank`` plus `CompressConfig` fields as keywords
-    (``rank_multiple``, ``include``, ``exclude``, ``overrides``, ``fold_bn``, ``verify``,
-    ``input_shapes``, ``keep_failed``) and `VerifyConfig` fields (``device``, ``data``, ``gates``,
+    Give the policy as ``rank_ratio``/``energy``/``rank``, or a whole-model budget as ``target_params``
+    or ``target_macs`` (a fraction of the original; ``allocate="error"|"sensitivity"``), plus
+    `CompressConfig` fields as keywords (``rank_multiple``, ``include``, ``exclude``, ``overrides``,
+    ``fold_bn``, ``verify``, ``input_shapes``, ``keep_failed``; calibration: ``calib`` — what ``data``
+    takes: a path, "mnist" (training digits) or arrays —, ``calib_samples``, ``calib_holdout``,
+    ``method="auto"|"svd"|"whiten"``) and `VerifyConfig` fields (``device``, ``data``, ``gates``,
     ``seed``, ...), or a ready ``config``. The input is never modified. With ``output`` the model is
     written there atomically (external data above 2 GB), and only if it passes the verification gates
     (or ``keep_failed``); a failed gate raises `VerificationFailed` with ``.report`` attached. With
@@ -143,8 +149,22 @@ def _compress(
         graph, names, normalized, folded = prepare_graph(original, config.fold_bn)
     with timer("plan"):
         groups, unfit = find_groups(graph, original)
-        tick = (lambda done, total: progress("factorize", done, total)) if progress else None
-        rewrites, decisions = plan_layers(groups, config, tick)
+    calibration = folded_model = None
+    if config.calib is not None:
+        with timer("calibrate"):
+            folded_model, calibration = _calibrate(graph, original, groups, config)
+    with timer("plan"):
+        budget = None
+        if config.target is None:
+            tick = (lambda done, total: progress("factorize", done, total)) if progress else None
+            moments = calibration.moments if calibration else None
+            rewrites, decisions = plan_layers(groups, config, tick, moments)
+        else:
+            totals = {"params": params_before, "macs": _total(macs_before)}
+            rewrites, decisions, budget = plan_budget(
+                groups, config, totals, macs_before, calibration, folded_model, progress
+            )
+        del folded_model
     with timer("rewrite"):
         rewritten = factorize(graph, rewrites, names)
         pairs = {d.node: d.details["pair"] for d in rewritten.decisions}
@@ -173,7 +193,19 @@ def _compress(
         batchnorm=decision_dicts(folded),
         normalized=[d for r in (upgraded, inlined, renamed, normalized) for d in decision_dicts(r)],
         notes=[d.reason for d in upgraded.decisions],
+        calibration=calibration.to_dict() if calibration else None,
     )
+    few = [d.name for d in decisions if d.calib_rows and d.n and d.calib_rows[0] < d.n]
+    if few:
+        report.notes.append(
+            f"{len(few)} layer(s) had fewer calibration rows than inputs (e.g. '{few[0]}'); their statistics "
+            "are rank-deficient and floored (see calib_rows); more calibration samples help"
+        )
+    if budget is not None:
+        after = params_after if budget.kind == "params" else _total(macs_after)
+        before = params_before if budget.kind == "params" else _total(macs_before)
+        achieved = after / before if after is not None and before else None
+        report.budget = budget.to_dict() | {"achieved": achieved}
     staged = outputs.stage(output_path) if output_path is not None else None
     with timer("save"):
         if staged is not None:
@@ -201,6 +233,28 @@ def _compress(
         suffix = f"; output {kept}" if output_path is not None else ""
         raise VerificationFailed(f"verification failed: {failures[0]}{more}{suffix}", report=report)
     return compressed, report
+
+
+def _calibrate(
+    graph, original: onnx.ModelProto, groups, config: CompressConfig
+) -> tuple[onnx.ModelProto, Calibration]:
+    """Run the BN-folded model (the layers as they will be factorized) over the calibration data."""
+    from lrdeploy.verification import _batch_size  # a fixed batch dim is fed as it is declared
+
+    folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
+    layers = [node.name for group in groups if not group.problem for node in group.nodes]
+    assert config.calib is not None
+    calibration = calibrate(
+        folded,
+        layers,
+        config.calib,
+        config.verification.image,
+        config.calib_samples,
+        config.calib_holdout,
+        _batch_size(folded, config.verification.batch_size),
+        seed=config.verification.seed,
+    )
+    return folded, calibration
 
 
 def _verify(original, source, compressed, staged, shapes, config: CompressConfig, progress: Progress | None):

@@ -14,6 +14,12 @@ memory is the accumulators (Σ nᵢ²) plus one batch of activations; conv patch
 at a time. A share of the samples (every ``holdout_every``-th along each layer input's first axis) goes
 to a second accumulator that the factorization never sees, to show over-fitting and to choose between
 whitened and plain factors.
+
+Cost: the exact XᵀX of conv patches costs rows·n² against the layer's own rows·m·n forward MACs, i.e.
+n/m = Cin·Πk/Cout times the forward (9× for a 3×3 conv keeping its width, 100× the whole forward on the
+MNIST VGG). With ``max_cost`` c, each batch keeps a seeded uniform sample of ⌈c·m/n · rows⌉ conv rows
+(at least ``_MIN_ROWS``), so accumulating costs about c forward
+passes of the layer; ``max_cost=None`` keeps every row (exact). The rows used are counted, and said.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ __all__ = ["LayerInput", "LayerMoments", "SecondMoment", "collect_moments", "con
 
 #: Conv patches formed at once are kept under this many bytes (float64), a few samples at a time.
 _CHUNK_BYTES = 64 << 20
+#: Conv rows kept per batch at least when subsampling (all of them when the batch has fewer).
+_MIN_ROWS = 64
+#: Default accumulation cost, in forward passes of each layer (`collect_moments`'s ``max_cost``).
+MAX_COST = 2.0
 
 
 @dataclass
@@ -120,6 +130,7 @@ class LayerInput:
     dim: int
     attrs: Mapping[str, object] = field(default_factory=dict)
     kernel_shape: tuple[int, ...] = ()
+    outputs: int = 0  # m: the weight's output channels/features
 
     @classmethod
     def of(cls, node: onnx.NodeProto, weights: Mapping[str, onnx.TensorProto]) -> LayerInput:
@@ -131,12 +142,12 @@ class LayerInput:
         if node.op_type == "Conv":
             if int(attrs.get("group", 1)) != 1:
                 raise ValueError(f"node '{node.name}' is a grouped Conv")
-            return cls(node.name, node.input[0], "Conv", int(np.prod(dims[1:])), attrs, dims[2:])
+            return cls(node.name, node.input[0], "Conv", int(np.prod(dims[1:])), attrs, dims[2:], dims[0])
         if node.op_type == "Gemm":
-            inputs = dims[1] if attrs.get("transB", 0) else dims[0]
-            return cls(node.name, node.input[0], "Gemm", inputs, attrs)
+            inputs, outputs = (dims[1], dims[0]) if attrs.get("transB", 0) else (dims[0], dims[1])
+            return cls(node.name, node.input[0], "Gemm", inputs, attrs, outputs=outputs)
         if node.op_type == "MatMul":
-            return cls(node.name, node.input[0], "MatMul", dims[0])
+            return cls(node.name, node.input[0], "MatMul", dims[0], outputs=dims[-1])
         raise ValueError(f"node '{node.name}' is a {node.op_type}, not Conv/Gemm/MatMul")
 
 
@@ -149,15 +160,38 @@ def rows(layer: LayerInput, x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
-def _add(layer: LayerInput, x: np.ndarray, moment: SecondMoment) -> None:
-    """Add x's rows; conv patches are formed a few samples at a time."""
+@dataclass(frozen=True)
+class Sampling:
+    """Which conv rows to keep: a share of each chunk, drawn uniformly by a seeded generator."""
+
+    max_cost: float | None
+    rng: np.random.Generator
+
+    def share(self, layer: LayerInput, total: int) -> float:
+        if self.max_cost is None or layer.op != "Conv" or total == 0:
+            return 1.0
+        keep = max(self.max_cost * layer.outputs / layer.dim * total, min(_MIN_ROWS, total))
+        return min(1.0, keep / total)
+
+    def pick(self, patches: np.ndarray, share: float) -> np.ndarray:
+        if share >= 1.0:
+            return patches
+        count = max(1, round(share * len(patches)))
+        return patches[np.sort(self.rng.choice(len(patches), count, replace=False))]
+
+
+def _add(layer: LayerInput, x: np.ndarray, moment: SecondMoment, sampling: Sampling | None = None) -> None:
+    """Add x's rows (conv: a sample of them, see `Sampling`); conv patches are formed a few samples at
+    a time."""
     if layer.op != "Conv" or x.shape[0] == 0:
         moment.update(rows(layer, x))
         return
-    per_sample = conv_rows(x[:1], layer.attrs, layer.kernel_shape).shape[0] * layer.dim * 8
-    step = max(1, _CHUNK_BYTES // max(per_sample, 1))
+    per_sample = conv_rows(x[:1], layer.attrs, layer.kernel_shape).shape[0]
+    share = sampling.share(layer, per_sample * x.shape[0]) if sampling else 1.0
+    step = max(1, _CHUNK_BYTES // max(per_sample * layer.dim * 8, 1))
     for start in range(0, x.shape[0], step):
-        moment.update(rows(layer, x[start : start + step]))
+        patches = rows(layer, x[start : start + step])
+        moment.update(sampling.pick(patches, share) if sampling else patches)
 
 
 @dataclass
@@ -169,7 +203,9 @@ class LayerMoments:
     samples_seen: int = 0
 
 
-def _split(layer: LayerInput, x: np.ndarray, moments: LayerMoments, every: int) -> None:
+def _split(
+    layer: LayerInput, x: np.ndarray, moments: LayerMoments, every: int, sampling: Sampling | None = None
+) -> None:
     """Samples along x's first axis (Gemm with transA: its columns) to fit or to holdout."""
     axis = 1 if layer.op == "Gemm" and layer.attrs.get("transA", 0) else 0
     if layer.op == "MatMul" and x.ndim == 1:
@@ -179,7 +215,7 @@ def _split(layer: LayerInput, x: np.ndarray, moments: LayerMoments, every: int) 
     held = (index % every == every - 1) if every else np.zeros(len(index), dtype=bool)
     for part, mask in ((moments.fit, ~held), (moments.holdout, held)):
         if mask.any():
-            _add(layer, np.compress(mask, x, axis=axis), part)
+            _add(layer, np.compress(mask, x, axis=axis), part, sampling)
 
 
 def _with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
@@ -199,12 +235,15 @@ def collect_moments(
     feeds: Iterable[Mapping[str, np.ndarray]],
     holdout_every: int = 5,
     threads: int | None = None,
+    max_cost: float | None = None,
+    seed: int = 0,
 ) -> dict[str, LayerMoments]:
     """Run the model once over ``feeds`` on onnxruntime CPU and return every named layer's moments.
 
     ``model`` is the model whose layers will be factorized (BN folded); ``layers`` are node names of
     Conv/Gemm/MatMul nodes with a constant weight. Every ``holdout_every``-th sample (5: 20%) is held
-    apart; 0 holds none. Bad data (wrong names or shapes, NaN, no samples) raises UsageError.
+    apart; 0 holds none. ``max_cost`` bounds the conv accumulation (see the module doc; None: exact),
+    ``seed`` seeds its sampling. Bad data (wrong names or shapes, NaN, no samples) raises UsageError.
     """
     if holdout_every == 1 or holdout_every < 0:
         raise ValueError(f"holdout_every must be 0 (none held apart) or at least 2, got {holdout_every}")
@@ -223,13 +262,14 @@ def collect_moments(
         label="the model with its layer inputs as outputs",
     )
     moments = {layer.node: LayerMoments(SecondMoment(layer.dim), SecondMoment(layer.dim)) for layer in inputs}
+    sampling = Sampling(max_cost, np.random.default_rng(seed)) if max_cost is not None else None
     batches = 0
     for batches, feed in enumerate(feeds, 1):
         values = dict(zip(captured, _run(session, captured, feed, batches), strict=True))
         for layer in inputs:
             x = np.asarray(feed[layer.tensor] if layer.tensor in graph_inputs else values[layer.tensor])
             try:
-                _split(layer, x, moments[layer.node], holdout_every)
+                _split(layer, x, moments[layer.node], holdout_every, sampling)
             except ValueError as error:
                 raise UsageError(
                     f"calibration batch {batches}: the input of layer '{layer.node}' is unusable ({error}); "

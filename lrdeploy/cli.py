@@ -23,8 +23,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.exceptions import Abort, Exit, TyperException
 
 from lrdeploy.cli_options import (
+    Allocate,
     Atol,
     BatchSize,
+    Calib,
+    CalibHoldout,
+    CalibSamples,
     Data,
     Device,
     Format,
@@ -33,6 +37,7 @@ from lrdeploy.cli_options import (
     Limit,
     MaxRelL2,
     Mean,
+    Method,
     MinCosine,
     MinTop1,
     ModelArg,
@@ -42,6 +47,8 @@ from lrdeploy.cli_options import (
     Scale,
     Seed,
     Std,
+    TargetMacs,
+    TargetParams,
     output_format,
     parse_ints,
     require_module,
@@ -132,6 +139,13 @@ def compress(
         float | None, typer.Option(help="Keep this fraction of Σσ² per layer, in (0, 1].")
     ] = None,
     rank: Annotated[int | None, typer.Option(help="The same rank for every layer.")] = None,
+    target_params: TargetParams = None,
+    target_macs: TargetMacs = None,
+    allocate: Allocate = "error",
+    method: Method = "auto",
+    calib: Calib = None,
+    calib_samples: CalibSamples = 256,
+    calib_holdout: CalibHoldout = 0.2,
     rank_multiple: Annotated[int, typer.Option(help="Round ranks up to a multiple of this (hardware).")] = 1,
     include: Annotated[
         list[str] | None,
@@ -180,6 +194,8 @@ def compress(
 
     fmt = output_format(format_, console.is_terminal)
 
+    if calib not in (None, "random", "mnist") and Path(calib).is_dir():
+        require_module("PIL", "--calib with an image folder", "images", "Pillow")
     verification = verify_config(
         device,
         data,
@@ -211,6 +227,13 @@ def compress(
         verification=verification,
         keep_failed=keep_failed,
         input_shapes=parse_input_shapes(input_shape or []),
+        target_params=target_params,
+        target_macs=target_macs,
+        allocate=allocate,
+        method=method,
+        calib=calib,
+        calib_samples=calib_samples,
+        calib_holdout=calib_holdout,
     )
     output = output or default_output_path(model)
     failure = None
@@ -245,9 +268,12 @@ def inspect(
     ] = True,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the profile as JSON here.")] = None,
     input_shape: InputShape = None,
+    calib: Calib = None,
+    calib_samples: CalibSamples = 256,
     format_: Format = None,
 ) -> None:
-    """List factorizable layers, the singular-value energy profile of their weights and their MACs."""
+    """List factorizable layers, the singular-value energy profile of their weights and their MACs;
+    with --calib, each layer's output error on the calibration data for plain SVD and whitened factors."""
     from lrdeploy.config import parse_input_shapes
     from lrdeploy.inspection import inspect as inspect_model
     from lrdeploy.render import render_inspection
@@ -257,7 +283,9 @@ def inspect(
     out, remarks = _consoles(fmt)
     shapes = parse_input_shapes(input_shape or [])
     with _outputs({"--json": json_path}, [model]) as outputs:
-        inspection = inspect_model(model, fold_bn=fold_bn, input_shapes=shapes)
+        inspection = inspect_model(
+            model, fold_bn=fold_bn, input_shapes=shapes, calib=calib, calib_samples=calib_samples
+        )
         if json_path is not None:
             outputs.write_text(json_path, inspection.to_json())
         outputs.promote()

@@ -14,8 +14,12 @@ import typer
 from lrdeploy.errors import UsageError
 
 __all__ = [
+    "Allocate",
     "Atol",
     "BatchSize",
+    "Calib",
+    "CalibHoldout",
+    "CalibSamples",
     "Data",
     "Device",
     "Format",
@@ -24,6 +28,7 @@ __all__ = [
     "Limit",
     "MaxRelL2",
     "Mean",
+    "Method",
     "MinCosine",
     "MinTop1",
     "ModelArg",
@@ -33,6 +38,8 @@ __all__ = [
     "Scale",
     "Seed",
     "Std",
+    "TargetMacs",
+    "TargetParams",
     "output_format",
     "parse_ints",
     "require_module",
@@ -42,6 +49,7 @@ __all__ = [
 ModelArg = Annotated[Path, typer.Argument(help="Input .onnx model (never modified).", show_default=False)]
 VERIFY = "verification"
 GATES = "gates"
+BUDGET = "budget and calibration"
 
 Device = Annotated[
     str, typer.Option(help="auto (CUDA EP when it really starts), cpu, cuda or tensorrt (strict).")
@@ -52,6 +60,43 @@ Data = Annotated[
         help="random (default), mnist, FILE.npz (keyed by input), FILE.npy, or an image folder.",
         rich_help_panel=VERIFY,
     ),
+]
+TargetParams = Annotated[
+    float | None,
+    typer.Option(
+        help="Whole-model budget: this fraction of the parameters, in (0, 1].", rich_help_panel=BUDGET
+    ),
+]
+TargetMacs = Annotated[
+    float | None,
+    typer.Option(help="Whole-model budget: this fraction of the MACs, in (0, 1].", rich_help_panel=BUDGET),
+]
+Allocate = Annotated[
+    str,
+    typer.Option(
+        help="Budget allocation: error (each layer's truncation error) or sensitivity (measured end to end).",
+        rich_help_panel=BUDGET,
+    ),
+]
+Method = Annotated[
+    str,
+    typer.Option(
+        help="Factors: svd, whiten (data-aware), or auto (whiten with --calib).", rich_help_panel=BUDGET
+    ),
+]
+Calib = Annotated[
+    str | None,
+    typer.Option(
+        help="Calibration data: mnist (training digits), FILE.npz, FILE.npy or an image folder.",
+        rich_help_panel=BUDGET,
+    ),
+]
+CalibSamples = Annotated[
+    int, typer.Option(help="Calibration samples to read at most.", rich_help_panel=BUDGET)
+]
+CalibHoldout = Annotated[
+    float,
+    typer.Option(help="Share of the calibration samples held apart from fitting.", rich_help_panel=BUDGET),
 ]
 Format = Annotated[
     str | None,

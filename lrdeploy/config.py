@@ -8,13 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from lrdeploy.datasets import InMemoryData, as_data_source
 from lrdeploy.errors import UsageError
-from lrdeploy.policy import Energy, FixedRank, RankPolicy, RankRatio
+from lrdeploy.policy import Energy, FixedRank, RankPolicy, RankRatio, number
+from lrdeploy.spelling import option
 from lrdeploy.verification import VerifyConfig, is_int
 
-__all__ = ["CompressConfig", "load_overrides", "parse_input_shapes"]
+__all__ = ["ALLOCATORS", "METHODS", "CompressConfig", "load_overrides", "parse_input_shapes"]
 
 _VERIFY_FIELDS = set(VerifyConfig.__dataclass_fields__)
+METHODS = ("auto", "svd", "whiten")
+ALLOCATORS = ("error", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,13 @@ class CompressConfig:
     over the policy and the patterns. With no policy, only overridden layers
     are factorized. ``verification`` says how the result is checked; when its gates fail the output is
     not written unless ``keep_failed``.
+
+    Budgets (`lrdeploy.budget`): ``target_params`` or ``target_macs``, a fraction of the original model,
+    replaces the rank policy; ranks are allocated across layers by ``allocate`` ("error": each layer's
+    normalized truncation error; "sensitivity": measured end to end). ``calib`` (the sources ``data``
+    takes; images use the verification's image options) gives each layer's input statistics; ``method``
+    "whiten" then fits data-aware factors ("auto": whiten when ``calib`` is given). ``calib_samples``
+    caps the samples read, ``calib_holdout`` is the share held apart from fitting.
     """
 
     policy: RankPolicy | None = None
@@ -38,8 +49,16 @@ class CompressConfig:
     verification: VerifyConfig = field(default_factory=VerifyConfig)
     keep_failed: bool = False
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    target_params: float | None = None
+    target_macs: float | None = None
+    allocate: str = "error"
+    method: str = "auto"
+    calib: str | InMemoryData | None = None  # also accepts a Path, an array or {input: array}
+    calib_samples: int = 256
+    calib_holdout: float = 0.2
 
     def __post_init__(self) -> None:
+        self._check_budget()
         if not is_int(self.rank_multiple) or self.rank_multiple < 1:
             raise UsageError(f"rank multiple must be a positive integer, got {self.rank_multiple!r}")
         for name, rank in self.overrides.items():
@@ -48,8 +67,11 @@ class CompressConfig:
         for name, dims in self.input_shapes.items():
             if not all(is_int(d) and d >= 1 for d in dims):
                 raise UsageError(f"input shape for '{name}' must be positive integers, got {list(dims)}")
-        if self.policy is None and not self.overrides:
-            raise UsageError("choose a rank policy: --rank-ratio, --energy or --rank (or give --overrides)")
+        if self.policy is None and not self.overrides and self.target is None:
+            raise UsageError(
+                "choose a rank policy: --rank-ratio, --energy, --rank, --target-params or --target-macs "
+                "(or give --overrides)"
+            )
         if not self.verify and self.verification.gates.active:
             raise UsageError("verification gates need verification: drop --no-verify or the gate options")
         for name in ("include", "exclude"):  # one pattern given as a string is one pattern, not its letters
@@ -61,6 +83,61 @@ class CompressConfig:
         )
         shapes = {k: tuple(int(d) for d in v) for k, v in self.input_shapes.items()}
         object.__setattr__(self, "input_shapes", MappingProxyType(shapes))
+
+    def _check_budget(self) -> None:
+        targets = {"target_params": self.target_params, "target_macs": self.target_macs}
+        given = {k: v for k, v in targets.items() if v is not None}
+        if len(given) > 1:
+            raise UsageError("give only one of --target-params, --target-macs")
+        for name, value in given.items():
+            value = number(value, option(name))
+            if not 0.0 < value <= 1.0:
+                raise UsageError(f"{option(name)} must be a fraction of the model in (0, 1], got {value:g}")
+            object.__setattr__(self, name, value)
+        if given and self.policy is not None:
+            raise UsageError(
+                f"{option(next(iter(given)))} chooses every rank itself; drop "
+                f"{option('rank_ratio')}/{option('energy')}/{option('rank')}"
+            )
+        if self.allocate not in ALLOCATORS:
+            raise UsageError(f"{option('allocate')} must be error or sensitivity, got {self.allocate!r}")
+        if self.method not in METHODS:
+            raise UsageError(f"{option('method')} must be auto, svd or whiten, got {self.method!r}")
+        try:
+            object.__setattr__(self, "calib", as_data_source(self.calib))
+        except UsageError as error:
+            raise UsageError(str(error).replace("data must", f"{option('calib')} must", 1)) from None
+        if self.calib == "random":
+            raise UsageError(f"{option('calib')} needs real data; random inputs say nothing about a model")
+        if self.method == "whiten" and self.calib is None:
+            raise UsageError(f"{option('method', 'whiten')} needs calibration data: add {option('calib')}")
+        if self.allocate == "sensitivity" and (self.calib is None or not given):
+            raise UsageError(
+                f"{option('allocate')} sensitivity measures layers on calibration data for a budget: "
+                f"give {option('calib')} and {option('target_macs')} or {option('target_params')}"
+            )
+        if not is_int(self.calib_samples) or self.calib_samples < 1:
+            raise UsageError(
+                f"{option('calib_samples')} must be a positive integer, got {self.calib_samples!r}"
+            )
+        holdout = number(self.calib_holdout, option("calib_holdout"))
+        if not 0.0 <= holdout <= 0.5:
+            raise UsageError(f"{option('calib_holdout')} must be in [0, 0.5], got {holdout:g}")
+        object.__setattr__(self, "calib_holdout", holdout)
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        """("params" or "macs", fraction) when a budget is set."""
+        if self.target_params is not None:
+            return "params", self.target_params
+        if self.target_macs is not None:
+            return "macs", self.target_macs
+        return None
+
+    @property
+    def whiten(self) -> bool:
+        """Whitened factors: asked for, or "auto" with calibration data."""
+        return self.method == "whiten" or (self.method == "auto" and self.calib is not None)
 
     @classmethod
     def build(
@@ -103,10 +180,22 @@ class CompressConfig:
             "exclude": list(self.exclude),
             "overrides": dict(self.overrides),
             "fold_bn": self.fold_bn,
+            "target": dict([self.target]) if self.target else None,
+            "allocate": self.allocate if self.target else None,
+            "method": "whiten" if self.whiten else "svd",
+            "calib": str(self.calib) if self.calib is not None else None,
+            "calib_samples": self.calib_samples if self.calib is not None else None,
+            "calib_holdout": self.calib_holdout if self.calib is not None else None,
         }
 
     def describe(self) -> str:
-        parts = [self.policy.describe()] if self.policy else ["overrides only"]
+        if self.target:
+            kind, fraction = self.target
+            parts = [f"{fraction:g} of the {kind}, allocated by {self.allocate}"]
+        else:
+            parts = [self.policy.describe()] if self.policy else ["overrides only"]
+        if self.whiten:
+            parts.append("whitened factors")
         if self.rank_multiple > 1:
             parts.append(f"multiple of {self.rank_multiple}")
         return ", ".join(parts)

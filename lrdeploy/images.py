@@ -240,12 +240,12 @@ def _resize_digits(digits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack(resized)
 
 
-def read_mnist(spec: InputSpec, options: ImageOptions, limit: int | None) -> Pixels:
-    """The first ``limit`` bundled MNIST test digits (all by default), shaped for input ``spec``."""
+def read_mnist(spec: InputSpec, options: ImageOptions, limit: int | None, split: str = "test") -> Pixels:
+    """The first ``limit`` bundled MNIST ``split`` digits (all by default), shaped for input ``spec``."""
     size = _mnist_size(spec, options)
     _check_channels(options, 1, "mnist digits have")
     with np.load(mnist_path(), allow_pickle=False) as archive:
-        digits, labels = archive["x_test"], archive["y_test"]
+        digits, labels = archive[f"x_{split}"], archive[f"y_{split}"]
     total = len(digits)
     digits, labels = (digits[:limit], labels[:limit]) if limit else (digits, labels)
     pixels = _normalize(_resize_digits(digits, size)[..., None], options, 3)[..., 0]  # N, H, W
@@ -256,4 +256,6 @@ def read_mnist(spec: InputSpec, options: ImageOptions, limit: int | None) -> Pix
         batch = pixels
     else:
         batch = pixels[:, None] if _layout(spec, options) == "NCHW" else pixels[..., None]
-    return Pixels(batch, labels.astype(np.int64), counted("MNIST test split", len(digits), total, "digits"))
+    return Pixels(
+        batch, labels.astype(np.int64), counted(f"MNIST {split} split", len(digits), total, "digits")
+    )

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from lrdeploy import costs
+from lrdeploy.datasets import ImageOptions
 from lrdeploy.inputs import resolve_shapes
 from lrdeploy.modelio import load_model
 from lrdeploy.passes.inline import inline_layer_functions
@@ -20,7 +21,10 @@ from lrdeploy.policy import round_half_up
 from lrdeploy.report import strict_json
 from lrdeploy.spectrum import Spectrum
 
-__all__ = ["Inspection", "LayerSpectrum", "inspect"]
+__all__ = ["CALIB_RATIOS", "Inspection", "LayerSpectrum", "inspect"]
+
+#: Rank ratios at which ``inspect --calib`` gives each layer's output error, plain SVD's and whitened.
+CALIB_RATIOS = (0.1, 0.25, 0.5)
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class LayerSpectrum:
     spectrum: Spectrum
     macs: int | None = None  # all readers together, at the inspection's input shapes
     labels: tuple[str, ...] = ()  # what --include/--exclude/--overrides match (`lrdeploy.selection`)
+    #: With calibration: relative output error on the fit rows at `CALIB_RATIOS`, {"svd": …, "whiten": …}
+    output_errors: dict[str, list[float]] | None = None
 
     @property
     def m(self) -> int:
@@ -67,6 +73,9 @@ class LayerSpectrum:
             "macs": self.macs,
             "labels": list(self.labels),
             "singular_values": [float(s) for s in self.spectrum.singular_values],
+            "output_rel_error": (
+                {"rank_ratios": list(CALIB_RATIOS), **self.output_errors} if self.output_errors else None
+            ),
         }
 
 
@@ -116,11 +125,17 @@ def inspect(
     *,
     fold_bn: bool = True,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    calib: object = None,
+    calib_samples: int = 256,
+    image: ImageOptions | None = None,
+    calibration: dict | None = None,
 ) -> Inspection:
     """Profile every factorizable weight after BN folding, with MACs at ``input_shapes``; nothing is written.
 
     Symbolic dims not given in ``input_shapes`` are guessed as `compress` does (a leading one is 1);
-    MACs that depend on a dim that cannot be guessed are None.
+    MACs that depend on a dim that cannot be guessed are None. With ``calib`` (the sources ``compress``
+    takes), each layer's relative output error on the calibration rows is given at `CALIB_RATIOS`
+    for plain SVD and whitened factors.
     """
     original, _ = inline_layer_functions(upgrade_opset(load_model(model)[0])[0])
     name_nodes(original.graph)  # the same names compress gives, for --include/--exclude/--overrides
@@ -128,14 +143,16 @@ def inspect(
     macs = costs.count_macs(original, shapes)
     graph, _, _, folded = prepare_graph(original, fold_bn)
     groups, unfit = find_groups(graph, original)
+    moments = _moments(graph, original, groups, calib, calib_samples, image) if calib is not None else {}
     layers = []
     for group in groups:
         spectrum = Spectrum.of(group.view.matrix())
+        errors = _output_errors(group, spectrum, moments) if moments else None
         spectrum.release()
         names = tuple(node.name for node in group.nodes)
         shape = tuple(int(d) for d in group.view.weight.shape)
         cost = _sum([macs.get(name) for name in names])
-        layers.append(LayerSpectrum(names, group.view.layout[0], shape, spectrum, cost, group.labels))
+        layers.append(LayerSpectrum(names, group.view.layout[0], shape, spectrum, cost, group.labels, errors))
     shared = [LayerDecision(n.name, n.op, "skipped", g.problem) for g in groups if g.problem for n in g.nodes]
     return Inspection(
         layers,
@@ -145,3 +162,36 @@ def inspect(
         macs,
         {k: list(v) if v else None for k, v in shapes.items()},
     )
+
+
+def _moments(graph, original, groups, calib, samples: int, image: ImageOptions | None) -> dict:
+    from lrdeploy.calibration import calibrate
+    from lrdeploy.datasets import as_data_source
+    from lrdeploy.graphio import from_graph
+    from lrdeploy.modelio import choose_ir_version, materialize
+
+    folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
+    layers = [node.name for group in groups if not group.problem for node in group.nodes]
+    source = as_data_source(calib)
+    found = calibrate(folded, layers, source, image or ImageOptions(), samples, 0.0, 32)  # type: ignore[arg-type]
+    return found.moments
+
+
+def _output_errors(group, spectrum: Spectrum, moments: Mapping) -> dict[str, list[float]] | None:
+    import numpy as np
+
+    from lrdeploy.whiten import WhitenedSpectrum, component_errors
+
+    found = [moments[n.name].fit for n in group.nodes if n.name in moments]
+    if group.problem or not found:
+        return None
+    fit = sum(m.total for m in found) / sum(m.count for m in found)
+    matrix = np.asarray(group.view.matrix(), dtype=np.float64)
+    a, b = spectrum.factors(matrix, spectrum.full_rank)
+    plain = component_errors(a, b, fit)
+    white = WhitenedSpectrum.of(matrix, fit).errors
+    ranks = [max(1, round_half_up(r * spectrum.full_rank)) for r in CALIB_RATIOS]
+    return {
+        "svd": [float(np.sqrt(plain[r])) for r in ranks],
+        "whiten": [float(np.sqrt(white[r])) for r in ranks],
+    }

@@ -10,8 +10,9 @@ corrupted. Which groups are factorized, and at which rank, is `lrdeploy.selectio
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
+from lrdeploy.calibrate import LayerMoments
 from lrdeploy.config import CompressConfig
 from lrdeploy.passes.dense_ops import ACTIVATION_PRODUCT, activation_product, dense_row, runtime_tensors
 from lrdeploy.passes.factorize import Rewrite
@@ -27,8 +29,18 @@ from lrdeploy.passes.lowrank_ops import ADAPTERS, WeightView, weight_view
 from lrdeploy.policy import FixedRank
 from lrdeploy.selection import layer_labels, select
 from lrdeploy.spectrum import Spectrum
+from lrdeploy.whiten import Factors, WhitenedSpectrum, choose_factors, holdout_error
 
-__all__ = ["LayerDecision", "WeightGroup", "find_groups", "plan_layers"]
+__all__ = [
+    "Analysis",
+    "LayerDecision",
+    "WeightGroup",
+    "analyze_groups",
+    "find_groups",
+    "finish_groups",
+    "plan_layers",
+    "stored_product",
+]
 
 Progress = Callable[[int, int], None]
 
@@ -57,6 +69,11 @@ class LayerDecision:
     params: int | None = None
     shared_primary: str | None = None
     dynamic: bool = False
+    method: str | None = None  # "svd" or "whiten" for a factorized layer
+    calib: Mapping[str, float | None] | None = None  # relative output errors on the calibration rows
+    calib_rows: tuple[int, int] | None = None  # (fit, held apart) rows the statistics hold
+    fallback: str | None = None  # why plain SVD factors were used although whitening was asked for
+    sensitivity: tuple[tuple[int, float], ...] = ()  # (rank, measured model output error)
 
     @property
     def weight_rel_error(self) -> float | None:
@@ -171,83 +188,233 @@ def _round_up(rank: int, multiple: int, full_rank: int) -> int:
     return min(full_rank, -(-rank // multiple) * multiple)
 
 
+def saves(rank: int, m: int, n: int) -> bool:
+    """A pair must save parameters: r·(m + n) < m·n."""
+    return rank * (m + n) < m * n
+
+
+@dataclass
+class Analysis:
+    """One group read and decomposed: what the rank choice and the factors need.
+
+    ``skip`` says why the group stays dense whatever the policy (a problem, excluded, bad values);
+    ``override`` is the user's fixed rank for it.
+    """
+
+    group: WeightGroup
+    skip: str | None = None
+    override: FixedRank | None = None
+    matrix: np.ndarray | None = None
+    spectrum: Spectrum | None = None
+    whitened: WhitenedSpectrum | None = None
+    moments: LayerMoments | None = None
+    curve: tuple[tuple[int, float], ...] = ()  # measured end to end (`lrdeploy.sensitivity`)
+
+    @property
+    def name(self) -> str:
+        return self.group.primary
+
+    def factors(self, rank: int, whiten: bool) -> Factors:
+        """The factors at ``rank`` with both methods' calibration errors when there are statistics."""
+        assert self.matrix is not None and self.spectrum is not None
+        moments = self.moments
+        held = moments.holdout.matrix if moments and moments.holdout.count else None
+        if whiten and self.whitened is not None and moments is not None:
+            return choose_factors(self.matrix, rank, self.whitened, self.spectrum, moments.fit.matrix, held)
+        a, b = self.spectrum.factors(self.matrix, rank)
+        if moments is None:
+            return Factors("svd", a, b, math.nan, None, math.nan, None)
+        fit = holdout_error(self.matrix, a, b, moments.fit.matrix)
+        held_error = holdout_error(self.matrix, a, b, held) if held is not None else None
+        return Factors("svd", a, b, fit, held_error, fit, held_error)
+
+
+def _parallel(job: Callable, items: Sequence, progress: Progress | None = None) -> list:
+    """``job`` over ``items`` on the planning threads, in order, ticking ``progress``."""
+    workers, blas_threads = _parallelism()
+    done = []
+    with threadpool_limits(blas_threads), ThreadPoolExecutor(workers) as pool:
+        for count, result in enumerate(pool.map(job, items), 1):
+            done.append(result)
+            if progress:
+                progress(count, len(items))
+    return done
+
+
+def _analyze(
+    group: WeightGroup,
+    override: FixedRank | None,
+    skip_reason: str | None,
+    moments: Mapping[str, LayerMoments] | None,
+    whiten: bool,
+) -> Analysis:
+    skip = group.problem or skip_reason
+    if skip:
+        return Analysis(group, skip)
+    matrix = group.view.matrix()
+    if not np.isfinite(matrix).all():
+        return Analysis(group, "the weight holds NaN or infinite values")
+    matrix = np.asarray(matrix, dtype=np.float64)
+    layer = _merged(group, moments) if moments else None
+    whitened = WhitenedSpectrum.of(matrix, layer.fit.matrix) if layer is not None and whiten else None
+    return Analysis(group, None, override, matrix, Spectrum.of(matrix), whitened, layer)
+
+
+def _merged(group: WeightGroup, moments: Mapping[str, LayerMoments]) -> LayerMoments | None:
+    """The statistics of every node that reads the group's weight, together (shared weights)."""
+    found = [moments[n.name] for n in group.nodes if n.name in moments]
+    if not found:
+        return None
+    merged = found[0]
+    for more in found[1:]:
+        for mine, theirs in ((merged.fit, more.fit), (merged.holdout, more.holdout)):
+            mine.total += theirs.total
+            mine.count += theirs.count
+    return merged
+
+
+def analyze_groups(
+    groups: list[WeightGroup],
+    config: CompressConfig,
+    moments: Mapping[str, LayerMoments] | None = None,
+    progress: Progress | None = None,
+) -> list[Analysis]:
+    """Every group's spectrum (and whitened spectrum with ``moments``), kept for a budget's allocation."""
+    layers = [([n.name for n in group.nodes], group.labels) for group in groups]
+    policy = config.policy or config.target  # a budget stands for the policy
+    choices = select(layers, config.overrides, config.include, config.exclude, policy)
+    jobs = list(zip(groups, choices, strict=True))
+    return _parallel(lambda job: _analyze(job[0], *job[1], moments, config.whiten), jobs, progress)
+
+
 def plan_layers(
-    groups: list[WeightGroup], config: CompressConfig, progress: Progress | None = None
+    groups: list[WeightGroup],
+    config: CompressConfig,
+    progress: Progress | None = None,
+    moments: Mapping[str, LayerMoments] | None = None,
 ) -> tuple[list[Rewrite], list[LayerDecision]]:
+    """Ranks from the config's policy (or overrides), one group at a time (memory: one group's worth)."""
     layers = [([n.name for n in group.nodes], group.labels) for group in groups]
     choices = select(layers, config.overrides, config.include, config.exclude, config.policy)
-    rewrites: list[Rewrite] = []
-    decisions: list[LayerDecision] = []
-    workers, blas_threads = _parallelism()
-    with threadpool_limits(blas_threads), ThreadPoolExecutor(workers) as pool:
-        planned = pool.map(
-            lambda job: _plan_group(job[0], config, *job[1]), zip(groups, choices, strict=True)
-        )
-        for done, (rewrite, decided) in enumerate(planned, 1):
-            if rewrite is not None:
-                rewrites.append(rewrite)
-            decisions.extend(decided)
-            if progress:
-                progress(done, len(groups))
-    return rewrites, decisions
+
+    def job(item: tuple[WeightGroup, tuple[FixedRank | None, str | None]]):
+        analysis = _analyze(item[0], *item[1], moments, config.whiten)
+        return _finish(analysis, *_policy_rank(analysis, config), config)
+
+    return _collect(_parallel(job, list(zip(groups, choices, strict=True)), progress))
 
 
-def _plan_group(
-    group: WeightGroup, config: CompressConfig, override: FixedRank | None, skip_reason: str | None
-) -> tuple[Rewrite | None, list[LayerDecision]]:
-    view = group.view
-    names = [n.name for n in group.nodes]
-    base = {
-        "weight": view.weight.name,
-        "weight_shape": tuple(int(d) for d in view.weight.shape),
-        "m": view.m,
-        "n": view.n,
-        "full_rank": min(view.m, view.n),
-        "params": view.m * view.n,
-    }
+def finish_groups(
+    analyses: list[Analysis],
+    ranks: Mapping[str, int | None],
+    config: CompressConfig,
+    reasons: Mapping[str, str],
+) -> tuple[list[Rewrite], list[LayerDecision]]:
+    """Factor every analysed group at its chosen rank (None: dense, for the reason in ``reasons``)."""
 
-    def decide(status: str, reason: str, **extra: object) -> list[LayerDecision]:
-        return [
-            LayerDecision(
-                node.name,
-                node.op,
-                status,
-                reason,
-                **base,
-                **extra,
-                shared_with=tuple(n for n in names if n != node.name),
-                shared_primary=None if node.name == group.primary else group.primary,
-            )
-            for node in group.nodes
-        ]
+    def job(analysis: Analysis):
+        rank = ranks.get(analysis.name)
+        if analysis.skip or rank is None:
+            return _finish(analysis, None, analysis.skip or reasons.get(analysis.name, ""), config)
+        reason = f"rank {rank} of {min(analysis.group.view.m, analysis.group.view.n)}"
+        return _finish(analysis, rank, reason + (" (override)" if analysis.override else ""), config)
 
-    if group.problem:
-        return None, decide("skipped", group.problem)
-    if skip_reason:
-        return None, decide("skipped", skip_reason)
-    matrix = view.matrix()
-    if not np.isfinite(matrix).all():
-        return None, decide("skipped", "the weight holds NaN or infinite values")
-    spectrum = Spectrum.of(matrix)
-    policy = override or config.policy
+    return _collect(_parallel(job, analyses))
+
+
+def _collect(planned: list) -> tuple[list[Rewrite], list[LayerDecision]]:
+    rewrites = [rewrite for rewrite, _ in planned if rewrite is not None]
+    return rewrites, [d for _, decided in planned for d in decided]
+
+
+def _policy_rank(analysis: Analysis, config: CompressConfig) -> tuple[int | None, str]:
+    """The policy's (or override's) rank, rounded; None with the reason when the pair would not save."""
+    if analysis.skip or analysis.spectrum is None:
+        return None, analysis.skip or ""
+    spectrum, view = analysis.spectrum, analysis.group.view
+    policy = analysis.override or config.policy
+    assert policy is not None
     asked = policy.value if isinstance(policy, FixedRank) else None
     clamped = (
         f"rank {asked} asked, clamped to full rank {spectrum.full_rank}; "
         if asked is not None and asked > spectrum.full_rank
         else ""
     )
-    rank = _round_up(
-        policy.rank(spectrum), config.rank_multiple if override is None else 1, spectrum.full_rank
-    )
-    energy = spectrum.energy_kept(rank)
-    if rank * (view.m + view.n) >= view.m * view.n:
+    multiple = config.rank_multiple if analysis.override is None else 1
+    rank = _round_up(policy.rank(spectrum), multiple, spectrum.full_rank)
+    if not saves(rank, view.m, view.n):
         kept, dense = rank * (view.m + view.n), view.m * view.n
-        reason = f"{clamped}rank {rank} saves no parameters (r·(m+n) = {kept} ≥ m·n = {dense})"
+        return None, f"{clamped}rank {rank} saves no parameters (r·(m+n) = {kept} ≥ m·n = {dense})"
+    reason = f"{clamped}rank {rank} of {spectrum.full_rank}" + (" (override)" if analysis.override else "")
+    return rank, reason
+
+
+def _root(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else math.sqrt(max(value, 0.0))
+
+
+def stored_product(view: WeightView, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A @ B (the [m, n] approximation) in the weight's storage layout."""
+    product = a @ b
+    if view.layout[0] == "Conv":
+        return product.reshape(view.layout[1])
+    return product if view.layout[0] == "Gemm" and view.layout[1] else product.T
+
+
+def _finish(
+    analysis: Analysis, rank: int | None, reason: str, config: CompressConfig
+) -> tuple[Rewrite | None, list[LayerDecision]]:
+    group, view = analysis.group, analysis.group.view
+    names = [n.name for n in group.nodes]
+    base: dict[str, object] = {
+        "weight": view.weight.name,
+        "weight_shape": tuple(int(d) for d in view.weight.shape),
+        "m": view.m,
+        "n": view.n,
+        "full_rank": min(view.m, view.n),
+        "params": view.m * view.n,
+        "sensitivity": analysis.curve,
+    }
+    if analysis.moments is not None:
+        base["calib_rows"] = (analysis.moments.fit.count, analysis.moments.holdout.count)
+
+    def decide(status: str, why: str, **extra: object) -> list[LayerDecision]:
+        return [
+            LayerDecision(
+                node.name,
+                node.op,
+                status,
+                why,
+                **base,  # type: ignore[arg-type]
+                **extra,  # type: ignore[arg-type]
+                shared_with=tuple(n for n in names if n != node.name),
+                shared_primary=None if node.name == group.primary else group.primary,
+            )
+            for node in group.nodes
+        ]
+
+    if rank is None or analysis.spectrum is None or analysis.matrix is None:
         return None, decide("skipped", reason)
-    a, b = spectrum.factors(matrix, rank)
-    spectrum.release()
+    chosen = analysis.factors(rank, config.whiten)
+    energy = analysis.spectrum.energy_kept(rank)
+    analysis.spectrum.release()
     dtype = view.weight.dtype
-    first, second = ADAPTERS[view.layout[0]].stored_factors(view, a.astype(dtype), b.astype(dtype))
-    rewrite = Rewrite(tuple(group.nodes), view, rank, first, second)
-    reason = f"{clamped}rank {rank} of {spectrum.full_rank}" + (" (override)" if override else "")
-    return rewrite, decide("factorized", reason, rank=rank, energy_kept=energy)
+    first, second = ADAPTERS[view.layout[0]].stored_factors(
+        view, chosen.a.astype(dtype), chosen.b.astype(dtype)
+    )
+    calib = None
+    if analysis.moments is not None:
+        calib = {
+            "fit": _root(chosen.fit_error),
+            "holdout": _root(chosen.holdout_error),
+            "svd_fit": _root(chosen.svd_fit_error),
+            "svd_holdout": _root(chosen.svd_holdout_error),
+        }
+    extra = {
+        "rank": rank,
+        "energy_kept": energy,
+        "method": chosen.method,
+        "calib": calib,
+        "fallback": chosen.reason,
+    }
+    return Rewrite(tuple(group.nodes), view, rank, first, second), decide("factorized", reason, **extra)

@@ -14,7 +14,7 @@ from typing import Protocol
 from lrdeploy.errors import UsageError
 from lrdeploy.spectrum import Spectrum
 
-__all__ = ["Energy", "FixedRank", "RankPolicy", "RankRatio", "round_half_up"]
+__all__ = ["Energy", "FixedRank", "RankPolicy", "RankRatio", "number", "round_half_up"]
 
 
 def round_half_up(value: float) -> int:
@@ -22,7 +22,7 @@ def round_half_up(value: float) -> int:
     return math.floor(value + 0.5)
 
 
-def _number(value: object, what: str) -> float:
+def number(value: object, what: str) -> float:
     """A real number (numpy scalars included) as float; strings and bools are mistakes, said so."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise UsageError(f"{what} must be a number, got {value!r} ({type(value).__name__})")
@@ -42,7 +42,7 @@ class RankRatio:
     ratio: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ratio", _number(self.ratio, "rank ratio"))
+        object.__setattr__(self, "ratio", number(self.ratio, "rank ratio"))
         if not 0.0 < self.ratio <= 1.0:
             raise UsageError(f"rank ratio must be in (0, 1], got {self.ratio}; e.g. --rank-ratio 0.25")
 
@@ -60,7 +60,7 @@ class Energy:
     fraction: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fraction", _number(self.fraction, "energy"))
+        object.__setattr__(self, "fraction", number(self.fraction, "energy"))
         if not 0.0 < self.fraction <= 1.0:
             raise UsageError(f"energy must be in (0, 1], got {self.fraction}; e.g. --energy 0.95")
 

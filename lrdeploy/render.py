@@ -83,6 +83,9 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
         Column("MACs", right=True, drop=4),
         Column("status"),
     ]
+    calibrated = report.calibration is not None
+    if calibrated:  # after status, dropped first on a narrow terminal
+        columns += [Column("method", drop=7), Column("calib err fit/held (svd)", right=True, drop=8)]
     records = [
         layer.to_dict() | {"shared_primary": getattr(layer.decision, "shared_primary", None)}
         for layer in report.layers
@@ -101,7 +104,10 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
         )
         macs = f"{format_count(layer.macs_before)}→{format_count(layer.macs_after)}"
         status, note, style = _status(d)
-        sheet.add([d.name, d.op, _shape(d.weight_shape), rank, energy, params, macs, status], note, style)
+        row = [d.name, d.op, _shape(d.weight_shape), rank, energy, params, macs, status]
+        if calibrated:
+            row += [d.method or "-", _calib_errors(d.calib)]
+        sheet.add(row, note, style)
     sheet.footer = [
         "total",
         "",
@@ -111,7 +117,7 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
         f"{format_count(report.params_before)}→{format_count(report.params_after)}",
         f"{format_count(report.macs_before)}→{format_count(report.macs_after)}",
         "",
-    ]
+    ] + (["", ""] if calibrated else [])
     print_sheet(sheet, console, fmt)
     if fmt == "csv":
         return
@@ -132,8 +138,41 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
         f"{_ratio(report.macs_before, report.macs_after)}{at}",
         fmt=fmt,
     )
+    for line in _budget_lines(report):
+        print_line(console, line, fmt=fmt)
     for note in report.notes:
         print_line(console, note, fmt=fmt)
+
+
+def _calib_errors(errors) -> str:
+    """The layer's relative output error on the fit and held-apart calibration rows, plain SVD's after."""
+    if not errors:
+        return "-"
+
+    def pair(fit: float | None, held: float | None) -> str:
+        return "/".join("-" if v is None else f"{v:.3f}" for v in (fit, held))
+
+    return f"{pair(errors['fit'], errors['holdout'])} ({pair(errors['svd_fit'], errors['svd_holdout'])})"
+
+
+def _budget_lines(report: Report) -> list[str]:
+    lines = []
+    if report.budget:
+        b = report.budget
+        achieved = "-" if b.get("achieved") is None else f"{b['achieved']:.3f}"
+        lines.append(
+            f"budget: {b['target']:g} of the {b['kind']} asked, {achieved} achieved "
+            f"(allocated by {b['allocator']}; {b['cheapest']:.3f} is the least reachable)"
+        )
+    if report.calibration:
+        c = report.calibration
+        fallbacks = sum(1 for layer in report.factorized if layer.decision.fallback)
+        lines.append(
+            f"calibration: {c['source']}, {c['held_apart']} of {c['samples']} samples held apart; "
+            f"{format_count(c['rows_fit'])} fit / {format_count(c['rows_held_apart'])} held-apart rows over "
+            f"all layers; {fallbacks} layer(s) fell back to plain SVD"
+        )
+    return lines
 
 
 def _percent(value: float | None) -> str:
@@ -276,6 +315,13 @@ def plot_bench(result: BenchResult, path: Path) -> None:
     plt.close(figure)
 
 
+def _inspected_errors(errors: dict | None) -> str:
+    """Relative output error on the calibration rows at rank ratio 0.25: plain SVD → whitened."""
+    if not errors:
+        return "-"
+    return f"{errors['svd'][1]:.3f}→{errors['whiten'][1]:.3f}"
+
+
 def render_inspection(inspection, console: Console, fmt: str = "table") -> None:
     columns = [
         Column("layer", name=True),
@@ -291,6 +337,9 @@ def render_inspection(inspection, console: Console, fmt: str = "table") -> None:
         Column("break-even", right=True, drop=5),
         Column("MACs", right=True, drop=9),
     ]
+    calibrated = any(layer.output_errors for layer in inspection.layers)
+    if calibrated:
+        columns.append(Column("out err @25% svd→whiten", right=True, drop=10))
     sheet = Sheet("factorizable layers (BN folded)", columns, note_column=0)
     for layer in inspection.layers:
         others = layer.names[1:]
@@ -306,6 +355,7 @@ def render_inspection(inspection, console: Console, fmt: str = "table") -> None:
                 *(layer.rank_for(e) for e in (0.9, 0.99)),
                 layer.break_even_rank(),
                 format_count(layer.macs),
+                *([_inspected_errors(layer.output_errors)] if calibrated else []),
             ],
             note,
         )

@@ -64,6 +64,11 @@ class LayerReport:
             "shared_with": list(d.shared_with),
             "shared_primary": d.shared_primary,
             "dynamic": d.dynamic,
+            "method": d.method,
+            "calib_rel_error": dict(d.calib) if d.calib is not None else None,
+            "calib_rows": list(d.calib_rows) if d.calib_rows else None,
+            "fallback": d.fallback,
+            "sensitivity": [list(point) for point in d.sensitivity],
         }
 
 
@@ -86,6 +91,8 @@ class Report:
     gate_failures: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
+    budget: dict[str, Any] | None = None
 
     @property
     def factorized(self) -> list[LayerReport]:
@@ -114,6 +121,8 @@ class Report:
             "gate_failures": self.gate_failures,
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "notes": self.notes,
+            "calibration": self.calibration,
+            "budget": self.budget,
         }
 
     def to_json(self) -> str:

@@ -191,3 +191,17 @@ def test_bad_calibration_data_is_a_one_line_usage_error(feeds, message):
     with pytest.raises(UsageError, match=message) as caught:
         collect_moments(_conv_model({}), ["conv"], feeds)
     assert "\n" not in str(caught.value)
+
+
+def test_subsampled_conv_rows_cost_about_max_cost_forwards_and_stay_close():
+    """Conv 3→4 (3×3): n = 27, m = 4, so max_cost 2 keeps ⌈2·4/27⌉ ≈ 30% of the rows, seeded."""
+    model = _conv_model({"pads": [1, 1, 1, 1]})
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((4, 3, 10, 10)).astype(np.float32)} for _ in range(8)]
+    exact = collect_moments(model, ["conv"], feeds, holdout_every=0)["conv"].fit
+    sampled = collect_moments(model, ["conv"], feeds, holdout_every=0, max_cost=2.0, seed=3)["conv"].fit
+    again = collect_moments(model, ["conv"], feeds, holdout_every=0, max_cost=2.0, seed=3)["conv"].fit
+    assert sampled.count == pytest.approx(exact.count * 2 * 4 / 27, rel=0.05)
+    assert np.array_equal(sampled.total, again.total)  # seeded
+    difference = np.linalg.norm(sampled.matrix - exact.matrix) / np.linalg.norm(exact.matrix)
+    assert difference < 0.1

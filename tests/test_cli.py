@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -355,3 +356,63 @@ def test_every_command_takes_format(capsys, tmp_path, model_path, command):
     captured = capsys.readouterr()
     assert isinstance(json.loads(captured.out), dict)  # stdout is the document; remarks go to stderr
     assert main([*argv, "--format", "yaml"]) == 2
+
+
+def test_compress_with_a_budget_and_calibration(capsys, tmp_path, model_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((20, 32)).astype(np.float32))
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    argv = ["compress", str(model_path), "-o", str(out), "--report", str(report), "--format", "plain"]
+    argv += [
+        "--target-params",
+        "0.5",
+        "--calib",
+        str(calib),
+        "--calib-samples",
+        "15",
+        "--calib-holdout",
+        "0.2",
+    ]
+    assert main([*argv, "--allocate", "sensitivity", "--method", "whiten"]) == 0
+    printed = capsys.readouterr().out
+    assert "budget: 0.5 of the params asked" in printed and "calibration: calib.npz" in printed
+    data = json.loads(report.read_text())
+    assert data["budget"]["allocator"] == "sensitivity" and data["calibration"]["samples"] == 15
+    assert 0.49 <= data["params_after"] / data["params_before"] <= 0.5
+    check_model(onnx.load(out))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--target-macs", "0.5", "--rank-ratio", "0.5"],
+            "--target-macs chooses every rank itself; drop --rank-ratio",
+        ),
+        (["--target-macs", "0.5", "--target-params", "0.5"], "only one of --target-params, --target-macs"),
+        (["--target-params", "1.2"], r"--target-params must be a fraction of the model in \(0, 1\]"),
+        (
+            ["--rank-ratio", "0.5", "--method", "whiten"],
+            "--method whiten needs calibration data: add --calib",
+        ),
+        (["--target-macs", "0.5", "--allocate", "sensitivity"], "--allocate sensitivity measures"),
+        (["--target-params", "0.001"], "--target-params 0.001 is out of reach"),
+        (["--rank-ratio", "0.5", "--calib", "nowhere.npz"], "no such file"),
+    ],
+)
+def test_budget_flag_errors(capsys, tmp_path, model_path, flags, message):
+    line = _error(capsys, ["compress", str(model_path), "-o", str(tmp_path / "o.onnx"), *flags])
+    assert re.search(message, line), line
+
+
+def test_inspect_with_calibration_shows_output_errors(capsys, tmp_path, model_path):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((12, 32)).astype(np.float32))
+    profile = tmp_path / "profile.json"
+    argv = ["inspect", str(model_path), "--calib", str(calib), "--json", str(profile), "--format", "plain"]
+    assert main(argv) == 0
+    assert "out err @25% svd→whiten" in capsys.readouterr().out
+    layer = json.loads(profile.read_text())["layers"][0]
+    errors = layer["output_rel_error"]
+    assert errors["rank_ratios"] == [0.1, 0.25, 0.5]
+    assert all(w <= s + 1e-9 for s, w in zip(errors["svd"], errors["whiten"], strict=True))

@@ -1,0 +1,215 @@
+"""Ranks for a whole-model budget: every layer's candidates, their costs and errors, then `allocate`.
+
+Candidates per layer: dense, and each rank that is a multiple of ``rank_multiple`` and saves parameters
+(r·(m+n) < m·n), thinned to at most `MAX_CANDIDATES` evenly spaced ranks. A user override is the single
+candidate at its rank; excluded, not included and problem layers have only the dense candidate. What
+no candidate covers (BatchNorm, activations, depthwise convs, biases) is a fixed cost.
+
+Errors are normalized so that layers compare: the squared relative output error of the layer on the
+calibration rows (whitened factors' when whitening, else plain SVD's), 1 − energy kept (the squared
+relative weight error) without calibration, or the model's output error measured with that layer alone
+compressed (`lrdeploy.sensitivity`), interpolated between the measured ranks. Costs come from a
+`lrdeploy.allocate.CostModel`: parameters, or MACs with each layer's positions from ``costs.count_macs``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from lrdeploy.allocate import (
+    BudgetUnreachable,
+    Candidate,
+    CostModel,
+    LayerShape,
+    MacsCost,
+    ParamsCost,
+    allocate,
+    candidates,
+)
+from lrdeploy.calibration import Calibration
+from lrdeploy.config import CompressConfig
+from lrdeploy.errors import UsageError
+from lrdeploy.passes.factorize import Rewrite
+from lrdeploy.plan import Analysis, LayerDecision, WeightGroup, analyze_groups, finish_groups, saves
+from lrdeploy.sensitivity import grid, measure
+from lrdeploy.spelling import either, option
+from lrdeploy.whiten import component_errors
+
+__all__ = [
+    "MAX_CANDIDATES",
+    "Budget",
+    "candidate_ranks",
+    "choose_ranks",
+    "error_curve",
+    "layer_shape",
+    "plan_budget",
+]
+
+#: Ranks offered per layer at most (ResNet-50's widest layers have ~1,000 that save).
+MAX_CANDIDATES = 256
+#: The achieved fraction lands within this of the target (issue 9 asks 1%) when some ranks allow it.
+TOLERANCE = 0.01
+_FIXED = "(not factorizable)"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What was asked and what the allocation spends, as fractions of the original model."""
+
+    kind: str  # "params" or "macs"
+    target: float
+    planned: float
+    cheapest: float  # the smallest fraction reachable with these selections
+    allocator: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "target": self.target,
+            "planned": self.planned,
+            "cheapest": self.cheapest,
+            "allocator": self.allocator,
+        }
+
+
+def candidate_ranks(m: int, n: int, multiple: int = 1, limit: int = MAX_CANDIDATES) -> list[int]:
+    """Multiples of ``multiple`` that save parameters, at most ``limit`` of them, evenly spaced."""
+    ranks = [r for r in range(multiple, min(m, n) + 1, multiple) if saves(r, m, n)]
+    if len(ranks) <= limit:
+        return ranks
+    step = math.ceil(len(ranks) / limit)
+    return sorted({*ranks[::step], ranks[-1]})
+
+
+def layer_shape(analysis: Analysis, macs: Mapping[str, int | None]) -> LayerShape | None:
+    """The layer's shape with its positions per inference (None when a reader's MACs are unknown)."""
+    view = analysis.group.view
+    counts = [macs.get(node.name) for node in analysis.group.nodes]
+    if any(c is None for c in counts):
+        return None
+    return LayerShape(view.m, view.n, max(1, round(sum(counts) / (view.m * view.n))))  # type: ignore[arg-type]
+
+
+def error_curve(analysis: Analysis, whiten: bool) -> np.ndarray:
+    """errors[r], r = 0 … full rank: the normalized truncation error the allocator weighs."""
+    assert analysis.spectrum is not None and analysis.matrix is not None
+    if analysis.curve:
+        return _interpolated(analysis.curve, analysis.spectrum.full_rank)
+    if whiten and analysis.whitened is not None:
+        return analysis.whitened.errors
+    if analysis.moments is not None:
+        a, b = analysis.spectrum.factors(analysis.matrix, analysis.spectrum.full_rank)
+        return component_errors(a, b, analysis.moments.fit.matrix)
+    return np.concatenate([[1.0], np.clip(1.0 - analysis.spectrum.energy, 0.0, None)])
+
+
+def _interpolated(curve: Sequence[tuple[int, float]], full_rank: int) -> np.ndarray:
+    ranks, errors = zip(*sorted(curve), strict=True)
+    return np.interp(np.arange(full_rank + 1), ranks, errors)
+
+
+def _options(
+    analysis: Analysis, config: CompressConfig, shape: LayerShape, model: CostModel
+) -> tuple[list[Candidate], str]:
+    """The layer's candidates, and why it stays dense when dense is all it has."""
+    view = analysis.group.view
+    if analysis.skip or analysis.spectrum is None:
+        return candidates(shape, {}, model), analysis.skip or ""
+    errors = error_curve(analysis, config.whiten)
+    if analysis.override is not None:
+        rank = min(analysis.override.value, analysis.spectrum.full_rank)
+        if not saves(rank, view.m, view.n):
+            why = f"override rank {rank} saves no parameters (r·(m+n) ≥ m·n)"
+            return candidates(shape, {}, model), why
+        return candidates(shape, {rank: float(errors[rank])}, model, dense=False), ""
+    ranks = candidate_ranks(view.m, view.n, config.rank_multiple)
+    if not ranks:
+        return candidates(shape, {}, model), "no rank saves parameters (r·(m+n) ≥ m·n for every r)"
+    return candidates(shape, {r: float(errors[r]) for r in ranks}, model), ""
+
+
+def choose_ranks(
+    analyses: Sequence[Analysis], config: CompressConfig, total: int | None, macs: Mapping[str, int | None]
+) -> tuple[dict[str, int | None], dict[str, str], Budget]:
+    """Ranks per group (by its primary's name), the reasons for the dense ones, and the budget spent."""
+    assert config.target is not None
+    kind, target = config.target
+    model: CostModel = MacsCost() if kind == "macs" else ParamsCost()
+    if total is None or total <= 0:
+        hint = either("--input-shape NAME:d0,d1,...", "input_shapes={NAME: (d0, ...)}")
+        raise UsageError(
+            f"{option('target_macs')} needs the model's MACs, which depend on unknown dims; pass {hint}"
+        )
+    table: dict[str, list[Candidate]] = {}
+    dense_reasons: dict[str, str] = {}
+    dense = 0.0
+    for analysis in analyses:
+        view = analysis.group.view
+        shape = layer_shape(analysis, macs) if kind == "macs" else LayerShape(view.m, view.n)
+        if shape is None:
+            hint = either("--input-shape", "input_shapes")
+            raise UsageError(
+                f"{option('target_macs')}: the MACs of layer '{analysis.name}' depend on unknown dims; "
+                f"pass {hint}"
+            )
+        table[analysis.name], dense_reasons[analysis.name] = _options(analysis, config, shape, model)
+        dense += model.cost(shape, None)
+    table[_FIXED] = [Candidate(None, 0.0, max(total - dense, 0.0))]
+    cheapest = math.fsum(min(c.cost for c in options) for options in table.values()) / total
+    try:
+        choice = allocate(table, target * total, tolerance=TOLERANCE * total)
+    except BudgetUnreachable:
+        flag = option("target_macs" if kind == "macs" else "target_params")
+        raise UsageError(
+            f"{flag} {target:g} is out of reach: every layer at its cheapest rank still costs "
+            f"{math.ceil(cheapest * 1000) / 1000:g} of the model's {kind}; ask for at least that "
+            "(or let more layers be factorized)"
+        ) from None
+    planned = math.fsum(c.cost for c in choice.values()) / total
+    ranks = {name: c.rank for name, c in choice.items() if name != _FIXED}
+    reasons = {
+        name: dense_reasons[name] or "kept dense: the budget is spent better elsewhere"
+        for name, rank in ranks.items()
+        if rank is None
+    }
+    return ranks, reasons, Budget(kind, target, planned, cheapest, config.allocate)
+
+
+def plan_budget(
+    groups: list[WeightGroup],
+    config: CompressConfig,
+    totals: Mapping[str, int | None],
+    macs: Mapping[str, int | None],
+    calibration: Calibration | None = None,
+    folded: onnx.ModelProto | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[list[Rewrite], list[LayerDecision], Budget]:
+    """Analyse every group, measure sensitivities if asked, allocate, and factor at the chosen ranks.
+
+    ``totals`` holds the original model's ``params`` and ``macs``; ``macs`` is per node.
+    """
+    assert config.target is not None
+    moments = calibration.moments if calibration is not None else None
+
+    def tick(stage: str) -> Callable[[int, int], None] | None:
+        return (lambda done, total: progress(stage, done, total)) if progress else None
+
+    analyses = analyze_groups(groups, config, moments, tick("analyze"))
+    if config.allocate == "sensitivity":
+        assert calibration is not None and folded is not None
+        ranks = {
+            a.name: grid(candidate_ranks(a.group.view.m, a.group.view.n, config.rank_multiple))
+            for a in analyses
+            if not a.skip and a.override is None and a.spectrum is not None
+        }
+        curves = measure(folded, analyses, ranks, calibration.probe, config.whiten, tick("sensitivity"))
+        for analysis in analyses:
+            analysis.curve = tuple(curves.get(analysis.name, ()))
+    ranks_chosen, reasons, budget = choose_ranks(analyses, config, totals[config.target[0]], macs)
+    rewrites, decisions = finish_groups(analyses, ranks_chosen, config, reasons)
+    return rewrites, decisions, budget
