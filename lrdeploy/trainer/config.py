@@ -67,7 +67,7 @@ class TrainConfig:
 
     @property
     def resolved_grad_rank(self) -> int:
-        """Rank of compressed gradients: 4 unless given (PowerSGD's paper matched SGD on CIFAR-10 at rank 2-4)."""
+        """Rank of compressed gradients: 4 unless given (PowerSGD matched SGD on CIFAR-10 at rank 2-4)."""
         return DEFAULT_GRAD_RANK if self.grad_rank is None else self.grad_rank
 
     @property
@@ -84,6 +84,8 @@ class TrainConfig:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "method"}
         data["method"] = self.method.to_dict()
         data["lr"], data["weight_decay"] = self.resolved_lr, self.resolved_weight_decay
+        if self.grad_compress != "none":
+            data["grad_rank"] = self.resolved_grad_rank
         return {"version": CONFIG_VERSION, **data}
 
     @classmethod

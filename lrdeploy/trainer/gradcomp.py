@@ -50,7 +50,7 @@ __all__ = [
 
 COMPRESSORS = GRAD_COMPRESSORS
 #: τ, steps between basis refreshes. The authors' code defaults to 200 for runs of 10⁴-10⁵ steps; 100 here
-#: refreshes a short MNIST run (~100-200 steps) at least once after its first step and costs 1% of dense traffic.
+#: refreshes a short MNIST run (100-200 steps) once after its first step, and costs 1% of dense traffic.
 REFRESH_EVERY = 100
 #: Compress a matrix only when it shrinks at least this much: r·max(n, m)·2 < n·m (torch's PowerSGD default).
 MIN_SAVING = 2.0
@@ -79,7 +79,12 @@ class TrafficMeter:
         per_step = self.bytes / self.steps if self.steps else 0.0
         span = self._marks[-1] - self._marks[0] if len(self._marks) > 1 else 0.0
         seconds = span / (len(self._marks) - 1) if len(self._marks) > 1 else 0.0
-        return {"bytes": self.bytes, "steps": self.steps, "bytes_per_step": per_step, "seconds_per_step": seconds}
+        return {
+            "bytes": self.bytes,
+            "steps": self.steps,
+            "bytes_per_step": per_step,
+            "seconds_per_step": seconds,
+        }
 
 
 def oriented(matrix: torch.Tensor) -> torch.Tensor:
@@ -136,7 +141,7 @@ class GreedyLoreState:
 
 
 def greedylore_hook(state: GreedyLoreState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: the bucket's mean gradient, GreedyLore-compressed (see the module docstring)."""
+    """DDP communication hook: the bucket's mean gradient, GreedyLore-compressed (see the module doc)."""
     buffer = bucket.buffer()
     grads, params = bucket.gradients(), bucket.parameters()  # grads are views into buffer
     matrices, dense = [], []
@@ -227,7 +232,9 @@ for _hook in (greedylore_hook, _counted_allreduce, _counted_powersgd):
     _for_ddp(_hook)
 
 
-def register(ddp: torch.nn.parallel.DistributedDataParallel, method: str, rank: int, seed: int = 0) -> TrafficMeter:
+def register(
+    ddp: torch.nn.parallel.DistributedDataParallel, method: str, rank: int, seed: int = 0
+) -> TrafficMeter:
     """Register ``method``'s communication hook on ``ddp``; the returned meter fills as training runs."""
     if method == "greedylore":
         state = GreedyLoreState(rank, seed=seed)

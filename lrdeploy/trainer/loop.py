@@ -6,11 +6,13 @@ Data parallel on 4 GPUs, or on 2 nodes (torchrun sets RANK, LOCAL_RANK, WORLD_SI
     torchrun --nproc_per_node=4 -m lrdeploy.trainer --method lrpet --arch resnet20 --rank-ratio 0.25 -o r.onnx
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
         -m lrdeploy.trainer ...        (and --node_rank=1 on the second node)
+Compressed gradient traffic between the processes (docs/gradient-compression.md):
+    torchrun --nproc_per_node=2 -m lrdeploy.trainer --grad-compress greedylore --grad-rank 2 -o l.onnx
 Interrupted? The same command with --resume continues from the last checkpoint (saved every epoch).
 
 Every process sees 1/world_size of each epoch (DistributedSampler, reshuffled per epoch from the seed, so a
-resumed run sees the same batches as an uninterrupted one); gradients are averaged by DDP. Only rank 0
-evaluates, prints and writes.
+resumed run sees the same batches as an uninterrupted one); gradients are averaged by DDP, through the
+communication hook of --grad-compress, which also counts the bytes. Only rank 0 evaluates, prints and writes.
 """
 
 from __future__ import annotations
