@@ -124,8 +124,8 @@ def _markdown(rows: list[dict], command: str, seconds: float, epochs: dict[str, 
         + ". The script's docstring says how bytes and time are counted; docs/gradient-compression.md "
         "gives the method and its constants.",
         "",
-        "| arch | compression | rank | steps | refreshes | KB per step | less traffic | s per step | test acc "
-        "| Δ pt | goal (≥ −0.3 pt, ≥ 10×) | ≥ PowerSGD |",
+        "| arch | compression | rank | steps | refreshes | KB per step | less traffic | s per step "
+        "| test acc | Δ pt | goal (≥ −0.3 pt, ≥ 10×) | ≥ PowerSGD |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -66,10 +66,10 @@ def _full_rank(rank: int) -> dict:
     return {"worst": worst, "compressed": len(state.bases)}
 
 
-def _residual(rank: int) -> dict:
+def _residual(rank: int, estimator: str) -> dict:
     """Rank 1: the new error is exactly Y − B_S Bᵀ_S Y, and what DDP applies is the mean of what was sent."""
     plain, ddp = _model(), nn.parallel.DistributedDataParallel(_model())
-    state = gradcomp.GreedyLoreState(rank=1, min_saving=0.0, seed=1)
+    state = gradcomp.GreedyLoreState(rank=1, min_saving=0.0, seed=1, estimator=estimator, keep_energy=0.0)
     ddp.register_comm_hook(state, gradcomp.greedylore_hook)
     keys = [id(p) for p in ddp.module.parameters()]
     out: dict = {"residual": [], "applied": [], "ranks": [], "bytes": []}
@@ -96,6 +96,19 @@ def _residual(rank: int) -> dict:
     return out
 
 
+def _stale(rank: int) -> dict:
+    """keep_energy = 1: rank 1 never keeps all the energy, so a refresh follows every compressed step."""
+    ddp = nn.parallel.DistributedDataParallel(_model())
+    state = gradcomp.GreedyLoreState(rank=1, min_saving=0.0, keep_energy=1.0)
+    ddp.register_comm_hook(state, gradcomp.greedylore_hook)
+    steps = []
+    for x in _batches(rank):
+        before = state.meter.bytes
+        _ddp_grads(ddp, x)
+        steps.append(state.meter.bytes - before)
+    return {"steps": steps, "summary": state.meter.summary()}
+
+
 def _meters(rank: int) -> dict:
     """Bytes per step of the all-reduce and PowerSGD wrappers."""
     out = {}
@@ -114,7 +127,13 @@ def _meters(rank: int) -> dict:
 def _worker(rank: int, store: str, results: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        found = {"full_rank": _full_rank(rank), "residual": _residual(rank), "meters": _meters(rank)}
+        found = {
+            "full_rank": _full_rank(rank),
+            "energy": _residual(rank, "energy"),
+            "probe": _residual(rank, "probe"),
+            "stale": _stale(rank),
+            "meters": _meters(rank),
+        }
     finally:
         dist.destroy_process_group()
     Path(results, f"rank{rank}.json").write_text(json.dumps(found))
@@ -136,9 +155,10 @@ def test_full_rank_greedylore_equals_all_reduce(measured) -> None:
         assert max(found["full_rank"]["worst"]) < 1e-4
 
 
-def test_error_feedback_carries_exactly_the_residual(measured) -> None:
+@pytest.mark.parametrize("estimator", ["energy", "probe"])
+def test_error_feedback_carries_exactly_the_residual(measured, estimator) -> None:
     for found in measured:
-        residual = found["residual"]
+        residual = found[estimator]
         assert len(residual["residual"]) == 2 * (STEPS - 1)
         assert max(residual["residual"]) < 1e-5
         assert max(residual["applied"]) < 1e-5  # applied = mean of (Y − new error) = mean of what was sent
@@ -148,7 +168,15 @@ def test_error_feedback_carries_exactly_the_residual(measured) -> None:
 def test_greedylore_bytes(measured) -> None:
     # Refresh: the whole bucket. Compressed: k probe scores per matrix (4 + 5), the biases (4 + 5) and
     # r · max(n, m) coefficients (18 + 64), in float32.
-    assert measured[0]["residual"]["bytes"] == [4 * NUMEL] + [4 * (9 + 9 + 18 + 64)] * (STEPS - 1)
+    for case in ("energy", "probe"):
+        assert measured[0][case]["bytes"] == [4 * NUMEL] + [4 * (9 + 9 + 18 + 64)] * (STEPS - 1)
+
+
+def test_a_stale_basis_is_refreshed_at_the_next_step(measured) -> None:
+    stale = measured[0]["stale"]
+    compressed = 4 * (9 + 9 + 18 + 64)
+    assert stale["steps"] == [4 * NUMEL, compressed, 4 * NUMEL, compressed]
+    assert stale["summary"]["basis_refreshes"] == 2 * 2  # two matrices, refreshed at steps 0 and 2
 
 
 def test_all_reduce_and_powersgd_bytes(measured) -> None:
