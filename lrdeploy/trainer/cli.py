@@ -78,6 +78,13 @@ def train(
     subset: Annotated[
         int | None, typer.Option(help="Use only the first N train and test samples (quick runs).")
     ] = None,
+    grad_compress: Annotated[
+        str,
+        typer.Option(help="Data-parallel (torchrun) gradient compression: none, powersgd or greedylore."),
+    ] = "none",
+    grad_rank: Annotated[
+        int | None, typer.Option(help="Rank of the compressed gradients (default: 4).")
+    ] = None,
     checkpoint: Annotated[
         str | None, typer.Option(help="Checkpoint saved every epoch (default: OUTPUT.ckpt.pt).")
     ] = None,
@@ -138,6 +145,8 @@ def train(
         seed=seed,
         device=device,
         subset=subset,
+        grad_compress=grad_compress,
+        grad_rank=grad_rank,
     )
     output = f"{arch}_{method}.onnx" if output is None else output
     if checkpoint is None:  # derived from a checked -o: Path("dir/") and Path(".") have no usable name

@@ -6,11 +6,13 @@ Data parallel on 4 GPUs, or on 2 nodes (torchrun sets RANK, LOCAL_RANK, WORLD_SI
     torchrun --nproc_per_node=4 -m lrdeploy.trainer --method lrpet --arch resnet20 --rank-ratio 0.25 -o r.onnx
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \\
         -m lrdeploy.trainer ...        (and --node_rank=1 on the second node)
+Compressed gradient traffic between the processes (docs/gradient-compression.md):
+    torchrun --nproc_per_node=2 -m lrdeploy.trainer --grad-compress greedylore --grad-rank 2 -o l.onnx
 Interrupted? The same command with --resume continues from the last checkpoint (saved every epoch).
 
 Every process sees 1/world_size of each epoch (DistributedSampler, reshuffled per epoch from the seed, so a
-resumed run sees the same batches as an uninterrupted one); gradients are averaged by DDP. Only rank 0
-evaluates, prints and writes.
+resumed run sees the same batches as an uninterrupted one); gradients are averaged by DDP, through the
+communication hook of --grad-compress, which also counts the bytes. Only rank 0 evaluates, prints and writes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
 from lrdeploy.errors import RuntimeFailure, UsageError
+from lrdeploy.trainer import gradcomp
 from lrdeploy.trainer.archs import InputSpec, build
 from lrdeploy.trainer.config import TrainConfig
 from lrdeploy.trainer.data import Dataset, load_dataset
@@ -155,6 +158,11 @@ def train(
     state = _load_checkpoint(checkpoint, config) if resume else None  # refused before any data is read
     context = setup(config.device)
     try:
+        if config.grad_compress != "none" and not context.distributed:
+            raise UsageError(
+                f"--grad-compress {config.grad_compress} compresses data-parallel gradients: "
+                "launch with torchrun --nproc-per-node N (N ≥ 2), or drop the option"
+            )
         return _train(config, context, checkpoint, state, reporter if context.main else SilentReporter())
     finally:
         teardown(context)
@@ -207,10 +215,12 @@ def _train(
         schedule.load_state_dict(state["schedule"])
         first_epoch, history = state["epoch"] + 1, list(state["history"])
         reporter.message(f"resumed from {checkpoint} after epoch {state['epoch']}")
-    trained = model
+    trained, traffic = model, None
     if context.distributed:
         ids = [context.local_rank] if device.type == "cuda" else None
         trained = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        grad_rank = config.resolved_grad_rank
+        traffic = gradcomp.register(trained, config.grad_compress, grad_rank, config.seed)
 
     # -- the loop --------------------------------------------------------------------------------------
     step = (first_epoch - 1) * len(loader)
@@ -282,7 +292,7 @@ def _train(
         spec=spec,
         test_accuracy=test_acc,
         history=history,
-        method_summary=hooks.summary,
+        method_summary={**hooks.summary, **({"gradient_traffic": traffic.summary()} if traffic else {})},
         seconds=time.perf_counter() - started,
         world_size=context.world_size,
         device=str(device),
