@@ -51,6 +51,7 @@ from lrdeploy.errors import LrdeployError, UsageError, VerificationFailed
 from lrdeploy.spelling import command_line
 from lrdeploy.text import printable
 from lrdeploy.trainer.cli import train
+from lrdeploy.trainer.finetune_cli import finetune
 
 app = typer.Typer(
     help="Low-rank factorization of ONNX models, verified and benchmarked on ONNX Runtime.",
@@ -429,6 +430,9 @@ def env(
 
 # `lrdeploy train` (the [train] extra): its module imports typer only; torch loads when the command runs.
 app.command(help="Train a low-rank-friendly model (LRPET, LoRITa or baseline) and export ONNX.")(train)
+app.command(help="Fine-tune a compressed model by distillation from its original (same graph, new values).")(
+    finetune
+)
 
 
 def _fail(message: str, code: int) -> int:
