@@ -430,9 +430,7 @@ def env(
 
 # `lrdeploy train` (the [train] extra): its module imports typer only; torch loads when the command runs.
 app.command(help="Train a low-rank-friendly model (LRPET, LoRITa or baseline) and export ONNX.")(train)
-app.command(help="Fine-tune a compressed model by distillation from its original (same graph, new values).")(
-    finetune
-)
+app.command(help="Fine-tune a compressed model by distillation from its original; same graph.")(finetune)
 
 
 def _fail(message: str, code: int) -> int:

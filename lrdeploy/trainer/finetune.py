@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,13 @@ from lrdeploy.outputs import OutputSet
 from lrdeploy.provenance import source_sha256
 from lrdeploy.trainer.data import Dataset, load_dataset
 from lrdeploy.trainer.distributed import DEVICES, Context, setup, teardown
-from lrdeploy.trainer.files import checkpoint_target, default_checkpoint, write_atomic
+from lrdeploy.trainer.files import checkpoint_target, write_atomic
 from lrdeploy.trainer.progress import Reporter, SilentReporter
 from lrdeploy.trainer.student import Student, build_student
 from lrdeploy.verification import VerifyConfig, run_verification, runtime_source
 from lrdeploy.verify import Verification
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "default_output", "finetune"]
 
 CHECKPOINT_KIND = "lrdeploy finetune"
 CHECKPOINT_VERSION = 1
@@ -235,6 +235,17 @@ def _read_checkpoint(path: Path, config: FinetuneConfig, fingerprint: dict[str, 
 # -- the API ------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Models:
+    """The two models, loaded (private copies) with the paths they came from, and their SHA-256."""
+
+    student: onnx.ModelProto
+    student_path: Path | None
+    teacher: onnx.ModelProto
+    teacher_path: Path | None
+    fingerprint: dict[str, str | None]
+
+
 def finetune(
     compressed: str | os.PathLike | onnx.ModelProto,
     teacher: str | os.PathLike | onnx.ModelProto,
@@ -254,80 +265,68 @@ def finetune(
     """
     config = config or FinetuneConfig()
     if data is not None:
-        config = FinetuneConfig(**{**config.__dict__, "data": data})
+        config = replace(config, data=data)
     reporter = reporter or SilentReporter()
     with OutputSet() as outputs:
         student_model, student_path = load_model(compressed)
         teacher_model, teacher_path = load_model(teacher)
-        outputs.protect(files_read(student_model, student_path) + files_read(teacher_model, teacher_path))
-        if Path(config.data).is_file():
-            outputs.protect([Path(config.data)])
-        output_path = Path(output) if output is not None else None
-        outputs.check(output_path, "-o/--output")
-        if output_path is not None:
-            outputs.check(output_path.with_name(output_path.name + ".data"), "-o/--output (its .data file)")
-        ckpt = checkpoint_target(checkpoint) if checkpoint is not None else None
-        if ckpt is not None:
-            outputs.check(ckpt, "--checkpoint")
-        if resume and ckpt is None:
+        fingerprint = {"student model": source_sha256(compressed), "teacher model": source_sha256(teacher)}
+        models = _Models(student_model, student_path, teacher_model, teacher_path, fingerprint)
+        output_path, checkpoint_path = _check_paths(outputs, models, config, output, checkpoint)
+        if resume and checkpoint_path is None:
             raise UsageError("--resume needs a checkpoint")
-        fingerprint = {"student model": _digest(compressed), "teacher model": _digest(teacher)}
-        state = _read_checkpoint(ckpt, config, fingerprint) if resume else None
-        student = build_student(
-            materialize(student_model)
-        )  # unsupported ops are refused before any data is read
+        state = _read_checkpoint(checkpoint_path, config, fingerprint) if resume else None
+        student = build_student(materialize(student_model))  # unsupported ops: refused before any data
         context = setup(config.device)
         try:
-            result = _run(
-                student,
-                student_model,
-                teacher_model,
-                teacher_path,
-                config,
-                context,
-                ckpt,
-                state,
-                fingerprint,
-                reporter if context.main else SilentReporter(),
-            )
+            reporter = reporter if context.main else SilentReporter()
+            result, dataset = _run(student, models, config, context, checkpoint_path, state, reporter)
         finally:
             teardown(context)
         if not context.main:
             return result
-        return _finish(
-            result,
-            student,
-            student_model,
-            student_path,
-            teacher_model,
-            teacher_path,
-            config,
-            output_path,
-            outputs,
-        )
+        return _finish(result, student, models, dataset, config, output_path, outputs)
 
 
-def _digest(source: str | os.PathLike | onnx.ModelProto) -> str | None:
-    return source_sha256(source)
+def _check_paths(
+    outputs: OutputSet,
+    models: _Models,
+    config: FinetuneConfig,
+    output: str | os.PathLike | None,
+    checkpoint: str | os.PathLike | None,
+) -> tuple[Path | None, Path | None]:
+    """Output and checkpoint paths, refused before training if unwritable or one of the inputs."""
+    outputs.protect(files_read(models.student, models.student_path))
+    outputs.protect(files_read(models.teacher, models.teacher_path))
+    if Path(config.data).is_file():
+        outputs.protect([Path(config.data)])
+    output_path = Path(output) if output is not None else None
+    outputs.check(output_path, "-o/--output")
+    if output_path is not None:
+        outputs.check(_data_file(output_path), "-o/--output (its .data file)")
+    checkpoint_path = checkpoint_target(checkpoint) if checkpoint is not None else None
+    outputs.check(checkpoint_path, "--checkpoint")
+    return output_path, checkpoint_path
+
+
+def _data_file(output: Path) -> Path:
+    return output.with_name(output.name + ".data")
 
 
 def _run(
     student: Student,
-    student_model: onnx.ModelProto,
-    teacher_model: onnx.ModelProto,
-    teacher_path: Path | None,
+    models: _Models,
     config: FinetuneConfig,
     context: Context,
     checkpoint: Path | None,
     state: dict | None,
-    fingerprint: dict[str, str | None],
     reporter: Reporter,
-) -> FinetuneResult:
+) -> tuple[FinetuneResult, Dataset]:
     started = time.perf_counter()
     device = context.device
     dataset = load_dataset(config.data).subset(config.subset)
     student.check_input(dataset.shape)
-    session = _session(teacher_model, teacher_path, config.device, "the teacher")
+    session = _session(models.teacher, models.teacher_path, config.device, "the teacher")
     reporter.message(f"teacher outputs on onnxruntime: {len(dataset.y_train) + len(dataset.y_test)} images")
     teacher_train = _run_onnx(session, dataset.x_train)
     teacher_test = _run_onnx(session, dataset.x_test)
@@ -416,7 +415,7 @@ def _run(
                     "kind": CHECKPOINT_KIND,
                     "version": CHECKPOINT_VERSION,
                     "config": config.to_dict(),
-                    "fingerprint": fingerprint,
+                    "fingerprint": models.fingerprint,
                     "epoch": epoch,
                     "student": student.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -430,8 +429,7 @@ def _run(
     _, result.distill_after = _evaluate(student, x_test, y_test, t_test, kinds, config.temperature)
     result.history = history
     result.seconds = time.perf_counter() - started
-    result._dataset = dataset  # type: ignore[attr-defined]  # for the onnxruntime accuracies in _finish
-    return result
+    return result, dataset
 
 
 def _check_task(teacher_outputs: list[np.ndarray], dataset: Dataset, config: FinetuneConfig) -> None:
@@ -456,56 +454,34 @@ def _all_reduce(values: torch.Tensor, context: Context) -> torch.Tensor:
 def _finish(
     result: FinetuneResult,
     student: Student,
-    student_model: onnx.ModelProto,
-    student_path: Path | None,
-    teacher_model: onnx.ModelProto,
-    teacher_path: Path | None,
+    models: _Models,
+    dataset: Dataset,
     config: FinetuneConfig,
     output: Path | None,
     outputs: OutputSet,
 ) -> FinetuneResult:
     """Write the trained tensors back by name, check, verify against the teacher, write atomically."""
-    dataset: Dataset = result.__dict__.pop("_dataset")
-    tuned = student.write_back(student_model)
-    metadata = {p.key: p.value for p in tuned.metadata_props}
-    metadata.update(
-        _provenance(
-            student_model if student_path is None else student_path, teacher_model, teacher_path, config
-        )
-    )
+    tuned = student.write_back(models.student)
+    metadata = {p.key: p.value for p in tuned.metadata_props} | _provenance(models, config)
     del tuned.metadata_props[:]
     for key, value in metadata.items():
         tuned.metadata_props.add(key=key, value=value)
     staged = outputs.stage(output) if output is not None else None
-    if staged is not None and save_model(tuned, staged, data_name=output.name + ".data") is not None:
-        outputs.stage(output.with_name(output.name + ".data"), companion=True)
-    candidate: bytes | Path = staged if staged is not None else tuned.SerializeToString()
+    if staged is not None and save_model(tuned, staged, data_name=_data_file(output).name) is not None:
+        outputs.stage(_data_file(output), companion=True)
     try:
         onnx.checker.check_model(str(staged) if staged is not None else tuned, full_check=True)
     except onnx.checker.ValidationError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "invalid model"
+        first = (str(error).strip().splitlines() or ["invalid model"])[0]
         raise RuntimeFailure(
             f"the fine-tuned model fails onnx.checker ({first}); please report this"
         ) from None
-    before = _session(student_model, student_path, config.device, "the compressed model")
+    before = _session(models.student, models.student_path, config.device, "the compressed model")
     result.accuracy_before = _accuracy(_run_onnx(before, dataset.x_test), dataset.y_test)
-    with runtime_source(tuned, None) if staged is None else _as_is(staged) as source:
-        from lrdeploy.runtime import make_session, select_device
-
-        after = make_session(
-            source, select_device("cpu" if config.device == "cpu" else "auto"), label="the output"
-        )
-        result.accuracy_after = _accuracy(_run_onnx(after, dataset.x_test), dataset.y_test)
+    after = _session(tuned, staged, config.device, "the fine-tuned model")
+    result.accuracy_after = _accuracy(_run_onnx(after, dataset.x_test), dataset.y_test)
     if config.verify:
-        from lrdeploy.inputs import resolve_shapes
-
-        random = config.verification.data is None or config.verification.data == "random"
-        shapes = resolve_shapes(teacher_model, None, strict=random)
-        verification = config.verification
-        if random:  # the held-out split says more than random inputs about a model trained to agree on images
-            verification = verification.with_(data={teacher_model.graph.input[0].name: dataset.x_test})
-        with runtime_source(teacher_model, teacher_path) as reference:
-            result.verification = run_verification(teacher_model, reference, candidate, shapes, verification)
+        result.verification = _verify(models, tuned, staged, dataset, config.verification)
         failures = config.verification.gates.failures(result.verification)
         if failures:
             more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
@@ -518,25 +494,25 @@ def _finish(
     return result
 
 
-class _as_is:
-    """A context manager yielding a path unchanged (the staged output, already at a readable IR)."""
+def _verify(
+    models: _Models, tuned: onnx.ModelProto, staged: Path | None, dataset: Dataset, config: VerifyConfig
+) -> Verification:
+    """The output against the teacher on onnxruntime: on the held-out split unless other data is given
+    (it says more than random inputs about a model trained to agree on images)."""
+    from lrdeploy.inputs import resolve_shapes
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    random = config.data is None or config.data == "random"
+    if random:
+        config = config.with_(data={models.teacher.graph.input[0].name: dataset.x_test})
+    shapes = resolve_shapes(models.teacher, None, strict=False)
+    with (
+        runtime_source(models.teacher, models.teacher_path) as reference,
+        runtime_source(tuned, staged) as candidate,
+    ):
+        return run_verification(models.teacher, reference, candidate, shapes, config)
 
-    def __enter__(self) -> Path:
-        return self.path
 
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _provenance(
-    student: str | os.PathLike | onnx.ModelProto,
-    teacher: onnx.ModelProto,
-    teacher_path: Path | None,
-    config: FinetuneConfig,
-) -> dict[str, str]:
+def _provenance(models: _Models, config: FinetuneConfig) -> dict[str, str]:
     """Keys beside compress's: ``lrdeploy.config`` still describes the structure, which is unchanged."""
     from lrdeploy import __version__
 
@@ -544,16 +520,12 @@ def _provenance(
         "lrdeploy.version": __version__,
         "lrdeploy.finetune.config": json.dumps(config.to_dict(), separators=(",", ":"), sort_keys=True),
     }
-    for key, source in (("student", student), ("teacher", teacher_path or teacher)):
-        digest = source_sha256(source)
+    for key, digest in models.fingerprint.items():
         if digest is not None:
-            entries[f"lrdeploy.finetune.{key}_sha256"] = digest
+            entries[f"lrdeploy.finetune.{key.split()[0]}_sha256"] = digest
     return entries
 
 
 def default_output(compressed: Path) -> Path:
     """COMPRESSED_ft.onnx beside the input."""
     return compressed.with_name(compressed.stem + "_ft.onnx")
-
-
-__all__ += ["default_checkpoint", "default_output"]

@@ -109,9 +109,10 @@ def finetune(
 
     console = Console()
     console.print(
-        f"test accuracy on onnxruntime: {result.accuracy_before:.2%} compressed → {result.accuracy_after:.2%} "
-        f"fine-tuned (teacher {result.teacher_accuracy:.2%}); distillation loss {result.distill_before:.4g} → "
-        f"{result.distill_after:.4g}; {len(result.trained)} initializers trained in {result.seconds:.0f} s",
+        f"test accuracy on onnxruntime: {result.accuracy_before:.2%} compressed → "
+        f"{result.accuracy_after:.2%} fine-tuned (teacher {result.teacher_accuracy:.2%}); distillation loss "
+        f"{result.distill_before:.4g} → {result.distill_after:.4g}; {len(result.trained)} initializers "
+        f"trained in {result.seconds:.0f} s",
         highlight=False,
     )
     if result.frozen:

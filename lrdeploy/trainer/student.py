@@ -28,6 +28,7 @@ __all__ = ["Student", "build_student", "unsupported_ops"]
 #: Parameter → initializer transforms by node type: (input index, to ONNX layout) per parameter leaf name.
 _WEIGHT_BIAS = {"weight": 1, "bias": 2}
 _PARAMETER_OPS = {"Conv", "ConvTranspose", "Gemm", "BatchNormalization"}
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 _INSTALL_HINT = "pip install 'lrdeploy[train]' (brings onnx2torch)"
 
 
@@ -131,7 +132,7 @@ class Student(nn.Module):
                 continue
             mapping = getattr(child, "onnx_mapping", None)
             node = by_output.get(mapping.outputs[0]) if mapping and mapping.outputs else None
-            for leaf, param in child.named_parameters():
+            for leaf, _ in child.named_parameters():
                 name = f"module.{child_name}.{leaf}"
                 target = _target(node, leaf.rsplit(".", 1)[-1], child, initializers) if node else None
                 if target is None:
@@ -198,8 +199,9 @@ class Student(nn.Module):
         expected = dims[1:]
         if len(expected) != len(shape) or any(d > 0 and d != s for d, s in zip(expected, shape, strict=True)):
             shown = ["N", *(d if d > 0 else "?" for d in expected)]
+            given = ", ".join(map(str, shape))
             raise UsageError(
-                f"the model's input {name!r} is {shown} but --data gives images [N, {', '.join(map(str, shape))}]; "
+                f"the model's input {name!r} is {shown} but --data gives images [N, {given}]; "
                 "give data of the model's input shape"
             )
 

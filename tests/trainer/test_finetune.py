@@ -17,16 +17,16 @@ pytest.importorskip("torch")
 if importlib.util.find_spec("onnx2torch") is None:  # imported through lrdeploy: it may lack torchvision
     pytest.skip("needs onnx2torch (the [train] extra)", allow_module_level=True)
 
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
+import onnxruntime as ort
+import torch
 
-import lrdeploy  # noqa: E402
-from lrdeploy.errors import UsageError, VerificationFailed  # noqa: E402
-from lrdeploy.trainer.finetune import FinetuneConfig, finetune  # noqa: E402
-from lrdeploy.trainer.progress import SilentReporter  # noqa: E402
-from lrdeploy.trainer.student import build_student  # noqa: E402
-from lrdeploy.verification import VerifyConfig  # noqa: E402
-from lrdeploy.verify import Gates  # noqa: E402
+import lrdeploy
+from lrdeploy.errors import UsageError, VerificationFailed
+from lrdeploy.trainer.finetune import FinetuneConfig, finetune
+from lrdeploy.trainer.progress import SilentReporter
+from lrdeploy.trainer.student import build_student
+from lrdeploy.verification import VerifyConfig
+from lrdeploy.verify import Gates
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -158,10 +158,21 @@ def test_an_op_onnx2torch_cannot_convert_is_one_line_naming_it(tmp_path: Path) -
     assert "\n" not in str(caught.value)
     onnx.save(model, tmp_path / "m.onnx")
     done = subprocess.run(
-        [sys.executable, "-m", "lrdeploy", "finetune", str(tmp_path / "m.onnx"), "--teacher",
-         str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lrdeploy",
+            "finetune",
+            str(tmp_path / "m.onnx"),
+            "--teacher",
+            str(tmp_path / "m.onnx"),
+            "-o",
+            str(tmp_path / "out.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 2 and "Hardmax" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
@@ -170,9 +181,12 @@ def test_a_failed_gate_writes_nothing(setup, tmp_path: Path) -> None:
     gates = VerifyConfig(device="cpu", gates=Gates(max_rel_l2=1e-9))
     with pytest.raises(VerificationFailed, match="output not written"):
         finetune(
-            setup["compressed"], setup["teacher"], _data(setup), _config(verification=gates),
+            setup["compressed"],
+            setup["teacher"],
+            _data(setup),
+            _config(verification=gates),
             output=tmp_path / "out.onnx",
-        )  # fmt: skip
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -194,12 +208,25 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(setup, tmp_path: P
     config, checkpoint = _config(epochs=2, subset=256), tmp_path / "run.ckpt.pt"
     whole = finetune(setup["compressed"], setup["teacher"], _data(setup), config)
     with pytest.raises(KeyboardInterrupt):
-        finetune(setup["compressed"], setup["teacher"], _data(setup), config, output=tmp_path / "out.onnx",
-                 checkpoint=checkpoint, reporter=_Interrupt(1))  # fmt: skip
+        finetune(
+            setup["compressed"],
+            setup["teacher"],
+            _data(setup),
+            config,
+            output=tmp_path / "out.onnx",
+            checkpoint=checkpoint,
+            reporter=_Interrupt(1),
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt.pt"]  # no output, no staging left
-    with pytest.raises(UsageError, match="fine-tuned with lr 0.02, this run 0.5"):
-        finetune(setup["compressed"], setup["teacher"], _data(setup), _config(epochs=2, subset=256, lr=0.5),
-                 checkpoint=checkpoint, resume=True)  # fmt: skip
+    with pytest.raises(UsageError, match=r"fine-tuned with lr 0\.02, this run 0\.5"):
+        finetune(
+            setup["compressed"],
+            setup["teacher"],
+            _data(setup),
+            _config(epochs=2, subset=256, lr=0.5),
+            checkpoint=checkpoint,
+            resume=True,
+        )
     resumed = finetune(
         setup["compressed"], setup["teacher"], _data(setup), config, checkpoint=checkpoint, resume=True
     )
@@ -212,8 +239,14 @@ def test_resume_refuses_another_student(setup, tmp_path: Path) -> None:
     checkpoint = tmp_path / "run.ckpt.pt"
     finetune(setup["compressed"], setup["teacher"], _data(setup), _config(subset=64), checkpoint=checkpoint)
     with pytest.raises(UsageError, match="fine-tuned another student model"):
-        finetune(setup["teacher"], setup["teacher"], _data(setup), _config(subset=64), checkpoint=checkpoint,
-                 resume=True)  # fmt: skip
+        finetune(
+            setup["teacher"],
+            setup["teacher"],
+            _data(setup),
+            _config(subset=64),
+            checkpoint=checkpoint,
+            resume=True,
+        )
 
 
 @pytest.mark.parametrize(
