@@ -2,10 +2,12 @@
 
 onnx2torch builds a torch.fx module with one submodule per ONNX node (``attach_onnx_mapping`` records
 the node's output names). Its Conv, ConvTranspose, Gemm (as ``nn.Linear``) and BatchNormalization
-modules hold the node's weight and bias initializers as parameters: those are what trains, each mapped
-back to its initializer name (Gemm's ``alpha``/``beta`` and ``transB`` undone). Every other initializer
-(MatMul or Add operands, Sub/Div constants) stays a constant buffer and keeps its value. A parameter that
-cannot be mapped back exactly, or that two nodes share, is frozen and listed in ``Student.frozen``.
+modules hold the node's weight and bias initializers as parameters, each mapped back to its initializer
+name (Gemm's ``alpha``/``beta`` and ``transB`` undone). Other initializers are buffers of one container;
+those that are MatMul/Gemm operands (a compressed MatMul's factors) or added to a MatMul/Gemm result (its
+bias) become parameters too. Everything else (normalization constants, shapes) keeps its value. A
+parameter that does not map back exactly onto its initializer, or that two nodes share, is frozen and
+listed in ``Student.frozen``; each check runs before any training.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lrdeploy.errors import UsageError
 
 __all__ = ["Student", "build_student", "unsupported_ops"]
 
-#: Parameter → initializer transforms by node type: (input index, to ONNX layout) per parameter leaf name.
+#: The node input each parameter of a converted Conv/ConvTranspose/Gemm/BatchNormalization module comes from.
 _WEIGHT_BIAS = {"weight": 1, "bias": 2}
 _PARAMETER_OPS = {"Conv", "ConvTranspose", "Gemm", "BatchNormalization"}
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)

@@ -273,3 +273,23 @@ def test_images_of_another_shape_are_refused(setup) -> None:
 def test_the_cli_module_imports_without_torch() -> None:
     code = "import sys, lrdeploy.cli; assert not {'torch', 'onnx2torch'} & set(sys.modules), 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["-o", "{compressed}"], "is a file the input model reads"),
+        (["-o", "{root}/o.onnx", "--checkpoint", "{root}/o.onnx"], "is the same path as -o/--output"),
+        (["-o", "{root}/o.onnx", "--resume"], "--resume: no checkpoint at"),
+        (["-o", "{root}/o.onnx", "--alpha", "2"], "--alpha must be in [0, 1]"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_code_2(setup, capsys, flags: list[str], message: str) -> None:
+    from lrdeploy.cli import main
+
+    root = setup["root"]
+    argv = [f.format(root=root, compressed=setup["compressed"]) for f in flags]
+    code = main(["finetune", str(setup["compressed"]), "--teacher", str(setup["teacher"]), *argv])
+    error = capsys.readouterr().err
+    assert code == 2 and message in " ".join(error.split()), error
+    assert not (root / "o.onnx").exists()
