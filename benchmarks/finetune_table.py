@@ -28,6 +28,8 @@ import lrdeploy
 from lrdeploy.trainer.finetune import FinetuneConfig, finetune
 
 MACHINE = "this project's 2-core CPU container"
+#: Layers left dense in the ``keep`` setting (first conv and classifier), as in benchmarks/train_table.py.
+KEEP = {"mlp": ("fc3",), "lenet5": ("conv1", "fc3"), "vgg": ("features.0", "fc2")}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -37,12 +39,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             teacher = Path(args.models) / f"{arch}_baseline.onnx"
             for ratio in args.ratios:
                 compressed = Path(scratch) / f"{arch}_r{ratio}.onnx"
-                _, report = lrdeploy.compress(teacher, rank_ratio=ratio, verify=False, output=compressed)
-                row = {
-                    "arch": arch,
-                    "rank_ratio": ratio,
-                    "params_kept": report.params_after / report.params_before,
-                }
+                exclude = KEEP[arch] if args.setting == "keep" else ()
+                _, report = lrdeploy.compress(
+                    teacher, rank_ratio=ratio, exclude=exclude, verify=False, output=compressed
+                )
+                kept = report.params_after / report.params_before
+                row = {"arch": arch, "setting": args.setting, "rank_ratio": ratio, "params_kept": kept}
                 for epochs in args.epochs:
                     started = time.perf_counter()
                     config = FinetuneConfig(epochs=epochs, subset=args.subset, verify=False)
@@ -59,29 +61,38 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], args: argparse.Namespace, seconds: float) -> str:
+def markdown(rows: list[dict], args: argparse.Namespace, runs: list[dict]) -> str:
     head = " | ".join(f"after {e} epoch{'s' if e > 1 else ''}" for e in args.epochs)
     lines = [
         "# Fine-tuning compressed models by distillation (bundled MNIST, 2,000 test digits)",
         "",
-        f"Made by `{' '.join(['python', 'benchmarks/finetune_table.py', *sys.argv[1:]])}` on {MACHINE} "
-        f"(torch {torch.__version__}, onnxruntime {ort.__version__}, Python {platform.python_version()}); "
-        f"total wall time {seconds / 60:.1f} min.",
+        "Made by "
+        + "; ".join(
+            f"`nice -n 10 python benchmarks/finetune_table.py {' '.join(run['command'][1:])}` "
+            f"({run['seconds'] / 60:.1f} min)"
+            for run in runs
+        )
+        + f" on {MACHINE} (torch {torch.__version__}, onnxruntime {ort.__version__}, "
+        f"Python {platform.python_version()}).",
         "",
         "Baseline models compressed post-training at a uniform rank ratio ρ (every layer, `verify=False`), "
         "then `lrdeploy finetune --teacher ARCH_baseline.onnx --data mnist` on the 8,000 training digits "
         "(defaults: SGD lr 0.01 cosine, T = 3, alpha 0.5, batch 128, seed 0); the 1- and 3-epoch runs are "
         "separate. Accuracy of the ONNX files on onnxruntime.",
         "",
-        f"| model | ρ | params kept | uncompressed | compressed | {head} | fine-tune time |",
-        "|---|---|---|---|---|" + "---|" * len(args.epochs) + "---|",
+        "Setting `uniform`: every layer at ρ; `keep`: the first conv and the classifier left dense "
+        "(`exclude=`), as in docs/training.md.",
+        "",
+        f"| model | setting | ρ | params kept | uncompressed | compressed | {head} | fine-tune time |",
+        "|---|---|---|---|---|---|" + "---|" * len(args.epochs) + "---|",
     ]
     for row in rows:
         cells = " | ".join(f"{row[f'epochs_{e}']:.2%}" for e in args.epochs)
         times = " / ".join(f"{row[f'seconds_{e}']:.0f} s" for e in args.epochs)
+        setting = row.get("setting", "uniform")
         lines.append(
-            f"| {row['arch']} | {row['rank_ratio']} | {row['params_kept']:.1%} | {row['teacher']:.2%} | "
-            f"{row['compressed']:.2%} | {cells} | {times} |"
+            f"| {row['arch']} | {setting} | {row['rank_ratio']} | {row['params_kept']:.1%} | "
+            f"{row['teacher']:.2%} | {row['compressed']:.2%} | {cells} | {times} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -92,18 +103,21 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.25])
     parser.add_argument("--epochs", nargs="+", type=int, default=[1, 3])
     parser.add_argument("--subset", type=int, default=None, help="first N train and test digits only")
+    parser.add_argument("--setting", choices=("uniform", "keep"), default="uniform")
+    parser.add_argument("--append", action="store_true", help="add rows to an existing RESULTS_finetune.json")
     parser.add_argument("--models", default="models")
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.perf_counter()
     rows = run(args)
     seconds = time.perf_counter() - started
-    target = Path(args.models)
-    (target / "RESULTS_finetune.json").write_text(
-        json.dumps({"machine": MACHINE, "command": sys.argv, "seconds": seconds, "rows": rows}, indent=1)
-        + "\n"
-    )
-    (target / "RESULTS_finetune.md").write_text(markdown(rows, args, seconds))
+    results = Path(args.models) / "RESULTS_finetune.json"
+    runs = [{"command": sys.argv, "seconds": seconds}]
+    if args.append and results.is_file():
+        before = json.loads(results.read_text())
+        rows, runs = before["rows"] + rows, before["runs"] + runs
+    results.write_text(json.dumps({"machine": MACHINE, "runs": runs, "rows": rows}, indent=1) + "\n")
+    (Path(args.models) / "RESULTS_finetune.md").write_text(markdown(rows, args, runs))
 
 
 if __name__ == "__main__":
