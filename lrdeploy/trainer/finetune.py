@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ LOSSES = ("auto", "kl", "mse")
 #: Fields a checkpoint must agree on to resume (the epoch count may grow).
 RESUME_KEYS = ("data", "batch_size", "lr", "momentum", "weight_decay", "temperature", "alpha", "loss", "seed")
 _TEACHER_BATCH = 256
+_NOT_SAVED = ("verification", "verify", "device")  # how a run is checked or placed, not how it trains
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,7 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The training settings (JSON): saved in checkpoints and in the output's metadata."""
-        data = asdict(self)
-        for key in ("verification", "verify", "device"):
-            data.pop(key)
-        return data
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_SAVED}
 
 
 @dataclass
