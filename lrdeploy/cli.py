@@ -58,6 +58,7 @@ from lrdeploy.errors import LrdeployError, UsageError, VerificationFailed
 from lrdeploy.spelling import command_line
 from lrdeploy.text import printable
 from lrdeploy.trainer.cli import train
+from lrdeploy.trainer.finetune_cli import finetune
 
 app = typer.Typer(
     help="Low-rank factorization of ONNX models, verified and benchmarked on ONNX Runtime.",
@@ -536,6 +537,7 @@ def imc_command(
 
 # `lrdeploy train` (the [train] extra): its module imports typer only; torch loads when the command runs.
 app.command(help="Train a low-rank-friendly model (LRPET, LoRITa or baseline) and export ONNX.")(train)
+app.command(help="Fine-tune a compressed model by distillation from its original; same graph.")(finetune)
 
 
 def _fail(message: str, code: int) -> int:
