@@ -7,6 +7,7 @@ runs alone or scaled out; only rank 0 prints, writes checkpoints and exports.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 
 from lrdeploy.errors import DeviceUnavailable, UsageError
 
-__all__ = ["Context", "setup", "teardown"]
+__all__ = ["Context", "all_reduce", "cosine_sgd", "setup", "teardown"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -67,3 +68,23 @@ def teardown(context: Context) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def all_reduce(values: torch.Tensor, context: Context) -> torch.Tensor:
+    """Sum ``values`` over the processes (a CPU tensor back); the tensor itself when not distributed."""
+    if not context.distributed:
+        return values
+    import torch.distributed as dist
+
+    work = values.to(context.device)
+    dist.all_reduce(work)
+    return work.cpu()
+
+
+def cosine_sgd(params, lr: float, momentum: float, weight_decay: float, total_steps: int):
+    """SGD with a cosine learning-rate schedule to 0 over ``total_steps``: (optimizer, schedule)."""
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
+    return optimizer, schedule

@@ -36,7 +36,7 @@ from lrdeploy.modelio import files_read, load_model, materialize, save_model
 from lrdeploy.outputs import OutputSet
 from lrdeploy.provenance import source_sha256
 from lrdeploy.trainer.data import Dataset, load_dataset
-from lrdeploy.trainer.distributed import DEVICES, Context, setup, teardown
+from lrdeploy.trainer.distributed import DEVICES, Context, all_reduce, cosine_sgd, setup, teardown
 from lrdeploy.trainer.files import checkpoint_target, write_atomic
 from lrdeploy.trainer.progress import Reporter, SilentReporter
 from lrdeploy.trainer.student import Student, build_student
@@ -348,12 +348,8 @@ def _run(
     student.to(device)
     _, result.distill_before = _evaluate(student, x_test, y_test, t_test, kinds, config.temperature)
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    total_steps = config.epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    optimizer, schedule = cosine_sgd(
+        params, config.lr, config.momentum, config.weight_decay, config.epochs * len(loader)
     )
     first_epoch, history = 1, []
     if state is not None:
@@ -391,7 +387,7 @@ def _run(
                 hits = (outs[0].argmax(1) == y).sum().item() if outs[0].ndim == 2 else 0
                 totals += torch.tensor([value * len(y), hits, len(y)], dtype=torch.float64)
                 reporter.batch(done, totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item())
-            totals = _all_reduce(totals, context)
+            totals = all_reduce(totals, context)
             test_acc, test_kd = (
                 _evaluate(student, x_test, y_test, t_test, kinds, config.temperature)
                 if context.main
@@ -437,16 +433,6 @@ def _check_task(teacher_outputs: list[np.ndarray], dataset: Dataset, config: Fin
             f"--alpha {config.alpha} mixes in cross-entropy on the labels, but the model's first output "
             f"{list(first.shape[1:])} is not logits over the data's {dataset.classes} classes; pass --alpha 0"
         )
-
-
-def _all_reduce(values: torch.Tensor, context: Context) -> torch.Tensor:
-    if not context.distributed:
-        return values
-    import torch.distributed as dist
-
-    work = values.to(context.device)
-    dist.all_reduce(work)
-    return work.cpu()
 
 
 def _finish(

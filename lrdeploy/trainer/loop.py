@@ -34,7 +34,7 @@ from lrdeploy.trainer import gradcomp
 from lrdeploy.trainer.archs import InputSpec, build
 from lrdeploy.trainer.config import TrainConfig
 from lrdeploy.trainer.data import Dataset, load_dataset
-from lrdeploy.trainer.distributed import Context, setup, teardown
+from lrdeploy.trainer.distributed import Context, all_reduce, cosine_sgd, setup, teardown
 from lrdeploy.trainer.files import checkpoint_target, write_atomic
 from lrdeploy.trainer.methods import hooks_for
 from lrdeploy.trainer.progress import Reporter, SilentReporter
@@ -196,15 +196,12 @@ def _train(
     hooks = hooks_for(config.method, sync)
     hooks.prepare(model)
     model.to(device)
-    optimizer = torch.optim.SGD(
+    optimizer, schedule = cosine_sgd(
         model.parameters(),
-        lr=config.resolved_lr,
-        momentum=config.momentum,
-        weight_decay=config.resolved_weight_decay,
-    )
-    total_steps = config.epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        config.resolved_lr,
+        config.momentum,
+        config.resolved_weight_decay,
+        config.epochs * len(loader),
     )
 
     # -- resume: weights, optimizer and schedule from the checkpoint; data order follows from the epoch ---
@@ -252,7 +249,7 @@ def _train(
             hooks.after_epoch(model, epoch)
             if hooks.moves_weights:
                 recalibrate_batchnorm(model, calibration)
-            totals = _all_reduce(totals, context)
+            totals = all_reduce(totals, context)
             train_loss, train_acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
             # Evaluated after the epoch's projection, so LRPET's numbers are those of a rank-r model.
             test_acc = evaluate(model, x_test, y_test) if context.main else float("nan")
@@ -298,16 +295,6 @@ def _train(
         device=str(device),
         main=context.main,
     )
-
-
-def _all_reduce(values: torch.Tensor, context: Context) -> torch.Tensor:
-    if not context.distributed:
-        return values
-    import torch.distributed as dist
-
-    work = values.to(context.device)
-    dist.all_reduce(work)
-    return work.cpu()
 
 
 def _broadcaster():
