@@ -68,12 +68,14 @@ class CompressConfig:
             if not all(is_int(d) and d >= 1 for d in dims):
                 raise UsageError(f"input shape for '{name}' must be positive integers, got {list(dims)}")
         if self.policy is None and not self.overrides and self.target is None:
+            names = ("rank_ratio", "energy", "rank", "target_params", "target_macs")
             raise UsageError(
-                "choose a rank policy: --rank-ratio, --energy, --rank, --target-params or --target-macs "
-                "(or give --overrides)"
+                f"choose a rank policy: {', '.join(option(n) for n in names)} (or give {option('overrides')})"
             )
         if not self.verify and self.verification.gates.active:
-            raise UsageError("verification gates need verification: drop --no-verify or the gate options")
+            raise UsageError(
+                f"verification gates need verification: drop {option('verify', False)} or the gate options"
+            )
         for name in ("include", "exclude"):  # one pattern given as a string is one pattern, not its letters
             patterns = getattr(self, name)
             object.__setattr__(self, name, (patterns,) if isinstance(patterns, str) else tuple(patterns))
@@ -88,7 +90,7 @@ class CompressConfig:
         targets = {"target_params": self.target_params, "target_macs": self.target_macs}
         given = {k: v for k, v in targets.items() if v is not None}
         if len(given) > 1:
-            raise UsageError("give only one of --target-params, --target-macs")
+            raise UsageError(f"give only one of {option('target_params')}, {option('target_macs')}")
         for name, value in given.items():
             value = number(value, option(name))
             if not 0.0 < value <= 1.0:
@@ -161,7 +163,7 @@ class CompressConfig:
             raise UsageError(f"unknown compress option(s): {', '.join(sorted(unknown))}")
         chosen = [p for p in (rank_ratio, energy, rank) if p is not None]
         if len(chosen) > 1:
-            raise UsageError("give only one of --rank-ratio, --energy, --rank")
+            raise UsageError(f"give only one of {option('rank_ratio')}, {option('energy')}, {option('rank')}")
         policy: RankPolicy | None = None
         if rank_ratio is not None:
             policy = RankRatio(rank_ratio)

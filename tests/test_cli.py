@@ -416,3 +416,17 @@ def test_inspect_with_calibration_shows_output_errors(capsys, tmp_path, model_pa
     errors = layer["output_rel_error"]
     assert errors["rank_ratios"] == [0.1, 0.25, 0.5]
     assert all(w <= s + 1e-9 for s, w in zip(errors["svd"], errors["whiten"], strict=True))
+
+
+def test_policy_errors_name_parameters_in_python_and_flags_on_the_command_line(tmp_path, capsys):
+    from lrdeploy.config import CompressConfig
+    from lrdeploy.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^give only one of rank_ratio, energy, rank$"):
+        CompressConfig.build(rank_ratio=0.5, energy=0.9)
+    with pytest.raises(UsageError, match=r"choose a rank policy: rank_ratio, energy, rank"):
+        CompressConfig.build()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"")
+    assert main(["compress", str(path), "--rank-ratio", "0.5", "--energy", "0.9"]) == 2
+    assert "give only one of --rank-ratio, --energy, --rank" in capsys.readouterr().err
