@@ -19,11 +19,11 @@ if importlib.util.find_spec("onnx2torch") is None:  # imported through lrdeploy:
 
 import onnxruntime as ort
 import torch
+from reporters import Interrupt
 
 import lrdeploy
 from lrdeploy.errors import UsageError, VerificationFailed
 from lrdeploy.trainer.finetune import FinetuneConfig, finetune
-from lrdeploy.trainer.progress import SilentReporter
 from lrdeploy.trainer.student import build_student
 from lrdeploy.verification import VerifyConfig
 from lrdeploy.verify import Gates
@@ -190,20 +190,6 @@ def test_a_failed_gate_writes_nothing(setup, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-class _Interrupt(SilentReporter):
-    """Stops the run with Ctrl-C in the first batch after epoch ``after``."""
-
-    def __init__(self, after: int) -> None:
-        self.after, self.done = after, 0
-
-    def epoch(self, epoch, *args) -> None:
-        self.done = epoch
-
-    def batch(self, *args) -> None:
-        if self.done == self.after:
-            raise KeyboardInterrupt
-
-
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(setup, tmp_path: Path) -> None:
     config, checkpoint = _config(epochs=2, subset=256), tmp_path / "run.ckpt.pt"
     whole = finetune(setup["compressed"], setup["teacher"], _data(setup), config)
@@ -215,7 +201,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(setup, tmp_path: P
             config,
             output=tmp_path / "out.onnx",
             checkpoint=checkpoint,
-            reporter=_Interrupt(1),
+            reporter=Interrupt(1),
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt.pt"]  # no output, no staging left
     with pytest.raises(UsageError, match=r"fine-tuned with lr 0\.02, this run 0\.5"):

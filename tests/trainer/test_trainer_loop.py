@@ -8,6 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from reporters import Interrupt  # noqa: E402
+
 import lrdeploy  # noqa: E402
 from lrdeploy.errors import UsageError  # noqa: E402
 from lrdeploy.trainer.api import train_and_export  # noqa: E402
@@ -45,25 +47,11 @@ def test_one_epoch_smoke_run_exports_a_checked_model_with_its_card(arch, method,
         assert report.verification.outputs[0].rel_l2 < 1e-4
 
 
-class _Interrupt(SilentReporter):
-    """Stops the run with Ctrl-C in the first batch after epoch ``after``."""
-
-    def __init__(self, after: int) -> None:
-        self.after, self.done = after, 0
-
-    def epoch(self, epoch, *args) -> None:
-        self.done = epoch
-
-    def batch(self, *args) -> None:
-        if self.done == self.after:
-            raise KeyboardInterrupt
-
-
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path) -> None:
     config = TrainConfig(arch="mlp", method=LRPETConfig(rank_ratio=0.3), epochs=2, subset=256, batch_size=64)
     straight = train_and_export(config, tmp_path / "a.onnx", checkpoint=tmp_path / "a.pt").result
     with pytest.raises(KeyboardInterrupt):
-        train_and_export(config, tmp_path / "b.onnx", checkpoint=tmp_path / "b.pt", reporter=_Interrupt(1))
+        train_and_export(config, tmp_path / "b.onnx", checkpoint=tmp_path / "b.pt", reporter=Interrupt(1))
     resumed = train_and_export(config, tmp_path / "b.onnx", checkpoint=tmp_path / "b.pt", resume=True).result
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     for key, value in straight.model.state_dict().items():
