@@ -20,6 +20,7 @@ __all__ = [
     "check_targets",
     "checkpoint_target",
     "default_checkpoint",
+    "load_checkpoint",
     "output_files",
     "ranks_path",
     "write_atomic",
@@ -137,3 +138,23 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda temporary: temporary.write_text(text))
+
+
+def load_checkpoint(path: Path, not_ours: str) -> dict:
+    """A saved checkpoint's dict; a missing, unreadable or foreign file is a one-line usage error.
+
+    ``weights_only``: a checkpoint holds tensors and plain values, so no pickled code ever runs.
+    """
+    import torch
+
+    if not path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise UsageError(f"--resume: cannot read {path}: {error.strerror}") from error
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by file kind
+        raise UsageError(not_ours) from error
+    if not isinstance(state, dict):
+        raise UsageError(not_ours)
+    return state

@@ -37,7 +37,7 @@ from lrdeploy.outputs import OutputSet
 from lrdeploy.provenance import source_sha256
 from lrdeploy.trainer.data import Dataset, load_dataset
 from lrdeploy.trainer.distributed import DEVICES, Context, all_reduce, cosine_sgd, setup, teardown
-from lrdeploy.trainer.files import checkpoint_target, write_atomic
+from lrdeploy.trainer.files import checkpoint_target, load_checkpoint, write_atomic
 from lrdeploy.trainer.progress import Reporter, SilentReporter
 from lrdeploy.trainer.student import Student, build_student
 from lrdeploy.verification import VerifyConfig, run_verification, runtime_source
@@ -199,18 +199,11 @@ def _evaluate(
 
 
 def _read_checkpoint(path: Path, config: FinetuneConfig, fingerprint: dict[str, str | None]) -> dict:
-    if not path.is_file():
-        raise UsageError(f"--resume: no checkpoint at {path}")
     not_ours = (
         f"--resume: {path} is not an lrdeploy finetune checkpoint; give one that lrdeploy finetune saved"
     )
-    try:  # weights_only: tensors and plain values, no pickled code
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as error:
-        raise UsageError(f"--resume: cannot read {path}: {error.strerror}") from error
-    except Exception as error:  # UnpicklingError, RuntimeError, EOFError, ... by file kind
-        raise UsageError(not_ours) from error
-    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
+    state = load_checkpoint(path, not_ours)
+    if state.get("kind") != CHECKPOINT_KIND:
         raise UsageError(not_ours)
     if state.get("version") != CHECKPOINT_VERSION:
         raise UsageError(

@@ -35,7 +35,7 @@ from lrdeploy.trainer.archs import InputSpec, build
 from lrdeploy.trainer.config import TrainConfig
 from lrdeploy.trainer.data import Dataset, load_dataset
 from lrdeploy.trainer.distributed import Context, all_reduce, cosine_sgd, setup, teardown
-from lrdeploy.trainer.files import checkpoint_target, write_atomic
+from lrdeploy.trainer.files import checkpoint_target, load_checkpoint, write_atomic
 from lrdeploy.trainer.methods import hooks_for
 from lrdeploy.trainer.progress import Reporter, SilentReporter
 
@@ -113,16 +113,9 @@ def _save(state: dict, path: Path) -> None:
 
 def _read_checkpoint(path: Path) -> dict:
     """The checkpoint's contents; a file that is not one is a one-line usage error, not a pickle traceback."""
-    if not path.is_file():
-        raise UsageError(f"--resume: no checkpoint at {path}")
     not_ours = f"--resume: {path} is not an lrdeploy checkpoint; give one that lrdeploy train saved"
-    try:  # weights_only: a checkpoint holds tensors and plain values, so no pickled code ever runs
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as error:
-        raise UsageError(f"--resume: cannot read {path}: {error.strerror}") from error
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by file kind
-        raise UsageError(not_ours) from error
-    if not isinstance(state, dict) or not _CHECKPOINT_KEYS.issubset(state):
+    state = load_checkpoint(path, not_ours)
+    if not _CHECKPOINT_KEYS.issubset(state):
         raise UsageError(not_ours)
     if state["version"] != CHECKPOINT_VERSION:
         raise UsageError(
