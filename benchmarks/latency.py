@@ -1,4 +1,4 @@
-"""A model compressed at several rank ratios, timed side by side (interleaved) with `lrdeploy.bench`.
+"""A model compressed at several rank ratios, timed side by side (interleaved) with `lrdeploy.runtime.bench`.
 
     python benchmarks/latency.py resnet50 --device cpu --threads 2 --batch 1      # README, CPU
     python benchmarks/latency.py resnet50 --device cuda --batch 1,32 --ratios 0.3 --multiple 8 # GPU
@@ -19,8 +19,8 @@ import onnx
 from make_resnet50 import build_resnet50
 
 import lrdeploy
-from lrdeploy.bench import BenchConfig, benchmark
-from lrdeploy.envinfo import collect
+from lrdeploy.runtime.bench import BenchConfig, benchmark
+from lrdeploy.runtime.envinfo import collect
 
 
 def main() -> None:

@@ -7,9 +7,9 @@ from lrdeploy.api import compress
 from lrdeploy.config import CompressConfig
 from lrdeploy.errors import LrdeployError, ModelError, UsageError, VerificationFailed
 from lrdeploy.inspection import inspect
-from lrdeploy.policy import Energy, FixedRank, RankRatio
-from lrdeploy.verification import VerifyConfig, verify
-from lrdeploy.verify import Gates
+from lrdeploy.planning.policy import Energy, FixedRank, RankRatio
+from lrdeploy.runtime.verification import VerifyConfig, verify
+from lrdeploy.runtime.verify import Gates
 
 __version__ = "0.1.0"
 

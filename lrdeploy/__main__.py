@@ -1,3 +1,3 @@
-from lrdeploy.cli import run
+from lrdeploy.cli.app import run
 
 run()

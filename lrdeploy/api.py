@@ -3,9 +3,9 @@
     model, report = lrdeploy.compress("model.onnx", rank_ratio=0.25, output="model.lowrank.onnx")
 
 Steps: load (lazily) → count → normalize + fold BN → calibrate (with ``calib``) → plan (SVD or whitened
-factors per weight; ranks from the policy or a budget, `lrdeploy.budget`) → rewrite → export →
+factors per weight; ranks from the policy or a budget, `lrdeploy.planning.budget`) → rewrite → export →
 count → save (into a staging folder beside the output while it is verified) → verify → report, then the
-output, its external data and the JSON report are renamed into place together (`lrdeploy.outputs`).
+output, its external data and the JSON report are renamed into place together (`lrdeploy.io.outputs`).
 """
 
 from __future__ import annotations
@@ -19,14 +19,10 @@ from pathlib import Path
 
 import onnx
 
-from lrdeploy import costs
-from lrdeploy.budget import plan_budget
-from lrdeploy.calibration import Calibration, calibrate
 from lrdeploy.config import CompressConfig
 from lrdeploy.errors import UsageError, VerificationFailed
-from lrdeploy.graphio import from_graph
-from lrdeploy.inputs import resolve_shapes
-from lrdeploy.modelio import (
+from lrdeploy.io.graphio import from_graph
+from lrdeploy.io.modelio import (
     EXTERNAL_DATA_THRESHOLD,
     choose_ir_version,
     estimated_size,
@@ -36,15 +32,19 @@ from lrdeploy.modelio import (
     model_opset,
     save_model,
 )
-from lrdeploy.outputs import OutputSet
+from lrdeploy.io.outputs import OutputSet
+from lrdeploy.io.provenance import provenance
 from lrdeploy.passes.factorize import factorize
 from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
 from lrdeploy.passes.upgrade import upgrade_opset
 from lrdeploy.pipeline import decision_dicts, prepare_graph
-from lrdeploy.plan import LayerDecision, find_groups, plan_layers
-from lrdeploy.provenance import provenance
+from lrdeploy.planning import costs
+from lrdeploy.planning.budget import plan_budget
+from lrdeploy.planning.calibration import Calibration, calibrate
+from lrdeploy.planning.plan import LayerDecision, find_groups, plan_layers
 from lrdeploy.report import LayerReport, Report
+from lrdeploy.runtime.inputs import resolve_shapes
 from lrdeploy.spelling import either, option
 
 __all__ = ["compress"]
@@ -109,7 +109,7 @@ def compress(
     written there atomically (external data above 2 GB), and only if it passes the verification gates
     (or ``keep_failed``); a failed gate raises `VerificationFailed` with ``.report`` attached. With
     ``report`` the JSON report is written there too, also when a gate fails. Nothing is written when
-    anything else fails, and no output may replace a file the model reads (`lrdeploy.outputs`).
+    anything else fails, and no output may replace a file the model reads (`lrdeploy.io.outputs`).
     """
     if config is None:
         config = CompressConfig.build(rank_ratio=rank_ratio, energy=energy, rank=rank, **options)
@@ -239,7 +239,7 @@ def _calibrate(
     graph, original: onnx.ModelProto, groups, config: CompressConfig
 ) -> tuple[onnx.ModelProto, Calibration]:
     """Run the BN-folded model (the layers as they will be factorized) over the calibration data."""
-    from lrdeploy.verification import _batch_size  # a fixed batch dim is fed as it is declared
+    from lrdeploy.runtime.verification import _batch_size  # a fixed batch dim is fed as it is declared
 
     folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
     layers = [node.name for group in groups if not group.problem for node in group.nodes]
@@ -258,7 +258,7 @@ def _calibrate(
 
 
 def _verify(original, source, compressed, staged, shapes, config: CompressConfig, progress: Progress | None):
-    from lrdeploy.verification import run_verification, runtime_source
+    from lrdeploy.runtime.verification import run_verification, runtime_source
 
     tick = (lambda done, total: progress("verify", done, total)) if progress else None
     candidate = staged if staged is not None else compressed.SerializeToString()

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from lrdeploy.datasets import InMemoryData, as_data_source
 from lrdeploy.errors import UsageError
-from lrdeploy.policy import Energy, FixedRank, RankPolicy, RankRatio, number
+from lrdeploy.planning.policy import Energy, FixedRank, RankPolicy, RankRatio, number
+from lrdeploy.runtime.datasets import InMemoryData, as_data_source
+from lrdeploy.runtime.verification import VerifyConfig, is_int
 from lrdeploy.spelling import option
-from lrdeploy.verification import VerifyConfig, is_int
 
 __all__ = ["ALLOCATORS", "METHODS", "CompressConfig", "load_overrides", "parse_input_shapes"]
 
@@ -26,12 +26,12 @@ class CompressConfig:
     """How to compress.
 
     ``include``/``exclude`` are shell-style patterns (fnmatch) on a layer's node name, weight names and
-    module scopes (`lrdeploy.selection`); ``overrides`` maps such a name or pattern to a rank and wins
+    module scopes (`planning.selection`); ``overrides`` maps such a name or pattern to a rank and wins
     over the policy and the patterns. With no policy, only overridden layers
     are factorized. ``verification`` says how the result is checked; when its gates fail the output is
     not written unless ``keep_failed``.
 
-    Budgets (`lrdeploy.budget`): ``target_params`` or ``target_macs``, a fraction of the original model,
+    Budgets (`planning.budget`): ``target_params`` or ``target_macs``, a fraction of the original model,
     replaces the rank policy; ranks are allocated across layers by ``allocate`` ("error": each layer's
     normalized truncation error; "sensitivity": measured end to end). ``calib`` (the sources ``data``
     takes; images use the verification's image options) gives each layer's input statistics; ``method``
@@ -204,7 +204,7 @@ class CompressConfig:
 
 
 def load_overrides(path: Path | str) -> dict[str, int]:
-    """Read a per-layer rank file: a JSON object ``{"layer or glob": rank}`` (`lrdeploy.selection`)."""
+    """Read a per-layer rank file: a JSON object ``{"layer or glob": rank}`` (`planning.selection`)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())

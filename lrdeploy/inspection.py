@@ -8,18 +8,18 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from lrdeploy import costs
-from lrdeploy.datasets import ImageOptions
-from lrdeploy.inputs import resolve_shapes
-from lrdeploy.modelio import load_model
+from lrdeploy.io.modelio import load_model
 from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
 from lrdeploy.passes.upgrade import upgrade_opset
 from lrdeploy.pipeline import decision_dicts, prepare_graph
-from lrdeploy.plan import LayerDecision, find_groups
-from lrdeploy.policy import round_half_up
+from lrdeploy.planning import costs
+from lrdeploy.planning.plan import LayerDecision, find_groups
+from lrdeploy.planning.policy import round_half_up
+from lrdeploy.planning.spectrum import Spectrum
 from lrdeploy.report import strict_json
-from lrdeploy.spectrum import Spectrum
+from lrdeploy.runtime.datasets import ImageOptions
+from lrdeploy.runtime.inputs import resolve_shapes
 
 __all__ = ["CALIB_RATIOS", "Inspection", "LayerSpectrum", "inspect"]
 
@@ -36,7 +36,7 @@ class LayerSpectrum:
     weight_shape: tuple[int, ...]
     spectrum: Spectrum
     macs: int | None = None  # all readers together, at the inspection's input shapes
-    labels: tuple[str, ...] = ()  # what --include/--exclude/--overrides match (`lrdeploy.selection`)
+    labels: tuple[str, ...] = ()  # what --include/--exclude/--overrides match (`lrdeploy.planning.selection`)
     #: With calibration: relative output error on the fit rows at `CALIB_RATIOS`, {"svd": …, "whiten": …}
     output_errors: dict[str, list[float]] | None = None
 
@@ -165,10 +165,10 @@ def inspect(
 
 
 def _moments(graph, original, groups, calib, samples: int, image: ImageOptions | None) -> dict:
-    from lrdeploy.calibration import calibrate
-    from lrdeploy.datasets import as_data_source
-    from lrdeploy.graphio import from_graph
-    from lrdeploy.modelio import choose_ir_version, materialize
+    from lrdeploy.io.graphio import from_graph
+    from lrdeploy.io.modelio import choose_ir_version, materialize
+    from lrdeploy.planning.calibration import calibrate
+    from lrdeploy.runtime.datasets import as_data_source
 
     folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
     layers = [node.name for group in groups if not group.problem for node in group.nodes]
@@ -180,7 +180,7 @@ def _moments(graph, original, groups, calib, samples: int, image: ImageOptions |
 def _output_errors(group, spectrum: Spectrum, moments: Mapping) -> dict[str, list[float]] | None:
     import numpy as np
 
-    from lrdeploy.whiten import WhitenedSpectrum, component_errors
+    from lrdeploy.planning.whiten import WhitenedSpectrum, component_errors
 
     found = [moments[n.name].fit for n in group.nodes if n.name in moments]
     if group.problem or not found:

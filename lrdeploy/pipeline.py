@@ -5,9 +5,9 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from lrdeploy import costs
-from lrdeploy.graphio import to_graph
+from lrdeploy.io.graphio import to_graph
 from lrdeploy.passes import NameRegistry, PassResult, fold_batchnorm, normalize
+from lrdeploy.planning import costs
 
 __all__ = ["decision_dicts", "prepare_graph"]
 

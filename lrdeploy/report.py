@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lrdeploy.plan import LayerDecision
-from lrdeploy.verify import Verification
+from lrdeploy.planning.plan import LayerDecision
+from lrdeploy.runtime.verify import Verification
 
 __all__ = ["SCHEMA_VERSION", "LayerReport", "Report", "strict_json"]
 

@@ -1,7 +1,7 @@
 """Ops that hold a weight or cost MACs but have no low-rank pair: the reason the report gives for each.
 
-Every such node gets a report row (`lrdeploy.plan.find_groups`), so the rows account for every weight
-and every multiply-accumulate that `lrdeploy.costs` counts:
+Every such node gets a report row (`lrdeploy.planning.plan.find_groups`), so the rows account for every weight
+and every multiply-accumulate that `lrdeploy.planning.costs` counts:
 
 - ConvTranspose: W [Cin, Cout/group, k...].
 - LSTM (4 gates), GRU (3), RNN (1): W [dirs, gates·H, I], R [dirs, gates·H, H], B, and LSTM's peepholes P;

@@ -1,6 +1,6 @@
 """Rewrite: replace each planned node by its low-rank pair. It decides nothing.
 
-The plan (`lrdeploy.plan`) chose the ranks and computed the factors; here every node that reads a
+The plan (`lrdeploy.planning.plan`) chose the ranks and computed the factors; here every node that reads a
 factorized weight gets its two nodes, all of them reading the same two factor tensors, so a weight
 shared by several nodes is factorized once and stays shared.
 """

@@ -6,7 +6,7 @@ Its node names (``Conv_0__1``) mean nothing to a user, so each expanded node is 
 site instead: the call's own name when the body is one node (``/c2/Conv2d``), else ``call/body-node``,
 recursively for nested calls.
 
-Local functions are untrusted: before anything is expanded, `lrdeploy.structure.check_functions` counts
+Local functions are untrusted: before anything is expanded, `lrdeploy.io.structure.check_functions` counts
 what the calls expand to and refuses recursive functions and expansions beyond its bounds.
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import onnx
 import onnx.inliner
 
+from lrdeploy.io.structure import check_functions
 from lrdeploy.passes.result import PassResult
-from lrdeploy.structure import check_functions
 
 __all__ = ["inline_layer_functions"]
 
@@ -57,7 +57,7 @@ class _CallSites:
     """Names for the nodes calls expand to, in the inliner's order: call-site paths.
 
     Generated one at a time under a growing prefix, so naming costs what the names are (at most
-    `lrdeploy.structure.MAX_EXPANDED_BYTES`), not that times the nesting depth.
+    `lrdeploy.io.structure.MAX_EXPANDED_BYTES`), not that times the nesting depth.
     """
 
     def __init__(self, local: dict, selected: set[FunctionKey]) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from lrdeploy.constfold import evaluate_node
+from lrdeploy.io.constfold import evaluate_node
 from lrdeploy.passes.names import NameRegistry
 from lrdeploy.passes.result import PassResult
 from lrdeploy.passes.values import read_values

@@ -1,4 +1,4 @@
-"""Every layer accounted for (lrdeploy/plan.py rows, lrdeploy/costs.py, lrdeploy/report.py): every node that
+"""Every layer accounted for (planning/plan.py rows, planning/costs.py, report.py): every node that
 holds a weight or costs MACs has a row, and the rows add up to the model's totals."""
 
 from __future__ import annotations

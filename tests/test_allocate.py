@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lrdeploy.allocate import (
+from lrdeploy.planning.allocate import (
     BudgetUnreachable,
     Candidate,
     LayerShape,

@@ -11,9 +11,9 @@ import pytest
 from onnx import helper
 
 import lrdeploy
-from lrdeploy.bench import BenchConfig, BenchResult, Timing, benchmark
-from lrdeploy.cli import main
+from lrdeploy.cli.app import main
 from lrdeploy.errors import UsageError
+from lrdeploy.runtime.bench import BenchConfig, BenchResult, Timing, benchmark
 from models import graph_model, weight
 
 

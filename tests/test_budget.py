@@ -8,8 +8,8 @@ import pytest
 from onnx import helper
 
 import lrdeploy
-from lrdeploy.budget import candidate_ranks
 from lrdeploy.errors import UsageError
+from lrdeploy.planning.budget import candidate_ranks
 from models import check_model, graph_model, rel_error, run
 
 

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from lrdeploy import calibrate
-from lrdeploy.calibrate import SecondMoment, collect_moments, conv_rows
 from lrdeploy.errors import UsageError
+from lrdeploy.planning import calibrate
+from lrdeploy.planning.calibrate import SecondMoment, collect_moments, conv_rows
 from models import graph_model, run
 
 

@@ -1,4 +1,4 @@
-"""The command line (lrdeploy/cli.py), run in-process through ``main`` and once as a real process:
+"""The command line (lrdeploy/cli/app.py), run in-process through ``main`` and once as a real process:
 one-line errors with exit code 2 for usage errors, no traceback, the input untouched."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from lrdeploy.cli import main
+from lrdeploy.cli.app import main
 from models import check_model, graph_model, parse, weight
 
 
@@ -251,7 +251,7 @@ def test_default_output_path_and_no_verify(capsys, model_path):
 
 
 def test_inspect_prints_a_table(capsys, model_path, tmp_path, monkeypatch):
-    from lrdeploy import cli
+    from lrdeploy.cli import app as cli
 
     monkeypatch.setattr(cli.console, "width", 160)
     profile = tmp_path / "profile.json"
@@ -285,7 +285,7 @@ def test_subprocess_prints_one_line_and_no_traceback(tmp_path):
     """The installed entry point, as a shell runs it."""
     path = tmp_path / "text.onnx"
     path.write_text("hello\n")
-    code = "from lrdeploy.cli import run; run()"
+    code = "from lrdeploy.cli.app import run; run()"
     for argv, expected in (
         (["compress", str(path), "--rank-ratio", "0.5"], "is not an ONNX model"),
         (["compress", str(tmp_path / "missing.onnx"), "--rank-ratio", "0.5"], "no such file"),
@@ -324,10 +324,10 @@ def test_version(capsys):
 
 
 def test_plot_without_matplotlib_fails_before_any_work(capsys, tmp_path, model_path, monkeypatch):
-    import lrdeploy.bench
+    import lrdeploy.runtime.bench
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    monkeypatch.setattr(lrdeploy.bench, "benchmark", lambda *a, **k: pytest.fail("benchmarked first"))
+    monkeypatch.setattr(lrdeploy.runtime.bench, "benchmark", lambda *a, **k: pytest.fail("benchmarked first"))
     before = _snapshot(tmp_path)
     line = _error(capsys, ["bench", str(model_path), "--plot", str(tmp_path / "p.png")])
     assert "--plot needs matplotlib: pip install 'lrdeploy[plot]'" in line

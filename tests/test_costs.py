@@ -1,4 +1,4 @@
-"""Parameter and MAC counting (lrdeploy/costs.py)."""
+"""Parameter and MAC counting (lrdeploy/planning/costs.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from lrdeploy.costs import count_macs, count_params, infer_shapes, skeleton
 from lrdeploy.passes.names import name_nodes
+from lrdeploy.planning.costs import count_macs, count_params, infer_shapes, skeleton
 from models import feeds_for, graph_model, parse, run, weight
 
 

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper
 
-from lrdeploy.datasets import ImageOptions, load_dataset, mnist_path
 from lrdeploy.errors import UsageError
-from lrdeploy.inputs import random_feeds
-from lrdeploy.verification import VerifyConfig, _batch_size
+from lrdeploy.runtime.datasets import ImageOptions, load_dataset, mnist_path
+from lrdeploy.runtime.inputs import random_feeds
+from lrdeploy.runtime.verification import VerifyConfig, _batch_size
 from models import graph_model, weight
 
 
@@ -399,7 +399,7 @@ def test_limit_reads_only_the_first_rows_and_says_so(tmp_path):
 
 
 def test_limit_on_an_image_folder_decodes_only_that_many(tmp_path, monkeypatch):
-    from lrdeploy import images
+    from lrdeploy.runtime import images
 
     for label in ("a", "b"):
         _image_folder(tmp_path / label, count=25)
@@ -412,7 +412,7 @@ def test_limit_on_an_image_folder_decodes_only_that_many(tmp_path, monkeypatch):
 
 
 def test_data_over_the_memory_budget_names_limit(tmp_path, monkeypatch):
-    from lrdeploy import datafiles
+    from lrdeploy.runtime import datafiles
 
     monkeypatch.setattr(datafiles, "MAX_DATA_BYTES", 10 * 4 * 4)  # ten samples of 4 float32
     np.save(tmp_path / "d.npy", np.zeros((40, 4), np.float32))
@@ -462,7 +462,7 @@ BIG_NPZ_SCRIPT = """
 import resource, sys, time
 import numpy as np
 from onnx import TensorProto, helper
-from lrdeploy.datasets import load_dataset
+from lrdeploy.runtime.datasets import load_dataset
 
 graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
     [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
@@ -548,7 +548,7 @@ def test_an_unused_5_gib_array_in_a_small_npz_is_never_read(tmp_path, monkeypatc
     target=st.sampled_from([np.uint8, np.int8, np.int32, np.bool_, np.float32, np.float16]),
 )
 def test_a_cast_is_accepted_exactly_when_every_value_survives(array, target):
-    from lrdeploy.datasets import _loss
+    from lrdeploy.runtime.datasets import _loss
 
     dtype = np.dtype(target)
     cast, lost = _loss(array, dtype)

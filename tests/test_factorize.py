@@ -1,4 +1,4 @@
-"""The low-rank rewrite (passes/factorize.py, passes/lowrank_ops.py) and the planner (lrdeploy/plan.py).
+"""The low-rank rewrite (passes/factorize.py, passes/lowrank_ops.py) and the planner (planning/plan.py).
 
 Full-rank equivalence forces the factorized pair at full rank through the lower-level pieces: the planner
 itself (rightly) refuses a rank that saves no parameters.
@@ -17,11 +17,11 @@ from onnx import helper, numpy_helper
 
 import lrdeploy
 from lrdeploy.errors import UsageError
-from lrdeploy.graphio import from_graph
+from lrdeploy.io.graphio import from_graph
 from lrdeploy.passes import ADAPTERS, PassResult, Rewrite, factorize
 from lrdeploy.pipeline import prepare_graph
-from lrdeploy.plan import find_groups
-from lrdeploy.spectrum import Spectrum
+from lrdeploy.planning.plan import find_groups
+from lrdeploy.planning.spectrum import Spectrum
 from models import assert_close, check_model, feeds_for, graph_model, rel_error, run, weight
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 import lrdeploy
-from lrdeploy.graphio import from_graph
+from lrdeploy.io.graphio import from_graph
 from lrdeploy.passes import PassResult
 from lrdeploy.pipeline import prepare_graph
 from models import assert_close, check_model, feeds_for, graph_model, run, weight

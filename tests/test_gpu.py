@@ -9,7 +9,7 @@ from onnx import helper
 
 import lrdeploy
 from lrdeploy.errors import DeviceUnavailable
-from lrdeploy.runtime import CUDA, probe_provider, select_device
+from lrdeploy.runtime.sessions import CUDA, probe_provider, select_device
 from models import graph_model, weight
 
 cuda_reason = probe_provider(CUDA)
@@ -54,7 +54,7 @@ def test_compress_verifies_on_cuda_with_tf32_off():
 
 @needs_cuda
 def test_bench_on_cuda_uses_device_buffers(tmp_path):
-    from lrdeploy.bench import BenchConfig, benchmark
+    from lrdeploy.runtime.bench import BenchConfig, benchmark
 
     path = tmp_path / "m.onnx"
     onnx.save(_conv_model(), path)
@@ -64,7 +64,7 @@ def test_bench_on_cuda_uses_device_buffers(tmp_path):
 
 @needs_cuda
 def test_bench_with_cuda_graph_replays(tmp_path):
-    from lrdeploy.bench import BenchConfig, benchmark
+    from lrdeploy.runtime.bench import BenchConfig, benchmark
 
     path = tmp_path / "m.onnx"
     onnx.save(_conv_model(), path)
@@ -74,8 +74,8 @@ def test_bench_with_cuda_graph_replays(tmp_path):
 
 
 def test_cuda_graph_needs_cuda(tmp_path):
-    from lrdeploy.bench import BenchConfig, benchmark
     from lrdeploy.errors import UsageError
+    from lrdeploy.runtime.bench import BenchConfig, benchmark
 
     if cuda_reason is None:
         pytest.skip("CUDA works here")
@@ -87,7 +87,7 @@ def test_cuda_graph_needs_cuda(tmp_path):
 
 def test_fallback_message_becomes_a_one_line_reason():
     """onnxruntime prints 'EP Error ...' on stdout when a provider fails; seen on an H100 without TensorRT."""
-    from lrdeploy.runtime import _fallback_reason
+    from lrdeploy.runtime.sessions import _fallback_reason
 
     printed = (
         "*************** EP Error ***************\n"

@@ -20,14 +20,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lrdeploy.cli import main
-from lrdeploy.constfold import FOLDABLE, evaluate_node
+from lrdeploy.cli.app import main
 from lrdeploy.errors import ModelError
-from lrdeploy.inputs import MAX_RANDOM_BYTES
+from lrdeploy.io.constfold import FOLDABLE, evaluate_node
+from lrdeploy.io.resultsize import SIZED_OPS, result_elements
+from lrdeploy.io.structure import MAX_CALL_DEPTH, MAX_EXPANDED_BYTES, check_structure
 from lrdeploy.passes.names import NameRegistry, name_nodes
 from lrdeploy.passes.normalize import WEIGHT_PATH_OPS
-from lrdeploy.resultsize import SIZED_OPS, result_elements
-from lrdeploy.structure import MAX_CALL_DEPTH, MAX_EXPANDED_BYTES, check_structure
+from lrdeploy.runtime.inputs import MAX_RANDOM_BYTES
 from models import check_model
 
 FLOAT = TensorProto.FLOAT
@@ -41,7 +41,7 @@ SECONDS = 60
 _CHILD = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
-from lrdeploy.cli import main
+from lrdeploy.cli.app import main
 code = main(sys.argv[2:])
 # VmHWM, not ru_maxrss: that one keeps the high-water mark of the forked test process across exec
 peak = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))

@@ -1,7 +1,7 @@
 """Hostile models (issue 14): each is refused when loaded, with exit 2 and one line, by ``compress
 --no-verify``, ``inspect`` and ``verify``; no output is left behind, every input file stays byte-identical,
 and the refusal is fast. Each model is a few KB, built here with onnx.helper and, for repeated protobuf
-fields, raw wire bytes (lrdeploy.lazyweights, lrdeploy.extdata, lrdeploy.tensorcheck, lrdeploy.wire)."""
+fields, raw wire bytes (lrdeploy.io: lazyweights, extdata, tensorcheck, wire)."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from lrdeploy.cli import main
+from lrdeploy.cli.app import main
 from lrdeploy.errors import ModelError
-from lrdeploy.lazyweights import load_lazily
-from lrdeploy.modelio import load_model
+from lrdeploy.io.lazyweights import load_lazily
+from lrdeploy.io.modelio import load_model
 from models import IR_VERSION, run
 
 N = 64  # W is N×N float32: 16 KB, above the lazy loader's inline limit, so it is left in the file
@@ -382,7 +382,7 @@ def test_memory_stays_bounded_on_a_dims_bomb(tmp_path):
         f"""
         import resource, sys
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-        from lrdeploy.cli import main
+        from lrdeploy.cli.app import main
         sys.exit(main(["inspect", {str(path)!r}]))
         """
     )
@@ -552,7 +552,7 @@ def test_fuzzed_external_entries_load_what_onnxruntime_reads_or_are_refused(
     path.write_bytes(_fuzz_model(folder, location, offset, length, dims, extra))
     try:
         loaded, _ = load_model(path)
-        from lrdeploy.lazyweights import read_tensor
+        from lrdeploy.io.lazyweights import read_tensor
 
         ours = read_tensor(loaded.graph.initializer[0])
     except ModelError as error:

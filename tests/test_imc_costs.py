@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from onnx import helper
 
 import lrdeploy
-from lrdeploy.allocate import LayerShape, allocate, candidates
 from lrdeploy.errors import UsageError
 from lrdeploy.imc import map_model
 from lrdeploy.imc.costs import ConvLayerShape, ImcArraysCost, ImcCyclesCost
+from lrdeploy.planning.allocate import LayerShape, allocate, candidates
 from models import graph_model, weight
 
 

@@ -14,7 +14,7 @@ from onnx import helper
 from rich.console import Console
 
 import lrdeploy
-from lrdeploy import cli
+from lrdeploy.cli import app as cli
 from lrdeploy.errors import UsageError
 from lrdeploy.imc import map_model
 from models import graph_model, parse, weight

@@ -13,7 +13,7 @@ import pytest
 from onnx import helper, numpy_helper
 from rich.console import Console
 
-from lrdeploy import cli
+from lrdeploy.cli import app as cli
 from lrdeploy.errors import UsageError
 from lrdeploy.imc.analog import NoiseSettings, analog_layers, analog_model, tile_bounds
 from lrdeploy.imc.simulate import _calibrate, _calibrate_adc, _Runner, simulate

@@ -1,4 +1,4 @@
-"""Input shapes with symbolic dims, and the seeded random feeds (lrdeploy/inputs.py, config parsing)."""
+"""Input shapes with symbolic dims, and the seeded random feeds (runtime/inputs.py, config parsing)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from onnx import helper
 
 from lrdeploy.config import parse_input_shapes
 from lrdeploy.errors import UsageError
-from lrdeploy.inputs import model_inputs, random_feeds, resolve_shapes
+from lrdeploy.runtime.inputs import model_inputs, random_feeds, resolve_shapes
 from models import graph_model, parse
 
 

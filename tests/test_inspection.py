@@ -101,7 +101,7 @@ def test_macs_per_layer_at_the_given_input_shape(rng, tmp_path, capsys, monkeypa
     }
     assert data["input_shapes"] == {"x": [2, 5, 8], "img": [1, 16, 3, 3]}
 
-    from lrdeploy.cli import main
+    from lrdeploy.cli.app import main
 
     path = tmp_path / "net.onnx"
     onnx.save(model, path)

@@ -1,4 +1,4 @@
-"""Lazy loading (lrdeploy/lazyweights.py): large payloads stay in the file, read back byte-exact."""
+"""Lazy loading (lrdeploy/io/lazyweights.py): large payloads stay in the file, read back byte-exact."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from lrdeploy.errors import ModelError
-from lrdeploy.lazyweights import INLINE_BYTES, is_file_backed, load_lazily, read_raw, read_tensor
-from lrdeploy.modelio import load_model, materialize
+from lrdeploy.io.lazyweights import INLINE_BYTES, is_file_backed, load_lazily, read_raw, read_tensor
+from lrdeploy.io.modelio import load_model, materialize
 from models import IR_VERSION
 
 DTYPES = [

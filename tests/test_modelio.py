@@ -1,4 +1,4 @@
-"""Loading with checks, atomic saving, external data, IR versions onnxruntime reads (lrdeploy/modelio.py)."""
+"""Loading with checks, atomic saving, external data, IR versions onnxruntime reads (io/modelio.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 import lrdeploy
-from lrdeploy import modelio
 from lrdeploy.errors import ModelError, RuntimeFailure, UsageError
-from lrdeploy.modelio import (
+from lrdeploy.io import modelio
+from lrdeploy.io.modelio import (
     choose_ir_version,
     default_output_path,
     load_model,

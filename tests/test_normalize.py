@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
 import lrdeploy
-from lrdeploy.graphio import from_graph, to_graph
+from lrdeploy.io.graphio import from_graph, to_graph
 from lrdeploy.passes import NameRegistry, PassResult, normalize
 from models import assert_close, assert_unique_names, check_model, feeds_for, graph_model, parse, run, weight
 

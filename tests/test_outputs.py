@@ -1,4 +1,4 @@
-"""Outputs (lrdeploy/outputs.py): staged beside their targets and promoted only when the run succeeds; a
+"""Outputs (lrdeploy/io/outputs.py): staged beside their targets and promoted only when the run succeeds; a
 model and its external data promoted together; none replaces a file the model reads; modes no wider than
 the input's."""
 
@@ -12,10 +12,10 @@ import pytest
 from test_cli import _error, _model, _snapshot
 
 import lrdeploy
-from lrdeploy import modelio
-from lrdeploy.cli import main
+from lrdeploy.cli.app import main
 from lrdeploy.errors import RuntimeFailure, UsageError
-from lrdeploy.outputs import OutputSet, output_mode
+from lrdeploy.io import modelio
+from lrdeploy.io.outputs import OutputSet, output_mode
 from models import check_model, feeds_for, run
 
 GATE_FAILS = ["--rank", "1", "--random-batches", "2", "--max-rel-l2", "1e-9"]

@@ -1,4 +1,4 @@
-"""Provenance (lrdeploy/provenance.py, lrdeploy/graphio.py): what produced a compressed model is in its
+"""Provenance (lrdeploy/io/provenance.py, lrdeploy/io/graphio.py): what produced a compressed model is in its
 metadata, next to the user's own entries, and a model compressed twice carries one set of our keys."""
 
 from __future__ import annotations

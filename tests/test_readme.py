@@ -6,7 +6,7 @@ import re
 import shlex
 from pathlib import Path
 
-from lrdeploy.cli import main
+from lrdeploy.cli.app import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

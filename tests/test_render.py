@@ -1,4 +1,4 @@
-"""What the commands print (lrdeploy/render.py, tables.py, text.py): model strings escaped, tables that fit
+"""What the commands print (cli/render.py, tables.py, text.py): model strings escaped, tables that fit
 80 and 200 columns in every format, long names cut in the middle and still told apart, noise summarized."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from onnx import helper
 from rich.cells import cell_len
 from rich.console import Console
 
-from lrdeploy import cli
-from lrdeploy.plan import LayerDecision
-from lrdeploy.render import format_shapes, render_report
+from lrdeploy.cli import app as cli
+from lrdeploy.cli.render import format_shapes, render_report
+from lrdeploy.planning.plan import LayerDecision
 from lrdeploy.report import LayerReport, Report
 from lrdeploy.text import printable, shorten, shorten_all
 from models import graph_model, weight

@@ -1,4 +1,4 @@
-"""Selecting layers (lrdeploy/selection.py): by node name, weight name and module scope; glob overrides;
+"""Selecting layers (planning/selection.py): by node name, weight name and module scope; glob overrides;
 clamped override ranks said in the reason."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from onnx import helper
 
 import lrdeploy
 from lrdeploy.errors import UsageError
-from lrdeploy.selection import layer_labels, module_scopes
+from lrdeploy.planning.selection import layer_labels, module_scopes
 from models import graph_model, weight
 
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 import lrdeploy
-from lrdeploy.sensitivity import grid
+from lrdeploy.planning.sensitivity import grid
 from models import graph_model, run
 
 

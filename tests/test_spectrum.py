@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lrdeploy.policy import Energy, FixedRank, RankRatio, round_half_up
-from lrdeploy.spectrum import Spectrum
+from lrdeploy.planning.policy import Energy, FixedRank, RankRatio, round_half_up
+from lrdeploy.planning.spectrum import Spectrum
 
 
 def _matrix(seed: int, m: int, n: int, rank: int | None = None) -> np.ndarray:
@@ -128,7 +128,7 @@ def test_release_drops_the_basis():
         spectrum.factors(matrix, 2)
 
 
-# The policies map a spectrum to a rank (lrdeploy/policy.py).
+# The policies map a spectrum to a rank (lrdeploy/planning/policy.py).
 
 
 def test_rank_ratio_rounds_half_up():

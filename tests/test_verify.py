@@ -12,10 +12,10 @@ from onnx import helper, numpy_helper
 
 import lrdeploy
 from lrdeploy import verify
-from lrdeploy.cli import main
+from lrdeploy.cli.app import main
 from lrdeploy.errors import UsageError, VerificationFailed
-from lrdeploy.verification import RANDOM_BATCHES, VerifyConfig
-from lrdeploy.verify import Gates, OutputComparison, Verification, _Accumulator
+from lrdeploy.runtime.verification import RANDOM_BATCHES, VerifyConfig
+from lrdeploy.runtime.verify import Gates, OutputComparison, Verification, _Accumulator
 from models import graph_model, run, weight
 
 
@@ -462,7 +462,7 @@ graph = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
      helper.make_tensor_value_info("s", TensorProto.INT64, [1])],
     [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
 onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), sys.argv[1])
-from lrdeploy.cli import main
+from lrdeploy.cli.app import main
 sys.exit(main(["verify", sys.argv[1], sys.argv[1]]))
 """
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lrdeploy.spectrum import Spectrum
-from lrdeploy.whiten import WhitenedSpectrum, choose_factors, component_errors, holdout_error
+from lrdeploy.planning.spectrum import Spectrum
+from lrdeploy.planning.whiten import WhitenedSpectrum, choose_factors, component_errors, holdout_error
 
 
 def _case(seed: int, m: int, n: int, rows: int) -> tuple[np.ndarray, np.ndarray]:

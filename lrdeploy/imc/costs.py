@@ -1,4 +1,4 @@
-"""Crossbar costs for the rank allocator (`lrdeploy.allocate.CostModel`): arrays and computing cycles.
+"""Crossbar costs for the rank allocator (`planning.allocate.CostModel`): arrays and computing cycles.
 
 A layer y = W x with W m×n is an n-row × m-column crossbar matrix (rows are inputs). At rank r the pair
 is two matrices, n×r then r×m (for a Conv: the k×k conv at r outputs, then a 1×1 conv), so
@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lrdeploy.allocate import LayerShape
 from lrdeploy.errors import UsageError
 from lrdeploy.imc.mapping import MAPPINGS, ArraySize, Geometry, arrays_needed, cycles, parse_array
+from lrdeploy.planning.allocate import LayerShape
 
 __all__ = ["ConvLayerShape", "ImcArraysCost", "ImcCyclesCost", "factor_geometries"]
 

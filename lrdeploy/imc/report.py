@@ -3,7 +3,7 @@
 Mapped: Conv (1-D/2-D get parallel windows; 3-D and up im2col only), Gemm, and MatMul whose second
 input is a constant 2-D matrix. A factorized pair from ``lrdeploy compress`` is two such nodes, so each
 factor is mapped on its own. Shapes come from onnx shape inference at the given (or guessed) input
-shapes (`lrdeploy.costs.infer_shapes`); weights are never read, only their dims.
+shapes (`lrdeploy.planning.costs.infer_shapes`); weights are never read, only their dims.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from lrdeploy import costs
 from lrdeploy.errors import UsageError
 from lrdeploy.imc.mapping import MAPPINGS, ArraySize, Geometry, arrays_needed, parse_array, window
-from lrdeploy.inputs import resolve_shapes
-from lrdeploy.modelio import load_model
+from lrdeploy.io.modelio import load_model
 from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
 from lrdeploy.passes.upgrade import upgrade_opset
+from lrdeploy.planning import costs
 from lrdeploy.report import strict_json
+from lrdeploy.runtime.inputs import resolve_shapes
 
 __all__ = [
     "SCHEMA_VERSION",

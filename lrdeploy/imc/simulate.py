@@ -20,16 +20,16 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lrdeploy.datasets import ImageOptions, as_data_source, load_dataset, random_batches
 from lrdeploy.errors import UsageError
 from lrdeploy.imc.analog import NoiseSettings, analog_layers, analog_model, partial_sums
 from lrdeploy.imc.mapping import ArraySize, parse_array
-from lrdeploy.inputs import model_inputs, resolve_shapes
-from lrdeploy.modelio import load_model, materialize
+from lrdeploy.io.modelio import load_model, materialize
 from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
 from lrdeploy.passes.upgrade import upgrade_opset
-from lrdeploy.runtime import make_session, select_device
+from lrdeploy.runtime.datasets import ImageOptions, as_data_source, load_dataset, random_batches
+from lrdeploy.runtime.inputs import model_inputs, resolve_shapes
+from lrdeploy.runtime.sessions import make_session, select_device
 
 __all__ = ["NoiseSettings", "image_options", "simulate", "simulate_models"]
 
@@ -40,7 +40,7 @@ RANDOM_BATCHES = 4
 
 
 def image_options(scale: float, mean: str, std: str) -> ImageOptions:
-    from lrdeploy.cli_options import parse_floats
+    from lrdeploy.cli.options import parse_floats
 
     return ImageOptions(None, None, scale, parse_floats(mean, "--mean"), parse_floats(std, "--std"))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from lrdeploy.cli import main as cli_main
+from lrdeploy.cli.app import main as cli_main
 
 __all__ = ["main"]
 

@@ -153,7 +153,7 @@ def export_onnx(
 
 def onnx_logits(model: str | os.PathLike | bytes, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """The model's outputs on ``x`` with onnxruntime (CPU)."""
-    from lrdeploy.runtime import require_onnxruntime
+    from lrdeploy.runtime.sessions import require_onnxruntime
 
     ort = require_onnxruntime()
     source = model if isinstance(model, bytes) else str(model)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lrdeploy.errors import RuntimeFailure, UsageError
-from lrdeploy.modelio import check_output_target
+from lrdeploy.io.modelio import check_output_target
 
 __all__ = [
     "card_paths",

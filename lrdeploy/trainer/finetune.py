@@ -32,16 +32,16 @@ from torch.nn import functional as F
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
 from lrdeploy.errors import RuntimeFailure, UsageError, VerificationFailed
-from lrdeploy.modelio import files_read, load_model, materialize, save_model
-from lrdeploy.outputs import OutputSet
-from lrdeploy.provenance import source_sha256
+from lrdeploy.io.modelio import files_read, load_model, materialize, save_model
+from lrdeploy.io.outputs import OutputSet
+from lrdeploy.io.provenance import source_sha256
+from lrdeploy.runtime.verification import VerifyConfig, run_verification, runtime_source
+from lrdeploy.runtime.verify import Verification
 from lrdeploy.trainer.data import Dataset, load_dataset
 from lrdeploy.trainer.distributed import DEVICES, Context, all_reduce, cosine_sgd, setup, teardown
 from lrdeploy.trainer.files import checkpoint_target, load_checkpoint, write_atomic
 from lrdeploy.trainer.progress import Reporter, SilentReporter
 from lrdeploy.trainer.student import Student, build_student
-from lrdeploy.verification import VerifyConfig, run_verification, runtime_source
-from lrdeploy.verify import Verification
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "default_output", "finetune"]
 
@@ -126,7 +126,7 @@ class FinetuneResult:
 
 
 def _session(model: onnx.ModelProto, path: Path | None, device: str, label: str):
-    from lrdeploy.runtime import make_session, select_device
+    from lrdeploy.runtime.sessions import make_session, select_device
 
     with runtime_source(model, path) as source:
         return make_session(source, select_device("cpu" if device == "cpu" else "auto"), label=label)
@@ -476,7 +476,7 @@ def _verify(
 ) -> Verification:
     """The output against the teacher on onnxruntime: on the held-out split unless other data is given
     (it says more than random inputs about a model trained to agree on images)."""
-    from lrdeploy.inputs import resolve_shapes
+    from lrdeploy.runtime.inputs import resolve_shapes
 
     random = config.data is None or config.data == "random"
     if random:

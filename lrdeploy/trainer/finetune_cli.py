@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from lrdeploy.cli_options import MaxRelL2, MinCosine, MinTop1, ModelArg
+from lrdeploy.cli.options import MaxRelL2, MinCosine, MinTop1, ModelArg
 
 __all__ = ["finetune"]
 
@@ -63,12 +63,12 @@ def finetune(
     except ImportError as error:
         raise UsageError("lrdeploy finetune needs PyTorch: pip install 'lrdeploy[train]'") from error
 
+    from lrdeploy.runtime.verification import VerifyConfig
+    from lrdeploy.runtime.verify import Gates
     from lrdeploy.trainer.files import default_checkpoint
     from lrdeploy.trainer.finetune import FinetuneConfig, default_output
     from lrdeploy.trainer.finetune import finetune as run
     from lrdeploy.trainer.progress import RichReporter, SilentReporter
-    from lrdeploy.verification import VerifyConfig
-    from lrdeploy.verify import Gates
 
     gates = Gates(max_rel_l2=max_rel_l2, min_cosine=min_cosine, min_top1=min_top1)
     config = FinetuneConfig(

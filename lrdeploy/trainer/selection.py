@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from lrdeploy.errors import UsageError
-from lrdeploy.policy import round_half_up
+from lrdeploy.planning.policy import round_half_up
 
 __all__ = [
     "candidates",

@@ -23,10 +23,10 @@ from reporters import Interrupt
 
 import lrdeploy
 from lrdeploy.errors import UsageError, VerificationFailed
+from lrdeploy.runtime.verification import VerifyConfig
+from lrdeploy.runtime.verify import Gates
 from lrdeploy.trainer.finetune import FinetuneConfig, finetune
 from lrdeploy.trainer.student import build_student
-from lrdeploy.verification import VerifyConfig
-from lrdeploy.verify import Gates
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -257,7 +257,7 @@ def test_images_of_another_shape_are_refused(setup) -> None:
 
 
 def test_the_cli_module_imports_without_torch() -> None:
-    code = "import sys, lrdeploy.cli; assert not {'torch', 'onnx2torch'} & set(sys.modules), 'torch imported'"
+    code = "import sys, lrdeploy.cli.app\nassert not {'torch', 'onnx2torch'} & set(sys.modules), 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -271,7 +271,7 @@ def test_the_cli_module_imports_without_torch() -> None:
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code_2(setup, capsys, flags: list[str], message: str) -> None:
-    from lrdeploy.cli import main
+    from lrdeploy.cli.app import main
 
     root = setup["root"]
     argv = [f.format(root=root, compressed=setup["compressed"]) for f in flags]

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from lrdeploy.errors import UsageError  # noqa: E402
-from lrdeploy.policy import round_half_up  # noqa: E402
+from lrdeploy.planning.policy import round_half_up  # noqa: E402
 from lrdeploy.trainer.archs import InputSpec, build  # noqa: E402
 from lrdeploy.trainer.lrpet import (  # noqa: E402
     BN_DAMPING,

@@ -1,6 +1,6 @@
 """Reading models safely and writing them atomically.
 
-The input is never written: a path is read lazily (`lrdeploy.lazyweights`), a ModelProto is copied.
+The input is never written: a path is read lazily (`lrdeploy.io.lazyweights`), a ModelProto is copied.
 Output goes to a temporary file in the target directory and is renamed into place, so an interrupted
 run leaves either the old file or the new one. Models over 2 GB (the protobuf limit) are written with
 their weights in ``<output>.data`` beside them.
@@ -17,9 +17,9 @@ import onnx
 from onnx import TensorProto, external_data_helper, helper
 
 from lrdeploy.errors import ModelError, RuntimeFailure, UsageError
-from lrdeploy.lazyweights import is_file_backed, load_lazily, read_raw
-from lrdeploy.structure import check_structure
-from lrdeploy.tensorcheck import check_tensors, check_text, shown
+from lrdeploy.io.lazyweights import is_file_backed, load_lazily, read_raw
+from lrdeploy.io.structure import check_structure
+from lrdeploy.io.tensorcheck import check_tensors, check_text, shown
 
 __all__ = [
     "MIN_OPSET",
@@ -70,8 +70,8 @@ def _check_loadable(model: onnx.ModelProto, label: str) -> None:
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, Path | None]:
     """Return a private, lazily loaded copy of the model and the path it came from (None for a proto).
 
-    Every tensor is checked (`lrdeploy.tensorcheck`) and every external-data location resolved inside
-    the model's folder (`lrdeploy.extdata`) here, before anything reads a weight.
+    Every tensor is checked (`lrdeploy.io.tensorcheck`) and every external-data location resolved inside
+    the model's folder (`lrdeploy.io.extdata`) here, before anything reads a weight.
     """
     if isinstance(source, onnx.ModelProto):
         check_text(source)

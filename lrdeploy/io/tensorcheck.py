@@ -1,6 +1,6 @@
 """Every tensor of a model holds exactly one payload, of the size its dims say.
 
-lrdeploy reads weights its own way (`lrdeploy.lazyweights`) while verification runs the file on
+lrdeploy reads weights its own way (`lrdeploy.io.lazyweights`) while verification runs the file on
 onnxruntime. Where two readers could take different bytes (inline data *and* an external location, two
 data fields), the weights compressed would not be the weights verified, so such tensors are refused, as
 onnx's checker does. A payload must be exactly ``prod(dims)`` elements: counted with Python integers,

@@ -8,8 +8,8 @@ no candidate covers (BatchNorm, activations, depthwise convs, biases) is a fixed
 Errors are normalized so that layers compare: the squared relative output error of the layer on the
 calibration rows (whitened factors' when whitening, else plain SVD's), 1 − energy kept (the squared
 relative weight error) without calibration, or the model's output error measured with that layer alone
-compressed (`lrdeploy.sensitivity`), interpolated between the measured ranks. Costs come from a
-`lrdeploy.allocate.CostModel`: parameters, or MACs with each layer's positions from ``costs.count_macs``.
+compressed (`sensitivity`), interpolated between the measured ranks. Costs come from a
+`allocate.CostModel`: parameters, or MACs with each layer's positions from ``costs.count_macs``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from lrdeploy.allocate import (
+from lrdeploy.config import CompressConfig
+from lrdeploy.errors import UsageError
+from lrdeploy.passes.factorize import Rewrite
+from lrdeploy.planning.allocate import (
     BudgetUnreachable,
     Candidate,
     CostModel,
@@ -31,14 +34,11 @@ from lrdeploy.allocate import (
     allocate,
     candidates,
 )
-from lrdeploy.calibration import Calibration
-from lrdeploy.config import CompressConfig
-from lrdeploy.errors import UsageError
-from lrdeploy.passes.factorize import Rewrite
-from lrdeploy.plan import Analysis, LayerDecision, WeightGroup, analyze_groups, finish_groups, saves
-from lrdeploy.sensitivity import grid, measure
+from lrdeploy.planning.calibration import Calibration
+from lrdeploy.planning.plan import Analysis, LayerDecision, WeightGroup, analyze_groups, finish_groups, saves
+from lrdeploy.planning.sensitivity import grid, measure
+from lrdeploy.planning.whiten import component_errors
 from lrdeploy.spelling import either, option
-from lrdeploy.whiten import component_errors
 
 __all__ = [
     "MAX_CANDIDATES",

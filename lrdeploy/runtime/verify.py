@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lrdeploy.errors import RuntimeFailure, UsageError, VerificationFailed
-from lrdeploy.runtime import Device, make_session
+from lrdeploy.runtime.sessions import Device, make_session
 from lrdeploy.spelling import either, option
 
 __all__ = ["Gates", "OutputComparison", "Verification", "compare_models"]

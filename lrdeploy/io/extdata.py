@@ -12,7 +12,7 @@ CVE-2022-25882 and CVE-2024-27318). Every location is resolved here, once, when 
 - ``offset`` and ``length`` are non-negative decimal integers, ``length`` (when given) is the size the
   tensor's dims need, and the bytes lie within the file.
 
-After loading, `lrdeploy.lazyweights` keeps the resolved absolute path in the tensor: that internal form
+After loading, `lrdeploy.io.lazyweights` keeps the resolved absolute path in the tensor: that internal form
 never comes from a model.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from onnx import TensorProto
 
 from lrdeploy.errors import ModelError
-from lrdeploy.tensorcheck import shown
+from lrdeploy.io.tensorcheck import shown
 
 __all__ = ["ExternalRef", "model_directory", "resolve_external", "resolve_location"]
 

@@ -142,7 +142,7 @@ MinTop1 = Annotated[
 
 
 def output_format(value: str | None, terminal: bool) -> str:
-    from lrdeploy.tables import FORMATS
+    from lrdeploy.cli.tables import FORMATS
 
     if value is None:
         return "table" if terminal else "plain"
@@ -196,9 +196,9 @@ def verify_config(
     min_cosine,
     min_top1,
 ):
-    from lrdeploy.datasets import ImageOptions
-    from lrdeploy.verification import VerifyConfig
-    from lrdeploy.verify import Gates
+    from lrdeploy.runtime.datasets import ImageOptions
+    from lrdeploy.runtime.verification import VerifyConfig
+    from lrdeploy.runtime.verify import Gates
 
     if data not in (None, "random", "mnist") and Path(data).is_dir():
         require_module("PIL", "--data with an image folder", "images", "Pillow")

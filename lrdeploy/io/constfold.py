@@ -8,7 +8,7 @@ node by node with onnx's reference evaluator and infer shapes again until nothin
 tensors are evaluated (shape arithmetic, not weights), on a copy used for counting only.
 
 The model is untrusted: `evaluate_node` sizes a node's outputs before evaluating it
-(`lrdeploy.resultsize`), and evaluates nothing whose result would exceed the caller's bound.
+(`lrdeploy.io.resultsize`), and evaluates nothing whose result would exceed the caller's bound.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lrdeploy.resultsize import result_elements
+from lrdeploy.io.resultsize import result_elements
 
 __all__ = ["evaluate_node", "fold_shape_arithmetic"]
 

@@ -1,10 +1,10 @@
 """The calibration step of ``compress``: read the samples, collect every layer's input statistics.
 
-Samples come from the sources verification reads (`lrdeploy.datasets`: .npz, .npy, image folders,
+Samples come from the sources verification reads (`lrdeploy.runtime.datasets`: .npz, .npy, image folders,
 arrays), with the same image options, except that ``mnist`` means the bundled *training* digits here:
 calibrating on the test digits would flatter every number measured on them. The model run is the
 BN-folded one, whose layers are the ones factorized. A share of the samples is held apart
-(`lrdeploy.calibrate`); the first of them are kept for `lrdeploy.sensitivity`.
+(`lrdeploy.planning.calibrate`); the first of them are kept for `lrdeploy.planning.sensitivity`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from lrdeploy.calibrate import MAX_COST, LayerMoments, collect_moments
-from lrdeploy.datasets import Dataset, ImageOptions, InMemoryData, load_dataset
 from lrdeploy.errors import UsageError
+from lrdeploy.planning.calibrate import MAX_COST, LayerMoments, collect_moments
+from lrdeploy.runtime.datasets import Dataset, ImageOptions, InMemoryData, load_dataset
 from lrdeploy.spelling import option
 
 __all__ = ["PROBE_SAMPLES", "Calibration", "calibrate", "calibration_dataset", "holdout_every"]
@@ -62,9 +62,9 @@ def calibration_dataset(
     if source != "mnist":
         return load_dataset(source, model, image, limit)
     # datasets reads the bundled test split for "mnist"; the same reading on the training split:
-    from lrdeploy.datasets import _from_pixels, _single
-    from lrdeploy.images import read_mnist
-    from lrdeploy.inputs import model_inputs
+    from lrdeploy.runtime.datasets import _from_pixels, _single
+    from lrdeploy.runtime.images import read_mnist
+    from lrdeploy.runtime.inputs import model_inputs
 
     spec = _single(model_inputs(model), "mnist")
     return _from_pixels(read_mnist(spec, image, limit, split="train"), spec, "mnist", image)

@@ -2,16 +2,16 @@
 
 `onnx.load` holds the file's bytes and the parsed message at once (2× the model in memory), and protobuf
 frees a parsed message only as a whole. Instead we scan the protobuf wire format of the file
-(`lrdeploy.wire`), parse a copy without the large ``raw_data`` payloads of the initializers, and mark each
+(`lrdeploy.io.wire`), parse a copy without the large ``raw_data`` payloads of the initializers, and mark each
 stripped tensor as external data that points at its byte range in the source file (absolute path, offset,
-length). A pass that needs a weight reads exactly that range (`read_tensor`); `lrdeploy.modelio.save_model`
+length). A pass that needs a weight reads exactly that range (`read_tensor`); `lrdeploy.io.modelio.save_model`
 copies untouched ranges to the output. Memory stays near the size of what is computed, not of the model.
 
 The loader must read the bytes protobuf, and so onnxruntime, reads: verification runs the file on
 onnxruntime, so any other bytes would be weights compressed but never verified. Protobuf keeps the *last*
 of a repeated singular field, so an initializer that repeats one (two ``raw_data``) is refused, and so is
-every tensor that `lrdeploy.tensorcheck` finds ambiguous or inconsistent with its dims. Locations the model
-gives are resolved by `lrdeploy.extdata` first, before the loader adds its own absolute ones.
+every tensor that `lrdeploy.io.tensorcheck` finds ambiguous or inconsistent with its dims. Locations the model
+gives are resolved by `lrdeploy.io.extdata` first, before the loader adds its own absolute ones.
 
 ModelProto.graph is field 7, GraphProto.initializer field 5, TensorProto.raw_data field 9.
 """
@@ -28,9 +28,9 @@ import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from lrdeploy.errors import ModelError
-from lrdeploy.extdata import model_directory, resolve_external
-from lrdeploy.tensorcheck import check_tensors, check_text, shown
-from lrdeploy.wire import encode_varint, fields
+from lrdeploy.io.extdata import model_directory, resolve_external
+from lrdeploy.io.tensorcheck import check_tensors, check_text, shown
+from lrdeploy.io.wire import encode_varint, fields
 
 __all__ = ["is_file_backed", "load_lazily", "read_raw", "read_tensor"]
 

@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.exceptions import Abort, Exit, TyperException
 
-from lrdeploy.cli_options import (
+from lrdeploy.cli.options import (
     Allocate,
     Atol,
     BatchSize,
@@ -97,7 +97,7 @@ def _consoles(fmt: str) -> tuple[Console, Console]:
 @contextmanager
 def _outputs(targets: dict[str, Path | None], models: list[Path]) -> Iterator:
     """Check every output path before any work, stage what the command writes, remove what is left."""
-    from lrdeploy.outputs import OutputSet, input_files
+    from lrdeploy.io.outputs import OutputSet, input_files
 
     with OutputSet(input_files(models)) as outputs:
         for flag, path in targets.items():
@@ -172,7 +172,7 @@ def compress(
     data: Data = None,
     batch_size: BatchSize = 32,
     limit: Limit = None,
-    random_batches: RandomBatches = 8,  # lrdeploy.verification.RANDOM_BATCHES
+    random_batches: RandomBatches = 8,  # lrdeploy.runtime.verification.RANDOM_BATCHES
     seed: Seed = 0,
     resize: Resize = None,
     layout: Layout = None,
@@ -188,10 +188,10 @@ def compress(
 ) -> None:
     """Fold BN, factorize Conv/Gemm/MatMul by truncated SVD, verify, and report."""
     from lrdeploy.api import compress as compress_model
+    from lrdeploy.cli.render import render_report, render_verification
+    from lrdeploy.cli.tables import print_line
     from lrdeploy.config import CompressConfig, load_overrides, parse_input_shapes
-    from lrdeploy.modelio import default_output_path
-    from lrdeploy.render import render_report, render_verification
-    from lrdeploy.tables import print_line
+    from lrdeploy.io.modelio import default_output_path
 
     fmt = output_format(format_, console.is_terminal)
 
@@ -275,10 +275,10 @@ def inspect(
 ) -> None:
     """List factorizable layers, the singular-value energy profile of their weights and their MACs;
     with --calib, each layer's output error on the calibration data for plain SVD and whitened factors."""
+    from lrdeploy.cli.render import render_inspection
+    from lrdeploy.cli.tables import print_line
     from lrdeploy.config import parse_input_shapes
     from lrdeploy.inspection import inspect as inspect_model
-    from lrdeploy.render import render_inspection
-    from lrdeploy.tables import print_line
 
     fmt = output_format(format_, console.is_terminal)
     out, remarks = _consoles(fmt)
@@ -308,7 +308,7 @@ def verify_command(
     data: Data = None,
     batch_size: BatchSize = 32,
     limit: Limit = None,
-    random_batches: RandomBatches = 8,  # lrdeploy.verification.RANDOM_BATCHES
+    random_batches: RandomBatches = 8,  # lrdeploy.runtime.verification.RANDOM_BATCHES
     seed: Seed = 0,
     resize: Resize = None,
     layout: Layout = None,
@@ -323,11 +323,11 @@ def verify_command(
     format_: Format = None,
 ) -> None:
     """Compare two models' outputs on the same inputs; exit 3 when a gate fails."""
+    from lrdeploy.cli.render import render_verification_table
+    from lrdeploy.cli.tables import print_line
     from lrdeploy.config import parse_input_shapes
-    from lrdeploy.render import render_verification_table
     from lrdeploy.report import strict_json
-    from lrdeploy.tables import print_line
-    from lrdeploy.verification import verify
+    from lrdeploy.runtime.verification import verify
 
     fmt = output_format(format_, console.is_terminal)
     config = verify_config(
@@ -396,11 +396,11 @@ def bench(
     format_: Format = None,
 ) -> None:
     """Median latency of models side by side (interleaved), with speedup and efficiency."""
-    from lrdeploy.bench import BenchConfig, benchmark
+    from lrdeploy.cli.render import plot_bench, render_bench
+    from lrdeploy.cli.tables import print_line
     from lrdeploy.config import parse_input_shapes
-    from lrdeploy.render import plot_bench, render_bench
     from lrdeploy.report import strict_json
-    from lrdeploy.tables import print_line
+    from lrdeploy.runtime.bench import BenchConfig, benchmark
 
     fmt = output_format(format_, console.is_terminal)
     config = BenchConfig(
@@ -442,7 +442,7 @@ def env(
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Versions, execution providers and whether CUDA really starts: paste this into a bug report."""
-    from lrdeploy.envinfo import collect
+    from lrdeploy.runtime.envinfo import collect
 
     info = collect()
     if json_output:
@@ -488,11 +488,11 @@ def imc_command(
     format_: Format = None,
 ) -> None:
     """Crossbar arrays, utilization and cycles (im2col, SDK, VW-SDK) per layer; --simulate analog noise."""
+    from lrdeploy.cli.render_imc import plot_imc, render_imc
+    from lrdeploy.cli.tables import print_line
     from lrdeploy.config import parse_input_shapes
     from lrdeploy.imc import map_model, parse_array
     from lrdeploy.imc.report import parse_mappings
-    from lrdeploy.render_imc import plot_imc, render_imc
-    from lrdeploy.tables import print_line
 
     fmt = output_format(format_, console.is_terminal)
     if len(models) > 2:

@@ -3,7 +3,7 @@
 graphsurgeon rebuilds the model on export: it drops model metadata (``metadata_props``, where runtimes
 keep label maps and vocabularies), node doc strings and the exact input/output declarations. We put them
 back from the original. Weights that are still in their source file stay there (``FileValues``): the
-exported tensor keeps pointing at the file until `lrdeploy.modelio.save_model` copies the bytes.
+exported tensor keeps pointing at the file until `lrdeploy.io.modelio.save_model` copies the bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from lrdeploy.lazyweights import is_file_backed, read_tensor
+from lrdeploy.io.lazyweights import is_file_backed, read_tensor
 from lrdeploy.passes.values import materialize_deferred
 
 __all__ = ["from_graph", "set_metadata", "to_graph"]

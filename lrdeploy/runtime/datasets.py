@@ -1,23 +1,23 @@
 """Verification inputs: seeded random tensors, or real data fed in batches.
 
 Sources (``--data``):
-- ``random`` (default): seeded random tensors at the resolved input shapes (`lrdeploy.inputs`).
+- ``random`` (default): seeded random tensors at the resolved input shapes (`lrdeploy.runtime.inputs`).
 - ``FILE.npz``: one array per model input, keyed by input name (a single-input model also accepts one
   array under any key); an optional ``labels`` (or ``y``) array of class indices gives accuracy (whole-number
   floats are accepted).
 - ``FILE.npy``: the samples of a single-input model.
   Both are fed as saved (the image options are refused) and never unpickled: object arrays are refused.
   Only the arrays the model's inputs and the labels need are read, only their first ``limit`` rows
-  (`lrdeploy.datafiles`).
+  (`lrdeploy.runtime.datafiles`).
 - ``DIR/``: images (png/jpg/bmp/...), one sub-folder per class (labels from sorted folder names) or flat;
-  resized, laid out NCHW or NHWC, scaled and normalized as the options say (`lrdeploy.images`).
+  resized, laid out NCHW or NHWC, scaled and normalized as the options say (`lrdeploy.runtime.images`).
 - ``mnist``: the MNIST test split bundled with lrdeploy (2,000 digits), shaped to the model's input;
   28x28 unless ``--resize`` says otherwise.
 - From Python, arrays too: ``{"input name": array, "labels": array}`` or one array, fed as an .npz is.
 
 Real data is fed in batches along the first axis, which must be the model's batch dim. Data is cast to
 the input's type only when no value changes (pixels scaled by 1/255 fed to a uint8 input would all be 0):
-otherwise the error says what to pass. At most `lrdeploy.datafiles.MAX_DATA_BYTES` (2 GiB) are held;
+otherwise the error says what to pass. At most `lrdeploy.runtime.datafiles.MAX_DATA_BYTES` (2 GiB) are held;
 ``limit`` reads fewer.
 """
 
@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lrdeploy.datafiles import NumpyFile
 from lrdeploy.errors import UsageError
-from lrdeploy.images import ImageOptions, Pixels, counted, mnist_path, read_folder, read_mnist
-from lrdeploy.inputs import InputSpec, model_inputs, random_feeds
+from lrdeploy.runtime.datafiles import NumpyFile
+from lrdeploy.runtime.images import ImageOptions, Pixels, counted, mnist_path, read_folder, read_mnist
+from lrdeploy.runtime.inputs import InputSpec, model_inputs, random_feeds
 from lrdeploy.spelling import option
 
 __all__ = [

@@ -5,7 +5,7 @@ Machines are noisy, so models are timed side by side: after warm-up, each round 
 timed with onnxruntime's thread spinning off (an idle session's spinning workers would slow the others).
 On CUDA/TensorRT the inputs and outputs stay on the GPU (IO binding), so host↔device copies are not
 timed. "Efficiency" is the measured speedup over the first model divided by its MAC reduction (MACs from
-`lrdeploy.costs`, the same counter as the compression report): 1.0 means every saved multiply-accumulate
+`planning.costs`, the same counter as the compression report): 1.0 means every saved multiply-accumulate
 turned into time.
 """
 
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from onnx import helper
 
-from lrdeploy import costs
 from lrdeploy.errors import UsageError
-from lrdeploy.inputs import model_inputs, random_feeds, resolve_shapes
-from lrdeploy.modelio import load_model
-from lrdeploy.runtime import Device, make_session, select_device
+from lrdeploy.io.modelio import load_model
+from lrdeploy.planning import costs
+from lrdeploy.runtime.inputs import model_inputs, random_feeds, resolve_shapes
+from lrdeploy.runtime.sessions import Device, make_session, select_device
 from lrdeploy.spelling import either, option
 from lrdeploy.units import format_count
 

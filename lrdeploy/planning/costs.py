@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import onnx
 from onnx import TensorProto
 
-from lrdeploy.constfold import fold_shape_arithmetic
+from lrdeploy.io.constfold import fold_shape_arithmetic
 
 __all__ = ["count_macs", "count_params", "infer_shapes", "skeleton"]
 
@@ -125,7 +125,7 @@ def infer_shapes(
     """Tensor name → shape (None for unknown dims), with the given inputs fixed to concrete shapes.
 
     When every input has a concrete shape, shape arithmetic is folded between rounds of inference
-    (`lrdeploy.constfold`), which resolves the reshapes of attention blocks.
+    (`lrdeploy.io.constfold`), which resolves the reshapes of attention blocks.
     """
     skel = skeleton(model)
     fixed = 0

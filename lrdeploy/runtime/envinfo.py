@@ -62,7 +62,7 @@ def collect() -> dict[str, object]:
     except ImportError:
         info["onnxruntime"] = "not importable: pip install 'lrdeploy[cpu]' or 'lrdeploy[gpu]'"
         return info
-    from lrdeploy.runtime import CUDA, TENSORRT, probe_provider
+    from lrdeploy.runtime.sessions import CUDA, TENSORRT, probe_provider
 
     providers = onnxruntime.get_available_providers()
     info["onnxruntime_providers"] = providers

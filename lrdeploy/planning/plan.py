@@ -5,7 +5,7 @@ Planning reads weights but never edits the graph: it returns `Rewrite`s for `pas
 have no low-rank pair (`passes.dense_ops`), so that the rows account for the whole model. Nodes that
 read the same weight form one group: the group is factorized once (shared factors) when every reader is
 factorizable with the same storage layout, and left dense otherwise, so a shared initializer is never
-corrupted. Which groups are factorized, and at which rank, is `lrdeploy.selection`'s and the policy's call.
+corrupted. Which groups are factorized, and at which rank, is `selection`'s and the policy's call.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import onnx
 import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
-from lrdeploy.calibrate import LayerMoments
 from lrdeploy.config import CompressConfig
 from lrdeploy.passes.dense_ops import ACTIVATION_PRODUCT, activation_product, dense_row, runtime_tensors
 from lrdeploy.passes.factorize import Rewrite
 from lrdeploy.passes.lowrank_ops import ADAPTERS, WeightView, weight_view
-from lrdeploy.policy import FixedRank
-from lrdeploy.selection import layer_labels, select
-from lrdeploy.spectrum import Spectrum
-from lrdeploy.whiten import Factors, WhitenedSpectrum, choose_factors, holdout_error
+from lrdeploy.planning.calibrate import LayerMoments
+from lrdeploy.planning.policy import FixedRank
+from lrdeploy.planning.selection import layer_labels, select
+from lrdeploy.planning.spectrum import Spectrum
+from lrdeploy.planning.whiten import Factors, WhitenedSpectrum, choose_factors, holdout_error
 
 __all__ = [
     "Analysis",
@@ -86,7 +86,7 @@ class WeightGroup:
     """All nodes that read one constant weight, with the view of the first.
 
     ``primary`` is the first row that reads the weight (it carries the parameters); ``labels`` are what
-    --include/--exclude/--overrides match (`lrdeploy.selection`).
+    --include/--exclude/--overrides match (`lrdeploy.planning.selection`).
     """
 
     view: WeightView
@@ -208,7 +208,7 @@ class Analysis:
     spectrum: Spectrum | None = None
     whitened: WhitenedSpectrum | None = None
     moments: LayerMoments | None = None
-    curve: tuple[tuple[int, float], ...] = ()  # measured end to end (`lrdeploy.sensitivity`)
+    curve: tuple[tuple[int, float], ...] = ()  # measured end to end (`lrdeploy.planning.sensitivity`)
 
     @property
     def name(self) -> str:

@@ -2,9 +2,9 @@
 
 A folder holds images (png/jpg/bmp/...), one sub-folder per class (labels from sorted folder names) or
 flat; they are resized, laid out NCHW or NHWC, scaled and normalized as `ImageOptions` say. Only the
-first ``limit`` images are decoded, within `lrdeploy.datafiles.MAX_DATA_BYTES`. MNIST is the test split
+first ``limit`` images are decoded, within `datafiles.MAX_DATA_BYTES`. MNIST is the test split
 bundled with lrdeploy (2,000 digits), shaped to the model's input; 28x28 unless ``resize`` says otherwise.
-Pixels come out as float32; `lrdeploy.datasets` casts them to the input's type only when that is lossless.
+Pixels come out as float32; `datasets` casts them to the input's type only when that is lossless.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from types import ModuleType
 
 import numpy as np
 
-from lrdeploy.datafiles import check_budget
 from lrdeploy.errors import UsageError
-from lrdeploy.inputs import InputSpec
+from lrdeploy.runtime.datafiles import check_budget
+from lrdeploy.runtime.inputs import InputSpec
 from lrdeploy.spelling import option
 
 __all__ = ["IMAGE_SUFFIXES", "ImageOptions", "Pixels", "mnist_path", "read_folder", "read_mnist"]
@@ -74,7 +74,7 @@ class ImageOptions:
 
 
 def mnist_path() -> Path:
-    return Path(__file__).parent / "data" / "mnist10k.npz"
+    return Path(__file__).parent.parent / "data" / "mnist10k.npz"
 
 
 def _layout(spec: InputSpec, options: ImageOptions) -> str:

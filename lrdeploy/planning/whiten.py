@@ -18,7 +18,7 @@ The error of every rank comes from the components without refitting: A's columns
 tr(W C Wᵀ) this is the relative output error on the calibration rows, measured on C itself (not on the
 floored C̃), so it is exact for the allocator. The same identity gives plain SVD's output error per rank.
 
-Factors are returned as `lrdeploy.spectrum.Spectrum.factors` returns them (A m×r, B r×n, A @ B ≈ W),
+Factors are returned as `lrdeploy.planning.spectrum.Spectrum.factors` returns them (A m×r, B r×n, A @ B ≈ W),
 balanced: each component scaled so that ‖a_i‖ = ‖b_i‖, as plain SVD's √σ split does.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lrdeploy.spectrum import Spectrum
+from lrdeploy.planning.spectrum import Spectrum
 
 __all__ = ["Factors", "WhitenedSpectrum", "choose_factors", "component_errors", "holdout_error"]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lrdeploy.cli.render import format_shapes
+from lrdeploy.cli.tables import Column, Sheet, print_line, print_sheet
 from lrdeploy.errors import UsageError
 from lrdeploy.imc.report import ImcReport, ModelMap
-from lrdeploy.render import format_shapes
-from lrdeploy.tables import Column, Sheet, print_line, print_sheet
 from lrdeploy.units import format_count
 
 __all__ = ["plot_imc", "render_imc"]

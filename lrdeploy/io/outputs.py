@@ -44,7 +44,7 @@ def output_mode(inputs: Iterable[Path] = ()) -> int:
 
 def input_files(models: Iterable[Path]) -> list[Path]:
     """Each model path and the external data files it reads; what fails to load is left to the command."""
-    from lrdeploy.modelio import files_read, load_model
+    from lrdeploy.io.modelio import files_read, load_model
 
     files: list[Path] = []
     for path in models:
@@ -75,7 +75,7 @@ class OutputSet:
         """Refuse a path that cannot be written, replaces an input, or is another output's."""
         if path is None:
             return
-        from lrdeploy.modelio import check_output_target
+        from lrdeploy.io.modelio import check_output_target
 
         check_output_target(path, flag, self._inputs)
         resolved = Path(path).resolve()

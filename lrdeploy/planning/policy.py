@@ -1,6 +1,6 @@
 """Rank policies: frozen, validated configs with one job each, mapping a spectrum to a rank.
 
-A policy only proposes a rank; `lrdeploy.plan` applies the selection (include/exclude/overrides), the
+A policy only proposes a rank; `lrdeploy.planning.plan` applies the selection (include/exclude/overrides), the
 rounding to a hardware multiple and the "does it save parameters" rule.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lrdeploy.errors import UsageError
-from lrdeploy.spectrum import Spectrum
+from lrdeploy.planning.spectrum import Spectrum
 
 __all__ = ["Energy", "FixedRank", "RankPolicy", "RankRatio", "number", "round_half_up"]
 

@@ -25,7 +25,7 @@ import onnx
 
 from lrdeploy.errors import UsageError
 from lrdeploy.passes.normalize import WEIGHT_PATH_OPS
-from lrdeploy.policy import FixedRank
+from lrdeploy.planning.policy import FixedRank
 
 __all__ = ["layer_labels", "module_scopes", "select"]
 

@@ -1,6 +1,6 @@
 """Layer sensitivity: the model's output error with one layer compressed alone, at a few ranks.
 
-AIMET's greedy ratio selection measures this per layer and rank; the knapsack (`lrdeploy.budget`) then
+AIMET's greedy ratio selection measures this per layer and rank; the knapsack (`budget`) then
 trades layers by their measured curves instead of their own truncation errors, which misjudge a layer
 followed by a large gain, or a classifier whose every direction matters.
 
@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from lrdeploy.plan import Analysis, stored_product
-from lrdeploy.runtime import Device, make_session
+from lrdeploy.planning.plan import Analysis, stored_product
+from lrdeploy.runtime.sessions import Device, make_session
 
 __all__ = ["GRID", "grid", "measure"]
 

@@ -32,7 +32,7 @@ import onnx
 from onnx import helper
 
 from lrdeploy.errors import UsageError
-from lrdeploy.runtime import Device, make_session
+from lrdeploy.runtime.sessions import Device, make_session
 
 __all__ = ["LayerInput", "LayerMoments", "SecondMoment", "collect_moments", "conv_pads", "conv_rows", "rows"]
 

@@ -1,6 +1,6 @@
 """What the commands print: the compression report, the inspect profile, verification and bench results.
 
-Each result becomes a `lrdeploy.tables.Sheet` printed in the chosen format (``table``, ``plain``,
+Each result becomes a `lrdeploy.cli.tables.Sheet` printed in the chosen format (``table``, ``plain``,
 ``csv``); model strings are escaped on the way (`lrdeploy.text`). Noise is summarized rather than listed:
 MatMuls of two activations (attention scores) have no weight and become one line, and nodes sharing a
 factorized weight point to the row that carries the saving.
@@ -15,12 +15,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lrdeploy.bench import BenchResult
+from lrdeploy.cli.tables import Column, Sheet, print_line, print_sheet
 from lrdeploy.errors import UsageError
 from lrdeploy.report import Report
-from lrdeploy.tables import Column, Sheet, print_line, print_sheet
+from lrdeploy.runtime.bench import BenchResult
+from lrdeploy.runtime.verify import Verification
 from lrdeploy.units import format_count
-from lrdeploy.verify import Verification
 
 __all__ = [
     "format_shapes",

@@ -148,7 +148,7 @@ def select_device(device: str = "auto", *, tf32: bool = False, cuda_graph: bool 
     """Resolve ``auto``/``cpu``/``cuda``/``tensorrt`` to providers that actually run here.
 
     TF32 is off unless asked for (verification compares float32 math); ``cuda_graph`` replays the whole
-    run as one CUDA graph (needs fixed input/output buffers, see `lrdeploy.bench`).
+    run as one CUDA graph (needs fixed input/output buffers, see `lrdeploy.runtime.bench`).
     """
     require_onnxruntime()
     if device == "cpu":
@@ -187,7 +187,7 @@ def make_session(
 ):
     """An InferenceSession on ``device``; failures become a one-line RuntimeFailure.
 
-    ``spinning=False`` stops idle CPU worker threads from busy-waiting after a run (see `lrdeploy.bench`).
+    ``spinning=False`` stops idle CPU worker threads from busy-waiting after a run (see `bench`).
     """
     ort = require_onnxruntime()
     options = _session_options(ort)

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import onnx
 
-from lrdeploy.datasets import ImageOptions, InMemoryData, as_data_source, load_dataset, random_batches
 from lrdeploy.errors import UsageError
-from lrdeploy.inputs import model_inputs, resolve_shapes
-from lrdeploy.modelio import (
+from lrdeploy.io.modelio import (
     EXTERNAL_DATA_THRESHOLD,
     PREFERRED_MAX_IR,
     choose_ir_version,
@@ -29,8 +27,10 @@ from lrdeploy.modelio import (
     materialize,
     save_model,
 )
+from lrdeploy.runtime.datasets import ImageOptions, InMemoryData, as_data_source, load_dataset, random_batches
+from lrdeploy.runtime.inputs import model_inputs, resolve_shapes
+from lrdeploy.runtime.verify import Batch, Gates, Verification, compare_models
 from lrdeploy.spelling import either, option
-from lrdeploy.verify import Batch, Gates, Verification, compare_models
 
 __all__ = ["RANDOM_BATCHES", "VerifyConfig", "run_verification", "runtime_source", "verify"]
 
@@ -112,7 +112,7 @@ def run_verification(
     progress: Callable[[int, int], None] | None = None,
 ) -> Verification:
     """Compare the two models on the configured device and data; gates are applied by the caller."""
-    from lrdeploy.runtime import select_device
+    from lrdeploy.runtime.sessions import select_device
 
     device = select_device(config.device)
     batches, total, description = _batches(original, shapes, config)

@@ -1,0 +1,2 @@
+"""Deciding what to factorize and how: spectra, rank policies, calibration, whitening, costs and the
+allocator."""
