@@ -155,13 +155,13 @@ def _compress(
             folded_model, calibration = _calibrate(graph, original, groups, config)
     with timer("plan"):
         budget = None
-        if config.target is None:
+        if config.budget is None:
             tick = (lambda done, total: progress("factorize", done, total)) if progress else None
             moments = calibration.moments if calibration else None
             rewrites, decisions = plan_layers(groups, config, tick, moments)
         else:
             totals = {"params": params_before, "macs": _total(macs_before)}
-            rewrites, decisions, budget = plan_budget(
+            rewrites, decisions, budget, _ = plan_budget(
                 groups, config, totals, macs_before, calibration, folded_model, progress
             )
         del folded_model
@@ -202,9 +202,9 @@ def _compress(
             "are rank-deficient and floored (see calib_rows); more calibration samples help"
         )
     if budget is not None:
-        after = params_after if budget.kind == "params" else _total(macs_after)
-        before = params_before if budget.kind == "params" else _total(macs_before)
-        achieved = after / before if after is not None and before else None
+        counted = {"params": (params_before, params_after), "macs": (_total(macs_before), _total(macs_after))}
+        before, after = counted.get(budget.kind, (None, None))
+        achieved = after / before if after is not None and before else None  # other costs: predicted only
         report.budget = budget.to_dict() | {"achieved": achieved}
     staged = outputs.stage(output_path) if output_path is not None else None
     with timer("save"):

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from lrdeploy.errors import UsageError
+from lrdeploy.planning.costmodels import COSTS
 from lrdeploy.planning.policy import Energy, FixedRank, RankPolicy, RankRatio, number
 from lrdeploy.runtime.datasets import InMemoryData, as_data_source
 from lrdeploy.runtime.verification import VerifyConfig, is_int
@@ -51,6 +52,8 @@ class CompressConfig:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     target_params: float | None = None
     target_macs: float | None = None
+    cost: str | None = None
+    target: float | None = None
     allocate: str = "error"
     method: str = "auto"
     calib: str | InMemoryData | None = None  # also accepts a Path, an array or {input: array}
@@ -67,7 +70,7 @@ class CompressConfig:
         for name, dims in self.input_shapes.items():
             if not all(is_int(d) and d >= 1 for d in dims):
                 raise UsageError(f"input shape for '{name}' must be positive integers, got {list(dims)}")
-        if self.policy is None and not self.overrides and self.target is None:
+        if self.policy is None and not self.overrides and self.budget is None:
             names = ("rank_ratio", "energy", "rank", "target_params", "target_macs")
             raise UsageError(
                 f"choose a rank policy: {', '.join(option(n) for n in names)} (or give {option('overrides')})"
@@ -87,15 +90,20 @@ class CompressConfig:
         object.__setattr__(self, "input_shapes", MappingProxyType(shapes))
 
     def _check_budget(self) -> None:
-        targets = {"target_params": self.target_params, "target_macs": self.target_macs}
+        targets = {
+            "target_params": self.target_params,
+            "target_macs": self.target_macs,
+            "target": self.target,
+        }
         given = {k: v for k, v in targets.items() if v is not None}
         if len(given) > 1:
-            raise UsageError(f"give only one of {option('target_params')}, {option('target_macs')}")
+            raise UsageError(f"give only one of {', '.join(option(k) for k in given)}")
         for name, value in given.items():
             value = number(value, option(name))
             if not 0.0 < value <= 1.0:
                 raise UsageError(f"{option(name)} must be a fraction of the model in (0, 1], got {value:g}")
             object.__setattr__(self, name, value)
+        self._check_cost(next(iter(given), None))
         if given and self.policy is not None:
             raise UsageError(
                 f"{option(next(iter(given)))} chooses every rank itself; drop "
@@ -127,13 +135,33 @@ class CompressConfig:
             raise UsageError(f"{option('calib_holdout')} must be in [0, 0.5], got {holdout:g}")
         object.__setattr__(self, "calib_holdout", holdout)
 
+    def _check_cost(self, target: str | None) -> None:
+        """The cost a budget is counted in: ``target_params``/``target_macs`` name theirs, ``target``
+        needs ``cost`` (one of `costmodels.COSTS`)."""
+        if self.cost is None:
+            if target == "target":
+                names = ", ".join(COSTS)
+                raise UsageError(f"{option('target')} needs {option('cost')} (one of {names})")
+            return
+        if self.cost not in COSTS:
+            raise UsageError(f"{option('cost')} must be one of {', '.join(COSTS)}, got {self.cost!r}")
+        implied = {"target_params": "params", "target_macs": "macs"}.get(target or "")
+        if target is None:
+            raise UsageError(f"{option('cost')} {self.cost} needs a budget: add {option('target')} F")
+        if implied is not None and implied != self.cost:
+            raise UsageError(
+                f"{option(target)} counts {implied}, not {self.cost}: use {option('target')} F instead"  # type: ignore[arg-type]
+            )
+
     @property
-    def target(self) -> tuple[str, float] | None:
-        """("params" or "macs", fraction) when a budget is set."""
+    def budget(self) -> tuple[str, float] | None:
+        """(cost name, fraction) when a whole-model budget is set."""
         if self.target_params is not None:
             return "params", self.target_params
         if self.target_macs is not None:
             return "macs", self.target_macs
+        if self.target is not None and self.cost is not None:
+            return self.cost, self.target
         return None
 
     @property
@@ -182,8 +210,8 @@ class CompressConfig:
             "exclude": list(self.exclude),
             "overrides": dict(self.overrides),
             "fold_bn": self.fold_bn,
-            "target": dict([self.target]) if self.target else None,
-            "allocate": self.allocate if self.target else None,
+            "target": dict([self.budget]) if self.budget else None,
+            "allocate": self.allocate if self.budget else None,
             "method": "whiten" if self.whiten else "svd",
             "calib": str(self.calib) if self.calib is not None else None,
             "calib_samples": self.calib_samples if self.calib is not None else None,
@@ -191,8 +219,8 @@ class CompressConfig:
         }
 
     def describe(self) -> str:
-        if self.target:
-            kind, fraction = self.target
+        if self.budget:
+            kind, fraction = self.budget
             parts = [f"{fraction:g} of the {kind}, allocated by {self.allocate}"]
         else:
             parts = [self.policy.describe()] if self.policy else ["overrides only"]

@@ -85,7 +85,7 @@ def test_a_budget_of_one_keeps_every_layer_dense():
 
 def test_unreachable_budget_names_the_smallest_reachable_fraction():
     with pytest.raises(
-        UsageError, match=r"target_macs 0.01 is out of reach.* costs 0\.\d+ of the model's macs"
+        UsageError, match=r"target_macs 0.01 is out of reach.* costs 0\.\d+ of the model's MACs"
     ):
         _compress(_net(), target_macs=0.01, exclude=("conv1",))
 
@@ -225,3 +225,48 @@ def test_the_input_model_is_not_modified():
     before = model.SerializeToString()
     _compress(model, target_macs=0.4, calib=_calib(), allocate="sensitivity")
     assert model.SerializeToString() == before
+
+
+def test_cost_and_target_are_the_named_budgets_spelled_generically():
+    _, named = _compress(_net(), target_macs=0.5)
+    _, generic = _compress(_net(), cost="macs", target=0.5)
+    assert named.budget == generic.budget
+    assert [layer.decision.rank for layer in named.layers] == [
+        layer.decision.rank for layer in generic.layers
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"target": 0.5}, r"^target needs cost \(one of params, macs"),
+        ({"cost": "furlongs", "target": 0.5}, r"^cost must be one of params, macs.*got 'furlongs'$"),
+        ({"cost": "macs"}, r"^cost macs needs a budget: add target F$"),
+        ({"cost": "params", "target_macs": 0.5}, r"^target_macs counts macs, not params"),
+        ({"target": 0.5, "target_macs": 0.5, "cost": "macs"}, r"^give only one of target_macs, target$"),
+    ],
+)
+def test_cost_misuse_is_a_one_line_usage_error(options, message):
+    with pytest.raises(UsageError, match=message):
+        _compress(_net(), **options)
+
+
+def test_a_registered_cost_plugs_in_without_touching_the_allocator(monkeypatch):
+    """A new cost is one function in `costmodels.COSTS` (here: only the first layer's weights count)."""
+    from lrdeploy.planning import costmodels
+    from lrdeploy.planning.allocate import LayerShape, MacsCost
+
+    def first_layer_only(analyses, context):  # MACs at one position for conv1, none for the others
+        shapes = {
+            a.name: LayerShape(a.group.view.m, a.group.view.n, int(i == 0)) for i, a in enumerate(analyses)
+        }
+        total = MacsCost().cost(shapes[analyses[0].name], None)
+        dense = {a.name: "not counted by this cost" for a in analyses[1:]}
+        return costmodels.Costing(MacsCost(), shapes, total, "conv1 weights", 0.0, dense_reasons=dense)
+
+    monkeypatch.setitem(costmodels.COSTS, "conv1-weights", first_layer_only)
+    _, report = _compress(_net(), cost="conv1-weights", target=0.5)
+    ranks = {x.decision.name: x.decision.rank for x in report.layers if x.decision.rank}
+    assert list(ranks) == ["conv1"]
+    assert ranks["conv1"] * (16 + 36) <= 0.5 * 16 * 36
+    assert report.budget["kind"] == "conv1-weights" and report.budget["achieved"] is None

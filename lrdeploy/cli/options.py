@@ -20,6 +20,7 @@ __all__ = [
     "Calib",
     "CalibHoldout",
     "CalibSamples",
+    "Cost",
     "Data",
     "Device",
     "Format",
@@ -38,6 +39,7 @@ __all__ = [
     "Scale",
     "Seed",
     "Std",
+    "Target",
     "TargetMacs",
     "TargetParams",
     "output_format",
@@ -70,6 +72,19 @@ TargetParams = Annotated[
 TargetMacs = Annotated[
     float | None,
     typer.Option(help="Whole-model budget: this fraction of the MACs, in (0, 1].", rich_help_panel=BUDGET),
+]
+Cost = Annotated[
+    str | None,
+    typer.Option(
+        help="What --target counts: params, macs, or a registered cost (latency, IMC arrays/cycles).",
+        rich_help_panel=BUDGET,
+    ),
+]
+Target = Annotated[
+    float | None,
+    typer.Option(
+        help="Whole-model budget in --cost units: this fraction of the original.", rich_help_panel=BUDGET
+    ),
 ]
 Allocate = Annotated[
     str,

@@ -8,8 +8,8 @@ no candidate covers (BatchNorm, activations, depthwise convs, biases) is a fixed
 Errors are normalized so that layers compare: the squared relative output error of the layer on the
 calibration rows (whitened factors' when whitening, else plain SVD's), 1 − energy kept (the squared
 relative weight error) without calibration, or the model's output error measured with that layer alone
-compressed (`sensitivity`), interpolated between the measured ranks. Costs come from a
-`allocate.CostModel`: parameters, or MACs with each layer's positions from ``costs.count_macs``.
+compressed (`sensitivity`), interpolated between the measured ranks. Costs come from the costing
+registered for the budget's cost (`costmodels`): parameters, MACs, measured latency, IMC crossbars.
 """
 
 from __future__ import annotations
@@ -29,16 +29,15 @@ from lrdeploy.planning.allocate import (
     Candidate,
     CostModel,
     LayerShape,
-    MacsCost,
-    ParamsCost,
     allocate,
     candidates,
 )
 from lrdeploy.planning.calibration import Calibration
+from lrdeploy.planning.costmodels import CostContext, Costing, costing_for
 from lrdeploy.planning.plan import Analysis, LayerDecision, WeightGroup, analyze_groups, finish_groups, saves
 from lrdeploy.planning.sensitivity import grid, measure
 from lrdeploy.planning.whiten import component_errors
-from lrdeploy.spelling import either, option
+from lrdeploy.spelling import option
 
 __all__ = [
     "MAX_CANDIDATES",
@@ -46,7 +45,6 @@ __all__ = [
     "candidate_ranks",
     "choose_ranks",
     "error_curve",
-    "layer_shape",
     "plan_budget",
 ]
 
@@ -84,15 +82,6 @@ def candidate_ranks(m: int, n: int, multiple: int = 1, limit: int = MAX_CANDIDAT
         return ranks
     step = math.ceil(len(ranks) / limit)
     return sorted({*ranks[::step], ranks[-1]})
-
-
-def layer_shape(analysis: Analysis, macs: Mapping[str, int | None]) -> LayerShape | None:
-    """The layer's shape with its positions per inference (None when a reader's MACs are unknown)."""
-    view = analysis.group.view
-    counts = [macs.get(node.name) for node in analysis.group.nodes]
-    if any(c is None for c in counts):
-        return None
-    return LayerShape(view.m, view.n, max(1, round(sum(counts) / (view.m * view.n))))  # type: ignore[arg-type]
 
 
 def error_curve(analysis: Analysis, whiten: bool) -> np.ndarray:
@@ -133,42 +122,43 @@ def _options(
     return candidates(shape, {r: float(errors[r]) for r in ranks}, model), ""
 
 
+def target_option(config: CompressConfig) -> str:
+    """How the user asked for the budget: ``--target-macs``, ``--target-params`` or ``--cost X --target``."""
+    if config.target_params is not None:
+        return option("target_params")
+    if config.target_macs is not None:
+        return option("target_macs")
+    return f"{option('cost')} {config.cost} {option('target')}"
+
+
 def choose_ranks(
-    analyses: Sequence[Analysis], config: CompressConfig, total: int | None, macs: Mapping[str, int | None]
+    analyses: Sequence[Analysis], config: CompressConfig, costing: Costing
 ) -> tuple[dict[str, int | None], dict[str, str], Budget]:
     """Ranks per group (by its primary's name), the reasons for the dense ones, and the budget spent."""
-    assert config.target is not None
-    kind, target = config.target
-    model: CostModel = MacsCost() if kind == "macs" else ParamsCost()
-    if total is None or total <= 0:
-        hint = either("--input-shape NAME:d0,d1,...", "input_shapes={NAME: (d0, ...)}")
-        raise UsageError(
-            f"{option('target_macs')} needs the model's MACs, which depend on unknown dims; pass {hint}"
-        )
+    assert config.budget is not None
+    kind, target = config.budget
+    model, total = costing.model, costing.total
     table: dict[str, list[Candidate]] = {}
     dense_reasons: dict[str, str] = {}
     dense = 0.0
     for analysis in analyses:
-        view = analysis.group.view
-        shape = layer_shape(analysis, macs) if kind == "macs" else LayerShape(view.m, view.n)
-        if shape is None:
-            hint = either("--input-shape", "input_shapes")
-            raise UsageError(
-                f"{option('target_macs')}: the MACs of layer '{analysis.name}' depend on unknown dims; "
-                f"pass {hint}"
-            )
-        table[analysis.name], dense_reasons[analysis.name] = _options(analysis, config, shape, model)
+        shape = costing.shapes[analysis.name]
+        kept = costing.dense_reasons.get(analysis.name)
+        if kept:
+            table[analysis.name], dense_reasons[analysis.name] = candidates(shape, {}, model), kept
+        else:
+            table[analysis.name], dense_reasons[analysis.name] = _options(analysis, config, shape, model)
         dense += model.cost(shape, None)
-    table[_FIXED] = [Candidate(None, 0.0, max(total - dense, 0.0))]
+    fixed = costing.fixed if costing.fixed is not None else max(total - dense, 0.0)
+    table[_FIXED] = [Candidate(None, 0.0, fixed)]
     cheapest = math.fsum(min(c.cost for c in options) for options in table.values()) / total
     try:
         choice = allocate(table, target * total, tolerance=TOLERANCE * total)
     except BudgetUnreachable:
-        flag = option("target_macs" if kind == "macs" else "target_params")
         raise UsageError(
-            f"{flag} {target:g} is out of reach: every layer at its cheapest rank still costs "
-            f"{math.ceil(cheapest * 1000) / 1000:g} of the model's {kind}; ask for at least that "
-            "(or let more layers be factorized)"
+            f"{target_option(config)} {target:g} is out of reach: every layer at its cheapest rank still "
+            f"costs {math.ceil(cheapest * 1000) / 1000:g} of the model's {costing.unit}; ask for at least "
+            "that (or let more layers be factorized)"
         ) from None
     planned = math.fsum(c.cost for c in choice.values()) / total
     ranks = {name: c.rank for name, c in choice.items() if name != _FIXED}
@@ -188,12 +178,13 @@ def plan_budget(
     calibration: Calibration | None = None,
     folded: onnx.ModelProto | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-) -> tuple[list[Rewrite], list[LayerDecision], Budget]:
+) -> tuple[list[Rewrite], list[LayerDecision], Budget, Costing]:
     """Analyse every group, measure sensitivities if asked, allocate, and factor at the chosen ranks.
 
-    ``totals`` holds the original model's ``params`` and ``macs``; ``macs`` is per node.
+    ``totals`` holds the original model's ``params`` and ``macs``; ``macs`` is per node; ``folded`` is
+    the BN-folded model (sensitivity and measured costs run it).
     """
-    assert config.target is not None
+    assert config.budget is not None
     moments = calibration.moments if calibration is not None else None
 
     def tick(stage: str) -> Callable[[int, int], None] | None:
@@ -210,6 +201,7 @@ def plan_budget(
         curves = measure(folded, analyses, ranks, calibration.probe, config.whiten, tick("sensitivity"))
         for analysis in analyses:
             analysis.curve = tuple(curves.get(analysis.name, ()))
-    ranks_chosen, reasons, budget = choose_ranks(analyses, config, totals[config.target[0]], macs)
+    costing = costing_for(config.budget[0], analyses, CostContext(config, totals, macs, folded, progress))
+    ranks_chosen, reasons, budget = choose_ranks(analyses, config, costing)
     rewrites, decisions = finish_groups(analyses, ranks_chosen, config, reasons)
-    return rewrites, decisions, budget
+    return rewrites, decisions, budget, costing

@@ -281,7 +281,7 @@ def analyze_groups(
 ) -> list[Analysis]:
     """Every group's spectrum (and whitened spectrum with ``moments``), kept for a budget's allocation."""
     layers = [([n.name for n in group.nodes], group.labels) for group in groups]
-    policy = config.policy or config.target  # a budget stands for the policy
+    policy = config.policy or config.budget  # a budget stands for the policy
     choices = select(layers, config.overrides, config.include, config.exclude, policy)
     jobs = list(zip(groups, choices, strict=True))
     return _parallel(lambda job: _analyze(job[0], *job[1], moments, config.whiten), jobs, progress)

@@ -1,0 +1,107 @@
+"""What a whole-model budget is counted in: one `Costing` per cost name, found through a registry.
+
+The allocator (`allocate`) only sees numbers. A costing turns the model's layers into them: each
+layer's `LayerShape` (what its cost model needs to price a rank), the `CostModel` itself, and the
+original model's total, so that a target fraction means the same thing for every cost. Parameters and
+MACs live here; measured latency (`lrdeploy.runtime.latency`) and IMC crossbars (`lrdeploy.imc.costs`)
+register the same way, by a dotted path imported only when that cost is asked for, so the planner
+never imports onnxruntime profiling or crossbar code it does not use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import onnx
+
+from lrdeploy.errors import UsageError
+from lrdeploy.planning.allocate import CostModel, LayerShape, MacsCost, ParamsCost
+from lrdeploy.spelling import either, option
+
+if TYPE_CHECKING:
+    from lrdeploy.config import CompressConfig
+    from lrdeploy.planning.plan import Analysis
+
+__all__ = ["COSTS", "CostContext", "Costing", "costing_for", "layer_positions"]
+
+
+@dataclass(frozen=True)
+class CostContext:
+    """What a costing may read about the original model: its totals, per-node MACs at the resolved input
+    shapes, the BN-folded model (for measurements), and the config (for the cost's own options)."""
+
+    config: CompressConfig
+    totals: Mapping[str, int | None]  # "params", "macs" of the original model
+    macs: Mapping[str, int | None]  # per node of the original model
+    folded: onnx.ModelProto | None = None
+    progress: Callable[[str, int, int], None] | None = None
+
+
+@dataclass
+class Costing:
+    """A cost model with every layer's shape and the original model's total in the same unit.
+
+    ``fixed`` is the part of the total that no layer's candidates cover (BatchNorm, activations,
+    depthwise convolutions, ...); by default what the dense layers leave of the total. ``notes`` says
+    what the report should know about how the cost was obtained (e.g. a cached latency table)."""
+
+    model: CostModel
+    shapes: dict[str, LayerShape]
+    total: float
+    unit: str
+    fixed: float | None = None
+    notes: list[str] = field(default_factory=list)
+    dense_reasons: dict[str, str] = field(default_factory=dict)  # layers this cost keeps dense, and why
+
+
+def layer_positions(analysis: Analysis, macs: Mapping[str, int | None]) -> LayerShape | None:
+    """The layer as y = W x with its positions per inference (None when a reader's MACs are unknown)."""
+    view = analysis.group.view
+    counts = [macs.get(node.name) for node in analysis.group.nodes]
+    if any(c is None for c in counts):
+        return None
+    return LayerShape(view.m, view.n, max(1, round(sum(counts) / (view.m * view.n))))  # type: ignore[arg-type]
+
+
+def _params(analyses: Sequence[Analysis], context: CostContext) -> Costing:
+    shapes = {a.name: LayerShape(a.group.view.m, a.group.view.n) for a in analyses}
+    total = context.totals.get("params") or 0
+    return Costing(ParamsCost(), shapes, float(total), "params")
+
+
+def unknown_dims(what: str) -> UsageError:
+    hint = either("--input-shape NAME:d0,d1,...", "input_shapes={NAME: (d0, ...)}")
+    return UsageError(f"{what} depend on unknown dims; pass {hint}")
+
+
+def _macs(analyses: Sequence[Analysis], context: CostContext) -> Costing:
+    total = context.totals.get("macs")
+    if total is None or total <= 0:
+        raise unknown_dims(f"{option('target_macs')} needs the model's MACs, which")
+    shapes = {}
+    for analysis in analyses:
+        shape = layer_positions(analysis, context.macs)
+        if shape is None:
+            raise unknown_dims(f"{option('target_macs')}: the MACs of layer '{analysis.name}'")
+        shapes[analysis.name] = shape
+    return Costing(MacsCost(), shapes, float(total), "MACs")
+
+
+#: cost name → the function that builds its costing, or "module:function" imported on first use.
+COSTS: dict[str, Callable[[Sequence[Analysis], CostContext], Costing] | str] = {
+    "params": _params,
+    "macs": _macs,
+}
+
+
+def costing_for(name: str, analyses: Sequence[Analysis], context: CostContext) -> Costing:
+    """The costing registered under ``name`` (the config has checked the name)."""
+    entry = COSTS[name]
+    if isinstance(entry, str):
+        module, _, function = entry.partition(":")
+        entry = getattr(importlib.import_module(module), function)
+        COSTS[name] = entry
+    return entry(analyses, context)
