@@ -25,7 +25,7 @@ from lrdeploy.config import CompressConfig
 from lrdeploy.passes.dense_ops import ACTIVATION_PRODUCT, activation_product, dense_row, runtime_tensors
 from lrdeploy.passes.factorize import Rewrite
 from lrdeploy.passes.lowrank_ops import ADAPTERS, WeightView, weight_view
-from lrdeploy.planning.calibrate import LayerMoments
+from lrdeploy.planning.calibrate import MAX_EMBEDDING_ROWS, LayerMoments
 from lrdeploy.planning.policy import FixedRank
 from lrdeploy.planning.selection import layer_labels, select
 from lrdeploy.planning.spectrum import Spectrum
@@ -74,6 +74,7 @@ class LayerDecision:
     calib_rows: tuple[int, int] | None = None  # (fit, held apart) rows the statistics hold
     fallback: str | None = None  # why plain SVD factors were used although whitening was asked for
     sensitivity: tuple[tuple[int, float], ...] = ()  # (rank, measured model output error)
+    kept_params: int = 0  # weights a factorized node keeps dense (a recurrent op's R and biases)
 
     @property
     def weight_rel_error(self) -> float | None:
@@ -146,6 +147,7 @@ def find_groups(
         if isinstance(view, str):
             dynamic = activation_product(node, runtime)
             weights = [t for t in node.inputs[1::-1] if isinstance(t, gs.Constant)][:1]  # W, else x
+            weights += ADAPTERS[node.op].kept_weights(node)
             rows.append(_row(node, view, weights, first_reader, dynamic))
             continue
         first_reader.setdefault(id(view.weight), node.name)
@@ -209,6 +211,7 @@ class Analysis:
     whitened: WhitenedSpectrum | None = None
     moments: LayerMoments | None = None
     curve: tuple[tuple[int, float], ...] = ()  # measured end to end (`lrdeploy.planning.sensitivity`)
+    fallback: str | None = None  # why there are no statistics although whitening was asked for
 
     @property
     def name(self) -> str:
@@ -223,7 +226,7 @@ class Analysis:
             return choose_factors(self.matrix, rank, self.whitened, self.spectrum, moments.fit.matrix, held)
         a, b = self.spectrum.factors(self.matrix, rank)
         if moments is None:
-            return Factors("svd", a, b, math.nan, None, math.nan, None)
+            return Factors("svd", a, b, math.nan, None, math.nan, None, self.fallback)
         fit = holdout_error(self.matrix, a, b, moments.fit.matrix)
         held_error = holdout_error(self.matrix, a, b, held) if held is not None else None
         return Factors("svd", a, b, fit, held_error, fit, held_error)
@@ -257,7 +260,13 @@ def _analyze(
     matrix = np.asarray(matrix, dtype=np.float64)
     layer = _merged(group, moments) if moments else None
     whitened = WhitenedSpectrum.of(matrix, layer.fit.matrix) if layer is not None and whiten else None
-    return Analysis(group, None, override, matrix, Spectrum.of(matrix), whitened, layer)
+    analysis = Analysis(group, None, override, matrix, Spectrum.of(matrix), whitened, layer)
+    if moments and whiten and layer is None and group.view.layout[0] == "Gather":
+        analysis.fallback = (
+            f"the embedding's {group.view.n} rows are over the {MAX_EMBEDDING_ROWS} whose token statistics "
+            "are kept; plain SVD factors"
+        )
+    return analysis
 
 
 def _merged(group: WeightGroup, moments: Mapping[str, LayerMoments]) -> LayerMoments | None:
@@ -355,6 +364,9 @@ def _root(value: float | None) -> float | None:
 
 def stored_product(view: WeightView, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """A @ B (the [m, n] approximation) in the weight's storage layout."""
+    product = ADAPTERS[view.layout[0]].product(view, a, b)
+    if product is not None:
+        return product
     product = a @ b
     if view.layout[0] == "Conv":
         return product.reshape(view.layout[1])
@@ -366,13 +378,15 @@ def _finish(
 ) -> tuple[Rewrite | None, list[LayerDecision]]:
     group, view = analysis.group, analysis.group.view
     names = [n.name for n in group.nodes]
+    kept = sum(_size(w) for w in ADAPTERS[view.layout[0]].kept_weights(group.nodes[0]))
     base: dict[str, object] = {
         "weight": view.weight.name,
         "weight_shape": tuple(int(d) for d in view.weight.shape),
         "m": view.m,
         "n": view.n,
         "full_rank": min(view.m, view.n),
-        "params": view.m * view.n,
+        "params": view.m * view.n + kept,
+        "kept_params": kept,
         "sensitivity": analysis.curve,
     }
     if analysis.moments is not None:
