@@ -153,7 +153,7 @@ def find_groups(
         first_reader.setdefault(id(view.weight), node.name)
         group = groups.setdefault(id(view.weight), WeightGroup(view, []))
         if view.layout != group.view.layout:
-            group.problem = f"weight '{view.weight.name}' is read with different layouts; left dense"
+            group.problem = _two_layouts(group, view, node)
         group.nodes.append(node)
     graph_outputs = {id(t) for g in (graph, *graph.subgraphs(recursive=True)) for t in g.outputs}
     candidates = {node.name for group in groups.values() for node in group.nodes}
@@ -172,6 +172,18 @@ def find_groups(
                 "left dense so it stays shared"
             )
     return list(groups.values()), rows
+
+
+def _two_layouts(group: WeightGroup, view: WeightView, node: gs.Node) -> str:
+    """Why a weight read with two layouts stays dense; an embedding table also read as a projection is tied."""
+    name = view.weight.name
+    if "Gather" not in (view.layout[0], group.view.layout[0]):
+        return f"weight '{name}' is read with different layouts; left dense"
+    other = node if view.layout[0] != "Gather" else group.nodes[0]
+    return (
+        f"embedding table '{name}' is also read by {other.op} '{other.name}' (tied to an output "
+        "projection); left dense so it stays shared"
+    )
 
 
 def _parallelism() -> tuple[int, int]:
