@@ -69,5 +69,7 @@ class ConvTransposeOp(LowRankOp):
         )
         attrs = {k: v for k, v in node.attrs.items() if k != "group"}
         inputs = [hidden, second] + ([node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2].name else [])
-        spread = gs.Node("ConvTranspose", names.node(f"{node.name}_lowrank_out"), attrs, inputs, list(node.outputs))
+        spread = gs.Node(
+            "ConvTranspose", names.node(f"{node.name}_lowrank_out"), attrs, inputs, list(node.outputs)
+        )
         return reduce, spread

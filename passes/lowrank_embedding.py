@@ -66,6 +66,10 @@ class EmbeddingOp(LowRankOp):
     def emit(self, node, first, second, names: NameRegistry):
         out = node.outputs[0]
         hidden = gs.Variable(names.tensor(f"{out.name}_lowrank"), dtype=out.dtype)
-        gather = gs.Node("Gather", names.node(f"{node.name}_lowrank_in"), {"axis": 0}, [first, node.inputs[1]], [hidden])
-        matmul = gs.Node("MatMul", names.node(f"{node.name}_lowrank_out"), {}, [hidden, second], list(node.outputs))
+        gather = gs.Node(
+            "Gather", names.node(f"{node.name}_lowrank_in"), {"axis": 0}, [first, node.inputs[1]], [hidden]
+        )
+        matmul = gs.Node(
+            "MatMul", names.node(f"{node.name}_lowrank_out"), {}, [hidden, second], list(node.outputs)
+        )
         return gather, matmul

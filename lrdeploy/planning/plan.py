@@ -175,7 +175,7 @@ def find_groups(
 
 
 def _two_layouts(group: WeightGroup, view: WeightView, node: gs.Node) -> str:
-    """Why a weight read with two layouts stays dense; an embedding table also read as a projection is tied."""
+    """Why a weight read with two layouts stays dense (a table read as embedding and projection: tied)."""
     name = view.weight.name
     if "Gather" not in (view.layout[0], group.view.layout[0]):
         return f"weight '{name}' is read with different layouts; left dense"
