@@ -349,6 +349,17 @@ def test_params_budget_spreads_over_the_new_layers(rng, calibrated):
         assert report.verification is not None and report.verification.samples == 40
 
 
+def test_macs_budget_counts_recurrent_steps_and_keeps_lookups_dense(rng):
+    """A lookup costs no MACs (its pair would add some); a GRU's positions are its steps, R aside."""
+    _, report = lrdeploy.compress(_mixed(rng), target_macs=0.6, verify=False, input_shapes={"ids": (2, 10)})
+    rows = {r.decision.name: r for r in report.layers}
+    assert rows["embed"].decision.status == "skipped" and "costs no MACs" in rows["embed"].decision.reason
+    assert rows["gru"].decision.status == "factorized"
+    assert (
+        abs(report.budget["achieved"] - 0.6) < 0.01 and report.budget["planned"] == report.budget["achieved"]
+    )
+
+
 def test_model_inputs_are_untouched_and_full_rank_ratio_changes_nothing(rng):
     model = _mixed(rng)
     before = model.SerializeToString()

@@ -35,7 +35,15 @@ from lrdeploy.planning.allocate import (
     candidates,
 )
 from lrdeploy.planning.calibration import Calibration
-from lrdeploy.planning.plan import Analysis, LayerDecision, WeightGroup, analyze_groups, finish_groups, saves
+from lrdeploy.planning.plan import (
+    Analysis,
+    LayerDecision,
+    WeightGroup,
+    analyze_groups,
+    finish_groups,
+    mac_positions,
+    saves,
+)
 from lrdeploy.planning.sensitivity import grid, measure
 from lrdeploy.planning.whiten import component_errors
 from lrdeploy.spelling import either, option
@@ -88,11 +96,8 @@ def candidate_ranks(m: int, n: int, multiple: int = 1, limit: int = MAX_CANDIDAT
 
 def layer_shape(analysis: Analysis, macs: Mapping[str, int | None]) -> LayerShape | None:
     """The layer's shape with its positions per inference (None when a reader's MACs are unknown)."""
-    view = analysis.group.view
-    counts = [macs.get(node.name) for node in analysis.group.nodes]
-    if any(c is None for c in counts):
-        return None
-    return LayerShape(view.m, view.n, max(1, round(sum(counts) / (view.m * view.n))))  # type: ignore[arg-type]
+    positions = mac_positions(analysis.group, macs)
+    return None if positions is None else LayerShape(analysis.group.view.m, analysis.group.view.n, positions)
 
 
 def error_curve(analysis: Analysis, whiten: bool) -> np.ndarray:

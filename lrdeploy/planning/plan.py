@@ -38,6 +38,7 @@ __all__ = [
     "analyze_groups",
     "find_groups",
     "finish_groups",
+    "mac_positions",
     "plan_layers",
     "stored_product",
 ]
@@ -294,6 +295,26 @@ def _merged(group: WeightGroup, moments: Mapping[str, LayerMoments]) -> LayerMom
     return merged
 
 
+_LOOKUP = (
+    "an embedding lookup costs no MACs; its pair's MatMul would add some, so a MAC budget keeps it dense"
+)
+
+
+def mac_positions(group: WeightGroup, macs: Mapping[str, int | None]) -> int | None:
+    """Rows per inference the weight multiplies, from its readers' MACs (None where one is unknown): an
+    embedding lookup has none, and a recurrent op's MACs also count its dense R at every step."""
+    view = group.view
+    if view.layout[0] == "Gather":
+        return 0
+    counts = [macs.get(node.name) for node in group.nodes]
+    if any(c is None for c in counts):
+        return None
+    per_row = view.m * view.n
+    if view.layout[0] in ("LSTM", "GRU", "RNN"):
+        per_row += sum(_size(r) for r in {id(n.inputs[2]): n.inputs[2] for n in group.nodes}.values())
+    return max(1, round(sum(counts) / per_row))  # type: ignore[arg-type]
+
+
 def analyze_groups(
     groups: list[WeightGroup],
     config: CompressConfig,
@@ -304,6 +325,9 @@ def analyze_groups(
     layers = [([n.name for n in group.nodes], group.labels) for group in groups]
     policy = config.policy or config.target  # a budget stands for the policy
     choices = select(layers, config.overrides, config.include, config.exclude, policy)
+    if config.target is not None and config.target[0] == "macs":
+        lookup = [g.view.layout[0] == "Gather" for g in groups]
+        choices = [(o, r or (_LOOKUP if x else None)) for x, (o, r) in zip(lookup, choices, strict=True)]
     jobs = list(zip(groups, choices, strict=True))
     return _parallel(lambda job: _analyze(job[0], *job[1], moments, config.whiten), jobs, progress)
 
