@@ -360,6 +360,26 @@ def test_macs_budget_counts_recurrent_steps_and_keeps_lookups_dense(rng):
     )
 
 
+def test_sensitivity_allocation_measures_the_new_layers(rng):
+    model = _mixed(rng)
+    ids = {"ids": rng.integers(0, 100, size=(40, 10))}
+    _, report = lrdeploy.compress(model, target_params=0.5, calib=ids, allocate="sensitivity", verify=False)
+    assert all(len(r.decision.sensitivity) > 1 for r in report.layers), report.layers
+    assert abs(report.budget["achieved"] - 0.5) < 0.02
+
+
+def test_large_vocabulary_falls_back_to_plain_svd_and_says_why(rng, monkeypatch):
+    from lrdeploy.planning import calibrate, plan
+
+    monkeypatch.setattr(calibrate, "MAX_EMBEDDING_ROWS", 50)
+    monkeypatch.setattr(plan, "MAX_EMBEDDING_ROWS", 50)
+    ids = {"ids": rng.integers(0, 100, size=(20, 10))}
+    _, report = lrdeploy.compress(_mixed(rng), rank=4, calib=ids, verify=False)
+    rows = {r.decision.name: r.decision for r in report.layers}
+    assert rows["embed"].method == "svd" and "100 rows are over the 50" in rows["embed"].fallback
+    assert rows["gru"].method == "whiten" and rows["gru"].calib_rows
+
+
 def test_model_inputs_are_untouched_and_full_rank_ratio_changes_nothing(rng):
     model = _mixed(rng)
     before = model.SerializeToString()
@@ -370,9 +390,12 @@ def test_model_inputs_are_untouched_and_full_rank_ratio_changes_nothing(rng):
 
 
 def test_inspect_lists_the_new_layers(rng):
-    result = lrdeploy.inspect(_mixed(rng), input_shapes={"ids": (2, 10)})
+    ids = {"ids": rng.integers(0, 100, size=(20, 10))}
+    result = lrdeploy.inspect(_mixed(rng), input_shapes={"ids": (2, 10)}, calib=ids)
     assert [layer.op for layer in result.layers] == ["Gather", "GRU", "ConvTranspose"]
     assert not result.skipped
+    assert all(len(layer.output_errors["whiten"]) > 1 for layer in result.layers)
+    assert [layer.macs for layer in result.layers] == [0, 10 * 2 * 72 * (32 + 24), 2 * 24 * 10 * 16 * 4]
 
 
 # --- Torch exports ----------------------------------------------------------------------------------------
