@@ -10,8 +10,9 @@ speech-style recognizer (linear front end, bidirectional LSTM, GRU, per-frame cl
 follow a Zipf law, speech inputs are smoothed noise; calibration and test samples are drawn apart.
 
 For each budget, ``compress(target_params=F)`` with Conv/Gemm/MatMul only (the new layers excluded by
-name, as before issue 16) and with every layer, each with plain SVD and with whitened factors
-(``calib``). Judged on the test samples: output relative L2 error and cosine against the original.
+name, as before issue 16) and with every layer, each with plain SVD, with whitened factors
+(``calib``), and with whitened factors allocated by measured sensitivity (``allocate="sensitivity"``).
+Judged on the test samples: output relative L2 error and cosine against the original.
 
 ConvTranspose: for W [Cin, Cout, k, k] the two pairs at the same parameter count — 1×1 Conv Cin→r then
 the ConvTranspose with the kernel (what lrdeploy emits), or a ConvTranspose Cin→r with the kernel then a
@@ -71,8 +72,12 @@ def model_rows(name: str, path: Path, budgets, calib_count: int, test_count: int
     rows = []
     for budget in budgets:
         for layers, exclude in (("Conv/Gemm/MatMul", excluded), ("+ new layers", [])):
-            for method in ("svd", "whiten"):
-                options = {"calib": calib} if method == "whiten" else {"method": "svd"}
+            methods = {
+                "svd": {"method": "svd"},
+                "whiten": {"calib": calib},
+                "whiten + sensitivity": {"calib": calib, "allocate": "sensitivity"},
+            }
+            for method, options in methods.items():
                 start = time.perf_counter()
                 row = {"model": name, "budget": budget, "layers": layers, "method": method}
                 try:
