@@ -225,6 +225,7 @@ def test_recurrent_rank_counts_input_and_recurrent_parts(rng):
     [row] = report.layers
     w, r, b = 2 * 32 * 16, 2 * 32 * 8, 2 * 64
     assert row.decision.status == "factorized" and (row.decision.m, row.decision.n) == (64, 16)
+    assert row.decision.reason == "rank 4 of 16; input weights W only, the recurrent weights R stay dense"
     assert (row.params_before, row.params_after) == (w + r + b, 4 * (64 + 16) + r + b)
     assert (row.macs_before, row.macs_after) == (5 * 3 * (w + r), 5 * 3 * (4 * 16 + 4 * 64 + r))
     assert row.params_after == report.params_after and row.macs_after == report.macs_after

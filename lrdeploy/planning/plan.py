@@ -445,6 +445,8 @@ def _finish(
 
     if rank is None or analysis.spectrum is None or analysis.matrix is None:
         return None, decide("skipped", reason)
+    if view.layout[0] in ("LSTM", "GRU", "RNN"):
+        reason += "; input weights W only, the recurrent weights R stay dense"
     chosen = analysis.factors(rank, config.whiten)
     energy = analysis.spectrum.energy_kept(rank)
     analysis.spectrum.release()
