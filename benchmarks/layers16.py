@@ -42,14 +42,15 @@ from layers16_models import export, features, token_ids  # noqa: E402
 
 NEW_OPS = ("Gather", "LSTM", "GRU", "RNN", "ConvTranspose")
 #: What the default run showed (seeded, so a rerun prints the same table).
-READING = """Reading: without the new layers a 0.5 budget is out of reach on both models
-(the word table is 65% of the encoder, the LSTM/GRU 96% of the recognizer). On the recognizer the
-recurrent input weights carry the budget well, whitened factors best (cosine 0.983 at 0.7, 0.931 at 0.5). On the encoder, the error
-allocator (weight or calibration error per layer, compared across layers) spends nearly the whole
-budget on the embedding and does worse at 0.7 than leaving it dense (0.49–0.52 against 0.36–0.40
-relative error): a table's relative error costs the output more than a MatMul's. Measured sensitivity
-(`allocate="sensitivity"`) spreads the budget (0.379 at 0.7, 0.540 at 0.5); use it when embeddings are
-in play. Whitening the embedding by token counts did not help on this untrained encoder."""
+READING = """Reading: without the new layers a 0.5 budget is out of reach on both models (the word table is 65%
+of the encoder, the LSTM/GRU 96% of the recognizer). On the recognizer the recurrent input weights
+carry the budget well, whitened factors best (cosine 0.983 at 0.7, 0.931 at 0.5). On the encoder,
+the error allocator (weight or calibration error per layer, compared across layers) spends nearly
+the whole budget on the embedding and does worse at 0.7 than leaving it dense (0.49–0.52 against
+0.36–0.40 relative error): a table's relative error costs the output more than a MatMul's. Measured
+sensitivity (`allocate="sensitivity"`) spreads the budget (0.379 at 0.7, 0.540 at 0.5); use it when
+embeddings are in play. Whitening the embedding by token counts did not help on this untrained
+encoder."""
 
 
 def _run(model, feeds) -> np.ndarray:
