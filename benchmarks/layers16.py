@@ -42,7 +42,8 @@ from layers16_models import export, features, token_ids  # noqa: E402
 
 NEW_OPS = ("Gather", "LSTM", "GRU", "RNN", "ConvTranspose")
 #: What the default run showed (seeded, so a rerun prints the same table).
-READING = """Reading: without the new layers a 0.5 budget is out of reach on both models (the word table is 65%
+READING = """\
+Reading: without the new layers a 0.5 budget is out of reach on both models (the word table is 65%
 of the encoder, the LSTM/GRU 96% of the recognizer). On the recognizer the recurrent input weights
 carry the budget well, whitened factors best (cosine 0.983 at 0.7, 0.931 at 0.5). On the encoder,
 the error allocator (weight or calibration error per layer, compared across layers) spends nearly
