@@ -40,7 +40,7 @@ class LayerReport:
         if d.shared_primary is not None:
             return 0
         if d.status == "factorized" and d.rank is not None and d.m is not None:
-            return d.rank * (d.m + d.n)
+            return d.rank * (d.m + d.n) + d.kept_params  # the weights it keeps dense (a recurrent op's R)
         return self.params_before
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,11 +3,11 @@
 Every such node gets a report row (`lrdeploy.planning.plan.find_groups`), so the rows account for every weight
 and every multiply-accumulate that `lrdeploy.planning.costs` counts:
 
-- ConvTranspose: W [Cin, Cout/group, k...].
-- LSTM (4 gates), GRU (3), RNN (1): W [dirs, gates·H, I], R [dirs, gates·H, H], B, and LSTM's peepholes P;
-  one time step costs |W| + |R| MACs per sample, so a sequence costs T·N·(|W| + |R|).
 - Einsum, QLinearConv/QLinearMatMul, ConvInteger/MatMulInteger: with their constant operands.
-- Gather from a constant float table [vocab, dim] (an embedding): its parameters, no MACs.
+
+Embeddings (Gather of a constant float table), LSTM/GRU/RNN and ConvTranspose have low-rank pairs
+(`lowrank_embedding`, `lowrank_recurrent`, `lowrank_convtranspose`): their adapters say why when one
+cannot be factorized (grouped ConvTranspose, a weight computed at run time, ...).
 
 An activation×activation product (attention's Q·Kᵀ and attn·V) has no weight at all: `runtime_tensors`
 tells the planner which operands depend on the graph's inputs, so those rows are marked as dynamic.
@@ -17,24 +17,17 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from lrdeploy.passes.values import float_dtype
-
 __all__ = ["ACTIVATION_PRODUCT", "activation_product", "dense_row", "runtime_tensors"]
 
 ACTIVATION_PRODUCT = "both operands are computed at run time (activation × activation, as in attention)"
 
 _REASONS = {
-    "ConvTranspose": "transposed convolution is not factorized",
-    "LSTM": "recurrent layers (LSTM/GRU/RNN) are not factorized",
-    "GRU": "recurrent layers (LSTM/GRU/RNN) are not factorized",
-    "RNN": "recurrent layers (LSTM/GRU/RNN) are not factorized",
     "Einsum": "Einsum is not factorized",
     "QLinearConv": "quantized (integer) layers are not factorized",
     "QLinearMatMul": "quantized (integer) layers are not factorized",
     "ConvInteger": "quantized (integer) layers are not factorized",
     "MatMulInteger": "quantized (integer) layers are not factorized",
 }
-_EMBEDDING = "embedding lookup: parameters but no MACs; not factorized"
 _RANDOM = frozenset(("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"))
 
 
@@ -54,16 +47,6 @@ def dense_row(node: gs.Node) -> tuple[str, list[gs.Constant]] | None:
         if node.op == "Einsum" and len(node.inputs) < 2:
             return None  # a transpose, trace or sum of one operand: no weight, no MACs
         return _REASONS[node.op], _constants(node)
-    if node.op == "Gather" and node.inputs:
-        table = node.inputs[0]
-        runtime_indices = len(node.inputs) > 1 and not isinstance(node.inputs[1], gs.Constant)
-        if (
-            isinstance(table, gs.Constant)
-            and float_dtype(table)
-            and len(table.shape) == 2
-            and runtime_indices
-        ):
-            return _EMBEDDING, [table]
     return None
 
 

@@ -11,6 +11,8 @@ The matrix is always [outputs, inputs]: the factors A (m×r) and B (r×n) give `
   MatMul(h, Aᵀ); a following bias Add is untouched.
 
 ``layout`` says which nodes may share one pair of factor tensors: same op and same storage convention.
+Embeddings, recurrent input weights and ConvTranspose have their adapters in their own modules
+(`lowrank_embedding`, `lowrank_recurrent`, `lowrank_convtranspose`), registered at the end of this one.
 """
 
 from __future__ import annotations
@@ -83,6 +85,14 @@ class LowRankOp:
         self, node: gs.Node, first: gs.Constant, second: gs.Constant, names: NameRegistry
     ) -> tuple[gs.Node, gs.Node]:
         raise NotImplementedError
+
+    def product(self, view: WeightView, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+        """A @ B in the weight's storage layout; None: the planner's default for Conv/Gemm/MatMul."""
+        return None
+
+    def kept_weights(self, node: gs.Node) -> list[gs.Constant]:
+        """Other constant weights the factorized node keeps dense (a recurrent op's R), for the report."""
+        return []
 
 
 def _hidden(node: gs.Node, names: NameRegistry) -> gs.Variable:
@@ -216,6 +226,11 @@ class MatMulOp(LowRankOp):
 
 
 ADAPTERS: dict[str, LowRankOp] = {op.op: op for op in (ConvOp(), GemmOp(), MatMulOp())}
+why_not_weight = _why_not_weight  # for the adapters in their own modules
+
+from lrdeploy.passes.lowrank_layers import LAYER_ADAPTERS  # noqa: E402  (they build on the classes above)
+
+ADAPTERS.update(LAYER_ADAPTERS)
 
 
 def weight_view(node: gs.Node) -> WeightView | str | None:

@@ -297,7 +297,8 @@ def test_weight_shared_with_gather_stays_dense(rng):
     assert (embed.decision.op, embed.params_before, embed.macs_before) == ("Gather", 256, 0)
     assert (layer.decision.shared_primary, layer.params_before, layer.params_after) == ("embed", 0, 0)
     assert layer.decision.status == "skipped"
-    assert "also read by Gather 'embed'" in layer.decision.reason
+    assert "also read by MatMul 'head' (tied to an output projection)" in layer.decision.reason
+    assert embed.decision.reason == layer.decision.reason and embed.decision.status == "skipped"
     assert [n.op_type for n in compressed.graph.node] == ["Gather", "MatMul"]
     np.testing.assert_array_equal(initializers(compressed)["W"], table)
 

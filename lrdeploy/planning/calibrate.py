@@ -7,7 +7,9 @@ Rows are exactly what the op multiplies by its weight seen as [outputs, inputs] 
   position, flattened as (channel, k₁, k₂, …) to match ``W.reshape(Cout, Cin·Πk)``;
 - Gemm: the rows of A (Aᵀ's when transA = 1);
 - MatMul x @ W: every leading dimension of x flattened (batch × sequence), padding positions included as
-  the model sees them.
+  the model sees them;
+- embeddings, recurrent input weights, ConvTranspose: see `layer_input_16` (one-hot token rows, whose
+  second moment is diag(token counts)/N; every time step of X; every input pixel).
 
 Statistics stream: per batch, XᵀX is added to a float64 accumulator and the row count to a counter, so
 memory is the accumulators (Σ nᵢ²) plus one batch of activations; conv patches are formed a few samples
@@ -133,8 +135,10 @@ class LayerInput:
     outputs: int = 0  # m: the weight's output channels/features
 
     @classmethod
-    def of(cls, node: onnx.NodeProto, weights: Mapping[str, onnx.TensorProto]) -> LayerInput:
+    def of(cls, node: onnx.NodeProto, weights: Mapping[str, onnx.TensorProto]) -> LayerInput | None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type in LAYERS_16:
+            return layer_input_16(node, attrs, weights)
         weight = weights.get(node.input[1]) if len(node.input) > 1 else None
         if weight is None:
             raise ValueError(f"node '{node.name}' has no constant weight")
@@ -157,6 +161,8 @@ def rows(layer: LayerInput, x: np.ndarray) -> np.ndarray:
         return conv_rows(x, layer.attrs, layer.kernel_shape)
     if layer.op == "Gemm":
         return x.T if layer.attrs.get("transA", 0) else x
+    if layer.op in LAYERS_16:
+        return rows_16(layer, x)
     return x.reshape(-1, x.shape[-1])
 
 
@@ -183,6 +189,9 @@ class Sampling:
 def _add(layer: LayerInput, x: np.ndarray, moment: SecondMoment, sampling: Sampling | None = None) -> None:
     """Add x's rows (conv: a sample of them, see `Sampling`); conv patches are formed a few samples at
     a time."""
+    if layer.op == "Gather":
+        add_token_counts(layer, x, moment)
+        return
     if layer.op != "Conv" or x.shape[0] == 0:
         moment.update(rows(layer, x))
         return
@@ -207,9 +216,7 @@ def _split(
     layer: LayerInput, x: np.ndarray, moments: LayerMoments, every: int, sampling: Sampling | None = None
 ) -> None:
     """Samples along x's first axis (Gemm with transA: its columns) to fit or to holdout."""
-    axis = 1 if layer.op == "Gemm" and layer.attrs.get("transA", 0) else 0
-    if layer.op == "MatMul" and x.ndim == 1:
-        x, axis = x[None], 0
+    x, axis = sample_axis(layer, x)
     index = moments.samples_seen + np.arange(x.shape[axis])
     moments.samples_seen += x.shape[axis]
     held = (index % every == every - 1) if every else np.zeros(len(index), dtype=bool)
@@ -252,7 +259,8 @@ def collect_moments(
     missing = [name for name in layers if name not in nodes]
     if missing:
         raise ValueError(f"no node named '{missing[0]}' in the model")
-    inputs = [LayerInput.of(nodes[name], weights) for name in layers]
+    found = (LayerInput.of(nodes[name], weights) for name in layers)
+    inputs = [layer for layer in found if layer is not None]  # None: statistics too large to hold
     graph_inputs = {v.name for v in model.graph.input}
     captured = [layer.tensor for layer in inputs if layer.tensor not in graph_inputs]
     session = make_session(
@@ -289,3 +297,60 @@ def _run(session, names: list[str], feed: Mapping[str, np.ndarray], batch: int) 
             f"calibration batch {batch} does not fit the model ({message[:300]}); "
             "check its input names and shapes"
         ) from None
+
+
+# --- Embeddings, recurrent input weights, ConvTranspose (issue 16) ------------------------------------------
+
+#: Ops whose rows `layer_input_16` defines.
+LAYERS_16 = ("Gather", "LSTM", "GRU", "RNN", "ConvTranspose")
+#: Embedding tables with more rows than this get no statistics (V×V accumulators): plain SVD factors.
+MAX_EMBEDDING_ROWS = 4096
+
+
+def layer_input_16(
+    node: onnx.NodeProto, attrs: Mapping[str, object], weights: Mapping[str, onnx.TensorProto]
+) -> LayerInput | None:
+    """The rows of an embedding (one-hot ids, width V; None above `MAX_EMBEDDING_ROWS`), of a recurrent
+    op's input weight (each time step's x, width I) and of a ConvTranspose (each input pixel, width Cin)."""
+    index = 0 if node.op_type == "Gather" else 1
+    weight = weights.get(node.input[index]) if len(node.input) > index else None
+    if weight is None:
+        raise ValueError(f"node '{node.name}' has no constant weight")
+    dims = tuple(weight.dims)
+    if node.op_type == "Gather":
+        if dims[0] > MAX_EMBEDDING_ROWS:
+            return None
+        return LayerInput(node.name, node.input[1], "Gather", dims[0], attrs, outputs=dims[1])
+    if node.op_type == "ConvTranspose":
+        return LayerInput(node.name, node.input[0], "ConvTranspose", dims[0], attrs, dims[2:], dims[1])
+    return LayerInput(node.name, node.input[0], node.op_type, dims[2], attrs, outputs=dims[0] * dims[1])
+
+
+def rows_16(layer: LayerInput, x: np.ndarray) -> np.ndarray:
+    if layer.op == "Gather":
+        return np.eye(layer.dim)[np.asarray(x).reshape(-1) % layer.dim]
+    if layer.op == "ConvTranspose":
+        return np.moveaxis(x, 1, -1).reshape(-1, layer.dim)
+    return x.reshape(-1, layer.dim)  # LSTM/GRU/RNN: every time step of every sequence, as the op reads X
+
+
+def add_token_counts(layer: LayerInput, ids: np.ndarray, moment: SecondMoment) -> None:
+    """One-hot rows added as counts on the diagonal: Σ eᵢeᵢᵀ without forming the rows."""
+    flat = np.asarray(ids).reshape(-1).astype(np.int64)
+    if ((flat < -layer.dim) | (flat >= layer.dim)).any():
+        raise ValueError(f"token ids outside [-{layer.dim}, {layer.dim})")
+    counts = np.bincount(flat % layer.dim, minlength=layer.dim)
+    moment.total[np.diag_indices(layer.dim)] += counts
+    moment.count += int(flat.size)
+
+
+def sample_axis(layer: LayerInput, x: np.ndarray) -> tuple[np.ndarray, int]:
+    """x (a scalar or vector made 2-D where needed) and its samples' axis: Gemm with transA and
+    time-major recurrent input (layout 0, [T, N, I]) have them on the second axis."""
+    if (layer.op == "MatMul" and x.ndim == 1) or (layer.op == "Gather" and x.ndim == 0):
+        return x.reshape(1, -1), 0
+    if layer.op == "Gemm" and layer.attrs.get("transA", 0):
+        return x, 1
+    if layer.op in ("LSTM", "GRU", "RNN") and not layer.attrs.get("layout", 0):
+        return x, 1
+    return x, 0

@@ -59,11 +59,11 @@ class Costing:
 
 def layer_positions(analysis: Analysis, macs: Mapping[str, int | None]) -> LayerShape | None:
     """The layer as y = W x with its positions per inference (None when a reader's MACs are unknown)."""
+    from lrdeploy.planning.plan import mac_positions  # plan → config → this module: import when used
+
+    positions = mac_positions(analysis.group, macs)
     view = analysis.group.view
-    counts = [macs.get(node.name) for node in analysis.group.nodes]
-    if any(c is None for c in counts):
-        return None
-    return LayerShape(view.m, view.n, max(1, round(sum(counts) / (view.m * view.n))))  # type: ignore[arg-type]
+    return None if positions is None else LayerShape(view.m, view.n, positions)
 
 
 def _params(analyses: Sequence[Analysis], context: CostContext) -> Costing:

@@ -25,7 +25,7 @@ from lrdeploy.config import CompressConfig
 from lrdeploy.passes.dense_ops import ACTIVATION_PRODUCT, activation_product, dense_row, runtime_tensors
 from lrdeploy.passes.factorize import Rewrite
 from lrdeploy.passes.lowrank_ops import ADAPTERS, WeightView, weight_view
-from lrdeploy.planning.calibrate import LayerMoments
+from lrdeploy.planning.calibrate import MAX_EMBEDDING_ROWS, LayerMoments
 from lrdeploy.planning.policy import FixedRank
 from lrdeploy.planning.selection import layer_labels, select
 from lrdeploy.planning.spectrum import Spectrum
@@ -38,6 +38,7 @@ __all__ = [
     "analyze_groups",
     "find_groups",
     "finish_groups",
+    "mac_positions",
     "plan_layers",
     "stored_product",
 ]
@@ -74,6 +75,7 @@ class LayerDecision:
     calib_rows: tuple[int, int] | None = None  # (fit, held apart) rows the statistics hold
     fallback: str | None = None  # why plain SVD factors were used although whitening was asked for
     sensitivity: tuple[tuple[int, float], ...] = ()  # (rank, measured model output error)
+    kept_params: int = 0  # weights a factorized node keeps dense (a recurrent op's R and biases)
 
     @property
     def weight_rel_error(self) -> float | None:
@@ -146,12 +148,13 @@ def find_groups(
         if isinstance(view, str):
             dynamic = activation_product(node, runtime)
             weights = [t for t in node.inputs[1::-1] if isinstance(t, gs.Constant)][:1]  # W, else x
+            weights += ADAPTERS[node.op].kept_weights(node)
             rows.append(_row(node, view, weights, first_reader, dynamic))
             continue
         first_reader.setdefault(id(view.weight), node.name)
         group = groups.setdefault(id(view.weight), WeightGroup(view, []))
         if view.layout != group.view.layout:
-            group.problem = f"weight '{view.weight.name}' is read with different layouts; left dense"
+            group.problem = _two_layouts(group, view, node)
         group.nodes.append(node)
     graph_outputs = {id(t) for g in (graph, *graph.subgraphs(recursive=True)) for t in g.outputs}
     candidates = {node.name for group in groups.values() for node in group.nodes}
@@ -170,6 +173,18 @@ def find_groups(
                 "left dense so it stays shared"
             )
     return list(groups.values()), rows
+
+
+def _two_layouts(group: WeightGroup, view: WeightView, node: gs.Node) -> str:
+    """Why a weight read with two layouts stays dense (a table read as embedding and projection: tied)."""
+    name = view.weight.name
+    if "Gather" not in (view.layout[0], group.view.layout[0]):
+        return f"weight '{name}' is read with different layouts; left dense"
+    other = node if view.layout[0] != "Gather" else group.nodes[0]
+    return (
+        f"embedding table '{name}' is also read by {other.op} '{other.name}' (tied to an output "
+        "projection); left dense so it stays shared"
+    )
 
 
 def _parallelism() -> tuple[int, int]:
@@ -209,6 +224,7 @@ class Analysis:
     whitened: WhitenedSpectrum | None = None
     moments: LayerMoments | None = None
     curve: tuple[tuple[int, float], ...] = ()  # measured end to end (`lrdeploy.planning.sensitivity`)
+    fallback: str | None = None  # why there are no statistics although whitening was asked for
 
     @property
     def name(self) -> str:
@@ -223,7 +239,7 @@ class Analysis:
             return choose_factors(self.matrix, rank, self.whitened, self.spectrum, moments.fit.matrix, held)
         a, b = self.spectrum.factors(self.matrix, rank)
         if moments is None:
-            return Factors("svd", a, b, math.nan, None, math.nan, None)
+            return Factors("svd", a, b, math.nan, None, math.nan, None, self.fallback)
         fit = holdout_error(self.matrix, a, b, moments.fit.matrix)
         held_error = holdout_error(self.matrix, a, b, held) if held is not None else None
         return Factors("svd", a, b, fit, held_error, fit, held_error)
@@ -257,7 +273,13 @@ def _analyze(
     matrix = np.asarray(matrix, dtype=np.float64)
     layer = _merged(group, moments) if moments else None
     whitened = WhitenedSpectrum.of(matrix, layer.fit.matrix) if layer is not None and whiten else None
-    return Analysis(group, None, override, matrix, Spectrum.of(matrix), whitened, layer)
+    analysis = Analysis(group, None, override, matrix, Spectrum.of(matrix), whitened, layer)
+    if moments and whiten and layer is None and group.view.layout[0] == "Gather":
+        analysis.fallback = (
+            f"the embedding's {group.view.n} rows are over the {MAX_EMBEDDING_ROWS} whose token statistics "
+            "are kept; plain SVD factors"
+        )
+    return analysis
 
 
 def _merged(group: WeightGroup, moments: Mapping[str, LayerMoments]) -> LayerMoments | None:
@@ -273,6 +295,26 @@ def _merged(group: WeightGroup, moments: Mapping[str, LayerMoments]) -> LayerMom
     return merged
 
 
+_LOOKUP = (
+    "an embedding lookup costs no MACs; its pair's MatMul would add some, so a MAC budget keeps it dense"
+)
+
+
+def mac_positions(group: WeightGroup, macs: Mapping[str, int | None]) -> int | None:
+    """Rows per inference the weight multiplies, from its readers' MACs (None where one is unknown): an
+    embedding lookup has none, and a recurrent op's MACs also count its dense R at every step."""
+    view = group.view
+    if view.layout[0] == "Gather":
+        return 0
+    counts = [macs.get(node.name) for node in group.nodes]
+    if any(c is None for c in counts):
+        return None
+    per_row = view.m * view.n
+    if view.layout[0] in ("LSTM", "GRU", "RNN"):
+        per_row += sum(_size(r) for r in {id(n.inputs[2]): n.inputs[2] for n in group.nodes}.values())
+    return max(1, round(sum(counts) / per_row))  # type: ignore[arg-type]
+
+
 def analyze_groups(
     groups: list[WeightGroup],
     config: CompressConfig,
@@ -283,6 +325,9 @@ def analyze_groups(
     layers = [([n.name for n in group.nodes], group.labels) for group in groups]
     policy = config.policy or config.budget  # a budget stands for the policy
     choices = select(layers, config.overrides, config.include, config.exclude, policy)
+    if config.budget is not None and config.budget[0] != "params":  # a lookup costs no MACs, time or arrays
+        lookup = [g.view.layout[0] == "Gather" for g in groups]
+        choices = [(o, r or (_LOOKUP if x else None)) for x, (o, r) in zip(lookup, choices, strict=True)]
     jobs = list(zip(groups, choices, strict=True))
     return _parallel(lambda job: _analyze(job[0], *job[1], moments, config.whiten), jobs, progress)
 
@@ -355,6 +400,9 @@ def _root(value: float | None) -> float | None:
 
 def stored_product(view: WeightView, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """A @ B (the [m, n] approximation) in the weight's storage layout."""
+    product = ADAPTERS[view.layout[0]].product(view, a, b)
+    if product is not None:
+        return product
     product = a @ b
     if view.layout[0] == "Conv":
         return product.reshape(view.layout[1])
@@ -366,13 +414,15 @@ def _finish(
 ) -> tuple[Rewrite | None, list[LayerDecision]]:
     group, view = analysis.group, analysis.group.view
     names = [n.name for n in group.nodes]
+    kept = sum(_size(w) for w in ADAPTERS[view.layout[0]].kept_weights(group.nodes[0]))
     base: dict[str, object] = {
         "weight": view.weight.name,
         "weight_shape": tuple(int(d) for d in view.weight.shape),
         "m": view.m,
         "n": view.n,
         "full_rank": min(view.m, view.n),
-        "params": view.m * view.n,
+        "params": view.m * view.n + kept,
+        "kept_params": kept,
         "sensitivity": analysis.curve,
     }
     if analysis.moments is not None:
@@ -395,6 +445,8 @@ def _finish(
 
     if rank is None or analysis.spectrum is None or analysis.matrix is None:
         return None, decide("skipped", reason)
+    if view.layout[0] in ("LSTM", "GRU", "RNN"):
+        reason += "; input weights W only, the recurrent weights R stay dense"
     chosen = analysis.factors(rank, config.whiten)
     energy = analysis.spectrum.energy_kept(rank)
     analysis.spectrum.release()

@@ -47,7 +47,7 @@ def _balanced(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def component_errors(a: np.ndarray, b: np.ndarray, second_moment: np.ndarray) -> np.ndarray:
     """errors[r] = relative output error on C of the first r components (r = 0 … k), for factors whose
     A columns are orthogonal (plain SVD's and whitened factors both are)."""
-    weights = np.sum(a * a, axis=0) * np.einsum("ij,jk,ik->i", b, second_moment, b)
+    weights = np.sum(a * a, axis=0) * np.sum((b @ second_moment) * b, axis=1)  # bᵢᵀ C bᵢ, on BLAS
     weights = np.clip(weights, 0.0, None)
     tail = np.concatenate([np.cumsum(weights[::-1])[::-1], [0.0]])
     total = tail[0]
@@ -58,10 +58,18 @@ def holdout_error(weight: np.ndarray, a: np.ndarray, b: np.ndarray, second_momen
     """‖(W − AB) X_h‖² / ‖W X_h‖² from the second moment of rows X_h (0 when W X_h is 0)."""
     w = np.asarray(weight, dtype=np.float64)
     error = w - np.asarray(a, dtype=np.float64) @ np.asarray(b, dtype=np.float64)
-    total = float(np.einsum("ij,jk,ik->", w, second_moment, w))
+    total = float(np.sum((w @ second_moment) * w))
     if total <= 0:
         return 0.0
-    return max(0.0, float(np.einsum("ij,jk,ik->", error, second_moment, error))) / total
+    return max(0.0, float(np.sum((error @ second_moment) * error))) / total
+
+
+def _eigh(moment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C = Q Λ Qᵀ; a diagonal C (an embedding's token counts) is its own eigendecomposition."""
+    diagonal = np.diag(moment).copy()
+    if np.count_nonzero(moment) == np.count_nonzero(diagonal):
+        return diagonal, np.eye(len(diagonal))
+    return np.linalg.eigh((moment + moment.T) / 2)
 
 
 @dataclass
@@ -85,7 +93,7 @@ class WhitenedSpectrum:
             raise ValueError(f"second moment has shape {moment.shape}, expected ({n}, {n})")
         if not (np.isfinite(w).all() and np.isfinite(moment).all()):
             raise ValueError("weight or second moment holds NaN or infinite values")
-        eigenvalues, basis = np.linalg.eigh((moment + moment.T) / 2)
+        eigenvalues, basis = _eigh(moment)
         eigenvalues = np.clip(eigenvalues, 0.0, None)
         largest = float(eigenvalues.max(initial=0.0))
         if largest <= 0:  # the layer only ever saw zeros: any factors are exact on it; use plain SVD's
