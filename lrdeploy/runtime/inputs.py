@@ -4,6 +4,10 @@ Exported models leave dims symbolic (``batch``, ``sequence``). A leading symboli
 batch and set to 1; any other must come from ``--input-shape NAME:d0,d1,...`` or from another input
 that names the same symbol, otherwise the error names the dims that cannot be guessed.
 
+Random data cannot choose everything: ``--input-value NAME=VALUE`` feeds a constant (a sample rate that
+selects a branch), and integer inputs that index a constant table get indices within it. A state input
+keeps its batch where it declares the batch symbol (``[layers, batch, hidden]``: axis 1, `batch_axes`).
+
 Declared shapes are untrusted: a 1 KB model may declare an input of ``[1, 10000, 10000, 4]``. Random
 feeds are sized in Python integers before anything is allocated, and refused over `MAX_RANDOM_BYTES`.
 """
@@ -11,7 +15,7 @@ feeds are sized in Python integers before anything is allocated, and refused ove
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,13 +23,20 @@ import onnx
 from onnx import TensorProto, helper
 
 from lrdeploy.errors import UsageError
+from lrdeploy.passes.scopes import body_graphs, scoped_nodes
 from lrdeploy.spelling import either, option
 
 __all__ = [
     "MAX_RANDOM_BYTES",
     "InputSpec",
+    "batch_axes",
+    "batch_symbol",
     "check_random_size",
+    "check_values",
+    "constant_feed",
     "model_inputs",
+    "parse_batch_axes",
+    "parse_input_values",
     "random_feeds",
     "resolve_shapes",
 ]
@@ -164,18 +175,49 @@ def resolve_shapes(
     return shapes
 
 
+#: Ops that pass integer indices on unchanged in value (shape or type only).
+_INDEX_PASSTHROUGH = ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand")
+
+
+def _tables(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    """Constant tensors' dims: initializers and Constant nodes, in every body too."""
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    for node in scoped_nodes(graph):
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            dims[node.output[0]] = list(node.attribute[0].t.dims)
+        for _, body in body_graphs(node):
+            dims.update((t.name, list(t.dims)) for t in body.initializer)
+    return dims
+
+
 def _index_ranges(model: onnx.ModelProto) -> dict[str, int]:
-    """For integer inputs that index a constant table (Gather of embeddings), the table's size."""
-    tables = {t.name: list(t.dims) for t in model.graph.initializer}
+    """For integer inputs that index a constant table (Gather of embeddings), the table's size.
+
+    The indices may reach the Gather through casts and reshapes, or inside an If/Loop/Scan body.
+    """
+    tables = _tables(model.graph)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in scoped_nodes(model.graph):
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
     ranges: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in tables:
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        dims = tables[node.input[0]]
-        if dims:
-            size = dims[axis % len(dims)]
-            ranges[node.input[1]] = min(ranges.get(node.input[1], size), size)
+    for spec in model_inputs(model):
+        todo, seen = [spec.name], {spec.name}
+        while todo:
+            tensor = todo.pop()
+            for node in readers.get(tensor, ()):
+                if (
+                    node.op_type in _INDEX_PASSTHROUGH
+                    and node.input[0] == tensor
+                    and node.output[0] not in seen
+                ):
+                    seen.add(node.output[0])
+                    todo.append(node.output[0])
+                elif node.op_type == "Gather" and node.input[1:2] == [tensor] and tables.get(node.input[0]):
+                    dims = tables[node.input[0]]
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    size = dims[axis % len(dims)]
+                    ranges[spec.name] = min(ranges.get(spec.name, size), size)
     return ranges
 
 
@@ -210,17 +252,25 @@ def _mib(size: int) -> str:
 
 
 def random_feeds(
-    model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], seed: int = 0
+    model: onnx.ModelProto,
+    shapes: Mapping[str, tuple[int, ...]],
+    seed: int = 0,
+    values: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded inputs: standard normal floats; integers in [0, table size) for embedding indices, the whole
-    range for other 8-bit integers (pixels, quantized data), else 0/1."""
+    range for other 8-bit integers (pixels, quantized data), else 0/1. An input in ``values`` is that
+    constant at its shape (a sample rate, a mode flag: what random data cannot choose)."""
     rng = np.random.default_rng(seed)
     ranges = _index_ranges(model)
     feeds: dict[str, np.ndarray] = {}
     specs = model_inputs(model)
     check_random_size(specs, shapes)
+    check_values(specs, values or {})
     for spec in specs:
         shape = shapes[spec.name]
+        if values and spec.name in values:
+            feeds[spec.name] = constant_feed(spec, values[spec.name], shape)
+            continue
         if spec.elem_type == 0:
             raise UsageError(f"input '{spec.name}' is not a tensor; lrdeploy can only feed tensor inputs")
         if spec.elem_type == TensorProto.STRING:
@@ -237,3 +287,110 @@ def random_feeds(
         else:
             feeds[spec.name] = rng.integers(0, ranges.get(spec.name, 2), size=shape).astype(dtype)
     return feeds
+
+
+def check_values(specs: list[InputSpec], values: Mapping[str, float]) -> None:
+    """UsageError for a value given for an input the model does not have."""
+    known = {spec.name for spec in specs}
+    for name in values:
+        if name not in known:
+            raise UsageError(
+                f"unknown input '{name}' in {option('input_values')}; the model's inputs are: "
+                f"{', '.join(sorted(known)) or '(none)'}"
+            )
+
+
+def constant_feed(spec: InputSpec, value: float, shape: tuple[int, ...] | None) -> np.ndarray:
+    """``value`` broadcast to ``shape`` as the input's type; refused when the type cannot hold it."""
+    if shape is None:
+        raise UsageError(
+            f"input '{spec.name}' has no known shape for its {option('input_values')} constant; "
+            f"pass {shape_hint(spec.name, 'd0,d1,...')}"
+        )
+    try:
+        dtype = spec.dtype
+        with np.errstate(all="ignore"):
+            cast = np.asarray(value).astype(dtype)
+        exact = bool(cast == value) or (dtype.kind == "f" and np.isfinite(cast))
+    except (TypeError, ValueError, OverflowError):
+        exact = False
+    if not exact:
+        raise UsageError(
+            f"{option('input_values')} {spec.name}={value}: input '{spec.name}' is "
+            f"{type_label(spec)}, which cannot hold {value}"
+        )
+    return np.full(shape, cast, dtype)
+
+
+def type_label(spec: InputSpec) -> str:
+    try:
+        return str(spec.dtype)
+    except (TypeError, ValueError, KeyError):
+        return onnx.TensorProto.DataType.Name(spec.elem_type).lower()
+
+
+def parse_input_values(specs: Sequence[str]) -> dict[str, float]:
+    """Parse ``NAME=VALUE`` strings (``--input-value sr=16000``); integers stay integers."""
+    values: dict[str, float] = {}
+    for spec in specs:
+        name, sep, text = spec.rpartition("=")
+        number: float | None
+        try:
+            number = int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                number = None
+        if not sep or not name or number is None or not math.isfinite(number):
+            raise UsageError(f"--input-value expects NAME=NUMBER (e.g. sr=16000), got '{spec}'")
+        values[name] = number
+    return values
+
+
+def batch_symbol(specs: list[InputSpec]) -> str | None:
+    """The symbolic dim most inputs lead with (``batch``): where a state input keeps its batch."""
+    leading = [spec.dims[0] for spec in specs if spec.dims and isinstance(spec.dims[0], str)]
+    return max(set(leading), key=leading.count) if leading else None
+
+
+def batch_axes(specs: list[InputSpec], given: Mapping[str, int] | None = None) -> dict[str, int | None]:
+    """Each input's batch axis: given (``--batch-axis``), else where it declares the batch symbol (a state
+    ``[layers, batch, hidden]``: 1), else 0; None for a declared scalar, which is fed as it is."""
+    given = given or {}
+    by_name = {spec.name: spec for spec in specs}
+    for name, axis in given.items():
+        spec = by_name.get(name)
+        if spec is None:
+            raise UsageError(
+                f"unknown input '{name}' in {option('batch_axes')}; the model's inputs are: "
+                f"{', '.join(by_name) or '(none)'}"
+            )
+        if spec.dims is not None and not 0 <= axis < max(len(spec.dims), 1):
+            raise UsageError(
+                f"{option('batch_axes')} {name}:{axis}: input '{name}' has {len(spec.dims)} dims "
+                f"{_format(spec.dims)}"
+            )
+    symbol = batch_symbol(specs)
+    axes: dict[str, int | None] = {}
+    for spec in specs:
+        if spec.name in given:
+            axes[spec.name] = given[spec.name]
+        elif spec.dims == ():
+            axes[spec.name] = None
+        elif spec.dims and symbol is not None and symbol in spec.dims:
+            axes[spec.name] = spec.dims.index(symbol)
+        else:
+            axes[spec.name] = 0
+    return axes
+
+
+def parse_batch_axes(specs: Sequence[str]) -> dict[str, int]:
+    """Parse ``NAME:AXIS`` strings (``--batch-axis state:1``; the name may itself contain ':')."""
+    axes: dict[str, int] = {}
+    for spec in specs:
+        name, sep, text = spec.rpartition(":")
+        if not sep or not name or not text.isdigit():
+            raise UsageError(f"--batch-axis expects NAME:AXIS with AXIS ≥ 0 (e.g. state:1), got '{spec}'")
+        axes[name] = int(text)
+    return axes
