@@ -185,7 +185,7 @@ def _compress(
         config=config.describe(),
         opset=input_opset,
         ir_version=(original.ir_version, compressed.ir_version),
-        input_shapes={k: list(v) if v else None for k, v in shapes.items()},
+        input_shapes={k: list(v) if v is not None else None for k, v in shapes.items()},
         params_before=params_before,
         params_after=params_after,
         macs_before=_total(original, macs_before),
