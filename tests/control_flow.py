@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from models import IR_VERSION, initializer, weight
+from models import IR_VERSION, initializer
 
 __all__ = ["H", "audio_if_model", "loop_model", "scan_model"]
 
@@ -32,11 +32,20 @@ def _model(graph: onnx.GraphProto, opset: int = 17) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
 
 
+def weight(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    """A weight whose singular values decay (0.6^i), as trained ones do: rank 1/2 keeps it close."""
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    u, _ = np.linalg.qr(rng.standard_normal((rows, min(rows, cols))))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, min(rows, cols))))
+    sigma = 0.6 ** np.arange(min(rows, cols)) * scale * np.sqrt(max(rows, cols))
+    return ((u * sigma) @ v.T).reshape(shape).astype(np.float32)
+
+
 def _bn(rng: np.random.Generator, prefix: str, channels: int) -> dict[str, np.ndarray]:
     return {
         f"{prefix}_scale": (rng.random(channels) + 0.5).astype(np.float32),
-        f"{prefix}_bias": weight(rng, channels, scale=0.1),
-        f"{prefix}_mean": weight(rng, channels, scale=0.1),
+        f"{prefix}_bias": (rng.standard_normal(channels) * 0.1).astype(np.float32),
+        f"{prefix}_mean": (rng.standard_normal(channels) * 0.1).astype(np.float32),
         f"{prefix}_var": (rng.random(channels) + 0.5).astype(np.float32),
     }
 

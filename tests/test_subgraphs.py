@@ -1,0 +1,240 @@
+"""Layers inside If/Loop/Scan bodies (passes/scopes.py and the passes that walk bodies): found, BN-folded,
+factorized and counted like the main graph's, named by their path; verified with the real control flow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from control_flow import H, audio_if_model, loop_model, scan_model
+from onnx import numpy_helper
+from test_factorize import force_factorize
+
+import lrdeploy
+from lrdeploy.cli.app import main
+from lrdeploy.passes.names import name_nodes
+from lrdeploy.passes.scopes import scoped_nodes, scoped_total
+from lrdeploy.planning import costs
+from models import assert_close, check_model, rel_error, run
+
+MODELS = {
+    "if": audio_if_model,
+    "loop": loop_model,
+    "nested": lambda: loop_model(nested=True),
+    "scan": scan_model,
+}
+BODY_LAYERS = {
+    "if": {
+        "If_0/then_branch/k16_conv",
+        "If_0/then_branch/k16_gemm",
+        "If_0/then_branch/k16_proj",
+        "If_0/else_branch/k8_conv",
+        "If_0/else_branch/k8_matmul",
+        "If_0/else_branch/k8_proj",
+    },
+    "loop": {"Loop_0/body/up", "Loop_0/body/down"},
+    "nested": {
+        "Loop_0/body/up",
+        "Loop_0/body/down",
+        "Loop_0/body/If_inner/then_branch/inner_then",
+        "Loop_0/body/If_inner/else_branch/inner_else",
+    },
+    "scan": {"Scan_0/body/cell_in", "Scan_0/body/cell_out"},
+}
+
+
+def audio_feeds(sr: int, batch: int = 3, seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "x": rng.standard_normal((batch, 4, 20)).astype(np.float32),
+        "sr": np.array(sr, dtype=np.int64),
+        "state": rng.standard_normal((2, batch, H)).astype(np.float32),
+    }
+
+
+def feeds_of(kind: str) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(2)
+    if kind == "if":
+        return [audio_feeds(16000), audio_feeds(8000)]  # both branches
+    if kind == "scan":
+        return [
+            {
+                "s0": rng.standard_normal(H).astype(np.float32),
+                "xs": rng.standard_normal((6, 8)).astype(np.float32),
+            }
+        ]
+    return [{"h0": rng.standard_normal((1, H)).astype(np.float32)}]
+
+
+def all_initializers(model: onnx.ModelProto) -> list[str]:
+    names = [t.name for t in model.graph.initializer]
+    for node in scoped_nodes(model.graph):
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                names += [t.name for t in attr.g.initializer]
+    return names
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_body_layers_are_found_by_path(kind):
+    inspection = lrdeploy.inspect(MODELS[kind]())
+    found = {name for layer in inspection.layers for name in layer.names}
+    assert found == BODY_LAYERS[kind]
+    assert all(inspection.macs[name] for name in found)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_full_rank_pairs_in_bodies_are_exact(kind):
+    model = MODELS[kind]()
+    name_nodes(model.graph)  # as compress does: paths for the body nodes
+    factorized, result = force_factorize(model)
+    assert {d.node for d in result.with_action("factorized")} == BODY_LAYERS[kind]
+    check_model(factorized)
+    assert not [n for n in factorized.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    for feeds in feeds_of(kind):
+        assert_close(run(factorized, feeds), run(model, feeds))
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_rank_ratio_one_is_exact(kind):
+    model = MODELS[kind]()
+    compressed, report = lrdeploy.compress(
+        model, rank_ratio=1.0, input_values={"sr": 16000} if kind == "if" else {}
+    )
+    check_model(compressed)
+    for feeds in feeds_of(kind):
+        assert_close(run(compressed, feeds), run(model, feeds))
+    assert report.macs_before == report.macs_after and report.macs_before > 0
+
+
+def test_branch_batchnorms_fold_and_outer_weights_stay_single():
+    model = audio_if_model()
+    compressed, report = lrdeploy.compress(model, rank_ratio=0.5, input_values={"sr": 16000})
+    assert [(b["name"], b["status"]) for b in report.batchnorm] == [
+        ("If_0/else_branch/k8_bn", "folded"),
+        ("If_0/then_branch/k16_bn", "folded"),
+    ]
+    assert not [n for n in scoped_nodes(compressed.graph) if n.op_type == "BatchNormalization"]
+    names = all_initializers(compressed)
+    assert len(names) == len(set(names)), "a weight is stored twice"
+    # w_shared is read by both branches: one pair of factors, in the main graph, read by both
+    main = {t.name for t in compressed.graph.initializer}
+    assert {"w_shared_lowrank_in", "w_shared_lowrank_out"} <= main
+    readers = [n.name for n in scoped_nodes(compressed.graph) if "w_shared_lowrank_in" in n.input]
+    assert readers == ["If_0/else_branch/k8_proj_lowrank_in", "If_0/then_branch/k16_proj_lowrank_in"]
+    rows = {layer.decision.name: layer.decision for layer in report.layers}
+    assert rows["If_0/then_branch/k16_proj"].shared_primary == "If_0/else_branch/k8_proj"
+    assert all(d.status == "factorized" for d in rows.values())
+    assert model == audio_if_model(), "the input model was modified"
+
+
+def test_shared_weight_with_an_unfactorizable_reader_stays_dense():
+    model = audio_if_model()
+    then_branch = next(a.g for a in model.graph.node[1].attribute if a.name == "then_branch")
+    then_branch.node.append(onnx.helper.make_node("Gather", ["w_shared", "sr16k"], ["row"], "peek"))
+    then_branch.output.append(onnx.helper.make_tensor_value_info("row", onnx.TensorProto.FLOAT, None))
+    else_branch = next(a.g for a in model.graph.node[1].attribute if a.name == "else_branch")
+    else_branch.node.append(onnx.helper.make_node("Identity", ["w_shared"], ["row2"], "peek2"))
+    else_branch.output.append(onnx.helper.make_tensor_value_info("row2", onnx.TensorProto.FLOAT, None))
+    model.graph.node[1].output.append("row_out")
+    _, report = lrdeploy.compress(model, rank_ratio=0.5, verify=False)
+    proj = [layer.decision for layer in report.layers if layer.decision.name.endswith("_proj")]
+    assert [d.status for d in proj] == ["skipped", "skipped"]
+    assert "left dense so it stays shared" in proj[0].reason
+
+
+@pytest.mark.parametrize("kind", ["nested", "scan", "loop"])
+def test_half_rank_in_loop_bodies_is_verified(kind):
+    compressed, report = lrdeploy.compress(MODELS[kind](), rank_ratio=0.5)
+    check_model(compressed)
+    assert {layer.decision.name for layer in report.factorized} == BODY_LAYERS[kind]
+    assert report.params_after < report.params_before
+    assert report.macs_after < report.macs_before
+    assert report.verification.outputs[0].cosine > 0.5
+
+
+def test_audio_half_rank_verified_with_an_input_value():
+    model = audio_if_model()
+    compressed, report = lrdeploy.compress(model, rank_ratio=0.5, input_values={"sr": 16000}, seed=3)
+    check_model(compressed)
+    assert report.verification is not None and "random" in report.verification.data
+    # the then branch ran: its outputs differ from the else branch's, whose layers were factorized too
+    expected = run(compressed, audio_feeds(16000, seed=3))
+    assert not np.allclose(expected[0], run(compressed, audio_feeds(8000, seed=3))[0])
+
+
+def test_audio_half_rank_verified_with_a_data_file(tmp_path):
+    """sr is a scalar in the file, fed to every batch; state keeps its batch on axis 1, from the dims."""
+    feeds = audio_feeds(16000, batch=10)
+    np.savez(tmp_path / "audio.npz", **feeds)
+    compressed, report = lrdeploy.compress(
+        audio_if_model(), rank_ratio=0.5, data=tmp_path / "audio.npz", batch_size=4
+    )
+    assert report.verification.data == "audio.npz (10 samples)"
+    assert report.verification.samples == 10
+    # batches of 4 along each input's batch axis give the numbers of one run over all 10 samples
+    expected, actual = run(audio_if_model(), feeds), run(compressed, feeds)
+    for index, output in enumerate(report.verification.outputs):
+        assert output.rel_l2 == pytest.approx(rel_error(actual[index], expected[index]), rel=1e-4)
+    assert report.verification.outputs[0].cosine > 0.9
+
+
+def test_macs_count_the_costlier_branch_and_one_iteration():
+    model = audio_if_model()
+    name_nodes(model.graph)
+    macs = costs.count_macs(model, {"x": (1, 4, 20), "sr": (), "state": (2, 1, H)})
+    then = sum(v for k, v in macs.items() if k.startswith("If_0/then_branch/"))
+    other = sum(v for k, v in macs.items() if k.startswith("If_0/else_branch/"))
+    total, assumed = scoped_total(model.graph, macs)
+    assert total == max(then, other) and then != other
+    assert assumed == [f"If_0: else_branch ({other:,} MACs; then_branch {then:,})"]
+    _, report = lrdeploy.compress(audio_if_model(), rank_ratio=0.5, verify=False)
+    assert report.macs_before == total
+    assert any("the more expensive branch of each If" in note for note in report.notes)
+    assert report.layers[0].macs_before == macs["If_0/else_branch/k8_conv"]
+
+    loop = loop_model(nested=True)
+    name_nodes(loop.graph)
+    macs = costs.count_macs(loop, {"h0": (1, H)})
+    up, down, inner = (macs[f"Loop_0/body/{n}"] for n in ("up", "down", "If_inner/then_branch/inner_then"))
+    assert scoped_total(loop.graph, macs)[0] == up + down + inner  # one iteration, one branch
+
+
+def test_paths_are_stable_when_compressing_an_output_again():
+    once, _ = lrdeploy.compress(loop_model(nested=True), rank_ratio=0.5, verify=False)
+    body_names = {n.name for n in scoped_nodes(once.graph)} - {n.name for n in once.graph.node}
+    assert "Loop_0/body/If_inner/then_branch/inner_then_lowrank_in" in body_names
+    copy = onnx.ModelProto()
+    copy.CopyFrom(once)
+    name_nodes(copy.graph)
+    assert {n.name for n in scoped_nodes(copy.graph)} == {n.name for n in scoped_nodes(once.graph)}
+
+
+def test_include_selects_one_branch():
+    _, report = lrdeploy.compress(
+        audio_if_model(), rank_ratio=0.5, include=("If_0/then_branch/*",), verify=False
+    )
+    done = {layer.decision.name for layer in report.factorized}
+    # k16_proj's weight is shared with the else branch: the group goes (and stays shared) as one
+    assert done == {name for name in BODY_LAYERS["if"] if "/then_branch/" in name} | {
+        "If_0/else_branch/k8_proj"
+    }
+
+
+def test_cli_inspect_and_compress_list_paths(tmp_path, capsys):
+    path = tmp_path / "audio.onnx"
+    onnx.save(audio_if_model(), path)
+    assert main(["inspect", str(path), "--format", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {n for layer in listed["layers"] for n in layer["names"]} == BODY_LAYERS["if"]
+    assert listed["notes"] and "If_0: else_branch" in listed["notes"][0]
+    out = tmp_path / "audio.lr.onnx"
+    argv = ["compress", str(path), "--rank-ratio", "0.5", "-o", str(out), "--input-value", "sr=16000"]
+    assert main([*argv, "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {row["name"] for row in report["layers"]} == BODY_LAYERS["if"]
+    check_model(onnx.load(out))
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    assert weights["w_shared_lowrank_in"].shape == (48, 8)
