@@ -39,7 +39,7 @@ from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
 from lrdeploy.passes.scopes import scoped_nodes, scoped_total
 from lrdeploy.passes.upgrade import upgrade_opset
-from lrdeploy.pipeline import decision_dicts, prepare_graph
+from lrdeploy.pipeline import calibration_layers, decision_dicts, prepare_graph
 from lrdeploy.planning import costs
 from lrdeploy.planning.budget import plan_budget
 from lrdeploy.planning.calibration import Calibration, calibrate
@@ -244,7 +244,7 @@ def _calibrate(
     from lrdeploy.runtime.verification import _batch_size  # a fixed batch dim is fed as it is declared
 
     folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
-    layers = [node.name for group in groups if not group.problem for node in group.nodes]
+    layers = calibration_layers(graph, groups)
     assert config.calib is not None
     calibration = calibrate(
         folded,

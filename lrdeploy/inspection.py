@@ -17,7 +17,7 @@ from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
 from lrdeploy.passes.scopes import scoped_total
 from lrdeploy.passes.upgrade import upgrade_opset
-from lrdeploy.pipeline import decision_dicts, prepare_graph
+from lrdeploy.pipeline import calibration_layers, decision_dicts, prepare_graph
 from lrdeploy.planning import costs
 from lrdeploy.planning.plan import LayerDecision, find_groups
 from lrdeploy.planning.policy import round_half_up
@@ -184,7 +184,7 @@ def _moments(graph, original, groups, calib, samples: int, image: ImageOptions |
     from lrdeploy.runtime.datasets import as_data_source
 
     folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
-    layers = [node.name for group in groups if not group.problem for node in group.nodes]
+    layers = calibration_layers(graph, groups)
     source = as_data_source(calib)
     found = calibrate(folded, layers, source, image or ImageOptions(), samples, 0.0, 32)  # type: ignore[arg-type]
     return found.moments

@@ -8,8 +8,9 @@ import onnx_graphsurgeon as gs
 from lrdeploy.io.graphio import to_graph
 from lrdeploy.passes import NameRegistry, PassResult, fold_batchnorm, normalize
 from lrdeploy.planning import costs
+from lrdeploy.planning.plan import WeightGroup
 
-__all__ = ["decision_dicts", "prepare_graph"]
+__all__ = ["calibration_layers", "decision_dicts", "prepare_graph"]
 
 
 def prepare_graph(
@@ -47,3 +48,10 @@ def decision_dicts(result: PassResult | None) -> list[dict[str, str]]:
     if result is None:
         return []
     return [{"name": d.node, "op": d.op, "status": d.action, "reason": d.reason} for d in result.decisions]
+
+
+def calibration_layers(graph: gs.Graph, groups: list[WeightGroup]) -> list[str]:
+    """The candidates calibration can observe: main-graph nodes. A tensor inside an If/Loop/Scan body cannot
+    be made a model output, so layers there get plain SVD factors (`plan` says why)."""
+    main = {id(node) for node in graph.nodes}
+    return [node.name for group in groups if not group.problem for node in group.nodes if id(node) in main]

@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 Progress = Callable[[int, int], None]
+#: Why a layer got plain SVD factors with calibration data: calibration cannot observe it.
+UNCALIBRATED = "no calibration statistics: calibration observes main-graph layers, not If/Loop/Scan bodies"
 
 
 @dataclass(frozen=True)
@@ -414,11 +416,14 @@ def _finish(
             "svd_fit": _root(chosen.svd_fit_error),
             "svd_holdout": _root(chosen.svd_holdout_error),
         }
+    fallback = chosen.reason
+    if config.whiten and analysis.moments is None:
+        fallback = UNCALIBRATED
     extra = {
         "rank": rank,
         "energy_kept": energy,
         "method": chosen.method,
         "calib": calib,
-        "fallback": chosen.reason,
+        "fallback": fallback,
     }
     return Rewrite(tuple(group.nodes), view, rank, first, second), decide("factorized", reason, **extra)

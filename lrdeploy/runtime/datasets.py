@@ -88,6 +88,16 @@ class Dataset:
             batch.update((name, make(stop - start)) for name, make in self.constants.items())
             yield batch
 
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """One batch of the given sample indices, every input fed as `batches` feeds it."""
+        batch = {
+            name: np.ascontiguousarray(np.take(array, rows, axis=self.axes.get(name, 0)))
+            for name, array in self.arrays.items()
+        }
+        batch.update(self.fixed)
+        batch.update((name, make(len(rows))) for name, make in self.constants.items())
+        return batch
+
     def label_batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray | None]:
         total = min(len(self), limit) if limit else len(self)
         for start in range(0, total, batch_size):
