@@ -1,4 +1,4 @@
-"""Inputs random data cannot drive (runtime/inputs.py, datasets.py, verification.py, sessions.py):
+"""Inputs random data cannot drive (runtime/feeding.py, inputs.py, datasets.py, verification.py, sessions.py):
 ``--input-value`` constants, indices within a table, scalar and batch-on-axis-1 data inputs, and
 onnxruntime failures as one quiet line."""
 
@@ -14,13 +14,8 @@ import lrdeploy
 from lrdeploy.cli.app import main
 from lrdeploy.errors import RuntimeFailure, UsageError
 from lrdeploy.runtime.datasets import load_dataset
-from lrdeploy.runtime.inputs import (
-    batch_axes,
-    model_inputs,
-    parse_batch_axes,
-    parse_input_values,
-    random_feeds,
-)
+from lrdeploy.runtime.feeding import batch_axes, parse_batch_axes, parse_input_values
+from lrdeploy.runtime.inputs import model_inputs, random_feeds
 from lrdeploy.runtime.sessions import summarize
 from lrdeploy.runtime.verification import VerifyConfig, verify
 from models import IR_VERSION

@@ -196,7 +196,7 @@ def compress(
     from lrdeploy.cli.tables import print_line
     from lrdeploy.config import CompressConfig, load_overrides, parse_input_shapes
     from lrdeploy.io.modelio import default_output_path
-    from lrdeploy.runtime.inputs import parse_batch_axes, parse_input_values
+    from lrdeploy.runtime.feeding import parse_batch_axes, parse_input_values
 
     fmt = output_format(format_, console.is_terminal)
 
@@ -334,7 +334,7 @@ def verify_command(
     from lrdeploy.cli.tables import print_line
     from lrdeploy.config import parse_input_shapes
     from lrdeploy.report import strict_json
-    from lrdeploy.runtime.inputs import parse_batch_axes, parse_input_values
+    from lrdeploy.runtime.feeding import parse_batch_axes, parse_input_values
     from lrdeploy.runtime.verification import verify
 
     fmt = output_format(format_, console.is_terminal)

@@ -36,15 +36,9 @@ import onnx
 
 from lrdeploy.errors import UsageError
 from lrdeploy.runtime.datafiles import NumpyFile
+from lrdeploy.runtime.feeding import Feeding, batch_axes, check_values, constant_makers
 from lrdeploy.runtime.images import ImageOptions, Pixels, counted, mnist_path, read_folder, read_mnist
-from lrdeploy.runtime.inputs import (
-    InputSpec,
-    batch_axes,
-    check_values,
-    constant_feed,
-    model_inputs,
-    random_feeds,
-)
+from lrdeploy.runtime.inputs import InputSpec, model_inputs, random_feeds
 from lrdeploy.spelling import option
 
 __all__ = [
@@ -272,30 +266,8 @@ def _refuse_image_options(options: ImageOptions, what: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class _Feeding:
-    """How inputs beyond plain first-axis arrays are fed: constants and batch axes (`VerifyConfig`)."""
-
-    values: Mapping[str, float] = field(default_factory=dict)
-    axes: Mapping[str, int] = field(default_factory=dict)
-    shapes: Mapping[str, tuple[int, ...] | None] | None = None
-
-
-def _constant_maker(spec: InputSpec, value: float, shape, axis: int | None) -> Callable[[int], np.ndarray]:
-    """A batch of n samples of the constant: the input's shape with its batch axis set to n."""
-    constant_feed(spec, value, shape)  # refused now, not at the first batch
-
-    def make(count: int) -> np.ndarray:
-        dims = list(shape)
-        if axis is not None and axis < len(dims):
-            dims[axis] = count
-        return constant_feed(spec, value, tuple(dims))
-
-    return make
-
-
 def _from_store(
-    name: str, store: _Arrays | NumpyFile, specs: list[InputSpec], limit: int | None, feeding: _Feeding
+    name: str, store: _Arrays | NumpyFile, specs: list[InputSpec], limit: int | None, feeding: Feeding
 ) -> Dataset:
     """Map arrays to inputs by key (one array: the single input), check headers, read only those."""
     source = store.source
@@ -351,44 +323,20 @@ def _from_store(
         arrays[input_name] = _fit_input(by_name[input_name], data, source, key, axis)
     used = min(limit, total) if limit else total
     labels = _labels(store.read(label_key, limit), used, source) if label_key else None
-    constants = _constants(specs, set(keys), feeding, axes)
+    constants = constant_makers(specs, set(keys), feeding, axes)
     batch_axes_used = {k: axes[k] for k in arrays if axes[k]}
     return Dataset(arrays, labels, counted(name, used, total), batch_axes_used, fixed, constants)  # type: ignore[arg-type]
 
 
-def _constants(
-    specs: list[InputSpec], present: set[str], feeding: _Feeding, axes: Mapping[str, int | None]
-) -> dict[str, Callable[[int], np.ndarray]]:
-    """Builders for the inputs the data lacks and ``--input-value`` gives."""
-    wanted = [spec for spec in specs if spec.name not in present and spec.name in feeding.values]
-    if not wanted:
-        return {}
-    shapes = feeding.shapes
-    if shapes is None or any(spec.name not in shapes for spec in wanted):
-        shapes = {**resolve_shapes_loose(specs), **(shapes or {})}
-    return {
-        spec.name: _constant_maker(spec, feeding.values[spec.name], shapes.get(spec.name), axes[spec.name])
-        for spec in wanted
-    }
-
-
-def resolve_shapes_loose(specs: list[InputSpec]) -> dict[str, tuple[int, ...] | None]:
-    """Declared shapes with symbolic dims as 1 (the batch axis is set per batch anyway)."""
-    return {
-        spec.name: None if spec.dims is None else tuple(d if isinstance(d, int) else 1 for d in spec.dims)
-        for spec in specs
-    }
-
-
 def _from_memory(
-    data: InMemoryData, specs: list[InputSpec], options: ImageOptions, limit: int | None, feeding: _Feeding
+    data: InMemoryData, specs: list[InputSpec], options: ImageOptions, limit: int | None, feeding: Feeding
 ) -> Dataset:
     _refuse_image_options(options, "arrays are")
     return _from_store(str(data), _Arrays(data), specs, limit, feeding)
 
 
 def _from_numpy(
-    path: Path, specs: list[InputSpec], options: ImageOptions, limit: int | None, feeding: _Feeding
+    path: Path, specs: list[InputSpec], options: ImageOptions, limit: int | None, feeding: Feeding
 ) -> Dataset:
     _refuse_image_options(options, f"{path} is")
     with NumpyFile(path) as store:
@@ -426,7 +374,7 @@ def load_dataset(
     """
     options = options or ImageOptions()
     specs = model_inputs(model)
-    feeding = _Feeding(values or {}, axes or {}, shapes)
+    feeding = Feeding(values or {}, axes or {}, shapes)
     if isinstance(source, InMemoryData):
         dataset = _from_memory(source, specs, options, limit, feeding)
         if len(dataset) == 0:

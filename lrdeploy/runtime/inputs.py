@@ -4,9 +4,8 @@ Exported models leave dims symbolic (``batch``, ``sequence``). A leading symboli
 batch and set to 1; any other must come from ``--input-shape NAME:d0,d1,...`` or from another input
 that names the same symbol, otherwise the error names the dims that cannot be guessed.
 
-Random data cannot choose everything: ``--input-value NAME=VALUE`` feeds a constant (a sample rate that
-selects a branch), and integer inputs that index a constant table get indices within it. A state input
-keeps its batch where it declares the batch symbol (``[layers, batch, hidden]``: axis 1, `batch_axes`).
+Integer inputs that index a constant table get random indices within it; what random data cannot choose
+(a sample rate that selects a branch) is given as a constant (`lrdeploy.runtime.feeding`).
 
 Declared shapes are untrusted: a 1 KB model may declare an input of ``[1, 10000, 10000, 4]``. Random
 feeds are sized in Python integers before anything is allocated, and refused over `MAX_RANDOM_BYTES`.
@@ -15,7 +14,7 @@ feeds are sized in Python integers before anything is allocated, and refused ove
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,14 +28,9 @@ from lrdeploy.spelling import either, option
 __all__ = [
     "MAX_RANDOM_BYTES",
     "InputSpec",
-    "batch_axes",
-    "batch_symbol",
     "check_random_size",
-    "check_values",
-    "constant_feed",
+    "format_dims",
     "model_inputs",
-    "parse_batch_axes",
-    "parse_input_values",
     "random_feeds",
     "resolve_shapes",
 ]
@@ -98,7 +92,7 @@ def _check_given(specs: list[InputSpec], given: Mapping[str, tuple[int, ...]]) -
             raise UsageError(
                 f"{option('input_shapes')} {name} has {len(shape)} dims but the model's input has "
                 f"{len(spec.dims)}: "
-                f"{_format(spec.dims)}"
+                f"{format_dims(spec.dims)}"
             )
         for index, (model_dim, user_dim) in enumerate(zip(spec.dims, shape, strict=True)):
             if isinstance(model_dim, int) and model_dim != user_dim:
@@ -116,7 +110,7 @@ def shape_hint(name: str, dims: str) -> str:
     return either(f"--input-shape {name}:{dims}", f"input_shapes={{{name!r}: ({dims})}}")
 
 
-def _format(dims: tuple[Dim, ...]) -> str:
+def format_dims(dims: tuple[Dim, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
@@ -164,7 +158,7 @@ def resolve_shapes(
                     str(d) if isinstance(d, int) else "1" if i == 0 else "64" for i, d in enumerate(spec.dims)
                 )
                 raise UsageError(
-                    f"cannot guess {', '.join(missing)} of input '{spec.name}' {_format(spec.dims)}; "
+                    f"cannot guess {', '.join(missing)} of input '{spec.name}' {format_dims(spec.dims)}; "
                     f"pass e.g. {shape_hint(spec.name, example)} with 64 replaced by the real size"
                 )
             shapes[spec.name] = None
@@ -260,6 +254,8 @@ def random_feeds(
     """Seeded inputs: standard normal floats; integers in [0, table size) for embedding indices, the whole
     range for other 8-bit integers (pixels, quantized data), else 0/1. An input in ``values`` is that
     constant at its shape (a sample rate, a mode flag: what random data cannot choose)."""
+    from lrdeploy.runtime.feeding import check_values, constant_feed  # feeding builds on this module
+
     rng = np.random.default_rng(seed)
     ranges = _index_ranges(model)
     feeds: dict[str, np.ndarray] = {}
@@ -287,110 +283,3 @@ def random_feeds(
         else:
             feeds[spec.name] = rng.integers(0, ranges.get(spec.name, 2), size=shape).astype(dtype)
     return feeds
-
-
-def check_values(specs: list[InputSpec], values: Mapping[str, float]) -> None:
-    """UsageError for a value given for an input the model does not have."""
-    known = {spec.name for spec in specs}
-    for name in values:
-        if name not in known:
-            raise UsageError(
-                f"unknown input '{name}' in {option('input_values')}; the model's inputs are: "
-                f"{', '.join(sorted(known)) or '(none)'}"
-            )
-
-
-def constant_feed(spec: InputSpec, value: float, shape: tuple[int, ...] | None) -> np.ndarray:
-    """``value`` broadcast to ``shape`` as the input's type; refused when the type cannot hold it."""
-    if shape is None:
-        raise UsageError(
-            f"input '{spec.name}' has no known shape for its {option('input_values')} constant; "
-            f"pass {shape_hint(spec.name, 'd0,d1,...')}"
-        )
-    try:
-        dtype = spec.dtype
-        with np.errstate(all="ignore"):
-            cast = np.asarray(value).astype(dtype)
-        exact = bool(cast == value) or (dtype.kind == "f" and np.isfinite(cast))
-    except (TypeError, ValueError, OverflowError):
-        exact = False
-    if not exact:
-        raise UsageError(
-            f"{option('input_values')} {spec.name}={value}: input '{spec.name}' is "
-            f"{type_label(spec)}, which cannot hold {value}"
-        )
-    return np.full(shape, cast, dtype)
-
-
-def type_label(spec: InputSpec) -> str:
-    try:
-        return str(spec.dtype)
-    except (TypeError, ValueError, KeyError):
-        return onnx.TensorProto.DataType.Name(spec.elem_type).lower()
-
-
-def parse_input_values(specs: Sequence[str]) -> dict[str, float]:
-    """Parse ``NAME=VALUE`` strings (``--input-value sr=16000``); integers stay integers."""
-    values: dict[str, float] = {}
-    for spec in specs:
-        name, sep, text = spec.rpartition("=")
-        number: float | None
-        try:
-            number = int(text)
-        except ValueError:
-            try:
-                number = float(text)
-            except ValueError:
-                number = None
-        if not sep or not name or number is None or not math.isfinite(number):
-            raise UsageError(f"--input-value expects NAME=NUMBER (e.g. sr=16000), got '{spec}'")
-        values[name] = number
-    return values
-
-
-def batch_symbol(specs: list[InputSpec]) -> str | None:
-    """The symbolic dim most inputs lead with (``batch``): where a state input keeps its batch."""
-    leading = [spec.dims[0] for spec in specs if spec.dims and isinstance(spec.dims[0], str)]
-    return max(set(leading), key=leading.count) if leading else None
-
-
-def batch_axes(specs: list[InputSpec], given: Mapping[str, int] | None = None) -> dict[str, int | None]:
-    """Each input's batch axis: given (``--batch-axis``), else where it declares the batch symbol (a state
-    ``[layers, batch, hidden]``: 1), else 0; None for a declared scalar, which is fed as it is."""
-    given = given or {}
-    by_name = {spec.name: spec for spec in specs}
-    for name, axis in given.items():
-        spec = by_name.get(name)
-        if spec is None:
-            raise UsageError(
-                f"unknown input '{name}' in {option('batch_axes')}; the model's inputs are: "
-                f"{', '.join(by_name) or '(none)'}"
-            )
-        if spec.dims is not None and not 0 <= axis < max(len(spec.dims), 1):
-            raise UsageError(
-                f"{option('batch_axes')} {name}:{axis}: input '{name}' has {len(spec.dims)} dims "
-                f"{_format(spec.dims)}"
-            )
-    symbol = batch_symbol(specs)
-    axes: dict[str, int | None] = {}
-    for spec in specs:
-        if spec.name in given:
-            axes[spec.name] = given[spec.name]
-        elif spec.dims == ():
-            axes[spec.name] = None
-        elif spec.dims and symbol is not None and symbol in spec.dims:
-            axes[spec.name] = spec.dims.index(symbol)
-        else:
-            axes[spec.name] = 0
-    return axes
-
-
-def parse_batch_axes(specs: Sequence[str]) -> dict[str, int]:
-    """Parse ``NAME:AXIS`` strings (``--batch-axis state:1``; the name may itself contain ':')."""
-    axes: dict[str, int] = {}
-    for spec in specs:
-        name, sep, text = spec.rpartition(":")
-        if not sep or not name or not text.isdigit():
-            raise UsageError(f"--batch-axis expects NAME:AXIS with AXIS ≥ 0 (e.g. state:1), got '{spec}'")
-        axes[name] = int(text)
-    return axes

@@ -33,7 +33,8 @@ from lrdeploy.io.modelio import (
     save_model,
 )
 from lrdeploy.runtime.datasets import ImageOptions, InMemoryData, as_data_source, load_dataset, random_batches
-from lrdeploy.runtime.inputs import batch_axes, model_inputs, resolve_shapes
+from lrdeploy.runtime.feeding import batch_axes
+from lrdeploy.runtime.inputs import model_inputs, resolve_shapes
 from lrdeploy.runtime.verify import Batch, Gates, Verification, compare_models
 from lrdeploy.spelling import either, option
 
