@@ -238,3 +238,86 @@ def test_cli_inspect_and_compress_list_paths(tmp_path, capsys):
     check_model(onnx.load(out))
     weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
     assert weights["w_shared_lowrank_in"].shape == (48, 8)
+
+
+def _main_and_branch_share(bn_in_branches: bool) -> onnx.ModelProto:
+    """The main graph and both branches read ``w``; with ``bn_in_branches`` each branch's read is folded."""
+    from control_flow import weight as spectral_weight
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(4)
+
+    def branch(tag: str) -> onnx.GraphProto:
+        nodes = [helper.make_node("MatMul", ["h", "w"], [f"{tag}_y"], f"{tag}_mm")]
+        inits = []
+        if bn_in_branches:
+            nodes[0].output[0] = f"{tag}_pre"
+            bn = [f"{tag}_{p}" for p in ("scale", "bias", "mean", "var")]
+            inits = [numpy_helper.from_array((rng.random(24) + 0.5).astype(np.float32), name) for name in bn]
+            nodes.append(
+                helper.make_node("BatchNormalization", [f"{tag}_pre", *bn], [f"{tag}_y"], f"{tag}_bn")
+            )
+        return helper.make_graph(
+            nodes, tag, [], [helper.make_tensor_value_info(f"{tag}_y", TensorProto.FLOAT, None)], inits
+        )
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h0"], "main_mm"),
+            helper.make_node("Relu", ["h0"], ["h1"], "relu"),
+            helper.make_node("MatMul", ["h1", "w_back"], ["h"], "back"),
+            helper.make_node("If", ["flag"], ["y"], "If_0", then_branch=branch("a"), else_branch=branch("b")),
+        ],
+        "shared",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 24]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 24])],
+        [
+            numpy_helper.from_array(spectral_weight(rng, 24, 24, scale=0.3), "w"),
+            numpy_helper.from_array(spectral_weight(rng, 24, 24, scale=0.3), "w_back"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def test_a_weight_shared_by_the_main_graph_and_branches_is_factorized_once():
+    model = _main_and_branch_share(bn_in_branches=False)
+    compressed, report = lrdeploy.compress(model, rank=6, input_values={"flag": 1})
+    check_model(compressed)
+    rows = {layer.decision.name: layer.decision for layer in report.layers}
+    assert rows["If_0/then_branch/a_mm"].shared_primary == "main_mm"
+    assert rows["If_0/else_branch/b_mm"].status == "factorized"
+    names = all_initializers(compressed)
+    assert names.count("w_lowrank_in") == 1 and "w" not in names
+    readers = {n.name for n in scoped_nodes(compressed.graph) if "w_lowrank_in" in n.input}
+    layers = ("main_mm", "If_0/then_branch/a_mm", "If_0/else_branch/b_mm")
+    assert readers == {f"{name}_lowrank_in" for name in layers}
+    for flag in (True, False):
+        feeds = {
+            "x": np.random.default_rng(5).standard_normal((3, 24)).astype(np.float32),
+            "flag": np.array(flag),
+        }
+        assert rel_error(run(compressed, feeds)[0], run(model, feeds)[0]) < 0.2
+
+
+def test_an_outer_weight_folded_in_each_branch_becomes_one_weight_per_branch():
+    model = _main_and_branch_share(bn_in_branches=True)
+    name_nodes(model.graph)
+    factorized, _ = force_factorize(model)  # full rank: exact
+    check_model(factorized)
+    for flag in (True, False):
+        feeds = {
+            "x": np.random.default_rng(6).standard_normal((3, 24)).astype(np.float32),
+            "flag": np.array(flag),
+        }
+        assert_close(run(factorized, feeds), run(model, feeds))
+    _, report = lrdeploy.compress(model, rank=6, verify=False)
+    assert [b["status"] for b in report.batchnorm] == ["folded", "folded"]
+    rows = {layer.decision.name: layer.decision for layer in report.layers}
+    # each branch scales w by its own BN: three different weights, none shared any more
+    assert len({rows[n].weight for n in ("main_mm", "If_0/then_branch/a_mm", "If_0/else_branch/b_mm")}) == 3
+    assert all(rows[n].shared_primary is None for n in rows)
