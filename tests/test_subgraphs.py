@@ -321,3 +321,34 @@ def test_an_outer_weight_folded_in_each_branch_becomes_one_weight_per_branch():
     # each branch scales w by its own BN: three different weights, none shared any more
     assert len({rows[n].weight for n in ("main_mm", "If_0/then_branch/a_mm", "If_0/else_branch/b_mm")}) == 3
     assert all(rows[n].shared_primary is None for n in rows)
+
+
+def test_the_counting_skeleton_leaves_body_weights_behind():
+    """Shape inference for MACs runs on a copy without large payloads, bodies included."""
+    from onnx import TensorProto, helper
+
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "w_big"], ["s_next"], "cell")],
+        "cell",
+        [
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, [64]),
+            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [32]),
+        ],
+        [helper.make_tensor_value_info("s_next", TensorProto.FLOAT, [64])],
+        [numpy_helper.from_array(np.ones((32, 64), dtype=np.float32), "w_big")],  # 8 KB
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Scan", ["s0", "xs"], ["s_final"], "Scan_0", body=body, num_scan_inputs=1)],
+        "scan",
+        [
+            helper.make_tensor_value_info("s0", TensorProto.FLOAT, [64]),
+            helper.make_tensor_value_info("xs", TensorProto.FLOAT, [5, 32]),
+        ],
+        [helper.make_tensor_value_info("s_final", TensorProto.FLOAT, [64])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    name_nodes(model.graph)
+    stripped = costs.skeleton(model).graph.node[0].attribute[0].g.initializer[0]
+    assert stripped.data_location == TensorProto.EXTERNAL and not stripped.raw_data
+    assert len(model.graph.node[0].attribute[0].g.initializer[0].raw_data) == 32 * 64 * 4  # not the model's
+    assert costs.count_macs(model, {"s0": (64,), "xs": (5, 32)}) == {"Scan_0/body/cell": 32 * 64}

@@ -114,10 +114,21 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in graph.node:
         copied = target.node.add()
         copied.CopyFrom(node)
-        for attr in copied.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR and _is_large(attr.t):
-                _strip(attr.t)
+        _strip_node(copied)
     return copy
+
+
+def _strip_node(node: onnx.NodeProto) -> None:
+    """Strip a node's large tensor attributes, and the large weights of its If/Loop/Scan bodies."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.TENSOR and _is_large(attr.t):
+            _strip(attr.t)
+    for _, body in body_graphs(node):
+        for tensor in body.initializer:
+            if _is_large(tensor):
+                _strip(tensor)
+        for inner in body.node:
+            _strip_node(inner)
 
 
 def infer_shapes(
