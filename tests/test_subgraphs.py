@@ -352,3 +352,51 @@ def test_the_counting_skeleton_leaves_body_weights_behind():
     assert stripped.data_location == TensorProto.EXTERNAL and not stripped.raw_data
     assert len(model.graph.node[0].attribute[0].g.initializer[0].raw_data) == 32 * 64 * 4  # not the model's
     assert costs.count_macs(model, {"s0": (64,), "xs": (5, 32)}) == {"Scan_0/body/cell": 32 * 64}
+
+
+def test_weight_paths_and_activation_products_inside_branches():
+    """MatMul(x, Transpose(W)) in a branch folds to a constant weight; MatMul(x, x2) there is attention."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(7)
+    body = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["w"], ["wt"], "tr"),
+            helper.make_node("MatMul", ["x", "wt"], ["a"], "mm"),
+            helper.make_node("MatMul", ["x", "x2"], ["b"], "att"),
+        ],
+        "branch",
+        [],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("a", "b")],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["ya", "yb"], "If_0", then_branch=body, else_branch=body)],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 24]),
+            helper.make_tensor_value_info("x2", TensorProto.FLOAT, [24, 2]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [
+            helper.make_tensor_value_info("ya", TensorProto.FLOAT, [2, 16]),
+            helper.make_tensor_value_info("yb", TensorProto.FLOAT, [2, 2]),
+        ],
+        [numpy_helper.from_array(rng.standard_normal((16, 24)).astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    feeds = {
+        "x": rng.standard_normal((2, 24)).astype(np.float32),
+        "x2": rng.standard_normal((24, 2)).astype(np.float32),
+    }
+    exact, report = lrdeploy.compress(model, rank_ratio=1.0)
+    check_model(exact)
+    for flag in (True, False):
+        assert_close(run(exact, {**feeds, "c": np.array(flag)}), run(model, {**feeds, "c": np.array(flag)}))
+    folded = [d["name"] for d in report.normalized if d["status"] == "folded"]
+    assert folded == ["If_0/else_branch/tr", "If_0/then_branch/tr"]
+    compressed, report = lrdeploy.compress(model, rank=4)
+    check_model(compressed)
+    rows = {layer.decision.name: layer.decision for layer in report.layers}
+    assert rows["If_0/then_branch/mm"].status == rows["If_0/else_branch/mm"].status == "factorized"
+    assert rows["If_0/then_branch/att"].dynamic and rows["If_0/then_branch/att"].status == "skipped"

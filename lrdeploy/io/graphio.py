@@ -78,20 +78,30 @@ def _body_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
         yield from _body_initializers(sub)
 
 
+def _names(graph: onnx.GraphProto) -> set[str]:
+    """Every value name the graph and its bodies define (sibling bodies may reuse one)."""
+    names = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    for node in graph.node:
+        names.update(node.output)
+    for sub in _subgraphs(graph):
+        names |= _names(sub)
+    return names
+
+
 def _unshare_outer_weights(exported: onnx.GraphProto, original: onnx.GraphProto) -> None:
     """Store once, in the main graph, the weights that If/Loop/Scan bodies read from outside themselves.
 
     graphsurgeon writes every constant a body reads into that body's initializers, so a weight read by the
     main graph and two branches would be stored three times. A body may not redefine an outer name, so its
     copy of a main-graph weight is the same tensor: keep one, in the main graph. The same holds for a new
-    tensor (factors of a weight two branches share) found in several bodies: new names are unique in the
-    model, so its copies are one tensor. Names the original defined inside bodies stay where they are.
+    tensor (factors of a weight two branches share) found in several bodies: names lrdeploy makes are unique
+    in the model, so its copies are one tensor. A name the original defines stays where it is (sibling
+    bodies may each define their own tensor of one name).
     """
     outer = {t.name for t in original.initializer}
     outer.update(out for node in original.node if node.op_type == "Constant" for out in node.output)
-    local = {t.name for t in _body_initializers(original)}
     copies = Counter(t.name for t in _body_initializers(exported))
-    hoist = outer | {name for name, count in copies.items() if count > 1 and name not in local}
+    hoist = outer | {name for name, count in copies.items() if count > 1 and name not in _names(original)}
     stored = {t.name for t in exported.initializer}
 
     def visit(graph: onnx.GraphProto) -> None:
