@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from control_flow import H, audio_if_model, loop_model, scan_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import numpy_helper
 from test_factorize import force_factorize
 
@@ -400,3 +402,91 @@ def test_weight_paths_and_activation_products_inside_branches():
     rows = {layer.decision.name: layer.decision for layer in report.layers}
     assert rows["If_0/then_branch/mm"].status == rows["If_0/else_branch/mm"].status == "factorized"
     assert rows["If_0/then_branch/att"].dynamic and rows["If_0/then_branch/att"].status == "skipped"
+
+
+def _wrapped(kinds: list[str], captured: bool, seed: int) -> onnx.ModelProto:
+    """x [1, 12] → MatMul with a [12, 12] weight inside If/Loop bodies nested in the order of ``kinds``
+    (outermost first); the weight lives in the main graph (``captured``) or in the innermost body."""
+    from control_flow import weight as spectral_weight
+    from onnx import TensorProto, helper
+
+    w = numpy_helper.from_array(spectral_weight(np.random.default_rng(seed), 12, 12, scale=0.5), "w")
+    flag = numpy_helper.from_array(np.array(True), "flag")
+
+    def value(name: str, shape) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    def level(depth: int, source: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+        """Nodes computing ``out{depth}`` from ``source`` at this depth."""
+        out = f"out{depth}"
+        if depth == len(kinds):
+            return [helper.make_node("MatMul", [source, "w"], [out], "mm")], ([] if captured else [w]), out
+        inner_nodes, inner_inits, inner_out = level(depth + 1, f"in{depth}")
+        if kinds[depth] == "If":
+            body = helper.make_graph(
+                [helper.make_node("Identity", [source], [f"in{depth}"], f"pass{depth}"), *inner_nodes],
+                f"b{depth}",
+                [],
+                [value(inner_out, [1, 12])],
+                inner_inits,
+            )
+            return (
+                [helper.make_node("If", ["flag"], [out], f"If_{depth}", then_branch=body, else_branch=body)],
+                [],
+                out,
+            )
+        body = helper.make_graph(  # Loop: one trip, the state carried through
+            [
+                helper.make_node("Identity", [f"cond_in{depth}"], [f"cond_out{depth}"], f"keep{depth}"),
+                helper.make_node("Identity", [f"carry{depth}"], [f"in{depth}"], f"pass{depth}"),
+                *inner_nodes,
+                helper.make_node("Identity", [inner_out], [f"done{depth}"], f"emit{depth}"),
+            ],
+            f"b{depth}",
+            [
+                helper.make_tensor_value_info(f"i{depth}", TensorProto.INT64, []),
+                helper.make_tensor_value_info(f"cond_in{depth}", TensorProto.BOOL, []),
+                value(f"carry{depth}", [1, 12]),
+            ],
+            [
+                helper.make_tensor_value_info(f"cond_out{depth}", TensorProto.BOOL, []),
+                value(f"done{depth}", [1, 12]),
+            ],
+            inner_inits,
+        )
+        trips = numpy_helper.from_array(np.array(1, dtype=np.int64), f"trips{depth}")
+        node = helper.make_node("Loop", [f"trips{depth}", "flag", source], [out], f"Loop_{depth}", body=body)
+        return [node], [trips], out
+
+    nodes, inits, out = level(0, "x")
+    graph = helper.make_graph(
+        nodes,
+        "wrapped",
+        [value("x", [1, 12])],
+        [value(out, [1, 12])],
+        [flag, *inits, *([w] if captured else [])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(["If", "Loop"]), min_size=1, max_size=3),
+    captured=st.booleans(),
+    seed=st.integers(0, 5),
+)
+def test_any_nesting_is_found_and_exact_at_full_rank(kinds, captured, seed):
+    model = _wrapped(kinds, captured, seed)
+    feeds = {"x": np.random.default_rng(seed).standard_normal((1, 12)).astype(np.float32)}
+    expected = run(model, feeds)
+    name_nodes(model.graph)
+    factorized, result = force_factorize(model)
+    done = [d.node for d in result.with_action("factorized")]
+    assert len(done) == 2 ** kinds.count("If") and all(name.endswith("/mm") for name in done)
+    check_model(factorized)
+    assert_close(run(factorized, feeds), expected)
+    compressed, report = lrdeploy.compress(model, rank=5)
+    check_model(compressed)
+    assert report.factorized and all(layer.decision.name.endswith("/mm") for layer in report.factorized)
