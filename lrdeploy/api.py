@@ -37,13 +37,14 @@ from lrdeploy.io.provenance import provenance
 from lrdeploy.passes.factorize import factorize
 from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
+from lrdeploy.passes.scopes import scoped_nodes, scoped_total
 from lrdeploy.passes.upgrade import upgrade_opset
-from lrdeploy.pipeline import decision_dicts, prepare_graph
+from lrdeploy.pipeline import calibration_layers, decision_dicts, prepare_graph
 from lrdeploy.planning import costs
 from lrdeploy.planning.budget import plan_budget
 from lrdeploy.planning.calibration import Calibration, calibrate
 from lrdeploy.planning.plan import LayerDecision, find_groups, plan_layers
-from lrdeploy.report import LayerReport, Report
+from lrdeploy.report import LayerReport, Report, branch_notes
 from lrdeploy.runtime.inputs import resolve_shapes
 from lrdeploy.spelling import either, option
 
@@ -80,9 +81,9 @@ def _layer_reports(
     return reports
 
 
-def _total(macs: Mapping[str, int | None]) -> int | None:
-    values = list(macs.values())
-    return None if any(v is None for v in values) else sum(values)
+def _total(model: onnx.ModelProto, macs: Mapping[str, int | None]) -> int | None:
+    """The model's MACs: the main graph, the costlier branch of each If, one pass of each loop body."""
+    return scoped_total(model.graph, macs)[0]
 
 
 def compress(
@@ -160,7 +161,7 @@ def _compress(
             moments = calibration.moments if calibration else None
             rewrites, decisions = plan_layers(groups, config, tick, moments)
         else:
-            totals = {"params": params_before, "macs": _total(macs_before)}
+            totals = {"params": params_before, "macs": _total(original, macs_before)}
             rewrites, decisions, budget, _ = plan_budget(
                 groups, config, totals, macs_before, calibration, folded_model, progress
             )
@@ -176,7 +177,7 @@ def _compress(
     with timer("count"):
         params_after = costs.count_params(compressed)
         macs_after = costs.count_macs(compressed, shapes)
-    order = {node.name: i for i, node in enumerate(original.graph.node)}
+    order = {node.name: i for i, node in enumerate(scoped_nodes(original.graph))}
     decisions = sorted(unfit + decisions, key=lambda d: order.get(d.name, len(order)))
     report = Report(
         input=str(source) if source else None,
@@ -184,17 +185,18 @@ def _compress(
         config=config.describe(),
         opset=input_opset,
         ir_version=(original.ir_version, compressed.ir_version),
-        input_shapes={k: list(v) if v else None for k, v in shapes.items()},
+        input_shapes={k: list(v) if v is not None else None for k, v in shapes.items()},
         params_before=params_before,
         params_after=params_after,
-        macs_before=_total(macs_before),
-        macs_after=_total(macs_after),
+        macs_before=_total(original, macs_before),
+        macs_after=_total(compressed, macs_after),
         layers=_layer_reports(decisions, pairs, macs_before, macs_after),
         batchnorm=decision_dicts(folded),
         normalized=[d for r in (upgraded, inlined, renamed, normalized) for d in decision_dicts(r)],
         notes=[d.reason for d in upgraded.decisions],
         calibration=calibration.to_dict() if calibration else None,
     )
+    report.notes += branch_notes(original, macs_before)
     few = [d.name for d in decisions if d.calib_rows and d.n and d.calib_rows[0] < d.n]
     if few:
         report.notes.append(
@@ -202,7 +204,10 @@ def _compress(
             "are rank-deficient and floored (see calib_rows); more calibration samples help"
         )
     if budget is not None:
-        counted = {"params": (params_before, params_after), "macs": (_total(macs_before), _total(macs_after))}
+        counted = {
+            "params": (params_before, params_after),
+            "macs": (_total(original, macs_before), _total(compressed, macs_after)),
+        }
         before, after = counted.get(budget.kind, (None, None))
         achieved = after / before if after is not None and before else None  # other costs: predicted only
         report.budget = budget.to_dict() | {"achieved": achieved}
@@ -242,7 +247,7 @@ def _calibrate(
     from lrdeploy.runtime.verification import _batch_size  # a fixed batch dim is fed as it is declared
 
     folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
-    layers = [node.name for group in groups if not group.problem for node in group.nodes]
+    layers = calibration_layers(graph, groups)
     assert config.calib is not None
     calibration = calibrate(
         folded,

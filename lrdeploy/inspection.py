@@ -1,4 +1,8 @@
-"""``inspect``: the factorizable layers and the singular-value profile of their BN-folded weights."""
+"""``inspect``: the factorizable layers and the singular-value profile of their BN-folded weights.
+
+Layers inside If/Loop/Scan bodies are listed by their path (``If_0/then_branch/conv``), each with its own
+MACs; the model total counts the costlier branch of each If and one pass of each loop body (``notes``).
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,14 @@ import onnx
 from lrdeploy.io.modelio import load_model
 from lrdeploy.passes.inline import inline_layer_functions
 from lrdeploy.passes.names import name_nodes
+from lrdeploy.passes.scopes import scoped_total
 from lrdeploy.passes.upgrade import upgrade_opset
-from lrdeploy.pipeline import decision_dicts, prepare_graph
+from lrdeploy.pipeline import calibration_layers, decision_dicts, prepare_graph
 from lrdeploy.planning import costs
 from lrdeploy.planning.plan import LayerDecision, find_groups
 from lrdeploy.planning.policy import round_half_up
 from lrdeploy.planning.spectrum import Spectrum
-from lrdeploy.report import strict_json
+from lrdeploy.report import branch_notes, strict_json
 from lrdeploy.runtime.datasets import ImageOptions
 from lrdeploy.runtime.inputs import resolve_shapes
 
@@ -85,11 +90,16 @@ class Inspection:
     skipped: list[LayerDecision]
     batchnorm: list[dict]
     params: int
-    macs: dict[str, int | None] = field(default_factory=dict)  # node name → MACs
+    macs: dict[str, int | None] = field(default_factory=dict)  # node name (a path inside bodies) → MACs
     input_shapes: dict[str, list[int] | None] = field(default_factory=dict)
+    #: What the total assumes when layers sit inside If/Loop/Scan bodies (`lrdeploy.report.branch_notes`).
+    notes: list[str] = field(default_factory=list)
+    scoped_macs: int | None = None  # the total by `lrdeploy.passes.scopes.scoped_total`, when ``notes``
 
     @property
     def total_macs(self) -> int | None:
+        if self.notes:
+            return self.scoped_macs
         values = list(self.macs.values())
         return None if any(v is None for v in values) else sum(values)
 
@@ -112,6 +122,7 @@ class Inspection:
                 "layers": [layer.to_dict() for layer in self.layers],
                 "not_factorizable": skipped,
                 "batchnorm": self.batchnorm,
+                "notes": self.notes,
             }
         )
 
@@ -160,7 +171,9 @@ def inspect(
         decision_dicts(folded),
         costs.count_params(original),
         macs,
-        {k: list(v) if v else None for k, v in shapes.items()},
+        {k: list(v) if v is not None else None for k, v in shapes.items()},
+        branch_notes(original, macs),
+        scoped_total(original.graph, macs)[0],
     )
 
 
@@ -171,7 +184,7 @@ def _moments(graph, original, groups, calib, samples: int, image: ImageOptions |
     from lrdeploy.runtime.datasets import as_data_source
 
     folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
-    layers = [node.name for group in groups if not group.problem for node in group.nodes]
+    layers = calibration_layers(graph, groups)
     source = as_data_source(calib)
     found = calibrate(folded, layers, source, image or ImageOptions(), samples, 0.0, 32)  # type: ignore[arg-type]
     return found.moments

@@ -1,4 +1,5 @@
-"""The steps that compress and inspect share: a graphsurgeon copy, normalized, with BN folded."""
+"""The steps that compress and inspect share: a graphsurgeon copy, normalized, with BN folded; If/Loop/Scan
+bodies are normalized and folded like the main graph."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.io.graphio import to_graph
 from lrdeploy.passes import NameRegistry, PassResult, fold_batchnorm, normalize
+from lrdeploy.passes.scopes import all_graphs
 from lrdeploy.planning import costs
+from lrdeploy.planning.plan import WeightGroup
 
-__all__ = ["decision_dicts", "prepare_graph"]
+__all__ = ["calibration_layers", "decision_dicts", "prepare_graph"]
 
 
 def prepare_graph(
@@ -23,6 +26,8 @@ def prepare_graph(
     graph = to_graph(model)
     names = NameRegistry(graph)
     normalized = normalize(graph, names)
+    for body in all_graphs(graph)[1:]:  # If/Loop/Scan bodies: their Constant nodes and weight paths too
+        normalized.decisions.extend(normalize(body, names).decisions)
     weights = {t.name for t in model.graph.initializer}
     as_inputs = [v.name for v in model.graph.input if v.name in weights]
     if as_inputs:  # graphsurgeon drops them from the inputs; say so, it changes the model's interface
@@ -47,3 +52,10 @@ def decision_dicts(result: PassResult | None) -> list[dict[str, str]]:
     if result is None:
         return []
     return [{"name": d.node, "op": d.op, "status": d.action, "reason": d.reason} for d in result.decisions]
+
+
+def calibration_layers(graph: gs.Graph, groups: list[WeightGroup]) -> list[str]:
+    """The candidates calibration can observe: main-graph nodes. A tensor inside an If/Loop/Scan body cannot
+    be made a model output, so layers there get plain SVD factors (`plan` says why)."""
+    main = {id(node) for node in graph.nodes}
+    return [node.name for group in groups if not group.problem for node in group.nodes if id(node) in main]

@@ -1,19 +1,24 @@
 """The compression report: built from the decisions the passes and the planner recorded.
 
-``Report.to_dict()`` is the JSON schema documented in the README (``schema_version`` 1).
+``Report.to_dict()`` is the JSON schema documented in the README (``schema_version`` 1). Layers inside
+If/Loop/Scan bodies are rows like any other, named by their path (``If_0/then_branch/conv``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import onnx
+
+from lrdeploy.passes.scopes import scoped_nodes, scoped_total
 from lrdeploy.planning.plan import LayerDecision
 from lrdeploy.runtime.verify import Verification
 
-__all__ = ["SCHEMA_VERSION", "LayerReport", "Report", "strict_json"]
+__all__ = ["SCHEMA_VERSION", "LayerReport", "Report", "branch_notes", "strict_json"]
 
 SCHEMA_VERSION = 1
 
@@ -127,6 +132,19 @@ class Report:
 
     def to_json(self) -> str:
         return strict_json(self.to_dict())
+
+
+def branch_notes(model: onnx.ModelProto, macs: Mapping[str, int | None]) -> list[str]:
+    """What the MAC totals assume when layers sit inside If/Loop/Scan bodies (`lrdeploy.passes.scopes`)."""
+    main = {node.name for node in model.graph.node}
+    if not any(node.name in macs and node.name not in main for node in scoped_nodes(model.graph)):
+        return []
+    assumed = scoped_total(model.graph, macs)[1]
+    which = f"; branches assumed: {'; '.join(assumed)}" if assumed else ""
+    return [
+        "MACs count the main graph, the more expensive branch of each If and one iteration of each "
+        f"Loop/Scan body (the trip count is data); each layer's row counts it once{which}"
+    ]
 
 
 def _finite(value: Any) -> Any:

@@ -2,7 +2,8 @@
 
 The plan (`lrdeploy.planning.plan`) chose the ranks and computed the factors; here every node that reads a
 factorized weight gets its two nodes, all of them reading the same two factor tensors, so a weight
-shared by several nodes is factorized once and stays shared.
+shared by several nodes is factorized once and stays shared, also between the branches of an If or a
+Loop body and the main graph (the pair replaces its node inside the body that held it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import onnx_graphsurgeon as gs
 from lrdeploy.passes.lowrank_ops import ADAPTERS, WeightView
 from lrdeploy.passes.names import NameRegistry
 from lrdeploy.passes.result import PassResult
+from lrdeploy.passes.scopes import all_graphs
 
 __all__ = ["Rewrite", "factorize"]
 
@@ -52,9 +54,9 @@ def factorize(graph: gs.Graph, rewrites: Sequence[Rewrite], names: NameRegistry)
             result.record(
                 node.name, node.op, "factorized", f"rank {rewrite.rank}", pair=[n.name for n in pair]
             )
-    if replacements:
+    for body in all_graphs(graph) if replacements else ():  # a pair goes where its node was, at any depth
         nodes: list[gs.Node] = []
-        for node in graph.nodes:
+        for node in body.nodes:
             nodes.extend(replacements.get(id(node), (node,)))
-        graph.nodes = nodes
+        body.nodes = nodes
     return result

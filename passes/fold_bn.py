@@ -18,7 +18,9 @@ channel c is produced by a slice of W:
 
 The fused weights are new tensors; a weight shared with other nodes is never changed in place. A BN is
 left in place, with the reason recorded, when its parameters are not constant, it runs in training mode,
-or its producer's output has another consumer or is a graph output.
+or its producer's output has another consumer or is a graph output. BNs inside If/Loop/Scan bodies fold
+like the main graph's (a weight captured from an outer scope is scaled into a new tensor unless that body
+node is its only reader).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.passes.names import NameRegistry
 from lrdeploy.passes.result import PassResult
+from lrdeploy.passes.scopes import all_graphs
 from lrdeploy.passes.values import ScaledValues, float_dtype, read_values
 
 __all__ = ["fold_batchnorm"]
@@ -243,7 +246,14 @@ def fold_batchnorm(
 ) -> PassResult:
     """Fold every foldable BatchNormalization; ``tensor_ranks`` (from shape inference) guards MatMul."""
     result = PassResult("fold_batchnorm")
-    ranks = tensor_ranks or {}
+    for body in all_graphs(graph):  # If/Loop/Scan bodies too: their BNs fold into their convs
+        _fold_in(body, names, tensor_ranks or {}, result)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return result
+
+
+def _fold_in(graph: gs.Graph, names: NameRegistry, ranks: Mapping[str, int], result: PassResult) -> None:
+    """Fold the BNs of one graph (not of the bodies inside it)."""
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
         reason = _why_not_foldable(graph, bn)
         producer = bn.inputs[0].inputs[0] if reason is None else None
@@ -265,5 +275,3 @@ def fold_batchnorm(
         bn.outputs.clear()
         x.inputs[0].outputs[0] = out  # whatever now writes BN's input writes its output instead
         result.record(bn.name, bn.op, "folded", f"into {producer.op} '{producer.name}'", into=producer.name)
-    graph.cleanup(remove_unused_graph_inputs=False)
-    return result

@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from lrdeploy.passes.result import PassResult
+from lrdeploy.passes.scopes import name_body_nodes
 
 __all__ = ["NameRegistry", "name_nodes"]
 
@@ -76,7 +77,8 @@ def _all_proto_nodes(graph: onnx.GraphProto):
 
 
 def name_nodes(graph: onnx.GraphProto) -> PassResult:
-    """Give every top-level node of a proto a unique, non-empty name, before anything counts by name.
+    """Give every node of a proto a unique, non-empty name, before anything counts by name; nodes inside
+    If/Loop/Scan bodies are named by their path (`lrdeploy.passes.scopes`).
 
     The MAC counter and the report key layers by node name, so the names must exist before counting;
     `normalize` applies the same rule to graphsurgeon graphs (and then finds nothing left to do).
@@ -93,4 +95,13 @@ def name_nodes(graph: onnx.GraphProto) -> PassResult:
         seen.add(node.name)
         reason = "node had no name" if not old else "node name was used more than once"
         result.record(node.name, node.op_type, "renamed", reason, previous=old)
+    bodies = name_body_nodes(graph, taken.fresh)
+    if bodies:  # one row, not one per node: every node in a body gets its path
+        result.record(
+            bodies[0][0],
+            bodies[0][1],
+            "renamed",
+            f"{len(bodies)} node(s) inside If/Loop/Scan bodies are named by their path "
+            "(owner/attribute/name)",
+        )
     return result

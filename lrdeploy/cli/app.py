@@ -25,6 +25,7 @@ from typer.exceptions import Abort, Exit, TyperException
 from lrdeploy.cli.options import (
     Allocate,
     Atol,
+    BatchAxis,
     BatchSize,
     Calib,
     CalibHoldout,
@@ -34,6 +35,7 @@ from lrdeploy.cli.options import (
     Device,
     Format,
     InputShape,
+    InputValue,
     Layout,
     Limit,
     MaxRelL2,
@@ -172,6 +174,8 @@ def compress(
     keep_failed: Annotated[bool, typer.Option(help="Write the output even if a gate fails.")] = False,
     report: Annotated[Path | None, typer.Option(help="Also write the report as JSON here.")] = None,
     input_shape: InputShape = None,
+    input_value: InputValue = None,
+    batch_axis: BatchAxis = None,
     device: Device = "auto",
     data: Data = None,
     batch_size: BatchSize = 32,
@@ -196,6 +200,7 @@ def compress(
     from lrdeploy.cli.tables import print_line
     from lrdeploy.config import CompressConfig, load_overrides, parse_input_shapes
     from lrdeploy.io.modelio import default_output_path
+    from lrdeploy.runtime.feeding import parse_batch_axes, parse_input_values
 
     fmt = output_format(format_, console.is_terminal)
 
@@ -218,7 +223,7 @@ def compress(
         max_rel_l2,
         min_cosine,
         min_top1,
-    )
+    ).with_(input_values=parse_input_values(input_value or []), batch_axes=parse_batch_axes(batch_axis or []))
     config = CompressConfig.build(
         rank_ratio=rank_ratio,
         energy=energy,
@@ -310,6 +315,8 @@ def verify_command(
     compressed: Annotated[Path, typer.Argument(help="The model to check against it.", show_default=False)],
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the result as JSON here.")] = None,
     input_shape: InputShape = None,
+    input_value: InputValue = None,
+    batch_axis: BatchAxis = None,
     device: Device = "auto",
     data: Data = None,
     batch_size: BatchSize = 32,
@@ -333,6 +340,7 @@ def verify_command(
     from lrdeploy.cli.tables import print_line
     from lrdeploy.config import parse_input_shapes
     from lrdeploy.report import strict_json
+    from lrdeploy.runtime.feeding import parse_batch_axes, parse_input_values
     from lrdeploy.runtime.verification import verify
 
     fmt = output_format(format_, console.is_terminal)
@@ -353,7 +361,7 @@ def verify_command(
         max_rel_l2,
         min_cosine,
         min_top1,
-    )
+    ).with_(input_values=parse_input_values(input_value or []), batch_axes=parse_batch_axes(batch_axis or []))
     with _outputs({"--json": json_path}, [original, compressed]) as outputs, _progress() as update:
         result = verify(
             original,

@@ -16,6 +16,7 @@ from lrdeploy.errors import UsageError
 __all__ = [
     "Allocate",
     "Atol",
+    "BatchAxis",
     "BatchSize",
     "Calib",
     "CalibHoldout",
@@ -25,6 +26,7 @@ __all__ = [
     "Device",
     "Format",
     "InputShape",
+    "InputValue",
     "Layout",
     "Limit",
     "MaxRelL2",
@@ -121,6 +123,22 @@ Format = Annotated[
 ]
 InputShape = Annotated[
     list[str] | None, typer.Option(help="NAME:d0,d1,... for symbolic input dims (repeatable).")
+]
+InputValue = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="NAME=VALUE: feed this constant to an input random data cannot choose (a sample rate), "
+        "also where a data file lacks it (repeatable).",
+        rich_help_panel=VERIFY,
+    ),
+]
+BatchAxis = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="NAME:AXIS: the axis of a data file's array that holds the samples (default: the model's "
+        "batch dim; repeatable).",
+        rich_help_panel=VERIFY,
+    ),
 ]
 BatchSize = Annotated[int, typer.Option(help="Samples per batch for real data.", rich_help_panel=VERIFY)]
 Limit = Annotated[int | None, typer.Option(help="Use at most this many samples.", rich_help_panel=VERIFY)]

@@ -9,6 +9,7 @@ exported tensor keeps pointing at the file until `lrdeploy.io.modelio.save_model
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -19,6 +20,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from lrdeploy.io.lazyweights import is_file_backed, read_tensor
+from lrdeploy.passes.scopes import all_graphs
 from lrdeploy.passes.values import materialize_deferred
 
 __all__ = ["from_graph", "set_metadata", "to_graph"]
@@ -46,7 +48,7 @@ def _quiet_graphsurgeon() -> Iterator[None]:
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     with _quiet_graphsurgeon():
         graph = gs.import_onnx(model)
-    for tensor in graph.tensors().values():
+    for tensor in (t for body in all_graphs(graph) for t in body.tensors().values()):
         values = getattr(tensor, "_values", None)
         if isinstance(values, LazyValues) and is_file_backed(values.tensor):
             tensor._values = FileValues(values.tensor)
@@ -70,22 +72,43 @@ def _subgraphs(graph: onnx.GraphProto):
             yield from (attr.g,) if attr.type == onnx.AttributeProto.GRAPH else attr.graphs
 
 
-def _unshare_outer_weights(exported: onnx.GraphProto, original: onnx.GraphProto) -> None:
-    """Give weights the original read from the main graph inside If/Loop bodies back to the main graph.
+def _body_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    for sub in _subgraphs(graph):
+        yield from sub.initializer
+        yield from _body_initializers(sub)
 
-    graphsurgeon writes every constant a subgraph reads into that subgraph's initializers, so a weight
-    read by the main graph and two branches would be stored three times. A subgraph may not redefine an
-    outer name, so its copy of a main-graph weight is the same tensor: keep one, in the main graph.
+
+def _names(graph: onnx.GraphProto) -> set[str]:
+    """Every value name the graph and its bodies define (sibling bodies may reuse one)."""
+    names = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    for node in graph.node:
+        names.update(node.output)
+    for sub in _subgraphs(graph):
+        names |= _names(sub)
+    return names
+
+
+def _unshare_outer_weights(exported: onnx.GraphProto, original: onnx.GraphProto) -> None:
+    """Store once, in the main graph, the weights that If/Loop/Scan bodies read from outside themselves.
+
+    graphsurgeon writes every constant a body reads into that body's initializers, so a weight read by the
+    main graph and two branches would be stored three times. A body may not redefine an outer name, so its
+    copy of a main-graph weight is the same tensor: keep one, in the main graph. The same holds for a new
+    tensor (factors of a weight two branches share) found in several bodies: names lrdeploy makes are unique
+    in the model, so its copies are one tensor. A name the original defines stays where it is (sibling
+    bodies may each define their own tensor of one name).
     """
     outer = {t.name for t in original.initializer}
     outer.update(out for node in original.node if node.op_type == "Constant" for out in node.output)
+    copies = Counter(t.name for t in _body_initializers(exported))
+    hoist = outer | {name for name, count in copies.items() if count > 1 and name not in _names(original)}
     stored = {t.name for t in exported.initializer}
 
     def visit(graph: onnx.GraphProto) -> None:
         for sub in _subgraphs(graph):
             kept = []
             for tensor in sub.initializer:
-                if tensor.name not in outer:
+                if tensor.name not in hoist:
                     kept.append(tensor)
                 elif tensor.name not in stored:
                     exported.initializer.append(tensor)
@@ -96,6 +119,20 @@ def _unshare_outer_weights(exported: onnx.GraphProto, original: onnx.GraphProto)
             visit(sub)
 
     visit(exported)
+
+
+def _drop_outer_value_info(graph: onnx.GraphProto) -> None:
+    """graphsurgeon declares, inside each body, the outer tensors the body reads, with the shapes they had
+    on import (``batch`` where the caller fixed it); shape inference then takes those over the outer ones.
+    A body declares only what it defines."""
+    for sub in _subgraphs(graph):
+        defined = {out for node in sub.node for out in node.output}
+        defined.update(v.name for v in sub.input)
+        kept = [v for v in sub.value_info if v.name in defined]
+        if len(kept) != len(sub.value_info):
+            del sub.value_info[:]
+            sub.value_info.extend(kept)
+        _drop_outer_value_info(sub)
 
 
 def set_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
@@ -120,7 +157,8 @@ def from_graph(
     ``metadata`` (lrdeploy's provenance) is set on top of the original's ``metadata_props``.
     """
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    materialize_deferred(graph)
+    for body in all_graphs(graph):  # If/Loop/Scan bodies hold folded weights too
+        materialize_deferred(body)
     with warnings.catch_warnings(), _quiet_graphsurgeon():
         warnings.simplefilter("ignore")
         model = gs.export_onnx(graph, do_type_check=False)
@@ -134,6 +172,7 @@ def from_graph(
     model.opset_import.extend(original.opset_import)
     _restore_io(model.graph, original.graph)
     _unshare_outer_weights(model.graph, original.graph)
+    _drop_outer_value_info(model.graph)
     node_info = {n.name: n for n in original.graph.node if n.name and (n.doc_string or n.metadata_props)}
     for node in model.graph.node:
         source = node_info.get(node.name)

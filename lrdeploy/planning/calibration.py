@@ -9,7 +9,7 @@ BN-folded one, whose layers are the ones factorized. A share of the samples is h
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,13 +94,13 @@ def calibrate(
     moments = collect_moments(
         folded, list(layers), dataset.batches(batch_size), every, max_cost=max_cost, seed=seed
     )
-    probe = _probe(dataset.arrays, every)
+    probe = _probe(dataset, every)
     return Calibration(moments, dataset.description, count, held, probe, time.perf_counter() - start)
 
 
-def _probe(arrays: Mapping[str, np.ndarray], every: int) -> dict[str, np.ndarray]:
-    """Held-apart samples (the fit samples when none is held apart), at most `PROBE_SAMPLES`."""
-    picked = {name: array[every - 1 :: every] if every else array for name, array in arrays.items()}
-    if any(len(a) == 0 for a in picked.values()):
-        picked = dict(arrays)
-    return {name: np.ascontiguousarray(a[:PROBE_SAMPLES]) for name, a in picked.items()}
+def _probe(dataset: Dataset, every: int) -> dict[str, np.ndarray]:
+    """Held-apart samples (the fit samples when none is held apart), at most `PROBE_SAMPLES`; inputs fed
+    as the batches feed them (a scalar sample rate, a state batched on axis 1)."""
+    count = len(dataset)
+    rows = np.arange(every - 1, count, every) if every else np.arange(count)
+    return dataset.take((rows if len(rows) else np.arange(count))[:PROBE_SAMPLES])

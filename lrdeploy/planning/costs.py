@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto
 
 from lrdeploy.io.constfold import fold_shape_arithmetic
+from lrdeploy.passes.scopes import body_graphs, scoped_nodes
 
 __all__ = ["count_macs", "count_params", "infer_shapes", "skeleton"]
 
@@ -113,10 +114,21 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in graph.node:
         copied = target.node.add()
         copied.CopyFrom(node)
-        for attr in copied.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR and _is_large(attr.t):
-                _strip(attr.t)
+        _strip_node(copied)
     return copy
+
+
+def _strip_node(node: onnx.NodeProto) -> None:
+    """Strip a node's large tensor attributes, and the large weights of its If/Loop/Scan bodies."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.TENSOR and _is_large(attr.t):
+            _strip(attr.t)
+    for _, body in body_graphs(node):
+        for tensor in body.initializer:
+            if _is_large(tensor):
+                _strip(tensor)
+        for inner in body.node:
+            _strip_node(inner)
 
 
 def infer_shapes(
@@ -151,13 +163,19 @@ def _infer(skel: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
     except Exception:  # custom domains or broken value_info: fall back to what the model declares
         inferred = skel
     shapes: dict[str, tuple[int | None, ...]] = {}
-    graph = inferred.graph
+    _collect_shapes(inferred.graph, shapes, outer=True)
+    return shapes
+
+
+def _collect_shapes(graph: onnx.GraphProto, shapes: dict[str, tuple[int | None, ...]], outer: bool) -> None:
+    """Shapes of ``graph`` and of its If/Loop/Scan bodies; a body may declare an outer tensor again, with
+    less known about it, so what an enclosing graph says comes first."""
     for value in (*graph.input, *graph.value_info, *graph.output):
         tensor_type = value.type.tensor_type
         if value.type.HasField("tensor_type") and tensor_type.HasField("shape"):
-            shapes[value.name] = tuple(
-                d.dim_value if d.dim_value > 0 else None for d in tensor_type.shape.dim
-            )
+            dims = tuple(d.dim_value if d.dim_value > 0 else None for d in tensor_type.shape.dim)
+            if outer or value.name not in shapes:
+                shapes[value.name] = dims
     for tensor in graph.initializer:
         shapes[tensor.name] = tuple(tensor.dims)
     for node in graph.node:
@@ -165,7 +183,8 @@ def _infer(skel: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
             for attr in node.attribute:
                 if attr.name == "value":
                     shapes[node.output[0]] = tuple(attr.t.dims)
-    return shapes
+        for _, body in body_graphs(node):
+            _collect_shapes(body, shapes, outer=False)
 
 
 def _known(shape: tuple[int | None, ...] | None) -> bool:
@@ -247,10 +266,11 @@ def count_macs(
     model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...] | None]
 ) -> dict[str, int | None]:
     """Node name → MACs for every op that costs them (None where shapes are unknown), and 0 for Gather,
-    so that report rows of embedding tables read 0 rather than unknown."""
+    so that report rows of embedding tables read 0 rather than unknown. Nodes inside If/Loop/Scan bodies
+    are counted too, once each (per iteration), under their path names (`lrdeploy.passes.scopes`)."""
     shapes = infer_shapes(model, input_shapes)
     return {
         node.name: _node_macs(node, shapes)
-        for node in model.graph.node
+        for node in scoped_nodes(model.graph)
         if node.op_type in _MAC_OPS and node.domain in ("", "ai.onnx")
     }

@@ -25,6 +25,7 @@ from lrdeploy.config import CompressConfig
 from lrdeploy.passes.dense_ops import ACTIVATION_PRODUCT, activation_product, dense_row, runtime_tensors
 from lrdeploy.passes.factorize import Rewrite
 from lrdeploy.passes.lowrank_ops import ADAPTERS, WeightView, weight_view
+from lrdeploy.passes.scopes import all_graphs
 from lrdeploy.planning.calibrate import MAX_EMBEDDING_ROWS, LayerMoments
 from lrdeploy.planning.policy import FixedRank
 from lrdeploy.planning.selection import layer_labels, select
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 Progress = Callable[[int, int], None]
+#: Why a layer got plain SVD factors with calibration data: calibration cannot observe it.
+UNCALIBRATED = "no calibration statistics: calibration observes main-graph layers, not If/Loop/Scan bodies"
 
 
 @dataclass(frozen=True)
@@ -130,13 +133,16 @@ def find_groups(
     """Candidate groups, and rows for the other nodes that hold a weight or cost MACs.
 
     ``source`` is the model the graph was imported from (node names as in the graph): the weight names
-    and module scopes the exporter wrote there become selection labels.
+    and module scopes the exporter wrote there become selection labels. Nodes inside If/Loop/Scan bodies
+    are candidates like the main graph's (`lrdeploy.passes.scopes`); a weight captured from an outer scope
+    is one constant wherever it is read, so branches that share it form one group.
     """
-    runtime = runtime_tensors(graph)
+    graphs = all_graphs(graph)
+    runtime = set().union(*(runtime_tensors(g) for g in graphs))
     groups: dict[int, WeightGroup] = {}
     rows: list[LayerDecision] = []
     first_reader: dict[int, str] = {}
-    for node in graph.nodes:
+    for node in (node for g in graphs for node in g.nodes):
         view = weight_view(node)
         if view is None:
             dense = dense_row(node)
@@ -156,7 +162,7 @@ def find_groups(
         if view.layout != group.view.layout:
             group.problem = _two_layouts(group, view, node)
         group.nodes.append(node)
-    graph_outputs = {id(t) for g in (graph, *graph.subgraphs(recursive=True)) for t in g.outputs}
+    graph_outputs = {id(t) for g in graphs for t in g.outputs}
     candidates = {node.name for group in groups.values() for node in group.nodes}
     labels = layer_labels(source, candidates) if source is not None else {}
     for key, group in groups.items():
@@ -462,11 +468,14 @@ def _finish(
             "svd_fit": _root(chosen.svd_fit_error),
             "svd_holdout": _root(chosen.svd_holdout_error),
         }
+    fallback = chosen.reason
+    if config.whiten and analysis.moments is None and not fallback:
+        fallback = UNCALIBRATED
     extra = {
         "rank": rank,
         "energy_kept": energy,
         "method": chosen.method,
         "calib": calib,
-        "fallback": chosen.reason,
+        "fallback": fallback,
     }
     return Rewrite(tuple(group.nodes), view, rank, first, second), decide("factorized", reason, **extra)

@@ -69,10 +69,12 @@ def measure(
     progress: Callable[[int, int], None] | None = None,
     batch_size: int = 32,
 ) -> dict[str, list[tuple[int, float]]]:
-    """(rank, model output error) for each analysed group named in ``ranks``, at those ranks."""
+    """(rank, model output error) for each analysed group named in ``ranks``, at those ranks. Weights held
+    inside If/Loop/Scan bodies are not measured (the budget uses their truncation error)."""
     from onnx import numpy_helper
 
-    layers = [a for a in analyses if ranks.get(a.name)]
+    main = {t.name for t in folded.graph.initializer}  # a weight inside an If/Loop body cannot be fed
+    layers = [a for a in analyses if ranks.get(a.name) and a.group.view.weight.name in main]
     weights = {a.group.view.weight.name: a for a in layers}
     stored = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer if t.name in weights}
     session = make_session(
@@ -81,7 +83,10 @@ def measure(
         label="the sensitivity probe",
     )
     count = len(next(iter(probe.values())))
-    batches = [{k: v[i : i + batch_size] for k, v in probe.items()} for i in range(0, count, batch_size)]
+    if all(v.ndim and len(v) == count for v in probe.values()):
+        batches = [{k: v[i : i + batch_size] for k, v in probe.items()} for i in range(0, count, batch_size)]
+    else:  # a scalar input, a state batched on axis 1: the probe (≤ 64 samples) runs as one batch
+        batches = [dict(probe)]
 
     def run(feed_weights: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         outputs = [session.run(None, {**batch, **feed_weights}) for batch in batches]

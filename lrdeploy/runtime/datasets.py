@@ -15,17 +15,20 @@ Sources (``--data``):
   28x28 unless ``--resize`` says otherwise.
 - From Python, arrays too: ``{"input name": array, "labels": array}`` or one array, fed as an .npz is.
 
-Real data is fed in batches along the first axis, which must be the model's batch dim. Data is cast to
-the input's type only when no value changes (pixels scaled by 1/255 fed to a uint8 input would all be 0):
-otherwise the error says what to pass. At most `lrdeploy.runtime.datafiles.MAX_DATA_BYTES` (2 GiB) are held;
-``limit`` reads fewer.
+Real data is fed in batches along each input's batch axis: the first, or where the model declares the
+batch symbol the other inputs lead with (a recurrent state ``[layers, batch, hidden]``: axis 1), or as
+``--batch-axis NAME:AXIS`` says. A scalar for an input the model declares as a scalar (a sample rate) is
+fed as it is to every batch; an input the file lacks may be given as a constant (``--input-value``).
+Data is cast to the input's type only when no value changes (pixels scaled by 1/255 fed to a uint8 input
+would all be 0): otherwise the error says what to pass. At most
+`lrdeploy.runtime.datafiles.MAX_DATA_BYTES` (2 GiB) are held; ``limit`` reads fewer.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ import onnx
 
 from lrdeploy.errors import UsageError
 from lrdeploy.runtime.datafiles import NumpyFile
+from lrdeploy.runtime.feeding import Feeding, batch_axes, check_values, constant_makers
 from lrdeploy.runtime.images import ImageOptions, Pixels, counted, mnist_path, read_folder, read_mnist
 from lrdeploy.runtime.inputs import InputSpec, model_inputs, random_feeds
 from lrdeploy.spelling import option
@@ -52,20 +56,41 @@ LABEL_KEYS = ("labels", "label", "y")
 
 @dataclass
 class Dataset:
-    """Named input arrays with a common first (batch) axis, and optional integer labels."""
+    """Named input arrays with a common batch axis (the first unless ``axes`` says otherwise), optional
+    integer labels, and inputs fed the same to every batch: ``fixed`` arrays (scalars) and ``constants``
+    (built for a batch of n samples: ``--input-value`` for an input the data lacks)."""
 
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None
     description: str
+    axes: dict[str, int] = field(default_factory=dict)
+    fixed: dict[str, np.ndarray] = field(default_factory=dict)
+    constants: dict[str, Callable[[int], np.ndarray]] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
+        name, array = next(iter(self.arrays.items()))
+        return array.shape[self.axes.get(name, 0)]
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         total = min(len(self), limit) if limit else len(self)
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
-            yield {name: array[start:stop] for name, array in self.arrays.items()}
+            batch = {
+                name: _rows(array, self.axes.get(name, 0), start, stop) for name, array in self.arrays.items()
+            }
+            batch.update(self.fixed)
+            batch.update((name, make(stop - start)) for name, make in self.constants.items())
+            yield batch
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """One batch of the given sample indices, every input fed as `batches` feeds it."""
+        batch = {
+            name: np.ascontiguousarray(np.take(array, rows, axis=self.axes.get(name, 0)))
+            for name, array in self.arrays.items()
+        }
+        batch.update(self.fixed)
+        batch.update((name, make(len(rows))) for name, make in self.constants.items())
+        return batch
 
     def label_batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray | None]:
         total = min(len(self), limit) if limit else len(self)
@@ -73,13 +98,23 @@ class Dataset:
             yield None if self.labels is None else self.labels[start : min(start + batch_size, total)]
 
 
-def _check_input(spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype, source: str) -> None:
-    """Dtype kind, rank and fixed dims (beyond the batch axis), before anything is read."""
+def _rows(array: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(start, stop)
+    return array[tuple(index)]
+
+
+def _check_input(
+    spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype, source: str, axis: int | None = 0
+) -> None:
+    """Dtype kind, rank and fixed dims (beyond the batch axis), before anything is read. A scalar is
+    accepted for an input the model declares as a scalar (``axis`` None): it is fed to every batch."""
     if dtype.kind not in "biuf":
         raise UsageError(f"{source}: array for input '{spec.name}' has dtype {dtype}; save numeric arrays")
-    if not shape:
+    if not shape and spec.dims not in ((), None):
         raise UsageError(
-            f"{source}: array for input '{spec.name}' is a scalar; the first axis must be samples"
+            f"{source}: array for input '{spec.name}' is a scalar but the model's input has "
+            f"{len(spec.dims)} dims; its batch axis must hold the samples"
         )
     if spec.dims is not None:
         if len(shape) != len(spec.dims):
@@ -87,10 +122,11 @@ def _check_input(spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype, sourc
                 f"{source}: array for input '{spec.name}' has shape {list(shape)}, "
                 f"the model expects {len(spec.dims)} dims {['?' if d is None else d for d in spec.dims]}"
             )
-        for index, (want, have) in enumerate(zip(spec.dims[1:], shape[1:], strict=True), 1):
-            if isinstance(want, int) and want != have:
+        for index, (want, have) in enumerate(zip(spec.dims, shape, strict=True)):
+            if index != axis and isinstance(want, int) and want != have:
                 raise UsageError(
                     f"{source}: input '{spec.name}' dim {index} is {want} in the model but {have} in the data"
+                    + (f" (its batch axis is {axis}; {option('batch_axes')} sets another)" if axis else "")
                 )
 
 
@@ -123,9 +159,11 @@ def _loss(array: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, str | None]:
     return cast, f"values outside {dtype}'s range [{info.min}, {info.max}] (e.g. {example:g})"
 
 
-def _fit_input(spec: InputSpec, array: np.ndarray, source: str, key: str | None = None) -> np.ndarray:
+def _fit_input(
+    spec: InputSpec, array: np.ndarray, source: str, key: str | None = None, axis: int | None = 0
+) -> np.ndarray:
     """Check ``array`` (from a file or a caller, under ``key``) against ``spec`` and cast it losslessly."""
-    _check_input(spec, array.shape, array.dtype, source)
+    _check_input(spec, array.shape, array.dtype, source, axis)
     cast, lost = _loss(array, spec.dtype)
     if lost:
         name = f"array '{key}'" if key else "the array"
@@ -228,7 +266,9 @@ def _refuse_image_options(options: ImageOptions, what: str) -> None:
         )
 
 
-def _from_store(name: str, store: _Arrays | NumpyFile, specs: list[InputSpec], limit: int | None) -> Dataset:
+def _from_store(
+    name: str, store: _Arrays | NumpyFile, specs: list[InputSpec], limit: int | None, feeding: Feeding
+) -> Dataset:
     """Map arrays to inputs by key (one array: the single input), check headers, read only those."""
     source = store.source
     if store.keys == [""]:  # an .npy, or one array from Python
@@ -236,22 +276,36 @@ def _from_store(name: str, store: _Arrays | NumpyFile, specs: list[InputSpec], l
     input_names = {s.name for s in specs}
     label_key = next((k for k in LABEL_KEYS if k in store.keys and k not in input_names), None)
     others = [k for k in store.keys if k != label_key]
+    check_values(specs, feeding.values)
     if len(specs) == 1 and specs[0].name not in others and len(others) == 1:
         keys = {specs[0].name: others[0]}
     else:
-        missing = [s.name for s in specs if s.name not in others]
+        missing = [s.name for s in specs if s.name not in others and s.name not in feeding.values]
         if missing and not others and label_key:
             raise UsageError(
                 f"{source} holds only '{label_key}', which is read as labels; store the inputs under "
                 f"{missing} (labels under 'labels')"
             )
         if missing:
-            raise UsageError(f"{source} has no array for input(s) {missing}; its keys are {sorted(others)}")
-        keys = {s.name: s.name for s in specs}
+            raise UsageError(
+                f"{source} has no array for input(s) {missing}; its keys are {sorted(others)} "
+                f"(a constant input can be given with {option('input_values')})"
+            )
+        keys = {s.name: s.name for s in specs if s.name in others}
     by_name = {s.name: s for s in specs}
+    axes = batch_axes(specs, feeding.axes)
     for input_name, key in keys.items():
-        _check_input(by_name[input_name], store.shape(key), store.dtype(key), source)
-    counts = {store.shape(key)[0] for key in keys.values()}
+        shape = store.shape(key)
+        axis = axes[input_name] if shape else None
+        _check_input(by_name[input_name], shape, store.dtype(key), source, axis)
+        if axis is not None and axis >= len(shape):
+            raise UsageError(f"{source}: array '{key}' has no axis {axis} to hold the samples")
+    batched = {k: key for k, key in keys.items() if store.shape(key) and axes[k] is not None}
+    if not batched:
+        raise UsageError(
+            f"{source}: no array holds samples (only scalars); store the inputs with a batch axis"
+        )
+    counts = {store.shape(key)[axes[k]] for k, key in batched.items()}
     if len(counts) != 1:
         raise UsageError(f"{source}: arrays have different numbers of samples {sorted(counts)}")
     total = counts.pop()
@@ -259,26 +313,34 @@ def _from_store(name: str, store: _Arrays | NumpyFile, specs: list[InputSpec], l
         raise UsageError(
             f"{source}: labels must be {total} integers, got shape {list(store.shape(label_key))}"
         )
-    feeds = {
-        input_name: _fit_input(by_name[input_name], store.read(key, limit), source, key)
-        for input_name, key in keys.items()
-    }
-    used = len(next(iter(feeds.values())))
+    arrays, fixed = {}, {}
+    for input_name, key in keys.items():
+        axis = axes[input_name] if input_name in batched else None
+        if axis is None:
+            fixed[input_name] = _fit_input(by_name[input_name], store.read(key), source, key, None)
+            continue
+        data = store.read(key, limit) if axis == 0 else _rows(store.read(key), axis, 0, limit or total)
+        arrays[input_name] = _fit_input(by_name[input_name], data, source, key, axis)
+    used = min(limit, total) if limit else total
     labels = _labels(store.read(label_key, limit), used, source) if label_key else None
-    return Dataset(feeds, labels, counted(name, used, total))
+    constants = constant_makers(specs, set(keys), feeding, axes)
+    batch_axes_used = {k: axes[k] for k in arrays if axes[k]}
+    return Dataset(arrays, labels, counted(name, used, total), batch_axes_used, fixed, constants)  # type: ignore[arg-type]
 
 
 def _from_memory(
-    data: InMemoryData, specs: list[InputSpec], options: ImageOptions, limit: int | None
+    data: InMemoryData, specs: list[InputSpec], options: ImageOptions, limit: int | None, feeding: Feeding
 ) -> Dataset:
     _refuse_image_options(options, "arrays are")
-    return _from_store(str(data), _Arrays(data), specs, limit)
+    return _from_store(str(data), _Arrays(data), specs, limit, feeding)
 
 
-def _from_numpy(path: Path, specs: list[InputSpec], options: ImageOptions, limit: int | None) -> Dataset:
+def _from_numpy(
+    path: Path, specs: list[InputSpec], options: ImageOptions, limit: int | None, feeding: Feeding
+) -> Dataset:
     _refuse_image_options(options, f"{path} is")
     with NumpyFile(path) as store:
-        return _from_store(path.name, store, specs, limit)
+        return _from_store(path.name, store, specs, limit, feeding)
 
 
 def _single(specs: list[InputSpec], source: str) -> InputSpec:
@@ -300,15 +362,21 @@ def load_dataset(
     model: onnx.ModelProto,
     options: ImageOptions | None = None,
     limit: int | None = None,
+    values: Mapping[str, float] | None = None,
+    axes: Mapping[str, int] | None = None,
+    shapes: Mapping[str, tuple[int, ...] | None] | None = None,
 ) -> Dataset:
     """The dataset named by ``source`` (see the module docstring), shaped for ``model``'s inputs.
 
-    With ``limit`` only the first ``limit`` samples are read (and images decoded).
+    With ``limit`` only the first ``limit`` samples are read (and images decoded). ``values`` are
+    constants for inputs an .npz lacks (at ``shapes``, the batch axis set per batch); ``axes`` the batch
+    axes of inputs that do not keep their batch where the model's declared dims say.
     """
     options = options or ImageOptions()
     specs = model_inputs(model)
+    feeding = Feeding(values or {}, axes or {}, shapes)
     if isinstance(source, InMemoryData):
-        dataset = _from_memory(source, specs, options, limit)
+        dataset = _from_memory(source, specs, options, limit, feeding)
         if len(dataset) == 0:
             raise UsageError(f"{source} hold no samples (the first axis is 0)")
         return dataset
@@ -328,7 +396,7 @@ def load_dataset(
         spec = _single(specs, str(path))
         dataset = _from_pixels(read_folder(path, spec, options, limit), spec, str(path), options)
     elif path.suffix.lower() in (".npz", ".npy"):
-        dataset = _from_numpy(path, specs, options, limit)
+        dataset = _from_numpy(path, specs, options, limit, feeding)
     else:
         raise UsageError(f"{named}: expected .npz, .npy, an image folder, 'mnist' or 'random'")
     if len(dataset) == 0:
@@ -337,8 +405,13 @@ def load_dataset(
 
 
 def random_batches(
-    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], seed: int, count: int = 1
+    model: onnx.ModelProto,
+    shapes: Mapping[str, Sequence[int]],
+    seed: int,
+    count: int = 1,
+    values: Mapping[str, float] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """``count`` seeded random batches at ``shapes`` (one per seed, so a fixed batch dim still works)."""
+    """``count`` seeded random batches at ``shapes`` (one per seed, so a fixed batch dim still works);
+    inputs in ``values`` get that constant."""
     for index in range(count):
-        yield random_feeds(model, shapes, seed + index)
+        yield random_feeds(model, shapes, seed + index, values)

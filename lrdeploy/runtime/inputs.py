@@ -4,6 +4,9 @@ Exported models leave dims symbolic (``batch``, ``sequence``). A leading symboli
 batch and set to 1; any other must come from ``--input-shape NAME:d0,d1,...`` or from another input
 that names the same symbol, otherwise the error names the dims that cannot be guessed.
 
+Integer inputs that index a constant table get random indices within it; what random data cannot choose
+(a sample rate that selects a branch) is given as a constant (`lrdeploy.runtime.feeding`).
+
 Declared shapes are untrusted: a 1 KB model may declare an input of ``[1, 10000, 10000, 4]``. Random
 feeds are sized in Python integers before anything is allocated, and refused over `MAX_RANDOM_BYTES`.
 """
@@ -19,12 +22,14 @@ import onnx
 from onnx import TensorProto, helper
 
 from lrdeploy.errors import UsageError
+from lrdeploy.passes.scopes import body_graphs, scoped_nodes
 from lrdeploy.spelling import either, option
 
 __all__ = [
     "MAX_RANDOM_BYTES",
     "InputSpec",
     "check_random_size",
+    "format_dims",
     "model_inputs",
     "random_feeds",
     "resolve_shapes",
@@ -87,7 +92,7 @@ def _check_given(specs: list[InputSpec], given: Mapping[str, tuple[int, ...]]) -
             raise UsageError(
                 f"{option('input_shapes')} {name} has {len(shape)} dims but the model's input has "
                 f"{len(spec.dims)}: "
-                f"{_format(spec.dims)}"
+                f"{format_dims(spec.dims)}"
             )
         for index, (model_dim, user_dim) in enumerate(zip(spec.dims, shape, strict=True)):
             if isinstance(model_dim, int) and model_dim != user_dim:
@@ -105,7 +110,7 @@ def shape_hint(name: str, dims: str) -> str:
     return either(f"--input-shape {name}:{dims}", f"input_shapes={{{name!r}: ({dims})}}")
 
 
-def _format(dims: tuple[Dim, ...]) -> str:
+def format_dims(dims: tuple[Dim, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
@@ -153,7 +158,7 @@ def resolve_shapes(
                     str(d) if isinstance(d, int) else "1" if i == 0 else "64" for i, d in enumerate(spec.dims)
                 )
                 raise UsageError(
-                    f"cannot guess {', '.join(missing)} of input '{spec.name}' {_format(spec.dims)}; "
+                    f"cannot guess {', '.join(missing)} of input '{spec.name}' {format_dims(spec.dims)}; "
                     f"pass e.g. {shape_hint(spec.name, example)} with 64 replaced by the real size"
                 )
             shapes[spec.name] = None
@@ -164,18 +169,49 @@ def resolve_shapes(
     return shapes
 
 
+#: Ops that pass integer indices on unchanged in value (shape or type only).
+_INDEX_PASSTHROUGH = ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand")
+
+
+def _tables(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    """Constant tensors' dims: initializers and Constant nodes, in every body too."""
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    for node in scoped_nodes(graph):
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            dims[node.output[0]] = list(node.attribute[0].t.dims)
+        for _, body in body_graphs(node):
+            dims.update((t.name, list(t.dims)) for t in body.initializer)
+    return dims
+
+
 def _index_ranges(model: onnx.ModelProto) -> dict[str, int]:
-    """For integer inputs that index a constant table (Gather of embeddings), the table's size."""
-    tables = {t.name: list(t.dims) for t in model.graph.initializer}
+    """For integer inputs that index a constant table (Gather of embeddings), the table's size.
+
+    The indices may reach the Gather through casts and reshapes, or inside an If/Loop/Scan body.
+    """
+    tables = _tables(model.graph)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in scoped_nodes(model.graph):
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
     ranges: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in tables:
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        dims = tables[node.input[0]]
-        if dims:
-            size = dims[axis % len(dims)]
-            ranges[node.input[1]] = min(ranges.get(node.input[1], size), size)
+    for spec in model_inputs(model):
+        todo, seen = [spec.name], {spec.name}
+        while todo:
+            tensor = todo.pop()
+            for node in readers.get(tensor, ()):
+                if (
+                    node.op_type in _INDEX_PASSTHROUGH
+                    and node.input[0] == tensor
+                    and node.output[0] not in seen
+                ):
+                    seen.add(node.output[0])
+                    todo.append(node.output[0])
+                elif node.op_type == "Gather" and node.input[1:2] == [tensor] and tables.get(node.input[0]):
+                    dims = tables[node.input[0]]
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    size = dims[axis % len(dims)]
+                    ranges[spec.name] = min(ranges.get(spec.name, size), size)
     return ranges
 
 
@@ -210,17 +246,27 @@ def _mib(size: int) -> str:
 
 
 def random_feeds(
-    model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], seed: int = 0
+    model: onnx.ModelProto,
+    shapes: Mapping[str, tuple[int, ...]],
+    seed: int = 0,
+    values: Mapping[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded inputs: standard normal floats; integers in [0, table size) for embedding indices, the whole
-    range for other 8-bit integers (pixels, quantized data), else 0/1."""
+    range for other 8-bit integers (pixels, quantized data), else 0/1. An input in ``values`` is that
+    constant at its shape (a sample rate, a mode flag: what random data cannot choose)."""
+    from lrdeploy.runtime.feeding import check_values, constant_feed  # feeding builds on this module
+
     rng = np.random.default_rng(seed)
     ranges = _index_ranges(model)
     feeds: dict[str, np.ndarray] = {}
     specs = model_inputs(model)
     check_random_size(specs, shapes)
+    check_values(specs, values or {})
     for spec in specs:
         shape = shapes[spec.name]
+        if values and spec.name in values:
+            feeds[spec.name] = constant_feed(spec, values[spec.name], shape)
+            continue
         if spec.elem_type == 0:
             raise UsageError(f"input '{spec.name}' is not a tensor; lrdeploy can only feed tensor inputs")
         if spec.elem_type == TensorProto.STRING:

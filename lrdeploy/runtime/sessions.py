@@ -6,7 +6,8 @@ silently falls back to CPU. So we look for a GPU first, probe with a tiny sessio
 quiet, and check ``session.get_providers()``. ``cuda`` is strict: it fails instead of falling back.
 TF32 is off on CUDA so that a comparison measures the model, not TF32 rounding. Our sessions log nothing
 (severity 4): onnxruntime's multi-line errors would reach stderr before the one-line error that says the
-same; the probe takes its reason from what onnxruntime prints on stdout, which is not its log.
+same; the probe takes its reason from what onnxruntime prints on stdout, which is not its log. `summarize`
+turns onnxruntime's exceptions into that one line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import functools
 import glob
 import io
+import re
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -24,7 +26,14 @@ from types import ModuleType
 from lrdeploy.errors import DeviceUnavailable, RuntimeFailure, UsageError
 from lrdeploy.spelling import either, option
 
-__all__ = ["Device", "make_session", "probe_provider", "require_onnxruntime", "select_device"]
+__all__ = [
+    "Device",
+    "make_session",
+    "probe_provider",
+    "require_onnxruntime",
+    "select_device",
+    "summarize",
+]
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -170,6 +179,24 @@ def select_device(device: str = "auto", *, tf32: bool = False, cuda_graph: bool 
     return Device("cpu", note=None if quiet else f"CUDA EP unavailable ({reason}); running on CPU")
 
 
+_STATUS = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_NODE = re.compile(  # the node that failed at run time
+    r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ?"
+)
+_SOURCE = re.compile(r"\S+\.(?:h|cc|cpp|cu):\d+ (?:\S+\(.*?\)(?: const)? )?")
+
+
+def summarize(error: BaseException, limit: int = 300) -> str:
+    """onnxruntime's error as one line: its status prefix and C++ source locations dropped, the failing
+    node named (``Reshape node 'rs': the input tensor cannot be reshaped ...``)."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    line = _STATUS.sub("", text.splitlines()[0])
+    line = _NODE.sub(lambda m: f"{m.group(1)} node '{m.group(2)}': ", line)
+    return _SOURCE.sub("", line).strip()[:limit]
+
+
 def _session_options(ort: ModuleType):
     options = ort.SessionOptions()
     options.log_severity_level = QUIET
@@ -199,8 +226,7 @@ def make_session(
     try:
         session, fallback = _create_session(ort, source, options, list(device.providers))
     except Exception as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RuntimeFailure(f"onnxruntime could not load {label}: {message[:300]}") from None
+        raise RuntimeFailure(f"onnxruntime could not load {label}: {summarize(error)}") from None
     if session.get_providers()[0] != device.provider:
         why = f" ({fallback})" if fallback else ""
         raise DeviceUnavailable(

@@ -1,12 +1,16 @@
 """Verification as a step: pick the device and the data, compare the two models, apply the gates.
 
 `compress` runs this on its own output; ``lrdeploy verify`` on any two models. Both use the same
-`VerifyConfig`, so a gate means the same thing in both places. Random data defaults to
-`RANDOM_BATCHES` batches: one sample says little about a model that is 0.6 cosine away from its original.
+`VerifyConfig`, so a gate means the same thing in both places. ``input_values`` fixes inputs random
+data cannot choose (a sample rate), also for inputs a data file lacks; ``batch_axes`` says where an input
+of a data file keeps its batch when the model does not say (`lrdeploy.runtime.inputs.batch_axes`).
+Random data defaults to `RANDOM_BATCHES` batches: one sample says little about a model that is 0.6
+cosine away from its original.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import tempfile
@@ -14,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 
 import onnx
 
@@ -28,6 +33,7 @@ from lrdeploy.io.modelio import (
     save_model,
 )
 from lrdeploy.runtime.datasets import ImageOptions, InMemoryData, as_data_source, load_dataset, random_batches
+from lrdeploy.runtime.feeding import batch_axes
 from lrdeploy.runtime.inputs import model_inputs, resolve_shapes
 from lrdeploy.runtime.verify import Batch, Gates, Verification, compare_models
 from lrdeploy.spelling import either, option
@@ -56,8 +62,20 @@ class VerifyConfig:
     random_batches: int = RANDOM_BATCHES
     seed: int = 0
     gates: Gates = field(default_factory=Gates)
+    input_values: Mapping[str, float] = field(default_factory=dict)  # input → constant fed to it
+    batch_axes: Mapping[str, int] = field(default_factory=dict)  # input → its batch axis in data files
 
     def __post_init__(self) -> None:
+        for name, value in dict(self.input_values).items():
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise UsageError(f"{option('input_values')} {name}: expected a finite number, got {value!r}")
+        for name, axis in dict(self.batch_axes).items():
+            if not is_int(axis) or axis < 0:
+                raise UsageError(f"{option('batch_axes')} {name}: expected an axis ≥ 0, got {axis!r}")
+        object.__setattr__(self, "input_values", MappingProxyType(dict(self.input_values)))
+        object.__setattr__(
+            self, "batch_axes", MappingProxyType({k: int(v) for k, v in self.batch_axes.items()})
+        )
         if self.device not in DEVICES:
             raise UsageError(f"{option('device')} must be one of {', '.join(DEVICES)}, got '{self.device}'")
         counts = {"batch_size": self.batch_size, "random_batches": self.random_batches}
@@ -77,9 +95,16 @@ class VerifyConfig:
         return replace(self, **changes)
 
 
-def _batch_size(model: onnx.ModelProto, requested: int) -> int:
+def _batch_size(model: onnx.ModelProto, requested: int, given_axes: Mapping[str, int] | None = None) -> int:
     """A model exported with a fixed batch dim must be fed exactly that many samples at a time."""
-    fixed = {spec.dims[0] for spec in model_inputs(model) if spec.dims and isinstance(spec.dims[0], int)}
+    specs = model_inputs(model)
+    axes = batch_axes(specs, given_axes)
+    fixed = {
+        spec.dims[axis]
+        for spec in specs
+        if spec.dims and (axis := axes[spec.name]) is not None and axis < len(spec.dims)
+        if isinstance(spec.dims[axis], int)
+    }
     return fixed.pop() if len(fixed) == 1 else requested
 
 
@@ -92,13 +117,16 @@ def _batches(
         if missing:
             hint = either("--input-shape NAME:d0,d1,...", "input_shapes={NAME: (d0, d1, ...)}")
             raise UsageError(f"cannot make random inputs for {missing}; pass {hint}")
-        per_batch = next((s[0] for s in shapes.values() if s), 1)
+        axes = batch_axes(model_inputs(model), config.batch_axes)
+        per_batch = next((s[a] for n, s in shapes.items() if s and (a := axes.get(n)) is not None), 1)
         count = config.random_batches
-        feeds = random_batches(model, shapes, config.seed, count)
+        feeds = random_batches(model, shapes, config.seed, count, config.input_values)
         noun = "batch" if count == 1 else "batches"
         return ((f, None) for f in feeds), per_batch * count, f"random ({count} {noun}, seed {config.seed})"
-    dataset = load_dataset(config.data, model, config.image, config.limit)  # reads only what is used
-    size = _batch_size(model, config.batch_size)
+    dataset = load_dataset(  # reads only what is used
+        config.data, model, config.image, config.limit, config.input_values, config.batch_axes, shapes
+    )
+    size = _batch_size(model, config.batch_size, config.batch_axes)
     batches = zip(dataset.batches(size), dataset.label_batches(size), strict=True)
     return batches, len(dataset), dataset.description
 

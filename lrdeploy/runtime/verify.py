@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lrdeploy.errors import RuntimeFailure, UsageError, VerificationFailed
-from lrdeploy.runtime.sessions import Device, make_session
+from lrdeploy.runtime.sessions import Device, make_session, summarize
 from lrdeploy.spelling import either, option
 
 __all__ = ["Gates", "OutputComparison", "Verification", "compare_models"]
@@ -351,8 +351,7 @@ def _run(session, feeds: Mapping[str, np.ndarray], label: str) -> list[np.ndarra
     try:
         return session.run(None, dict(feeds))
     except Exception as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RuntimeFailure(f"onnxruntime failed to run the {label} model: {message[:300]}") from None
+        raise RuntimeFailure(f"onnxruntime failed to run the {label} model: {summarize(error)}") from None
 
 
 def compare_models(
