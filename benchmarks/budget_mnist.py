@@ -39,6 +39,17 @@ ROWS = ("uniform ρ + svd", "budget + svd", "budget + whiten", "budget + whiten 
 #: Issue 9's bar at 0.3 of the MACs: whitened error ≤ 0.6× plain SVD's, accuracy within 1 point of dense.
 TARGET_BUDGET, TARGET_RATIO, TARGET_POINTS = 0.3, 0.6, 1.0
 
+NOTES = (
+    "Why the bar is met on one model and not the others (budget + whiten at 0.3, per-layer output errors "
+    "from the report's `calib_rel_error`): the VGG's five budgeted convs keep 0.28–0.46 of their output "
+    "error each, on fit and held-apart rows alike (no over-fitting), and five such errors compound; "
+    "`bncnn_baseline.onnx` has 98% of its 18.4 M MACs in three convs whose inputs are 288–576 values wide "
+    "(full ranks 32–64), and the whitened factors keep 0.18–0.21 of their error. On the VGG, 1,024 "
+    "calibration digits, no holdout, damping 1e-2 of the mean eigenvalue or a floor of 1e-3 changed the "
+    "model's output error by at most 0.03 (measured once through the Python API). LeNet-5 has 86% of its "
+    "MACs in conv1/conv2 (full ranks 6 and 16): 30% of the MACs leaves them ranks 2–4 whatever the factors."
+)
+
 
 def _uniform(path: Path, fraction: float) -> tuple[dict, float]:
     """The largest rank ratio whose model fits the MAC budget, and the time of that compress."""
@@ -87,6 +98,11 @@ def _configs(path: Path, fraction: float, calib_samples: int) -> dict[str, dict]
     )
 
 
+def _run_time(results: dict) -> str:
+    seconds = results.get("seconds")
+    return f"The whole run took {seconds / 60:.1f} min.\n\n" if seconds else ""
+
+
 def _pick(rows: list[dict], budget: float, label: str) -> dict | None:
     return next((r for r in rows if r["row"] == label and abs(r["budget"] - budget) < 1e-9), None)
 
@@ -126,7 +142,9 @@ def _tables(results: dict, calib_samples: int) -> str:
         f"Calibration: the first {calib_samples} bundled training digits (20% held apart); judged on the "
         "2,000 test digits against the original model. Time: the whole `compress` call, verification on the "
         f"2,000 digits included. Machine: {results['machine']}.\n\n"
+        f"{_run_time(results)}"
         "![output error and test accuracy against the MAC budget](budget_mnist.png)\n\n"
+        f"{NOTES}\n\n"
         "Whitened error as a multiple of plain SVD's (uniform ρ, and the data-free budget):\n\n"
     )
     lines: list[str] = []
@@ -177,9 +195,10 @@ def plot(results: dict, path: Path) -> None:
         bottom.set_ylim(0, 100)
         for axis in (top, bottom):
             axis.grid(alpha=0.3)
-    axes[1][0].legend(loc="lower right", fontsize=8)
+    handles, labels = axes[1][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
     fig.suptitle("Whole-model MAC budgets on MNIST (benchmarks/budget_mnist.py)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

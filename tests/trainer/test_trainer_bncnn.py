@@ -14,6 +14,7 @@ from torch import nn  # noqa: E402
 
 import lrdeploy  # noqa: E402
 from lrdeploy.trainer.archs import InputSpec, build  # noqa: E402
+from lrdeploy.trainer.data import load_dataset  # noqa: E402
 from lrdeploy.trainer.export import export_onnx, onnx_logits  # noqa: E402
 from lrdeploy.trainer.lrpet import LRPETConfig, project_  # noqa: E402
 
@@ -45,7 +46,9 @@ def test_bncnn_exports_bn_nodes_and_matches_torch(tmp_path: Path) -> None:
     proto = onnx.load(path)
     ops = [node.op_type for node in proto.graph.node]
     assert ops.count("BatchNormalization") == 4 and ops.count("Conv") == 4 and ops.count("Gemm") == 2
-    assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
+    assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == [
+        "logits"
+    ]
     x = torch.rand(3, *SPEC.shape)
     with torch.no_grad():
         expected = model(x).numpy()
@@ -74,12 +77,23 @@ def test_bncnn_at_its_trained_rank_compresses_exactly(tmp_path: Path) -> None:
 
 
 def test_bundled_bncnn_keeps_its_accuracy_at_thirty_percent_of_the_macs(tmp_path: Path) -> None:
-    """Issue 9's bar on the shipped model (benchmarks/budget_mnist.py measures the whole table)."""
+    """Issue 9's bar on the shipped model, judged on 1,000 test digits (benchmarks/budget_mnist.py: all)."""
     assert BUNDLED.stat().st_size < 1_000_000
-    options = {"target_macs": 0.3, "data": "mnist", "output": tmp_path / "c.onnx", "calib_samples": 256}
-    _, whitened = lrdeploy.compress(BUNDLED, calib="mnist", **options)
-    _, plain = lrdeploy.compress(BUNDLED, method="svd", **options)
-    white, svd = whitened.verification.to_dict(), plain.verification.to_dict()
-    assert abs(whitened.macs_after / whitened.macs_before - 0.3) <= 0.01
-    assert white["accuracy_original"] - white["accuracy_compressed"] <= 0.01
-    assert white["rel_l2"] <= 0.6 * svd["rel_l2"]
+    data = load_dataset("mnist")
+    x, y = data.x_test[:1000], data.y_test[:1000]
+    dense = onnx_logits(BUNDLED, x)
+    judged = {}
+    for method in ("whiten", "svd"):
+        output = tmp_path / f"{method}.onnx"
+        calib = {"calib": "mnist", "calib_samples": 256} if method == "whiten" else {}
+        _, report = lrdeploy.compress(
+            BUNDLED, target_macs=0.3, method=method, verify=False, output=output, **calib
+        )
+        assert abs(report.macs_after / report.macs_before - 0.3) <= 0.01
+        logits = onnx_logits(output, x)
+        judged[method] = (
+            np.linalg.norm(logits - dense) / np.linalg.norm(dense),
+            np.mean(logits.argmax(1) == y),
+        )
+    assert judged["whiten"][0] <= 0.6 * judged["svd"][0]
+    assert np.mean(dense.argmax(1) == y) - judged["whiten"][1] <= 0.01
