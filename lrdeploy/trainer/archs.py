@@ -12,6 +12,10 @@ become the ONNX node names, which ``compress --include/--exclude/--overrides`` u
 - ``vgg``: a small VGG with BatchNorm: 2×16, 2×32, 2×64 3×3 convs, max pooling, global average pooling,
   two Linear layers.
 - ``vit``: a tiny Vision Transformer (patch 7 or 4, width 64, 2 blocks of 4 heads, mean pooling).
+- ``bncnn``: a CNN with BatchNorm whose convs are wide enough to carry redundancy (3×3 convs 1→32, 32→32,
+  pool, 32→64, 64→64, pool, pool, Linear 64·3·3 → 128 → classes): the MACs sit in three convs with
+  full ranks 32–64, so a whole-model MAC budget has room to choose ranks (the VGG's and LeNet-5's sit in
+  convs of rank 16 or less). The third pool keeps the classifier small (< 1 MB in all).
 """
 
 from __future__ import annotations
@@ -153,6 +157,30 @@ class VGG(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+class BNCNN(nn.Module):
+    def __init__(self, spec: InputSpec, widths: tuple[int, ...] = (32, 64), hidden: int = 128) -> None:
+        super().__init__()
+        h, w = spec.height // 8, spec.width // 8
+        if h < 1 or w < 1:
+            raise UsageError(f"bncnn needs images of at least 8×8, got {spec.height}×{spec.width}")
+        self.standardize = Standardize(spec.mean, spec.std)
+        layers: list[nn.Module] = []
+        cin = spec.channels
+        for width in widths:
+            for _ in range(2):
+                layers += [nn.Conv2d(cin, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+                cin = width
+            layers.append(nn.MaxPool2d(2))
+        layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.fc1 = nn.Linear(cin * h * w, hidden)
+        self.fc2 = nn.Linear(hidden, spec.classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.standardize(x)).flatten(1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -205,6 +233,7 @@ ARCHS: dict[str, Callable[[InputSpec], nn.Module]] = {
     "resnet20": ResNet20,
     "vgg": VGG,
     "vit": ViT,
+    "bncnn": BNCNN,
 }
 
 

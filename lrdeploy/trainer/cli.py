@@ -33,7 +33,7 @@ def _read_ranks(path: Path) -> dict[str, int]:
 
 def train(
     method: Annotated[str, typer.Option(help="baseline, lrpet or lorita.")] = "baseline",
-    arch: Annotated[str, typer.Option(help="mlp, lenet5, resnet20, vgg or vit.")] = "lenet5",
+    arch: Annotated[str, typer.Option(help="mlp, lenet5, resnet20, vgg, vit or bncnn.")] = "lenet5",
     data: Annotated[
         str, typer.Option(help="'mnist' (bundled), an .npz with x/y arrays, or an image folder.")
     ] = "mnist",
