@@ -42,7 +42,7 @@ from lrdeploy.pipeline import decision_dicts, prepare_graph
 from lrdeploy.planning import costs
 from lrdeploy.planning.budget import plan_budget
 from lrdeploy.planning.calibration import Calibration, calibrate
-from lrdeploy.planning.plan import LayerDecision, find_groups, plan_layers
+from lrdeploy.planning.plan import LayerDecision, find_groups, plan_layers, use_groups
 from lrdeploy.report import LayerReport, Report
 from lrdeploy.runtime.inputs import resolve_shapes
 from lrdeploy.spelling import either, option
@@ -149,6 +149,8 @@ def _compress(
         graph, names, normalized, folded = prepare_graph(original, config.fold_bn)
     with timer("plan"):
         groups, unfit = find_groups(graph, original)
+        if config.groups > 1:
+            use_groups(groups, config.groups)
     calibration = folded_model = None
     if config.calib is not None:
         with timer("calibrate"):
@@ -162,7 +164,7 @@ def _compress(
         else:
             totals = {"params": params_before, "macs": _total(macs_before)}
             rewrites, decisions, budget, _ = plan_budget(
-                groups, config, totals, macs_before, calibration, folded_model, progress
+                groups, config, totals, macs_before, calibration, folded_model, progress, original, shapes
             )
         del folded_model
     with timer("rewrite"):
@@ -201,6 +203,10 @@ def _compress(
             f"{len(few)} layer(s) had fewer calibration rows than inputs (e.g. '{few[0]}'); their statistics "
             "are rank-deficient and floored (see calib_rows); more calibration samples help"
         )
+    if config.imc_array is not None:
+        from lrdeploy.imc.report import compressed_table
+
+        report.imc = compressed_table(original, compressed, config.imc_array, shapes, decisions)
     if budget is not None:
         counted = {"params": (params_before, params_after), "macs": (_total(macs_before), _total(macs_after))}
         before, after = counted.get(budget.kind, (None, None))
@@ -242,7 +248,12 @@ def _calibrate(
     from lrdeploy.runtime.verification import _batch_size  # a fixed batch dim is fed as it is declared
 
     folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
-    layers = [node.name for group in groups if not group.problem for node in group.nodes]
+    layers = [
+        node.name
+        for group in groups
+        if not group.problem and not _model_grouped(group.view)  # a grouped conv's inputs: one per group
+        for node in group.nodes
+    ]
     assert config.calib is not None
     calibration = calibrate(
         folded,
@@ -255,6 +266,10 @@ def _calibrate(
         seed=config.verification.seed,
     )
     return folded, calibration
+
+
+def _model_grouped(view) -> bool:
+    return view.layout[0] == "GroupedConv" and view.layout[3]
 
 
 def _verify(original, source, compressed, staged, shapes, config: CompressConfig, progress: Progress | None):

@@ -35,6 +35,7 @@ class WeightView:
     m: int
     n: int
     layout: tuple
+    blocks: int = 1  # independent m×n blocks (`lrdeploy.passes.lowrank_grouped`); parameters m·n·blocks
 
     def matrix(self) -> np.ndarray:
         return ADAPTERS[self.layout[0]].matrix(self)
@@ -101,9 +102,15 @@ class ConvOp(LowRankOp):
         if reason:
             return reason
         group = int(node.attrs.get("group", 1))
-        if group != 1:
-            return f"grouped convolution (group={group}) is not factorized"
         shape = tuple(weight.shape)
+        if group != 1:
+            if len(shape) >= 3 and shape[1] == 1:
+                return (
+                    f"depthwise convolution (group={group}): nothing to gain, each filter reads one channel"
+                )
+            from lrdeploy.passes.lowrank_grouped import grouped_view
+
+            return grouped_view(weight, group, split_outputs=True)
         if len(shape) < 3:
             return f"weight shape {list(shape)} is not [Cout, Cin, k...]"
         return WeightView(weight, shape[0], int(np.prod(shape[1:])), ("Conv", shape))
@@ -216,6 +223,16 @@ class MatMulOp(LowRankOp):
 
 
 ADAPTERS: dict[str, LowRankOp] = {op.op: op for op in (ConvOp(), GemmOp(), MatMulOp())}
+
+
+def _register_grouped() -> None:
+    """Block low rank (grouped convs, --groups) is keyed by its layout, not by an op of its own."""
+    from lrdeploy.passes.lowrank_grouped import GroupedConvOp
+
+    ADAPTERS[GroupedConvOp.op] = GroupedConvOp()
+
+
+_register_grouped()
 
 
 def weight_view(node: gs.Node) -> WeightView | str | None:
