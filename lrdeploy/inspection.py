@@ -14,6 +14,7 @@ from lrdeploy.passes.names import name_nodes
 from lrdeploy.passes.upgrade import upgrade_opset
 from lrdeploy.pipeline import decision_dicts, prepare_graph
 from lrdeploy.planning import costs
+from lrdeploy.planning.blocks import spectrum_of
 from lrdeploy.planning.plan import LayerDecision, find_groups
 from lrdeploy.planning.policy import round_half_up
 from lrdeploy.planning.spectrum import Spectrum
@@ -146,7 +147,7 @@ def inspect(
     moments = _moments(graph, original, groups, calib, calib_samples, image) if calib is not None else {}
     layers = []
     for group in groups:
-        spectrum = Spectrum.of(group.view.matrix())
+        spectrum = spectrum_of(group.view, group.view.matrix())  # grouped convs: per group
         errors = _output_errors(group, spectrum, moments) if moments else None
         spectrum.release()
         names = tuple(node.name for node in group.nodes)
@@ -171,7 +172,9 @@ def _moments(graph, original, groups, calib, samples: int, image: ImageOptions |
     from lrdeploy.runtime.datasets import as_data_source
 
     folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
-    layers = [node.name for group in groups if not group.problem for node in group.nodes]
+    layers = [
+        node.name for group in groups if not group.problem and group.view.blocks == 1 for node in group.nodes
+    ]
     source = as_data_source(calib)
     found = calibrate(folded, layers, source, image or ImageOptions(), samples, 0.0, 32)  # type: ignore[arg-type]
     return found.moments

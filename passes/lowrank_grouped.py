@@ -61,7 +61,7 @@ def with_groups(view: WeightView, groups: int) -> WeightView | str | None:
 
 def block_slices(view: WeightView) -> list[tuple[slice, slice]]:
     """(rows, columns) of each block in the stored matrix."""
-    _, shape, groups, split = view.layout
+    groups, split = view.layout[2], view.layout[3]
     every = slice(None)
     if split:
         return [(slice(g * view.m, (g + 1) * view.m), every) for g in range(groups)]

@@ -99,7 +99,7 @@ Groups = Annotated[
 ImcArray = Annotated[
     str | None,
     typer.Option(
-        help="Crossbar size RxC: for --cost imc-arrays/imc-cycles, and adds the IMC mapping table to the report.",
+        help="Crossbar size RxC: for --cost imc-arrays/imc-cycles; adds the IMC mapping table to the report.",
         rich_help_panel=BUDGET,
     ),
 ]

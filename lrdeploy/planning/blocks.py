@@ -63,6 +63,15 @@ class BlockSpectrum:
         return cls([Spectrum.of(matrix[rows, cols]) for rows, cols in blocks], blocks, matrix.shape)
 
     @property
+    def m(self) -> int:
+        """One block's rows (a rank is a rank per block)."""
+        return self.parts[0].m
+
+    @property
+    def n(self) -> int:
+        return self.parts[0].n
+
+    @property
     def full_rank(self) -> int:
         return min(part.full_rank for part in self.parts)
 
