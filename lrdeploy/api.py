@@ -104,7 +104,9 @@ def compress(
     `CompressConfig` fields as keywords (``rank_multiple``, ``include``, ``exclude``, ``overrides``,
     ``fold_bn``, ``verify``, ``input_shapes``, ``keep_failed``; calibration: ``calib`` — what ``data``
     takes: a path, "mnist" (training digits) or arrays —, ``calib_samples``, ``calib_holdout``,
-    ``method="auto"|"svd"|"whiten"``) and `VerifyConfig` fields (``device``, ``data``, ``gates``,
+    ``method="auto"|"svd"|"whiten"``; group low rank: ``groups=G``; IMC crossbars: ``imc_array="RxC"``
+    (adds the mapping table; required by ``cost="imc-arrays"|"imc-cycles"``), ``imc_mapping``) and
+    `VerifyConfig` fields (``device``, ``data``, ``gates``,
     ``seed``, ...), or a ready ``config``. The input is never modified. With ``output`` the model is
     written there atomically (external data above 2 GB), and only if it passes the verification gates
     (or ``keep_failed``); a failed gate raises `VerificationFailed` with ``.report`` attached. With

@@ -10,38 +10,35 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
-from test_factorize import conv_cases
+from test_factorize import conv_cases, force_factorize
 
 import lrdeploy
 from lrdeploy.cli.app import main
-from lrdeploy.io.graphio import from_graph
-from lrdeploy.passes import ADAPTERS, Rewrite, factorize
-from lrdeploy.pipeline import prepare_graph
-from lrdeploy.planning.blocks import BlockSpectrum, plain_error, spectrum_of
-from lrdeploy.planning.plan import find_groups, use_groups
+from lrdeploy.planning.blocks import BlockSpectrum, plain_error
 from models import assert_close, check_model, feeds_for, graph_model, run, weight
 
 
-def force_groups(model: onnx.ModelProto, groups: int, rank: int | None = None) -> onnx.ModelProto:
-    """Every Conv as ``groups`` blocks at ``rank`` per group (default: full), bypassing the planner (which
-    rightly refuses a rank that saves nothing)."""
-    graph, names, _, _ = prepare_graph(model, True)
-    found, _ = find_groups(graph)
-    use_groups(found, groups)
-    rewrites = []
-    for group in found:
-        assert group.problem is None, group.problem
-        matrix = np.asarray(group.view.matrix(), dtype=np.float64)
-        spectrum = spectrum_of(group.view, matrix)
-        chosen = rank or spectrum.full_rank
-        a, b = spectrum.factors(matrix, chosen)
-        dtype = group.view.weight.dtype
-        first, second = ADAPTERS[group.view.layout[0]].stored_factors(
-            group.view, a.astype(dtype), b.astype(dtype)
-        )
-        rewrites.append(Rewrite(tuple(group.nodes), group.view, chosen, first, second))
-    factorize(graph, rewrites, names)
-    return from_graph(graph, model, 10)
+def conv_model(case, cin: int, cout: int, group: int = 1) -> onnx.ModelProto:
+    """One Conv from a `conv_cases` draw: Cin → Cout channels in ``group`` groups, with or without bias."""
+    dims, kernel, attrs, size, bias, seed = case
+    rng = np.random.default_rng(seed)
+    params = {"W": weight(rng, cout, cin // group, *kernel)}
+    inputs = ["x", "W"]
+    if bias:
+        params["B"] = weight(rng, cout)
+        inputs.append("B")
+    conv = helper.make_node("Conv", inputs, ["y"], name="conv", group=group, **attrs)
+    return graph_model([conv], {"x": [2, cin] + [size] * dims}, {"y": None}, params)
+
+
+def assert_exact_at_full_rank(model: onnx.ModelProto, groups: int = 1) -> onnx.ModelProto:
+    """The model factorized at full rank per block (``groups`` for group-1 Convs) checks and computes
+    the same outputs."""
+    feeds = feeds_for(model)
+    factorized, _ = force_factorize(model, blocks=groups)
+    check_model(factorized)
+    assert_close(run(factorized, feeds), run(model, feeds))
+    return factorized
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int = 1) -> int:
@@ -51,20 +48,10 @@ def _attr(node: onnx.NodeProto, name: str, default: int = 1) -> int:
 @settings(max_examples=40, deadline=None)
 @given(conv_cases(), st.sampled_from([(2, 2), (4, 2), (4, 4), (6, 3), (3, 3)]), st.integers(1, 5))
 def test_full_rank_is_exact_over_conv_attributes(case, channels_groups, cout):
-    dims, kernel, attrs, size, bias, seed = case
     cin, groups = channels_groups
-    rng = np.random.default_rng(seed)
-    params = {"W": weight(rng, cout, cin, *kernel)}
-    inputs = ["x", "W"]
-    if bias:
-        params["B"] = weight(rng, cout)
-        inputs.append("B")
-    conv = helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)
-    model = graph_model([conv], {"x": [2, cin] + [size] * dims}, {"y": None}, params)
-    feeds = feeds_for(model)
-    factorized = force_groups(model, groups)
-    check_model(factorized)
-    assert_close(run(factorized, feeds), run(model, feeds))
+    dims, kernel = case[:2]
+    model = conv_model(case, cin, cout)
+    factorized = assert_exact_at_full_rank(model, groups)
     first, second = factorized.graph.node
     assert (first.op_type, second.op_type) == ("Conv", "Conv")
     assert _attr(first, "group") == groups and _attr(second, "group") == 1

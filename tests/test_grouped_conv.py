@@ -9,32 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 from test_factorize import conv_cases
+from test_group_lowrank_graph import assert_exact_at_full_rank, conv_model
 
 import lrdeploy
-from lrdeploy.io.graphio import from_graph
-from lrdeploy.passes import ADAPTERS, Rewrite, factorize
-from lrdeploy.pipeline import prepare_graph
-from lrdeploy.planning.blocks import spectrum_of
-from lrdeploy.planning.plan import find_groups
-from models import assert_close, check_model, feeds_for, graph_model, run, weight
-
-
-def force_full_rank(model: onnx.ModelProto) -> onnx.ModelProto:
-    graph, names, _, _ = prepare_graph(model, True)
-    found, _ = find_groups(graph)
-    rewrites = []
-    for group in found:
-        assert group.problem is None, group.problem
-        matrix = np.asarray(group.view.matrix(), dtype=np.float64)
-        spectrum = spectrum_of(group.view, matrix)
-        a, b = spectrum.factors(matrix, spectrum.full_rank)
-        dtype = group.view.weight.dtype
-        first, second = ADAPTERS[group.view.layout[0]].stored_factors(
-            group.view, a.astype(dtype), b.astype(dtype)
-        )
-        rewrites.append(Rewrite(tuple(group.nodes), group.view, spectrum.full_rank, first, second))
-    factorize(graph, rewrites, names)
-    return from_graph(graph, model, 10)
+from models import check_model, graph_model, weight
 
 
 def _group(node: onnx.NodeProto) -> int:
@@ -44,21 +22,10 @@ def _group(node: onnx.NodeProto) -> int:
 @settings(max_examples=40, deadline=None)
 @given(conv_cases(), st.sampled_from([(4, 2), (6, 3), (6, 2), (8, 4)]), st.integers(1, 3))
 def test_grouped_conv_full_rank_is_exact(case, channels_groups, per_group_out):
-    dims, kernel, attrs, size, bias, seed = case
+    dims, kernel = case[:2]
     cin, groups = channels_groups
     cout = groups * per_group_out
-    rng = np.random.default_rng(seed)
-    params = {"W": weight(rng, cout, cin // groups, *kernel)}
-    inputs = ["x", "W"]
-    if bias:
-        params["B"] = weight(rng, cout)
-        inputs.append("B")
-    conv = helper.make_node("Conv", inputs, ["y"], name="conv", group=groups, **attrs)
-    model = graph_model([conv], {"x": [2, cin] + [size] * dims}, {"y": None}, params)
-    feeds = feeds_for(model)
-    factorized = force_full_rank(model)
-    check_model(factorized)
-    assert_close(run(factorized, feeds), run(model, feeds))
+    factorized = assert_exact_at_full_rank(conv_model(case, cin, cout, groups))
     first, second = factorized.graph.node
     assert _group(first) == groups and _group(second) == groups
     rank = min(per_group_out, cin // groups * int(np.prod(kernel)))

@@ -88,12 +88,8 @@ class BlockSpectrum:
             return np.ones(self.full_rank)
         return np.cumsum(sum(squares), dtype=np.float64) / total
 
-    def energy_kept(self, rank: int) -> float:
-        return float(self.energy[rank - 1])
-
-    def rank_for_energy(self, fraction: float) -> int:
-        index = int(np.searchsorted(self.energy, fraction - 1e-12, side="left"))
-        return min(index + 1, self.full_rank)
+    energy_kept = Spectrum.energy_kept  # both read only ``energy`` and ``full_rank``
+    rank_for_energy = Spectrum.rank_for_energy
 
     def factors(self, matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
         parts = [
