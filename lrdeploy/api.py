@@ -208,7 +208,11 @@ def _compress(
     if config.imc_array is not None:
         from lrdeploy.imc.report import compressed_table
 
-        report.imc = compressed_table(original, compressed, config.imc_array, shapes, decisions)
+        imc = compressed_table(original, compressed, config.imc_array, shapes, decisions)
+        if isinstance(imc, str):
+            report.notes.append(f"{option('imc_array')}: {imc}")
+        else:
+            report.imc = imc
     if budget is not None:
         counted = {"params": (params_before, params_after), "macs": (_total(macs_before), _total(macs_after))}
         before, after = counted.get(budget.kind, (None, None))

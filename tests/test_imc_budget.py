@@ -148,3 +148,10 @@ def test_cli_imc_flags(tmp_path, capsys):
     assert main(["compress", str(path), "--cost", "imc-cycles", "--target", "0.6", "--no-verify"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--imc-array" in err
+
+
+def test_imc_array_on_a_model_with_nothing_to_map_is_a_note():
+    nodes = [helper.make_node("MatMul", ["x", "z"], ["y"], name="dynamic")]
+    model = graph_model(nodes, {"x": [2, 3], "z": [3, 4]}, {"y": [2, 4]})
+    _, report = lrdeploy.compress(model, rank_ratio=0.5, imc_array="64x64", verify=False)
+    assert report.imc is None and any("could be mapped" in note for note in report.notes)

@@ -329,10 +329,11 @@ def compressed_table(
     array: str,
     input_shapes: Mapping[str, tuple[int, ...] | None],
     decisions: Sequence = (),
-) -> ImcReport:
+) -> ImcReport | str:
     """``compress --imc-array``: the dense and the compressed model on the arrays (every mapping), and
     for each group low-rank layer the arrays and cycles of its pair and of plain low rank at the same
-    rank and at the same parameter count (written into the decision's ``group_compare``)."""
+    rank and at the same parameter count (written into the decision's ``group_compare``). A string says
+    why nothing could be mapped."""
     from lrdeploy.imc.costs import ConvLayerShape, ImcArraysCost, ImcCyclesCost, factor_geometries
 
     size = parse_array(array)
@@ -340,6 +341,9 @@ def compressed_table(
         map_graph(model, size, MAPPINGS, input_shapes, label)
         for model, label in ((original, "dense"), (compressed, "compressed"))
     ]
+    if not maps[0].layers:
+        why = f" ({maps[0].skipped[0][2]}: {maps[0].skipped[0][0]})" if maps[0].skipped else ""
+        return f"no Conv, Gemm or MatMul with a constant weight could be mapped onto the arrays{why}"
     nodes, shapes, constants = prepared(original, input_shapes)
     for decision in decisions:
         compare = decision.group_compare
