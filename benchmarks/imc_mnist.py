@@ -185,7 +185,8 @@ def _plot(accuracy: list[dict], path: Path) -> None:
     labels = [
         label for label in dict.fromkeys(r["model"] for r in accuracy) if _digital(accuracy, label) >= 0.9
     ]
-    for label in labels:
+    colors = plt.cm.tab20.colors  # 10 colours repeat with 14 models
+    for index, label in enumerate(labels):
         style = next((st for key, st in _STYLES.items() if key in label), "-")
         rows = [r for r in accuracy if r["model"] == label]
         for axis, pick, key, scale in (
@@ -194,7 +195,7 @@ def _plot(accuracy: list[dict], path: Path) -> None:
         ):
             points = sorted((scale * r[key], 100 * r["mean"], 100 * r["std"]) for r in rows if pick(r))
             xs, ys, es = zip(*points, strict=True)
-            axis.errorbar(xs, ys, es, fmt=style, marker="o", label=label, capsize=3)
+            axis.errorbar(xs, ys, es, fmt=style, marker="o", label=label, capsize=3, color=colors[index % 20])
     noise_axis.set_xlabel("programming noise (% of column max |w|), 8-bit ADC")
     adc_axis.set_xlabel("ADC bits, 2% programming noise")
     for axis in (noise_axis, adc_axis):
