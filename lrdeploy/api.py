@@ -43,7 +43,7 @@ from lrdeploy.pipeline import calibration_layers, decision_dicts, prepare_graph
 from lrdeploy.planning import costs
 from lrdeploy.planning.budget import plan_budget
 from lrdeploy.planning.calibration import Calibration, calibrate
-from lrdeploy.planning.plan import LayerDecision, find_groups, plan_layers
+from lrdeploy.planning.plan import LayerDecision, find_groups, plan_layers, use_groups
 from lrdeploy.report import LayerReport, Report, branch_notes
 from lrdeploy.runtime.inputs import resolve_shapes
 from lrdeploy.spelling import either, option
@@ -105,7 +105,9 @@ def compress(
     `CompressConfig` fields as keywords (``rank_multiple``, ``include``, ``exclude``, ``overrides``,
     ``fold_bn``, ``verify``, ``input_shapes``, ``keep_failed``; calibration: ``calib`` — what ``data``
     takes: a path, "mnist" (training digits) or arrays —, ``calib_samples``, ``calib_holdout``,
-    ``method="auto"|"svd"|"whiten"``) and `VerifyConfig` fields (``device``, ``data``, ``gates``,
+    ``method="auto"|"svd"|"whiten"``; group low rank: ``groups=G``; IMC crossbars: ``imc_array="RxC"``
+    (adds the mapping table; required by ``cost="imc-arrays"|"imc-cycles"``), ``imc_mapping``) and
+    `VerifyConfig` fields (``device``, ``data``, ``gates``,
     ``seed``, ...), or a ready ``config``. The input is never modified. With ``output`` the model is
     written there atomically (external data above 2 GB), and only if it passes the verification gates
     (or ``keep_failed``); a failed gate raises `VerificationFailed` with ``.report`` attached. With
@@ -150,6 +152,8 @@ def _compress(
         graph, names, normalized, folded = prepare_graph(original, config.fold_bn)
     with timer("plan"):
         groups, unfit = find_groups(graph, original)
+        if config.groups > 1:
+            use_groups(groups, config.groups)
     calibration = folded_model = None
     if config.calib is not None:
         with timer("calibrate"):
@@ -163,7 +167,7 @@ def _compress(
         else:
             totals = {"params": params_before, "macs": _total(original, macs_before)}
             rewrites, decisions, budget, _ = plan_budget(
-                groups, config, totals, macs_before, calibration, folded_model, progress
+                groups, config, totals, macs_before, calibration, folded_model, progress, original, shapes
             )
         del folded_model
     with timer("rewrite"):
@@ -203,6 +207,14 @@ def _compress(
             f"{len(few)} layer(s) had fewer calibration rows than inputs (e.g. '{few[0]}'); their statistics "
             "are rank-deficient and floored (see calib_rows); more calibration samples help"
         )
+    if config.imc_array is not None:
+        from lrdeploy.imc.report import compressed_table
+
+        imc = compressed_table(original, compressed, config.imc_array, shapes, decisions)
+        if isinstance(imc, str):
+            report.notes.append(f"{option('imc_array')}: {imc}")
+        else:
+            report.imc = imc
     if budget is not None:
         counted = {
             "params": (params_before, params_after),

@@ -59,9 +59,13 @@ class CompressConfig:
     calib: str | InMemoryData | None = None  # also accepts a Path, an array or {input: array}
     calib_samples: int = 256
     calib_holdout: float = 0.2
+    groups: int = 1  # group low rank: each group-1 Conv factorized per group of input channels
+    imc_array: str | tuple[int, int] | None = None  # crossbar ROWSxCOLS: IMC costs and the report's table
+    imc_mapping: str = "im2col"
 
     def __post_init__(self) -> None:
         self._check_budget()
+        self._check_imc()
         if not is_int(self.rank_multiple) or self.rank_multiple < 1:
             raise UsageError(f"rank multiple must be a positive integer, got {self.rank_multiple!r}")
         for name, rank in self.overrides.items():
@@ -134,6 +138,28 @@ class CompressConfig:
         if not 0.0 <= holdout <= 0.5:
             raise UsageError(f"{option('calib_holdout')} must be in [0, 0.5], got {holdout:g}")
         object.__setattr__(self, "calib_holdout", holdout)
+
+    def _check_imc(self) -> None:
+        """``groups`` a positive integer; ``imc_array`` parsed (``RxC``), and required by the IMC costs."""
+        if not is_int(self.groups) or self.groups < 1:
+            raise UsageError(f"{option('groups')} must be a positive integer, got {self.groups!r}")
+        object.__setattr__(self, "groups", int(self.groups))
+        from lrdeploy.imc.mapping import MAPPINGS, parse_array
+
+        if self.imc_mapping not in MAPPINGS:
+            raise UsageError(
+                f"{option('imc_mapping')} must be one of {', '.join(MAPPINGS)}, got {self.imc_mapping!r}"
+            )
+        if self.imc_array is not None:
+            try:
+                array = parse_array(self.imc_array)
+            except UsageError as error:
+                raise UsageError(f"{option('imc_array')}: {error}") from None
+            object.__setattr__(self, "imc_array", f"{array.rows}x{array.cols}")
+        elif self.cost is not None and self.cost.startswith("imc-"):
+            raise UsageError(
+                f"{option('cost')} {self.cost} needs the crossbar size: add {option('imc_array')} RxC"
+            )
 
     def _check_cost(self, target: str | None) -> None:
         """The cost a budget is counted in: ``target_params``/``target_macs`` name theirs, ``target``
@@ -216,6 +242,9 @@ class CompressConfig:
             "calib": str(self.calib) if self.calib is not None else None,
             "calib_samples": self.calib_samples if self.calib is not None else None,
             "calib_holdout": self.calib_holdout if self.calib is not None else None,
+            "groups": self.groups,
+            "imc_array": self.imc_array,
+            "imc_mapping": self.imc_mapping if self.imc_array else None,
         }
 
     def describe(self) -> str:
@@ -228,6 +257,8 @@ class CompressConfig:
             parts.append("whitened factors")
         if self.rank_multiple > 1:
             parts.append(f"multiple of {self.rank_multiple}")
+        if self.groups > 1:
+            parts.append(f"group low rank, {self.groups} groups")
         return ", ".join(parts)
 
 

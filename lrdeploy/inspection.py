@@ -19,6 +19,7 @@ from lrdeploy.passes.scopes import scoped_total
 from lrdeploy.passes.upgrade import upgrade_opset
 from lrdeploy.pipeline import calibration_layers, decision_dicts, prepare_graph
 from lrdeploy.planning import costs
+from lrdeploy.planning.blocks import spectrum_of
 from lrdeploy.planning.plan import LayerDecision, find_groups
 from lrdeploy.planning.policy import round_half_up
 from lrdeploy.planning.spectrum import Spectrum
@@ -157,7 +158,7 @@ def inspect(
     moments = _moments(graph, original, groups, calib, calib_samples, image) if calib is not None else {}
     layers = []
     for group in groups:
-        spectrum = Spectrum.of(group.view.matrix())
+        spectrum = spectrum_of(group.view, group.view.matrix())  # grouped convs: per group
         errors = _output_errors(group, spectrum, moments) if moments else None
         spectrum.release()
         names = tuple(node.name for node in group.nodes)

@@ -8,6 +8,8 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.io.graphio import to_graph
 from lrdeploy.passes import NameRegistry, PassResult, fold_batchnorm, normalize
+from lrdeploy.passes.lowrank_grouped import GROUPED
+from lrdeploy.passes.lowrank_ops import WeightView
 from lrdeploy.passes.scopes import all_graphs
 from lrdeploy.planning import costs
 from lrdeploy.planning.plan import WeightGroup
@@ -58,4 +60,15 @@ def calibration_layers(graph: gs.Graph, groups: list[WeightGroup]) -> list[str]:
     """The candidates calibration can observe: main-graph nodes. A tensor inside an If/Loop/Scan body cannot
     be made a model output, so layers there get plain SVD factors (`plan` says why)."""
     main = {id(node) for node in graph.nodes}
-    return [node.name for group in groups if not group.problem for node in group.nodes if id(node) in main]
+    return [
+        node.name
+        for group in groups
+        if not group.problem and not model_grouped(group.view)  # a grouped conv's input: one per group
+        for node in group.nodes
+        if id(node) in main
+    ]
+
+
+def model_grouped(view: WeightView) -> bool:
+    """A grouped Conv of the model itself (not ``--groups``): calibration does not cover it yet."""
+    return view.layout[0] == GROUPED and bool(view.layout[3])

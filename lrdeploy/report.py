@@ -45,7 +45,7 @@ class LayerReport:
         if d.shared_primary is not None:
             return 0
         if d.status == "factorized" and d.rank is not None and d.m is not None:
-            return d.rank * (d.m + d.n) + d.kept_params  # the weights it keeps dense (a recurrent op's R)
+            return d.rank * (d.m + d.n) * d.groups + d.kept_params  # + what it keeps dense (an RNN's R)
         return self.params_before
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +74,8 @@ class LayerReport:
             "calib_rows": list(d.calib_rows) if d.calib_rows else None,
             "fallback": d.fallback,
             "sensitivity": [list(point) for point in d.sensitivity],
+            "groups": d.groups,
+            "group_lowrank": _finite(dict(d.group_compare)) if d.group_compare else None,
         }
 
 
@@ -98,6 +100,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
     budget: dict[str, Any] | None = None
+    imc: Any = None  # an ImcReport: the crossbars before/after (`lrdeploy.imc.report.compressed_table`)
 
     @property
     def factorized(self) -> list[LayerReport]:
@@ -128,6 +131,7 @@ class Report:
             "notes": self.notes,
             "calibration": self.calibration,
             "budget": self.budget,
+            "imc": self.imc.to_dict() if self.imc is not None else None,
         }
 
     def to_json(self) -> str:

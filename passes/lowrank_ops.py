@@ -37,6 +37,7 @@ class WeightView:
     m: int
     n: int
     layout: tuple
+    blocks: int = 1  # independent m×n blocks (`lrdeploy.passes.lowrank_grouped`); parameters m·n·blocks
 
     def matrix(self) -> np.ndarray:
         return ADAPTERS[self.layout[0]].matrix(self)
@@ -111,9 +112,15 @@ class ConvOp(LowRankOp):
         if reason:
             return reason
         group = int(node.attrs.get("group", 1))
-        if group != 1:
-            return f"grouped convolution (group={group}) is not factorized"
         shape = tuple(weight.shape)
+        if group != 1:
+            if len(shape) >= 3 and shape[1] == 1:
+                return (
+                    f"depthwise convolution (group={group}): nothing to gain, each filter reads one channel"
+                )
+            from lrdeploy.passes.lowrank_grouped import grouped_view
+
+            return grouped_view(weight, group, split_outputs=True)
         if len(shape) < 3:
             return f"weight shape {list(shape)} is not [Cout, Cin, k...]"
         return WeightView(weight, shape[0], int(np.prod(shape[1:])), ("Conv", shape))
@@ -231,6 +238,16 @@ why_not_weight = _why_not_weight  # for the adapters in their own modules
 from lrdeploy.passes.lowrank_layers import LAYER_ADAPTERS  # noqa: E402  (they build on the classes above)
 
 ADAPTERS.update(LAYER_ADAPTERS)
+
+
+def _register_grouped() -> None:
+    """Block low rank (grouped convs, --groups) is keyed by its layout, not by an op of its own."""
+    from lrdeploy.passes.lowrank_grouped import GroupedConvOp
+
+    ADAPTERS[GroupedConvOp.op] = GroupedConvOp()
+
+
+_register_grouped()
 
 
 def weight_view(node: gs.Node) -> WeightView | str | None:

@@ -17,7 +17,7 @@ def test_profile_of_shared_grouped_and_bn_layers(rng):
     w = weight(rng, 8, 8)
     params = {
         "W": w,
-        "G": weight(rng, 4, 2, 1, 1),
+        "G": weight(rng, 4, 1, 1, 1),
         "s": np.ones(4, np.float32),
         "b": np.zeros(4, np.float32),
         "m": np.zeros(4, np.float32),
@@ -26,7 +26,7 @@ def test_profile_of_shared_grouped_and_bn_layers(rng):
     nodes = [
         helper.make_node("MatMul", ["x", "W"], ["h"], name="a"),
         helper.make_node("MatMul", ["h", "W"], ["y"], name="b"),
-        helper.make_node("Conv", ["img", "G"], ["c"], name="grouped", group=2),
+        helper.make_node("Conv", ["img", "G"], ["c"], name="grouped", group=4),
         helper.make_node("BatchNormalization", ["img", "s", "b", "m", "v"], ["n"], name="bn"),
     ]
     outputs = {"y": ["N", 8], "c": [1, 4, 3, 3], "n": [1, 4, 3, 3]}
@@ -41,10 +41,10 @@ def test_profile_of_shared_grouped_and_bn_layers(rng):
     assert layer.energy_at(0.25) == pytest.approx(layer.spectrum.energy_kept(2))
     assert layer.rank_for(1.0) == 8
     assert [(d.name, d.reason) for d in result.skipped] == [
-        ("grouped", "grouped convolution (group=2) is not factorized")
+        ("grouped", "depthwise convolution (group=4): nothing to gain, each filter reads one channel")
     ]
     assert [b["status"] for b in result.batchnorm] == ["skipped"]
-    assert result.params == 64 + 8 + 16
+    assert result.params == 64 + 4 + 16
     data = json.loads(result.to_json())
     assert data["layers"][0]["matrix"] == [8, 8] and len(data["layers"][0]["singular_values"]) == 8
     assert data["not_factorizable"][0]["name"] == "grouped"

@@ -34,6 +34,9 @@ from lrdeploy.cli.options import (
     Data,
     Device,
     Format,
+    Groups,
+    ImcArray,
+    ImcMapping,
     InputShape,
     InputValue,
     Layout,
@@ -153,6 +156,9 @@ def compress(
     calib: Calib = None,
     calib_samples: CalibSamples = 256,
     calib_holdout: CalibHoldout = 0.2,
+    groups: Groups = 1,
+    imc_array: ImcArray = None,
+    imc_mapping: ImcMapping = "im2col",
     rank_multiple: Annotated[int, typer.Option(help="Round ranks up to a multiple of this (hardware).")] = 1,
     include: Annotated[
         list[str] | None,
@@ -246,6 +252,9 @@ def compress(
         calib=calib,
         calib_samples=calib_samples,
         calib_holdout=calib_holdout,
+        groups=groups,
+        imc_array=imc_array,
+        imc_mapping=imc_mapping,
     )
     output = output or default_output_path(model)
     failure = None

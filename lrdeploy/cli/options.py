@@ -25,6 +25,9 @@ __all__ = [
     "Data",
     "Device",
     "Format",
+    "Groups",
+    "ImcArray",
+    "ImcMapping",
     "InputShape",
     "InputValue",
     "Layout",
@@ -87,6 +90,24 @@ Target = Annotated[
     typer.Option(
         help="Whole-model budget in --cost units: this fraction of the original.", rich_help_panel=BUDGET
     ),
+]
+Groups = Annotated[
+    int,
+    typer.Option(
+        help="Group low rank: factorize each Conv per G groups of input channels (grouped k×k + 1×1 Conv).",
+        rich_help_panel=BUDGET,
+    ),
+]
+ImcArray = Annotated[
+    str | None,
+    typer.Option(
+        help="Crossbar size RxC: for --cost imc-arrays/imc-cycles; adds the IMC mapping table to the report.",
+        rich_help_panel=BUDGET,
+    ),
+]
+ImcMapping = Annotated[
+    str,
+    typer.Option(help="Mapping counted by --cost imc-cycles: im2col, sdk or vwsdk.", rich_help_panel=BUDGET),
 ]
 Allocate = Annotated[
     str,

@@ -86,6 +86,12 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
     calibrated = report.calibration is not None
     if calibrated:  # after status, dropped first on a narrow terminal
         columns += [Column("method", drop=7), Column("calib err fit/held (svd)", right=True, drop=8)]
+    grouped = any(layer.decision.group_compare for layer in report.layers)
+    if grouped:  # group low rank against plain low rank (same rank | same params)
+        columns += [
+            Column("w err grp|plain r|plain p", right=True, drop=9),
+            Column("arrays grp|plain p", right=True, drop=10),
+        ]
     records = [
         layer.to_dict() | {"shared_primary": getattr(layer.decision, "shared_primary", None)}
         for layer in report.layers
@@ -107,17 +113,23 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
         row = [d.name, d.op, _shape(d.weight_shape), rank, energy, params, macs, status]
         if calibrated:
             row += [d.method or "-", _calib_errors(d.calib)]
+        if grouped:
+            row += _group_cells(d.group_compare)
         sheet.add(row, note, style)
-    sheet.footer = [
-        "total",
-        "",
-        "",
-        f"{len(report.factorized)}/{len(shown)}",
-        "",
-        f"{format_count(report.params_before)}→{format_count(report.params_after)}",
-        f"{format_count(report.macs_before)}→{format_count(report.macs_after)}",
-        "",
-    ] + (["", ""] if calibrated else [])
+    sheet.footer = (
+        [
+            "total",
+            "",
+            "",
+            f"{len(report.factorized)}/{len(shown)}",
+            "",
+            f"{format_count(report.params_before)}→{format_count(report.params_after)}",
+            f"{format_count(report.macs_before)}→{format_count(report.macs_after)}",
+            "",
+        ]
+        + (["", ""] if calibrated else [])
+        + (["", ""] if grouped else [])
+    )
     print_sheet(sheet, console, fmt)
     if fmt == "csv":
         return
@@ -142,6 +154,21 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
         print_line(console, line, fmt=fmt)
     for note in report.notes:
         print_line(console, note, fmt=fmt)
+    if report.imc is not None:
+        from lrdeploy.cli.render_imc import render_imc
+
+        render_imc(report.imc, console, fmt)
+
+
+def _group_cells(compare) -> list[str]:
+    """Relative weight errors, and arrays when an IMC array was given, of group low rank | plain low
+    rank at the same rank | plain low rank at the same parameter count."""
+    if not compare:
+        return ["-", "-"]
+    same_rank, same_params = compare["plain_same_rank"], compare["plain_same_params"]
+    errors = "|".join(f"{e['error']:.3f}" for e in (compare, same_rank, same_params))
+    arrays = f"{compare['arrays']}|{same_params['arrays']}" if "arrays" in compare else "-"
+    return [errors, arrays]
 
 
 def _calib_errors(errors) -> str:

@@ -196,6 +196,58 @@ def _constants(model: onnx.ModelProto) -> set[str]:
     return names | {o for node in model.graph.node if node.op_type == "Constant" for o in node.output}
 
 
+def _named(model: onnx.ModelProto, input_shapes) -> tuple[onnx.ModelProto, dict, Shapes, set[str]]:
+    """The model as compress names it, its resolved input shapes, every tensor's shape, its constants."""
+    model, _ = inline_layer_functions(upgrade_opset(model)[0])
+    name_nodes(model.graph)  # the names compress gives
+    given = resolve_shapes(model, input_shapes, strict=False)
+    return model, given, costs.infer_shapes(model, given), _constants(model)
+
+
+def prepared(
+    model: onnx.ModelProto | None, input_shapes
+) -> tuple[dict[str, onnx.NodeProto], Shapes, set[str]]:
+    """Nodes by name, tensor shapes and constants of ``model`` (compress's original) for `shape_of`."""
+    if model is None:
+        return {}, {}, set()
+    model, _, shapes, constants = _named(model, input_shapes)
+    return {node.name: node for node in model.graph.node}, shapes, constants
+
+
+def shape_of(analysis, nodes: Mapping[str, onnx.NodeProto], shapes: Shapes, constants: set[str]):
+    """A planned layer as `lrdeploy.imc.costs` prices it (its readers' positions summed), or None when
+    its geometry is not known from the model."""
+    from lrdeploy.imc.costs import ConvLayerShape
+    from lrdeploy.planning.allocate import LayerShape
+
+    view = analysis.group.view
+    found = [nodes.get(node.name) for node in analysis.group.nodes]
+    geometries = [geometry_of(node, shapes, constants) if node is not None else "" for node in found]
+    if any(isinstance(g, str) for g in geometries):
+        return None
+    first = geometries[0]
+    positions = sum(g.reuse for g in geometries)
+    if view.layout[0] not in ("Conv", "GroupedConv"):
+        return LayerShape(view.m, view.n, positions)
+    if any(g.out_size != first.out_size for g in geometries):
+        return None
+    split = bool(view.layout[3]) if view.layout[0] == "GroupedConv" else False
+    if not first.window:
+        return ConvLayerShape(view.m, view.n, positions, out_size=first.out_size, blocks=view.blocks,
+                              split_outputs=split, window=False)  # fmt: skip
+    return ConvLayerShape(
+        view.m,
+        view.n,
+        positions,
+        first.kernel,
+        first.out_size,
+        first.stride,
+        first.dilation,
+        view.blocks,
+        split,
+    )
+
+
 def map_graph(
     model: onnx.ModelProto,
     array: ArraySize,
@@ -203,11 +255,7 @@ def map_graph(
     input_shapes: Mapping[str, tuple[int, ...]] | None,
     label: str,
 ) -> ModelMap:
-    model, _ = inline_layer_functions(upgrade_opset(model)[0])
-    name_nodes(model.graph)  # the names compress gives
-    given = resolve_shapes(model, input_shapes, strict=False)
-    shapes = costs.infer_shapes(model, given)
-    constants = _constants(model)
+    model, given, shapes, constants = _named(model, input_shapes)
     layers, skipped = [], []
     for node in model.graph.node:
         if node.op_type not in _OPS or node.domain not in ("", "ai.onnx"):
@@ -273,3 +321,46 @@ def map_model(
             )
         maps.append(mapped)
     return ImcReport(size, chosen, maps)
+
+
+def compressed_table(
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    array: str,
+    input_shapes: Mapping[str, tuple[int, ...] | None],
+    decisions: Sequence = (),
+) -> ImcReport | str:
+    """``compress --imc-array``: the dense and the compressed model on the arrays (every mapping), and
+    for each group low-rank layer the arrays and cycles of its pair and of plain low rank at the same
+    rank and at the same parameter count (written into the decision's ``group_compare``). A string says
+    why nothing could be mapped."""
+    from lrdeploy.imc.costs import ConvLayerShape, ImcArraysCost, ImcCyclesCost, factor_geometries
+
+    size = parse_array(array)
+    maps = [
+        map_graph(model, size, MAPPINGS, input_shapes, label)
+        for model, label in ((original, "dense"), (compressed, "compressed"))
+    ]
+    if not maps[0].layers:
+        why = f" ({maps[0].skipped[0][2]}: {maps[0].skipped[0][0]})" if maps[0].skipped else ""
+        return f"no Conv, Gemm or MatMul with a constant weight could be mapped onto the arrays{why}"
+    nodes, shapes, constants = prepared(original, input_shapes)
+    for decision in decisions:
+        compare = decision.group_compare
+        node = nodes.get(decision.name)
+        geometry = geometry_of(node, shapes, constants) if compare is not None and node is not None else ""
+        if isinstance(geometry, str) or not geometry.window:
+            continue
+        g, blocks = geometry, int(compare["groups"])
+        common = (g.reuse, g.kernel, g.out_size, g.stride, g.dilation)
+        grouped = ConvLayerShape(decision.m, decision.n, *common, blocks=blocks)
+        plain = ConvLayerShape(decision.m, decision.n * blocks, *common)
+        for key, shape in (("", grouped), ("plain_same_rank", plain), ("plain_same_params", plain)):
+            entry = compare if not key else compare[key]
+            rank = int(entry["rank"])
+            entry["arrays"] = int(ImcArraysCost(size).cost(shape, rank))
+            entry["cycles"] = {m: int(ImcCyclesCost(size, m).cost(shape, rank)) for m in MAPPINGS}
+            entry["utilization"] = sum(f.groups * f.rows * f.cols for f in factor_geometries(shape, rank)) / (
+                entry["arrays"] * size.cells
+            )
+    return ImcReport(size, MAPPINGS, maps)

@@ -92,6 +92,9 @@ def error_curve(analysis: Analysis, whiten: bool) -> np.ndarray:
     if whiten and analysis.whitened is not None:
         return analysis.whitened.errors
     if analysis.moments is not None:
+        blocked = getattr(analysis.spectrum, "output_errors", None)  # grouped layers (`planning.blocks`)
+        if blocked is not None:
+            return blocked(analysis.matrix, analysis.moments.fit.matrix)
         a, b = analysis.spectrum.factors(analysis.matrix, analysis.spectrum.full_rank)
         return component_errors(a, b, analysis.moments.fit.matrix)
     return np.concatenate([[1.0], np.clip(1.0 - analysis.spectrum.energy, 0.0, None)])
@@ -178,11 +181,14 @@ def plan_budget(
     calibration: Calibration | None = None,
     folded: onnx.ModelProto | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    original: onnx.ModelProto | None = None,
+    input_shapes: Mapping[str, tuple[int, ...] | None] | None = None,
 ) -> tuple[list[Rewrite], list[LayerDecision], Budget, Costing]:
     """Analyse every group, measure sensitivities if asked, allocate, and factor at the chosen ranks.
 
     ``totals`` holds the original model's ``params`` and ``macs``; ``macs`` is per node; ``folded`` is
-    the BN-folded model (sensitivity and measured costs run it).
+    the BN-folded model (sensitivity and measured costs run it); ``original`` (named) at
+    ``input_shapes`` gives the layers' geometry to the costs that need it (IMC crossbars).
     """
     assert config.budget is not None
     moments = calibration.moments if calibration is not None else None
@@ -201,7 +207,8 @@ def plan_budget(
         curves = measure(folded, analyses, ranks, calibration.probe, config.whiten, tick("sensitivity"))
         for analysis in analyses:
             analysis.curve = tuple(curves.get(analysis.name, ()))
-    costing = costing_for(config.budget[0], analyses, CostContext(config, totals, macs, folded, progress))
+    context = CostContext(config, totals, macs, folded, progress, original, input_shapes)
+    costing = costing_for(config.budget[0], analyses, context)
     ranks_chosen, reasons, budget = choose_ranks(analyses, config, costing)
     rewrites, decisions = finish_groups(analyses, ranks_chosen, config, reasons)
     return rewrites, decisions, budget, costing

@@ -38,6 +38,8 @@ class CostContext:
     macs: Mapping[str, int | None]  # per node of the original model
     folded: onnx.ModelProto | None = None
     progress: Callable[[str, int, int], None] | None = None
+    original: onnx.ModelProto | None = None  # the named original model (layer geometry: IMC costs)
+    input_shapes: Mapping[str, tuple[int, ...] | None] | None = None  # its resolved input shapes
 
 
 @dataclass
@@ -67,8 +69,11 @@ def layer_positions(analysis: Analysis, macs: Mapping[str, int | None]) -> Layer
 
 
 def _params(analyses: Sequence[Analysis], context: CostContext) -> Costing:
-    shapes = {a.name: LayerShape(a.group.view.m, a.group.view.n) for a in analyses}
     total = context.totals.get("params") or 0
+    if any(a.group.view.blocks > 1 for a in analyses):  # G blocks of m×n cost G times one: MACs at G spots
+        shapes = {a.name: LayerShape(a.group.view.m, a.group.view.n, a.group.view.blocks) for a in analyses}
+        return Costing(MacsCost(), shapes, float(total), "params")
+    shapes = {a.name: LayerShape(a.group.view.m, a.group.view.n) for a in analyses}
     return Costing(ParamsCost(), shapes, float(total), "params")
 
 
@@ -94,6 +99,8 @@ def _macs(analyses: Sequence[Analysis], context: CostContext) -> Costing:
 COSTS: dict[str, Callable[[Sequence[Analysis], CostContext], Costing] | str] = {
     "params": _params,
     "macs": _macs,
+    "imc-arrays": "lrdeploy.imc.costs:arrays_costing",
+    "imc-cycles": "lrdeploy.imc.costs:cycles_costing",
 }
 
 

@@ -24,8 +24,10 @@ from threadpoolctl import threadpool_limits
 from lrdeploy.config import CompressConfig
 from lrdeploy.passes.dense_ops import ACTIVATION_PRODUCT, activation_product, dense_row, runtime_tensors
 from lrdeploy.passes.factorize import Rewrite
+from lrdeploy.passes.lowrank_grouped import GROUPED, with_groups
 from lrdeploy.passes.lowrank_ops import ADAPTERS, WeightView, weight_view
 from lrdeploy.passes.scopes import all_graphs
+from lrdeploy.planning.blocks import plain_error, spectrum_of, whitened_of
 from lrdeploy.planning.calibrate import MAX_EMBEDDING_ROWS, LayerMoments
 from lrdeploy.planning.policy import FixedRank
 from lrdeploy.planning.selection import layer_labels, select
@@ -42,6 +44,7 @@ __all__ = [
     "mac_positions",
     "plan_layers",
     "stored_product",
+    "use_groups",
 ]
 
 Progress = Callable[[int, int], None]
@@ -79,6 +82,8 @@ class LayerDecision:
     fallback: str | None = None  # why plain SVD factors were used although whitening was asked for
     sensitivity: tuple[tuple[int, float], ...] = ()  # (rank, measured model output error)
     kept_params: int = 0  # weights a factorized node keeps dense (a recurrent op's R and biases)
+    groups: int = 1  # blocks factorized on their own (grouped conv, group low rank); m×n is one block
+    group_compare: Mapping[str, object] | None = None  # group low rank against plain low rank
 
     @property
     def weight_rel_error(self) -> float | None:
@@ -193,6 +198,17 @@ def _two_layouts(group: WeightGroup, view: WeightView, node: gs.Node) -> str:
     )
 
 
+def use_groups(groups: list[WeightGroup], count: int) -> None:
+    """Group low rank (``--groups``): every group-1 Conv becomes ``count`` blocks along its input
+    channels; a Conv whose channels ``count`` does not divide stays dense, with the reason."""
+    for group in groups:
+        view = with_groups(group.view, count)
+        if isinstance(view, str):
+            group.problem = group.problem or view
+        elif view is not None:
+            group.view = view
+
+
 def _parallelism() -> tuple[int, int]:
     """(layers at once, BLAS threads each).
 
@@ -278,8 +294,8 @@ def _analyze(
         return Analysis(group, "the weight holds NaN or infinite values")
     matrix = np.asarray(matrix, dtype=np.float64)
     layer = _merged(group, moments) if moments else None
-    whitened = WhitenedSpectrum.of(matrix, layer.fit.matrix) if layer is not None and whiten else None
-    analysis = Analysis(group, None, override, matrix, Spectrum.of(matrix), whitened, layer)
+    whitened = whitened_of(group.view, matrix, layer.fit.matrix) if layer is not None and whiten else None
+    analysis = Analysis(group, None, override, matrix, spectrum_of(group.view, matrix), whitened, layer)
     if moments and whiten and layer is None and group.view.layout[0] == "Gather":
         analysis.fallback = (
             f"the embedding's {group.view.n} rows are over the {MAX_EMBEDDING_ROWS} whose token statistics "
@@ -410,9 +426,36 @@ def stored_product(view: WeightView, a: np.ndarray, b: np.ndarray) -> np.ndarray
     if product is not None:
         return product
     product = a @ b
-    if view.layout[0] == "Conv":
+    if view.layout[0] in ("Conv", GROUPED):
         return product.reshape(view.layout[1])
     return product if view.layout[0] == "Gemm" and view.layout[1] else product.T
+
+
+def group_compare(view: WeightView, matrix: np.ndarray, rank: int, energy: float) -> dict | None:
+    """What group low rank buys over plain low rank of the whole weight: relative weight errors at the
+    same rank and at the same parameter count (None for other layers)."""
+    if view.blocks <= 1 or view.layout[0] != GROUPED or view.layout[3]:
+        return None
+    plain = plain_error(matrix)
+    m, n = matrix.shape
+    params = view.blocks * rank * (view.m + view.n)
+    same_params = max(1, min(min(m, n), params // (m + n)))
+    return {
+        "groups": view.blocks,
+        "rank": rank,
+        "params": params,
+        "error": math.sqrt(max(0.0, 1.0 - energy)),
+        "plain_same_rank": {
+            "rank": min(rank, m, n),
+            "params": min(rank, m, n) * (m + n),
+            "error": plain(rank),
+        },
+        "plain_same_params": {
+            "rank": same_params,
+            "params": same_params * (m + n),
+            "error": plain(same_params),
+        },
+    }
 
 
 def _finish(
@@ -427,9 +470,10 @@ def _finish(
         "m": view.m,
         "n": view.n,
         "full_rank": min(view.m, view.n),
-        "params": view.m * view.n + kept,
+        "params": view.m * view.n * view.blocks + kept,
         "kept_params": kept,
         "sensitivity": analysis.curve,
+        "groups": view.blocks,
     }
     if analysis.moments is not None:
         base["calib_rows"] = (analysis.moments.fit.count, analysis.moments.holdout.count)
@@ -473,6 +517,7 @@ def _finish(
         fallback = UNCALIBRATED
     extra = {
         "rank": rank,
+        "group_compare": group_compare(view, analysis.matrix, rank, energy),
         "energy_kept": energy,
         "method": chosen.method,
         "calib": calib,
