@@ -10,6 +10,7 @@ output, its external data and the JSON report are renamed into place together (`
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import time
@@ -153,29 +154,53 @@ def _compress(
     if config.calib is not None:
         with timer("calibrate"):
             folded_model, calibration = _calibrate(graph, original, groups, config)
+    if config.cost == "latency" and folded_model is None:  # the latency table times the folded layers
+        folded_model = _folded(graph, original)
     with timer("plan"):
-        budget = None
+        budget = costing = None
         if config.budget is None:
             tick = (lambda done, total: progress("factorize", done, total)) if progress else None
             moments = calibration.moments if calibration else None
             rewrites, decisions = plan_layers(groups, config, tick, moments)
         else:
             totals = {"params": params_before, "macs": _total(macs_before)}
-            rewrites, decisions, budget, _ = plan_budget(
+            rewrites, decisions, budget, costing = plan_budget(
                 groups, config, totals, macs_before, calibration, folded_model, progress
             )
         del folded_model
     with timer("rewrite"):
         rewritten = factorize(graph, rewrites, names)
         pairs = {d.node: d.details["pair"] for d in rewritten.decisions}
+        kept_rewrites = rewrites if costing is not None and config.cost == "latency" else []
         del rewrites, groups
         gc.collect()  # replaced weights sit in graphsurgeon's reference cycles until collected
         ir_version = choose_ir_version(original.ir_version, original)
         compressed = from_graph(graph, original, ir_version, metadata=provenance(model, config))
         del graph
+    latency = None
+    if kept_rewrites:
+        with timer("latency"):
+            assert costing is not None
+            compressed, decisions, pairs, latency = _never_slower(
+                original,
+                source,
+                compressed,
+                kept_rewrites,
+                decisions,
+                pairs,
+                costing,
+                config,
+                ir_version,
+                model,
+            )
+        del kept_rewrites
     with timer("count"):
         params_after = costs.count_params(compressed)
         macs_after = costs.count_macs(compressed, shapes)
+    deployed = None
+    if config.precision != "fp32" or config.quantize:
+        with timer("precision"):
+            compressed, deployed = _deploy(original, compressed, config)
     order = {node.name: i for i, node in enumerate(original.graph.node)}
     decisions = sorted(unfit + decisions, key=lambda d: order.get(d.name, len(order)))
     report = Report(
@@ -206,6 +231,10 @@ def _compress(
         before, after = counted.get(budget.kind, (None, None))
         achieved = after / before if after is not None and before else None  # other costs: predicted only
         report.budget = budget.to_dict() | {"achieved": achieved}
+        if costing is not None and costing.notes:
+            report.notes.extend(costing.notes)
+    report.latency = latency
+    report.precision = deployed
     staged = outputs.stage(output_path) if output_path is not None else None
     with timer("save"):
         if staged is not None:
@@ -235,13 +264,81 @@ def _compress(
     return compressed, report
 
 
+def _folded(graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """The BN-folded model (the layers as they will be factorized), materialized."""
+    return materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
+
+
+def _never_slower(
+    original, source, compressed, rewrites, decisions, pairs, costing, config, ir_version, model
+):
+    """Time the output against the input on the latency device; revert layers until it is not slower
+    (`lrdeploy.runtime.latency.never_slower`). Returns the model, decisions, pairs and the check's dict."""
+    from lrdeploy.runtime.latency import gains_of, never_slower, predicted_ms
+    from lrdeploy.runtime.verification import runtime_source
+
+    table = costing if costing.unit == "ms" else costing.constraint
+    ranks = {d.name: d.rank for d in decisions if d.status == "factorized" and d.shared_primary is None}
+
+    def rebuild(excluded: set[str]) -> onnx.ModelProto:  # the rewrite again, ``excluded`` left dense
+        graph, names, _, _ = prepare_graph(original, config.fold_bn)
+        nodes = {node.name: node for node in graph.nodes}
+        kept = [
+            dataclasses.replace(r, nodes=tuple(nodes[n.name] for n in r.nodes))
+            for r in rewrites
+            if r.nodes[0].name not in excluded
+        ]
+        factorize(graph, kept, names)
+        return from_graph(graph, original, ir_version, metadata=provenance(model, config))
+
+    with runtime_source(original, source) as reference:
+        compressed, check = never_slower(
+            (original, reference),
+            compressed,
+            rebuild,
+            gains_of(table, ranks),
+            predicted_ms(table, ranks),
+            config,
+        )
+    reverted = set(check.reverted)
+    why = f"reverted to dense: the output measured slower than the input on {check.provider}"
+    decisions = [
+        dataclasses.replace(
+            d, status="skipped", reason=why, rank=None, energy_kept=None, method=None, calib=None
+        )
+        if d.status == "factorized" and (d.shared_primary or d.name) in reverted
+        else d
+        for d in decisions
+    ]
+    pairs = {
+        name: pair
+        for name, pair in pairs.items()
+        if name not in {d.name for d in decisions if d.reason == why}
+    }
+    return compressed, decisions, pairs, check.to_dict() | {"dense_predicted_ms": table.total} | table.details
+
+
+def _deploy(original: onnx.ModelProto, compressed: onnx.ModelProto, config: CompressConfig):
+    """The factorized model at the deployed precision, and the report's precision entry."""
+    from lrdeploy.runtime.precision import convert, weight_bytes
+
+    float_bytes = weight_bytes(compressed)
+    deployed = convert(compressed, config)
+    return deployed, {
+        "precision": config.quantize or config.precision,
+        "weight_bytes_input": weight_bytes(original),
+        "weight_bytes_factorized_fp32": float_bytes,
+        "weight_bytes_output": weight_bytes(deployed),
+    }
+
+
 def _calibrate(
     graph, original: onnx.ModelProto, groups, config: CompressConfig
 ) -> tuple[onnx.ModelProto, Calibration]:
     """Run the BN-folded model (the layers as they will be factorized) over the calibration data."""
     from lrdeploy.runtime.verification import _batch_size  # a fixed batch dim is fed as it is declared
 
-    folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
+    folded = _folded(graph, original)
     layers = [node.name for group in groups if not group.problem for node in group.nodes]
     assert config.calib is not None
     calibration = calibrate(

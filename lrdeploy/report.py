@@ -93,6 +93,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
     budget: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None  # the end-to-end check of a latency budget (`runtime.latency`)
+    precision: dict[str, Any] | None = None  # fp16/int8 and the weight bytes (`runtime.precision`)
 
     @property
     def factorized(self) -> list[LayerReport]:
@@ -123,6 +125,8 @@ class Report:
             "notes": self.notes,
             "calibration": self.calibration,
             "budget": self.budget,
+            "latency": self.latency,
+            "precision": self.precision,
         }
 
     def to_json(self) -> str:

@@ -16,7 +16,7 @@ __all__ = ["command_line", "either", "option"]
 
 _FLAGS: ContextVar[bool] = ContextVar("lrdeploy_flags", default=False)
 #: Parameters whose flag is not the parameter's name with dashes.
-_FLAG_NAMES = {"input_shapes": "input-shape", "batch_sizes": "batch"}
+_FLAG_NAMES = {"input_shapes": "input-shape", "batch_sizes": "batch", "latency_batch": "batch"}
 _UNSET = object()
 F = TypeVar("F", bound=Callable)
 

@@ -25,6 +25,8 @@ __all__ = [
     "Device",
     "Format",
     "InputShape",
+    "LatencyBatch",
+    "LatencyTable",
     "Layout",
     "Limit",
     "MaxRelL2",
@@ -33,6 +35,8 @@ __all__ = [
     "MinCosine",
     "MinTop1",
     "ModelArg",
+    "Precision",
+    "Quantize",
     "RandomBatches",
     "Resize",
     "Rtol",
@@ -40,8 +44,10 @@ __all__ = [
     "Seed",
     "Std",
     "Target",
+    "TargetLatency",
     "TargetMacs",
     "TargetParams",
+    "Threads",
     "output_format",
     "parse_ints",
     "require_module",
@@ -85,6 +91,34 @@ Target = Annotated[
     typer.Option(
         help="Whole-model budget in --cost units: this fraction of the original.", rich_help_panel=BUDGET
     ),
+]
+TargetLatency = Annotated[
+    float | None,
+    typer.Option(
+        help="Whole-model budget: this fraction of the dense model's latency measured on --device "
+        "(= --cost latency --target F).",
+        rich_help_panel=BUDGET,
+    ),
+]
+LatencyTable = Annotated[
+    Path | None,
+    typer.Option(
+        help="Latency table JSON: read it (measured on the target) or write it here (default: a cache).",
+        rich_help_panel=BUDGET,
+    ),
+]
+LatencyBatch = Annotated[
+    int, typer.Option("--batch", help="Batch size latency is measured at.", rich_help_panel=BUDGET)
+]
+Threads = Annotated[
+    int | None,
+    typer.Option(help="CPU intra-op threads for latency (default: onnxruntime's).", rich_help_panel=BUDGET),
+]
+Precision = Annotated[
+    str, typer.Option(help="Deployed precision: fp32 or fp16 (onnxruntime's converter, float32 I/O).")
+]
+Quantize = Annotated[
+    str | None, typer.Option(help="int8: static QDQ, per-channel weights, calibrated on --calib.")
 ]
 Allocate = Annotated[
     str,
