@@ -323,7 +323,7 @@ def _deploy(original: onnx.ModelProto, compressed: onnx.ModelProto, config: Comp
     from lrdeploy.runtime.precision import convert, weight_bytes
 
     float_bytes = weight_bytes(compressed)
-    deployed = convert(compressed, config)
+    deployed = convert(materialize(compressed), config)  # the converters read weights, not our lazy ones
     return deployed, {
         "precision": config.quantize or config.precision,
         "weight_bytes_input": weight_bytes(original),

@@ -274,11 +274,13 @@ def time_models(
     device: Device,
     config: BenchConfig,
     shapes: Mapping[str, tuple[int, ...]],
+    spinning: bool = False,
 ) -> dict[str, Timing]:
     """Time models side by side at one set of input shapes (the latency table's layers, the end-to-end
     check of `lrdeploy.runtime.latency`), with the same rounds as `benchmark`. A model is a proto, or a
-    proto with what onnxruntime should load for it (its file, or bytes)."""
-    spinning = device.name != "cpu" or len(models) == 1
+    proto with what onnxruntime should load for it (its file, or bytes). CPU spinning is off unless
+    asked, also for one model, so that layers and whole models are timed alike."""
+    spinning = spinning or device.name != "cpu"
     runners = {}
     for name, model in models.items():
         proto, source = model if isinstance(model, tuple) else (model, model.SerializeToString())

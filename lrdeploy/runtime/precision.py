@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from lrdeploy.errors import RuntimeFailure
 from lrdeploy.runtime.datasets import ImageOptions, InMemoryData
@@ -40,8 +41,15 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns for every value clipped to the float16 range
         converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
-    converted.ir_version = model.ir_version
-    return converted
+    # it appends the input Casts after their readers: sort, as the checker requires
+    graph = gs.import_onnx(converted).toposort()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ordered = gs.export_onnx(graph, do_type_check=False)
+    del ordered.opset_import[:]
+    ordered.opset_import.extend(converted.opset_import)
+    ordered.ir_version = model.ir_version
+    return ordered
 
 
 class _Reader:
