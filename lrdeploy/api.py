@@ -279,6 +279,14 @@ def _never_slower(
 
     table = costing if costing.unit == "ms" else costing.constraint
     ranks = {d.name: d.rank for d in decisions if d.status == "factorized" and d.shared_primary is None}
+    about = {"dense_predicted_ms": table.total, "predicted_ms": predicted_ms(table, ranks)} | table.details
+    if not table.details["local"]:  # timing here says nothing about the machine the table came from
+        return (
+            compressed,
+            decisions,
+            pairs,
+            about | {"check": "skipped: the latency table is another machine's"},
+        )
 
     def rebuild(excluded: set[str]) -> onnx.ModelProto:  # the rewrite again, ``excluded`` left dense
         graph, names, _, _ = prepare_graph(original, config.fold_bn)
@@ -315,7 +323,7 @@ def _never_slower(
         for name, pair in pairs.items()
         if name not in {d.name for d in decisions if d.reason == why}
     }
-    return compressed, decisions, pairs, check.to_dict() | {"dense_predicted_ms": table.total} | table.details
+    return compressed, decisions, pairs, check.to_dict() | about
 
 
 def _deploy(original: onnx.ModelProto, compressed: onnx.ModelProto, config: CompressConfig):

@@ -413,6 +413,13 @@ def bench(
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
     tf32: Annotated[bool, typer.Option(help="CUDA: allow TF32 math (onnxruntime's default).")] = True,
     cuda_graph: Annotated[bool, typer.Option(help="CUDA: replay each run as one CUDA graph.")] = False,
+    prefer_nhwc: Annotated[bool, typer.Option(help="CUDA: NHWC convolution kernels.")] = False,
+    cudnn_conv_algo_search: Annotated[
+        str, typer.Option(help="CUDA: EXHAUSTIVE (onnxruntime's default) or HEURISTIC.")
+    ] = "EXHAUSTIVE",
+    cudnn_conv_use_max_workspace: Annotated[
+        bool, typer.Option(help="CUDA: let cuDNN use its largest workspace.")
+    ] = True,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every timing as JSON here.")] = None,
     plot: Annotated[
         Path | None, typer.Option(help="Draw latency vs batch size to this PNG (matplotlib).")
@@ -437,6 +444,9 @@ def bench(
         seed=seed,
         tf32=tf32,
         cuda_graph=cuda_graph,
+        prefer_nhwc=prefer_nhwc,
+        cudnn_conv_algo_search=cudnn_conv_algo_search,
+        cudnn_conv_use_max_workspace=cudnn_conv_use_max_workspace,
     )
     if len({m.resolve() for m in models}) != len(models):
         raise UsageError("a model is given twice; give each model once (copy the file to time it twice)")

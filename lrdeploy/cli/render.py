@@ -178,7 +178,13 @@ def _budget_lines(report: Report) -> list[str]:
 def _deployment_lines(report: Report) -> list[str]:
     """The end-to-end latency check of ``--cost latency`` and the deployed precision's weight bytes."""
     lines = []
-    if report.latency:
+    if report.latency and "speedup" not in report.latency:
+        t = report.latency
+        lines.append(
+            f"latency on {t['provider']} (batch {t['batch']}): predicted {t['predicted_ms']:.3g} ms of "
+            f"{t['dense_predicted_ms']:.3g} dense; end-to-end check {t['check']}"
+        )
+    elif report.latency:
         t = report.latency
         reverted = f"; {len(t['reverted'])} layer(s) reverted to dense to get there" if t["reverted"] else ""
         lines.append(
