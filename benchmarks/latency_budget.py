@@ -76,6 +76,11 @@ def mnist_rows() -> list[dict]:
             ("--cost latency --target-macs 0.5", {"cost": "latency", "target_macs": 0.5}),
             ("--target-latency 0.95", {"target_latency": 0.95}),
             ("--target-latency 0.9", {"target_latency": 0.9}),
+            ("--batch 32 --target-latency 0.8", {"target_latency": 0.8, "latency_batch": 32}),
+            (
+                "--batch 32 --cost latency --target-macs 0.7",
+                {"cost": "latency", "target_macs": 0.7, "latency_batch": 32},
+            ),
         ]
         for label, options in budgets:
             report, error, seconds = _compress(path, data="mnist", threads=THREADS, **options)

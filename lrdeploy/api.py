@@ -10,7 +10,6 @@ output, its external data and the JSON report are renamed into place together (`
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import time
@@ -181,9 +180,11 @@ def _compress(
     if kept_rewrites:
         with timer("latency"):
             assert costing is not None
-            compressed, decisions, pairs, latency = _never_slower(
-                original,
-                source,
+            from lrdeploy.runtime.latency import guard
+
+            metadata = provenance(model, config)
+            compressed, decisions, pairs, latency = guard(
+                (original, source),
                 compressed,
                 kept_rewrites,
                 decisions,
@@ -191,7 +192,7 @@ def _compress(
                 costing,
                 config,
                 ir_version,
-                model,
+                metadata,
             )
         del kept_rewrites
     with timer("count"):
@@ -267,63 +268,6 @@ def _compress(
 def _folded(graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """The BN-folded model (the layers as they will be factorized), materialized."""
     return materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
-
-
-def _never_slower(
-    original, source, compressed, rewrites, decisions, pairs, costing, config, ir_version, model
-):
-    """Time the output against the input on the latency device; revert layers until it is not slower
-    (`lrdeploy.runtime.latency.never_slower`). Returns the model, decisions, pairs and the check's dict."""
-    from lrdeploy.runtime.latency import gains_of, never_slower, predicted_ms
-    from lrdeploy.runtime.verification import runtime_source
-
-    table = costing if costing.unit == "ms" else costing.constraint
-    ranks = {d.name: d.rank for d in decisions if d.status == "factorized" and d.shared_primary is None}
-    about = {"dense_predicted_ms": table.total, "predicted_ms": predicted_ms(table, ranks)} | table.details
-    if not table.details["local"]:  # timing here says nothing about the machine the table came from
-        return (
-            compressed,
-            decisions,
-            pairs,
-            about | {"check": "skipped: the latency table is another machine's"},
-        )
-
-    def rebuild(excluded: set[str]) -> onnx.ModelProto:  # the rewrite again, ``excluded`` left dense
-        graph, names, _, _ = prepare_graph(original, config.fold_bn)
-        nodes = {node.name: node for node in graph.nodes}
-        kept = [
-            dataclasses.replace(r, nodes=tuple(nodes[n.name] for n in r.nodes))
-            for r in rewrites
-            if r.nodes[0].name not in excluded
-        ]
-        factorize(graph, kept, names)
-        return from_graph(graph, original, ir_version, metadata=provenance(model, config))
-
-    with runtime_source(original, source) as reference:
-        compressed, check = never_slower(
-            (original, reference),
-            compressed,
-            rebuild,
-            gains_of(table, ranks),
-            predicted_ms(table, ranks),
-            config,
-        )
-    reverted = set(check.reverted)
-    why = f"reverted to dense: the output measured slower than the input on {check.provider}"
-    decisions = [
-        dataclasses.replace(
-            d, status="skipped", reason=why, rank=None, energy_kept=None, method=None, calib=None
-        )
-        if d.status == "factorized" and (d.shared_primary or d.name) in reverted
-        else d
-        for d in decisions
-    ]
-    pairs = {
-        name: pair
-        for name, pair in pairs.items()
-        if name not in {d.name for d in decisions if d.reason == why}
-    }
-    return compressed, decisions, pairs, check.to_dict() | about
 
 
 def _deploy(original: onnx.ModelProto, compressed: onnx.ModelProto, config: CompressConfig):

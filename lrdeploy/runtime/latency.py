@@ -18,6 +18,7 @@ reverts the layers with the least predicted gain until the output is not slower 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -50,7 +51,7 @@ from lrdeploy.spelling import option
 
 if TYPE_CHECKING:
     from lrdeploy.config import CompressConfig
-    from lrdeploy.planning.plan import Analysis
+    from lrdeploy.planning.plan import Analysis, LayerDecision
 
 __all__ = [
     "NOT_SLOWER",
@@ -602,3 +603,65 @@ def gains_of(costing: Costing, ranks: Mapping[str, int | None]) -> dict[str, flo
     model = costing.model
     assert isinstance(model, LatencyCost)
     return {name: model.timings[name].dense - model.timings[name].at(r) for name, r in ranks.items() if r}
+
+
+def guard(
+    original: tuple[onnx.ModelProto, Path | None],
+    compressed: onnx.ModelProto,
+    rewrites: Sequence[Rewrite],
+    decisions: list[LayerDecision],
+    pairs: dict[str, list[str]],
+    costing: Costing,
+    config: CompressConfig,
+    ir_version: int,
+    metadata: Mapping[str, str],
+) -> tuple[onnx.ModelProto, list[LayerDecision], dict[str, list[str]], dict[str, object]]:
+    """`never_slower` for `lrdeploy.compress`: the model, decisions and pairs after any reverting, and
+    the report's latency entry. ``original`` is the input (our named copy) and its file, if any."""
+    from lrdeploy.io.graphio import from_graph
+    from lrdeploy.pipeline import prepare_graph
+    from lrdeploy.runtime.verification import runtime_source
+
+    table = costing if costing.unit == "ms" else costing.constraint
+    assert table is not None
+    ranks = {d.name: d.rank for d in decisions if d.status == "factorized" and d.shared_primary is None}
+    about = {"dense_predicted_ms": table.total, "predicted_ms": predicted_ms(table, ranks)} | table.details
+    if not table.details["local"]:  # timing here says nothing about the machine the table came from
+        return (
+            compressed,
+            decisions,
+            pairs,
+            about | {"check": "skipped: the latency table is another machine's"},
+        )
+    model, source = original
+
+    def rebuild(excluded: set[str]) -> onnx.ModelProto:  # the rewrite again, ``excluded`` left dense
+        graph, names, _, _ = prepare_graph(model, config.fold_bn)
+        nodes = {node.name: node for node in graph.nodes}
+        kept = [
+            dataclasses.replace(r, nodes=tuple(nodes[n.name] for n in r.nodes))
+            for r in rewrites
+            if r.nodes[0].name not in excluded
+        ]
+        factorize(graph, kept, names)
+        return from_graph(graph, model, ir_version, metadata=metadata)
+
+    with runtime_source(model, source) as reference:
+        compressed, check = never_slower(
+            (model, reference), compressed, rebuild, gains_of(table, ranks), about["predicted_ms"], config
+        )
+    reverted = set(check.reverted)
+    why = f"reverted to dense: the output measured slower than the input on {check.provider}"
+    back = {
+        d.name for d in decisions if d.status == "factorized" and (d.shared_primary or d.name) in reverted
+    }
+    decisions = [
+        dataclasses.replace(
+            d, status="skipped", reason=why, rank=None, energy_kept=None, method=None, calib=None
+        )
+        if d.name in back
+        else d
+        for d in decisions
+    ]
+    pairs = {name: pair for name, pair in pairs.items() if name not in back}
+    return compressed, decisions, pairs, check.to_dict() | about
