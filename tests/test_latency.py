@@ -207,6 +207,19 @@ def test_the_cli_flags_reach_the_config(monkeypatch, tmp_path, capsys):
     assert "latency on CPUExecutionProvider" in capsys.readouterr().out
 
 
+def test_a_fixed_batch_dim_is_the_batch_timed(monkeypatch):
+    shapes = []
+    clock = FakeClock()
+
+    def spy(models, device, bench, feeds):
+        shapes.append(next(iter(feeds.values())))
+        return clock(models, device, bench, feeds)
+
+    monkeypatch.setattr(latency, "_measure", spy)
+    _, report = lrdeploy.compress(_net(batch=2), input_shapes=SHAPES, verify=False, target_latency=0.7)
+    assert report.latency["batch"] == 2 and shapes[-1] == (2, 4, 8, 8)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -45,7 +45,8 @@ from lrdeploy.planning.allocate import LayerShape
 from lrdeploy.planning.budget import candidate_ranks
 from lrdeploy.planning.costmodels import CostContext, Costing, unknown_dims
 from lrdeploy.planning.sensitivity import grid
-from lrdeploy.runtime.bench import BenchConfig, Timing, _batched_shapes, time_models
+from lrdeploy.runtime.bench import BenchConfig, Timing, time_models
+from lrdeploy.runtime.inputs import model_inputs, resolve_shapes
 from lrdeploy.runtime.sessions import Device, select_device
 from lrdeploy.spelling import option
 
@@ -364,6 +365,18 @@ def _settings(config: CompressConfig) -> tuple[Device, BenchConfig, str]:
     return device, bench, "float16" if config.precision == "fp16" else "float32"
 
 
+def timing_shapes(model: onnx.ModelProto, config: CompressConfig) -> dict[str, tuple[int, ...]]:
+    """The input shapes latency is timed at: the resolved shapes with ``latency_batch`` as the batch dim,
+    except where the model fixes its batch dim (then that is the batch it runs)."""
+    shapes = resolve_shapes(model, config.input_shapes, strict=True)
+    timed = {}
+    for spec in model_inputs(model):
+        shape = shapes[spec.name] or ()
+        fixed = isinstance(spec.dims[0], int) if spec.dims else True
+        timed[spec.name] = tuple(shape) if fixed or not shape else (config.latency_batch, *shape[1:])
+    return timed
+
+
 def _table_for(config: CompressConfig, environment: dict[str, object]) -> tuple[LatencyTable, Path, bool]:
     """(table, where it is saved, whether it was measured here): the named file or this machine's cache."""
     if config.latency_table is not None:
@@ -392,9 +405,7 @@ def latency_costing(analyses: Sequence[Analysis], context: CostContext) -> Costi
     environment = _environment(device, bench, dtype)
     table, path, local = _table_for(config, environment)
     profiler = _Profiler(device, bench)
-    shapes_in = _batched_shapes(folded, config.latency_batch, config.input_shapes)
-    if isinstance(shapes_in, str):
-        raise UsageError(f"{option('latency_batch')} {config.latency_batch}: the model's {shapes_in}")
+    shapes_in = timing_shapes(folded, config)
     tensor_shapes = costs.infer_shapes(folded, shapes_in)
     timings: dict[str, LayerTiming] = {}
     shapes: dict[str, LayerShape] = {}
@@ -451,7 +462,7 @@ def latency_costing(analyses: Sequence[Analysis], context: CostContext) -> Costi
     costing = Costing(LatencyCost(timings), shapes, total, "ms", max(total - dense_sum, 0.0), notes, reasons)
     costing.details = {
         "provider": device.provider,
-        "batch": config.latency_batch,
+        "batch": next(iter(shapes_in.values()), (1,))[0],
         "table": str(path),
         "local": local,
         "profiled": profiler.timed,
@@ -540,8 +551,7 @@ def never_slower(
     bench = BenchConfig(
         bench.device, bench.batch_sizes, MODEL_WARMUP, MODEL_RUNS, bench.threads, bench.input_shapes
     )
-    shapes = _batched_shapes(original[0], config.latency_batch, config.input_shapes)
-    assert not isinstance(shapes, str)
+    shapes = timing_shapes(original[0], config)
     order = sorted(gains, key=lambda name: gains[name])
     step = max(1, math.ceil(len(order) / 4))
     reverted: list[str] = []
@@ -556,7 +566,7 @@ def never_slower(
         compressed = rebuild(set(reverted))
     check = LatencyCheck(
         device.provider,
-        config.latency_batch,
+        next(iter(shapes.values()), (1,))[0],
         predicted_ms,
         input_ms,
         output_ms,
