@@ -180,7 +180,7 @@ def _compress(
     if kept_rewrites:
         with timer("latency"):
             assert costing is not None
-            from lrdeploy.runtime.latency import guard
+            from lrdeploy.runtime.latencyguard import guard
 
             metadata = provenance(model, config)
             compressed, decisions, pairs, latency = guard(

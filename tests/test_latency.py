@@ -14,7 +14,7 @@ from test_budget import SHAPES, _net
 import lrdeploy
 from lrdeploy.cli.app import main
 from lrdeploy.errors import UsageError
-from lrdeploy.runtime import latency
+from lrdeploy.runtime import latency, latencyguard, latencytable
 from lrdeploy.runtime.bench import Timing
 
 
@@ -110,7 +110,7 @@ def test_the_end_to_end_guarantee_reverts_layers_until_not_slower(monkeypatch):
     model, report = _compress(target_latency=0.6)
     check = report.latency
     assert clock.checks == 3  # slower, confirmed slower (reverted), then not slower
-    assert check["rounds"] == 2 and check["speedup"] >= latency.NOT_SLOWER and check["reverted"]
+    assert check["rounds"] == 2 and check["speedup"] >= latencyguard.NOT_SLOWER and check["reverted"]
     rows = {x.decision.name: x.decision for x in report.layers}
     for name in check["reverted"]:
         assert rows[name].status == "skipped" and rows[name].reason.startswith("reverted to dense")
@@ -132,7 +132,7 @@ def test_an_output_that_stays_slower_ends_with_every_layer_dense(monkeypatch):
     monkeypatch.setattr(latency, "_measure", FakeClock(end_to_end=lambda call: (1.0, 2.0)))
     model, report = _compress(target_latency=0.6)
     assert not report.factorized
-    assert report.latency["speedup"] < latency.NOT_SLOWER  # measured, and said: nothing left to revert
+    assert report.latency["speedup"] < latencyguard.NOT_SLOWER  # measured, and said: nothing left to revert
     assert all(n.op_type != "BatchNormalization" for n in model.graph.node)  # the folded input
 
 
@@ -142,7 +142,7 @@ def test_a_latency_table_file_is_written_and_read_elsewhere(monkeypatch, tmp_pat
     table = tmp_path / "target.json"
     _compress(target_latency=0.7, latency_table=table)
     document = json.loads(table.read_text())
-    assert document["schema"] == latency.SCHEMA and len(document["layers"]) == 4
+    assert document["schema"] == latencytable.SCHEMA and len(document["layers"]) == 4
     document["environment"]["device"] = "the target box"  # measured elsewhere: used, not re-measured
     table.write_text(json.dumps(document))
     checks = clock.checks
@@ -254,7 +254,7 @@ def test_real_timings_on_the_cpu_ep_are_never_slower():
     _, report = _compress(target_latency=0.9)
     check = report.latency
     assert check["profiled"] == 5 and check["measured_input_ms"] > 0
-    assert check["speedup"] >= latency.NOT_SLOWER or not report.factorized  # else all reverted
+    assert check["speedup"] >= latencyguard.NOT_SLOWER or not report.factorized  # else all reverted
 
 
 def _cuda_missing() -> bool:
