@@ -26,3 +26,27 @@ $latency resnet50 --device cuda --batch 1,32 --ratios 0.3 --multiple 8 --no-tf32
 for model in vgg_lrpet_keep_r0.160 lenet5_baseline mlp_baseline; do
     $latency "$repo/models/$model.onnx" --device cuda --batch 1,32 --workdir "$work" --out "$out/${model}_cuda"
 done
+
+# Issue 10: latency-aware ranks on the CUDA EP, fp16, NHWC and CUDA graphs (the latency table is cached
+# in $LRDEPLOY_CACHE, so each model is profiled once per setting).
+export LRDEPLOY_CACHE="$out/cache"
+python3 "$repo/benchmarks/make_resnet50.py" "$work/resnet50_bn.onnx"
+for batch in 1 32; do
+    python3 -m lrdeploy compress "$work/resnet50_bn.onnx" --device cuda --batch "$batch" --target-latency 0.4 \
+        --random-batches 1 --batch-size 4 -o "$work/r50_lat_b$batch.onnx" --report "$out/r50_lat_b$batch.json"
+    python3 -m lrdeploy compress "$work/resnet50_bn.onnx" --device cuda --batch "$batch" --target-latency 0.4 \
+        --precision fp16 --random-batches 1 --batch-size 4 -o "$work/r50_lat_fp16_b$batch.onnx" \
+        --report "$out/r50_lat_fp16_b$batch.json"
+    python3 -m lrdeploy compress "$work/resnet50_bn.onnx" --rank-ratio 0.25 --precision fp16 --device cuda \
+        --no-verify -o "$work/r50_r0.25_fp16.onnx"
+    python3 -m lrdeploy compress "$work/resnet50_bn.onnx" --rank-ratio 1.0 --precision fp16 --device cuda \
+        --no-verify -o "$work/r50_dense_fp16.onnx"
+    for graph in "" "--cuda-graph"; do
+        for tf32 in "--tf32" "--no-tf32"; do
+            python3 -m lrdeploy bench "$work/resnet50_bn.onnx" "$work/r50_lat_b$batch.onnx" \
+                "$work/r50_dense_fp16.onnx" "$work/r50_r0.25_fp16.onnx" "$work/r50_lat_fp16_b$batch.onnx" \
+                --device cuda --batch "$batch" $graph $tf32 --json "$out/r50_b${batch}${graph}${tf32}.json" || true
+        done
+    done
+done
+python3 -m pytest -q -p no:cacheprovider "$repo/tests/test_latency.py" -k cuda 2>&1 | tail -3 | tee "$out/latency_gpu_tests.txt"

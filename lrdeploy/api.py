@@ -158,29 +158,55 @@ def _compress(
     if config.calib is not None:
         with timer("calibrate"):
             folded_model, calibration = _calibrate(graph, original, groups, config)
+    if config.cost == "latency" and folded_model is None:  # the latency table times the folded layers
+        folded_model = _folded(graph, original)
     with timer("plan"):
-        budget = None
+        budget = costing = None
         if config.budget is None:
             tick = (lambda done, total: progress("factorize", done, total)) if progress else None
             moments = calibration.moments if calibration else None
             rewrites, decisions = plan_layers(groups, config, tick, moments)
         else:
             totals = {"params": params_before, "macs": _total(original, macs_before)}
-            rewrites, decisions, budget, _ = plan_budget(
+            rewrites, decisions, budget, costing = plan_budget(
                 groups, config, totals, macs_before, calibration, folded_model, progress, original, shapes
             )
         del folded_model
     with timer("rewrite"):
         rewritten = factorize(graph, rewrites, names)
         pairs = {d.node: d.details["pair"] for d in rewritten.decisions}
+        kept_rewrites = rewrites if costing is not None and config.cost == "latency" else []
         del rewrites, groups
         gc.collect()  # replaced weights sit in graphsurgeon's reference cycles until collected
         ir_version = choose_ir_version(original.ir_version, original)
         compressed = from_graph(graph, original, ir_version, metadata=provenance(model, config))
         del graph
+    latency = None
+    if kept_rewrites:
+        with timer("latency"):
+            assert costing is not None
+            from lrdeploy.runtime.latencyguard import guard
+
+            metadata = provenance(model, config)
+            compressed, decisions, pairs, latency = guard(
+                (original, source),
+                compressed,
+                kept_rewrites,
+                decisions,
+                pairs,
+                costing,
+                config,
+                ir_version,
+                metadata,
+            )
+        del kept_rewrites
     with timer("count"):
         params_after = costs.count_params(compressed)
         macs_after = costs.count_macs(compressed, shapes)
+    deployed = None
+    if config.precision != "fp32" or config.quantize:
+        with timer("precision"):
+            compressed, deployed = _deploy(original, compressed, config)
     order = {node.name: i for i, node in enumerate(scoped_nodes(original.graph))}
     decisions = sorted(unfit + decisions, key=lambda d: order.get(d.name, len(order)))
     report = Report(
@@ -223,6 +249,10 @@ def _compress(
         before, after = counted.get(budget.kind, (None, None))
         achieved = after / before if after is not None and before else None  # other costs: predicted only
         report.budget = budget.to_dict() | {"achieved": achieved}
+        if costing is not None and costing.notes:
+            report.notes.extend(costing.notes)
+    report.latency = latency
+    report.precision = deployed
     staged = outputs.stage(output_path) if output_path is not None else None
     with timer("save"):
         if staged is not None:
@@ -252,13 +282,32 @@ def _compress(
     return compressed, report
 
 
+def _folded(graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """The BN-folded model (the layers as they will be factorized), materialized."""
+    return materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
+
+
+def _deploy(original: onnx.ModelProto, compressed: onnx.ModelProto, config: CompressConfig):
+    """The factorized model at the deployed precision, and the report's precision entry."""
+    from lrdeploy.runtime.precision import convert, weight_bytes
+
+    float_bytes = weight_bytes(compressed)
+    deployed = convert(materialize(compressed), config)  # the converters read weights, not our lazy ones
+    return deployed, {
+        "precision": config.quantize or config.precision,
+        "weight_bytes_input": weight_bytes(original),
+        "weight_bytes_factorized_fp32": float_bytes,
+        "weight_bytes_output": weight_bytes(deployed),
+    }
+
+
 def _calibrate(
     graph, original: onnx.ModelProto, groups, config: CompressConfig
 ) -> tuple[onnx.ModelProto, Calibration]:
     """Run the BN-folded model (the layers as they will be factorized) over the calibration data."""
     from lrdeploy.runtime.verification import _batch_size  # a fixed batch dim is fed as it is declared
 
-    folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
+    folded = _folded(graph, original)
     layers = calibration_layers(graph, groups)
     assert config.calib is not None
     calibration = calibrate(

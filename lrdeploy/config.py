@@ -19,6 +19,7 @@ __all__ = ["ALLOCATORS", "METHODS", "CompressConfig", "load_overrides", "parse_i
 
 _VERIFY_FIELDS = set(VerifyConfig.__dataclass_fields__)
 METHODS = ("auto", "svd", "whiten")
+PRECISIONS = ("fp32", "fp16")
 ALLOCATORS = ("error", "sensitivity")
 
 
@@ -62,8 +63,16 @@ class CompressConfig:
     groups: int = 1  # group low rank: each group-1 Conv factorized per group of input channels
     imc_array: str | tuple[int, int] | None = None  # crossbar ROWSxCOLS: IMC costs and the report's table
     imc_mapping: str = "im2col"
+    # Latency (`lrdeploy.runtime.latency`) and the deployed precision (`lrdeploy.runtime.precision`)
+    target_latency: float | None = None  # ≡ cost="latency", target=F
+    latency_table: str | Path | None = None
+    latency_batch: int = 1
+    threads: int | None = None
+    precision: str = "fp32"
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_latency()
         self._check_budget()
         self._check_imc()
         if not is_int(self.rank_multiple) or self.rank_multiple < 1:
@@ -161,6 +170,36 @@ class CompressConfig:
                 f"{option('cost')} {self.cost} needs the crossbar size: add {option('imc_array')} RxC"
             )
 
+    def _check_latency(self) -> None:
+        """``target_latency`` is ``cost="latency"`` with ``target``; the deployed precision; and GPU ranks
+        rounded for tensor cores (fp16 and latency: 8, int8: 16) unless ``rank_multiple`` says otherwise."""
+        if self.target_latency is not None:
+            if self.target is not None or self.cost not in (None, "latency"):
+                raise UsageError(
+                    f"{option('target_latency')} is {option('cost')} latency {option('target')} F: "
+                    "give only one of them"
+                )
+            object.__setattr__(self, "cost", "latency")
+            object.__setattr__(self, "target", self.target_latency)
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"{option('precision')} must be fp32 or fp16, got {self.precision!r}")
+        if self.quantize not in (None, "int8"):
+            raise UsageError(f"{option('quantize')} must be int8, got {self.quantize!r}")
+        if self.quantize is not None and self.precision != "fp32":
+            raise UsageError(f"give {option('precision')} fp16 or {option('quantize')} int8, not both")
+        if self.quantize is not None and self.calib is None:
+            raise UsageError(f"{option('quantize')} int8 calibrates activations: add {option('calib')}")
+        for name in ("latency_batch", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 1):
+                raise UsageError(f"{option(name)} must be a positive integer, got {value!r}")
+        latency = self.cost == "latency"
+        if (self.latency_table is not None or self.threads is not None) and not latency:
+            raise UsageError(f"{option('latency_table')}/{option('threads')} need {option('cost')} latency")
+        gpu = self.verification.device in ("cuda", "tensorrt")
+        if gpu and self.rank_multiple == 1 and (latency or self.precision == "fp16" or self.quantize):
+            object.__setattr__(self, "rank_multiple", 16 if self.quantize else 8)
+
     def _check_cost(self, target: str | None) -> None:
         """The cost a budget is counted in: ``target_params``/``target_macs`` name theirs, ``target``
         needs ``cost`` (one of `costmodels.COSTS`)."""
@@ -174,7 +213,7 @@ class CompressConfig:
         implied = {"target_params": "params", "target_macs": "macs"}.get(target or "")
         if target is None:
             raise UsageError(f"{option('cost')} {self.cost} needs a budget: add {option('target')} F")
-        if implied is not None and implied != self.cost:
+        if implied is not None and implied != self.cost and self.cost != "latency":  # latency may constrain
             raise UsageError(
                 f"{option(target)} counts {implied}, not {self.cost}: use {option('target')} F instead"  # type: ignore[arg-type]
             )
@@ -245,6 +284,10 @@ class CompressConfig:
             "groups": self.groups,
             "imc_array": self.imc_array,
             "imc_mapping": self.imc_mapping if self.imc_array else None,
+            "latency": {"batch": self.latency_batch, "threads": self.threads}
+            if self.cost == "latency"
+            else None,
+            "precision": self.quantize or self.precision,
         }
 
     def describe(self) -> str:
@@ -259,6 +302,10 @@ class CompressConfig:
             parts.append(f"multiple of {self.rank_multiple}")
         if self.groups > 1:
             parts.append(f"group low rank, {self.groups} groups")
+        if self.cost == "latency" and self.budget and self.budget[0] != "latency":
+            parts.append("no layer slower than dense")
+        if self.quantize or self.precision != "fp32":
+            parts.append(f"deployed as {self.quantize or self.precision}")
         return ", ".join(parts)
 
 

@@ -101,6 +101,8 @@ class Report:
     calibration: dict[str, Any] | None = None
     budget: dict[str, Any] | None = None
     imc: Any = None  # an ImcReport: the crossbars before/after (`lrdeploy.imc.report.compressed_table`)
+    latency: dict[str, Any] | None = None  # the end-to-end check of a latency budget (`runtime.latency`)
+    precision: dict[str, Any] | None = None  # fp16/int8 and the weight bytes (`runtime.precision`)
 
     @property
     def factorized(self) -> list[LayerReport]:
@@ -132,6 +134,8 @@ class Report:
             "calibration": self.calibration,
             "budget": self.budget,
             "imc": self.imc.to_dict() if self.imc is not None else None,
+            "latency": self.latency,
+            "precision": self.precision,
         }
 
     def to_json(self) -> str:

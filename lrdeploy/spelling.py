@@ -21,6 +21,7 @@ _FLAG_NAMES = {
     "batch_sizes": "batch",
     "input_values": "input-value",
     "batch_axes": "batch-axis",
+    "latency_batch": "batch",
 }
 _UNSET = object()
 F = TypeVar("F", bound=Callable)

@@ -39,6 +39,8 @@ from lrdeploy.cli.options import (
     ImcMapping,
     InputShape,
     InputValue,
+    LatencyBatch,
+    LatencyTable,
     Layout,
     Limit,
     MaxRelL2,
@@ -47,6 +49,8 @@ from lrdeploy.cli.options import (
     MinCosine,
     MinTop1,
     ModelArg,
+    Precision,
+    Quantize,
     RandomBatches,
     Resize,
     Rtol,
@@ -54,8 +58,10 @@ from lrdeploy.cli.options import (
     Seed,
     Std,
     Target,
+    TargetLatency,
     TargetMacs,
     TargetParams,
+    Threads,
     output_format,
     parse_ints,
     require_module,
@@ -151,6 +157,12 @@ def compress(
     target_macs: TargetMacs = None,
     cost: Cost = None,
     target: Target = None,
+    target_latency: TargetLatency = None,
+    latency_table: LatencyTable = None,
+    latency_batch: LatencyBatch = 1,
+    threads: Threads = None,
+    precision: Precision = "fp32",
+    quantize: Quantize = None,
     allocate: Allocate = "error",
     method: Method = "auto",
     calib: Calib = None,
@@ -247,6 +259,12 @@ def compress(
         target_macs=target_macs,
         cost=cost,
         target=target,
+        target_latency=target_latency,
+        latency_table=latency_table,
+        latency_batch=latency_batch,
+        threads=threads,
+        precision=precision,
+        quantize=quantize,
         allocate=allocate,
         method=method,
         calib=calib,
@@ -412,6 +430,13 @@ def bench(
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
     tf32: Annotated[bool, typer.Option(help="CUDA: allow TF32 math (onnxruntime's default).")] = True,
     cuda_graph: Annotated[bool, typer.Option(help="CUDA: replay each run as one CUDA graph.")] = False,
+    prefer_nhwc: Annotated[bool, typer.Option(help="CUDA: NHWC convolution kernels.")] = False,
+    cudnn_conv_algo_search: Annotated[
+        str, typer.Option(help="CUDA: EXHAUSTIVE (onnxruntime's default) or HEURISTIC.")
+    ] = "EXHAUSTIVE",
+    cudnn_conv_use_max_workspace: Annotated[
+        bool, typer.Option(help="CUDA: let cuDNN use its largest workspace.")
+    ] = True,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every timing as JSON here.")] = None,
     plot: Annotated[
         Path | None, typer.Option(help="Draw latency vs batch size to this PNG (matplotlib).")
@@ -436,6 +461,9 @@ def bench(
         seed=seed,
         tf32=tf32,
         cuda_graph=cuda_graph,
+        prefer_nhwc=prefer_nhwc,
+        cudnn_conv_algo_search=cudnn_conv_algo_search,
+        cudnn_conv_use_max_workspace=cudnn_conv_use_max_workspace,
     )
     if len({m.resolve() for m in models}) != len(models):
         raise UsageError("a model is given twice; give each model once (copy the file to time it twice)")

@@ -30,6 +30,8 @@ __all__ = [
     "ImcMapping",
     "InputShape",
     "InputValue",
+    "LatencyBatch",
+    "LatencyTable",
     "Layout",
     "Limit",
     "MaxRelL2",
@@ -38,6 +40,8 @@ __all__ = [
     "MinCosine",
     "MinTop1",
     "ModelArg",
+    "Precision",
+    "Quantize",
     "RandomBatches",
     "Resize",
     "Rtol",
@@ -45,8 +49,10 @@ __all__ = [
     "Seed",
     "Std",
     "Target",
+    "TargetLatency",
     "TargetMacs",
     "TargetParams",
+    "Threads",
     "output_format",
     "parse_ints",
     "require_module",
@@ -108,6 +114,34 @@ ImcArray = Annotated[
 ImcMapping = Annotated[
     str,
     typer.Option(help="Mapping counted by --cost imc-cycles: im2col, sdk or vwsdk.", rich_help_panel=BUDGET),
+]
+TargetLatency = Annotated[
+    float | None,
+    typer.Option(
+        help="Whole-model budget: this fraction of the dense model's latency measured on --device "
+        "(= --cost latency --target F).",
+        rich_help_panel=BUDGET,
+    ),
+]
+LatencyTable = Annotated[
+    Path | None,
+    typer.Option(
+        help="Latency table JSON: read it (measured on the target) or write it here (default: a cache).",
+        rich_help_panel=BUDGET,
+    ),
+]
+LatencyBatch = Annotated[
+    int, typer.Option("--batch", help="Batch size latency is measured at.", rich_help_panel=BUDGET)
+]
+Threads = Annotated[
+    int | None,
+    typer.Option(help="CPU intra-op threads for latency (default: onnxruntime's).", rich_help_panel=BUDGET),
+]
+Precision = Annotated[
+    str, typer.Option(help="Deployed precision: fp32 or fp16 (onnxruntime's converter, float32 I/O).")
+]
+Quantize = Annotated[
+    str | None, typer.Option(help="int8: static QDQ, per-channel weights, calibrated on --calib.")
 ]
 Allocate = Annotated[
     str,

@@ -150,7 +150,7 @@ def render_report(report: Report, console: Console, fmt: str = "table") -> None:
         f"{_ratio(report.macs_before, report.macs_after)}{at}",
         fmt=fmt,
     )
-    for line in _budget_lines(report):
+    for line in _budget_lines(report) + _deployment_lines(report):
         print_line(console, line, fmt=fmt)
     for note in report.notes:
         print_line(console, note, fmt=fmt)
@@ -198,6 +198,34 @@ def _budget_lines(report: Report) -> list[str]:
             f"calibration: {c['source']}, {c['held_apart']} of {c['samples']} samples held apart; "
             f"{format_count(c['rows_fit'])} fit / {format_count(c['rows_held_apart'])} held-apart rows over "
             f"all layers; {fallbacks} layer(s) fell back to plain SVD"
+        )
+    return lines
+
+
+def _deployment_lines(report: Report) -> list[str]:
+    """The end-to-end latency check of ``--cost latency`` and the deployed precision's weight bytes."""
+    lines = []
+    if report.latency and "speedup" not in report.latency:
+        t = report.latency
+        lines.append(
+            f"latency on {t['provider']} (batch {t['batch']}): predicted {t['predicted_ms']:.3g} ms of "
+            f"{t['dense_predicted_ms']:.3g} dense; end-to-end check {t['check']}"
+        )
+    elif report.latency:
+        t = report.latency
+        reverted = f"; {len(t['reverted'])} layer(s) reverted to dense to get there" if t["reverted"] else ""
+        lines.append(
+            f"latency on {t['provider']} (batch {t['batch']}): predicted {t['predicted_ms']:.3g} ms of "
+            f"{t['dense_predicted_ms']:.3g} dense; measured {t['measured_output_ms']:.3g} ms vs input "
+            f"{t['measured_input_ms']:.3g} ms ({t['speedup']:.2f}×, p50 of interleaved runs){reverted}"
+        )
+    if report.precision:
+        p = report.precision
+        mib = 2**20
+        lines.append(
+            f"deployed as {p['precision']}: weights {p['weight_bytes_input'] / mib:.2f} MiB → "
+            f"{p['weight_bytes_factorized_fp32'] / mib:.2f} MiB factorized → "
+            f"{p['weight_bytes_output'] / mib:.2f} MiB"
         )
     return lines
 

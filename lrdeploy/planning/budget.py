@@ -33,7 +33,7 @@ from lrdeploy.planning.allocate import (
     candidates,
 )
 from lrdeploy.planning.calibration import Calibration
-from lrdeploy.planning.costmodels import CostContext, Costing, costing_for
+from lrdeploy.planning.costmodels import CostContext, Costing, constrained, costing_for
 from lrdeploy.planning.plan import Analysis, LayerDecision, WeightGroup, analyze_groups, finish_groups, saves
 from lrdeploy.planning.sensitivity import grid, measure
 from lrdeploy.planning.whiten import component_errors
@@ -106,7 +106,11 @@ def _interpolated(curve: Sequence[tuple[int, float]], full_rank: int) -> np.ndar
 
 
 def _options(
-    analysis: Analysis, config: CompressConfig, shape: LayerShape, model: CostModel
+    analysis: Analysis,
+    config: CompressConfig,
+    shape: LayerShape,
+    model: CostModel,
+    keep: Callable[[str, int], bool] | None = None,
 ) -> tuple[list[Candidate], str]:
     """The layer's candidates, and why it stays dense when dense is all it has."""
     view = analysis.group.view
@@ -120,6 +124,8 @@ def _options(
             return candidates(shape, {}, model), why
         return candidates(shape, {rank: float(errors[rank])}, model, dense=False), ""
     ranks = candidate_ranks(view.m, view.n, config.rank_multiple)
+    if keep is not None:  # a constraint cost (latency) removes the ranks it prices above dense
+        ranks = [r for r in ranks if keep(analysis.name, r)]
     if not ranks:
         return candidates(shape, {}, model), "no rank saves parameters (r·(m+n) ≥ m·n for every r)"
     return candidates(shape, {r: float(errors[r]) for r in ranks}, model), ""
@@ -150,7 +156,8 @@ def choose_ranks(
         if kept:
             table[analysis.name], dense_reasons[analysis.name] = candidates(shape, {}, model), kept
         else:
-            table[analysis.name], dense_reasons[analysis.name] = _options(analysis, config, shape, model)
+            options = _options(analysis, config, shape, model, costing.keep)
+            table[analysis.name], dense_reasons[analysis.name] = options
         dense += model.cost(shape, None)
     fixed = costing.fixed if costing.fixed is not None else max(total - dense, 0.0)
     table[_FIXED] = [Candidate(None, 0.0, fixed)]
@@ -209,6 +216,8 @@ def plan_budget(
             analysis.curve = tuple(curves.get(analysis.name, ()))
     context = CostContext(config, totals, macs, folded, progress, original, input_shapes)
     costing = costing_for(config.budget[0], analyses, context)
+    if config.cost == "latency" and config.budget[0] != "latency":  # latency as a constraint
+        costing = constrained(costing, costing_for("latency", analyses, context))
     ranks_chosen, reasons, budget = choose_ranks(analyses, config, costing)
     rewrites, decisions = finish_groups(analyses, ranks_chosen, config, reasons)
     return rewrites, decisions, budget, costing

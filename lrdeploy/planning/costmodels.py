@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from lrdeploy.config import CompressConfig
     from lrdeploy.planning.plan import Analysis
 
-__all__ = ["COSTS", "CostContext", "Costing", "costing_for", "layer_positions"]
+__all__ = ["COSTS", "CostContext", "Costing", "constrained", "costing_for", "layer_positions"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,25 @@ class Costing:
     fixed: float | None = None
     notes: list[str] = field(default_factory=list)
     dense_reasons: dict[str, str] = field(default_factory=dict)  # layers this cost keeps dense, and why
+    keep: Callable[[str, int], bool] | None = None  # (layer, rank) → admissible; None: every rank
+    constraint: Costing | None = None  # a second cost that only removes candidates (`constrained`)
+    details: dict[str, object] = field(default_factory=dict)  # what the report says about the measurement
+
+
+def constrained(budget: Costing, constraint: Costing) -> Costing:
+    """``budget``'s costing, with the candidates that ``constraint`` prices above the dense layer
+    removed and its dense layers kept dense (``--cost latency`` with a params/MACs budget)."""
+    model = constraint.model
+
+    def keep(layer: str, rank: int) -> bool:
+        shape = constraint.shapes[layer]
+        return model.cost(shape, rank) < model.cost(shape, None)
+
+    reasons = {**budget.dense_reasons, **constraint.dense_reasons}
+    notes = [*budget.notes, *constraint.notes]
+    return Costing(
+        budget.model, budget.shapes, budget.total, budget.unit, budget.fixed, notes, reasons, keep, constraint
+    )
 
 
 def layer_positions(analysis: Analysis, macs: Mapping[str, int | None]) -> LayerShape | None:
@@ -101,6 +120,7 @@ COSTS: dict[str, Callable[[Sequence[Analysis], CostContext], Costing] | str] = {
     "macs": _macs,
     "imc-arrays": "lrdeploy.imc.costs:arrays_costing",
     "imc-cycles": "lrdeploy.imc.costs:cycles_costing",
+    "latency": "lrdeploy.runtime.latency:latency_costing",
 }
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import helper
 
 from lrdeploy.errors import UsageError
@@ -28,7 +29,7 @@ from lrdeploy.runtime.sessions import Device, make_session, select_device
 from lrdeploy.spelling import either, option
 from lrdeploy.units import format_count
 
-__all__ = ["BenchConfig", "BenchResult", "Timing", "benchmark"]
+__all__ = ["BenchConfig", "BenchResult", "Timing", "benchmark", "time_models"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class BenchConfig:
     seed: int = 0
     tf32: bool = True  # onnxruntime's own default on CUDA: time what a deployment runs
     cuda_graph: bool = False
+    # CUDA EP settings that decide how narrow convolutions run (unmeasured here: onnxruntime's defaults)
+    prefer_nhwc: bool = False
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # or HEURISTIC; DEFAULT picks no algorithm, never offered
+    cudnn_conv_use_max_workspace: bool = True
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
@@ -53,6 +58,19 @@ class BenchConfig:
             raise UsageError(f"{option('runs')} must be ≥ 1 and {option('warmup')} ≥ 0")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"{option('threads')} must be ≥ 1")
+        if self.cudnn_conv_algo_search not in ("EXHAUSTIVE", "HEURISTIC"):
+            raise UsageError(
+                f"{option('cudnn_conv_algo_search')} must be EXHAUSTIVE or HEURISTIC, "
+                f"got {self.cudnn_conv_algo_search!r}"
+            )
+
+    def cuda_options(self) -> dict[str, str]:
+        """The CUDA EP options beyond TF32 and CUDA graphs (`sessions.select_device`)."""
+        return {
+            "prefer_nhwc": str(int(self.prefer_nhwc)),
+            "cudnn_conv_algo_search": self.cudnn_conv_algo_search,
+            "cudnn_conv_use_max_workspace": str(int(self.cudnn_conv_use_max_workspace)),
+        }
 
 
 @dataclass(frozen=True)
@@ -161,6 +179,7 @@ class BenchResult:
             "tf32": self.config.tf32,
             "cpu_spinning": self.provider != "CPUExecutionProvider" or len(self.models) == 1,
             "cuda_graph": self.config.cuda_graph,
+            "cuda_options": self.config.cuda_options(),
             "results": rows,
             "skipped": self.skipped,
         }
@@ -196,7 +215,8 @@ class _Runner:
     def __init__(
         self, proto, path: Path, device: Device, config: BenchConfig, shapes, spinning: bool
     ) -> None:
-        self.session = make_session(path, device, config.threads, spinning=spinning, label=str(path))
+        label = "a timed model" if isinstance(path, bytes) else str(path)
+        self.session = make_session(path, device, config.threads, spinning=spinning, label=label)
         feeds = random_feeds(proto, shapes, config.seed)
         self.binding = None
         if device.name == "cpu":
@@ -225,12 +245,49 @@ class _Runner:
         self.binding = binding
 
     def __call__(self) -> float:
+        """One run's wall time in milliseconds."""
         start = time.perf_counter_ns()
         if self.binding is not None:
             self.session.run_with_iobinding(self.binding)
         else:
             self.session.run(None, self.feeds)
         return (time.perf_counter_ns() - start) / 1e6
+
+
+def _interleave(
+    runners: Mapping[str, Callable[[], float]], config: BenchConfig, tick: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
+    """Rounds of one run per model (A B A B …); the timed rounds' latencies per model."""
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for round_index in range(config.warmup + config.runs):
+        for name, runner in runners.items():
+            elapsed = runner()
+            if round_index >= config.warmup:
+                samples[name].append(elapsed)
+        if tick:
+            tick()
+    return samples
+
+
+def time_models(
+    models: Mapping[str, onnx.ModelProto | tuple[onnx.ModelProto, bytes | Path]],
+    device: Device,
+    config: BenchConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    spinning: bool = False,
+) -> dict[str, Timing]:
+    """Time models side by side at one set of input shapes (the latency table's layers, the end-to-end
+    check of `lrdeploy.runtime.latency`), with the same rounds as `benchmark`. A model is a proto, or a
+    proto with what onnxruntime should load for it (its file, or bytes). CPU spinning is off unless
+    asked, also for one model, so that layers and whole models are timed alike."""
+    spinning = spinning or device.name != "cpu"
+    runners = {}
+    for name, model in models.items():
+        proto, source = model if isinstance(model, tuple) else (model, model.SerializeToString())
+        runners[name] = _Runner(proto, source, device, config, shapes, spinning)
+    samples = _interleave(runners, config)
+    batch = next(iter(shapes.values()))[0] if shapes else 1
+    return {name: Timing(name, batch, tuple(samples[name]), None) for name in models}
 
 
 def benchmark(
@@ -242,7 +299,9 @@ def benchmark(
     config = config or BenchConfig()
     if not models:
         raise UsageError("give at least one model to benchmark")
-    device = select_device(config.device, tf32=config.tf32, cuda_graph=config.cuda_graph)
+    device = select_device(
+        config.device, tf32=config.tf32, cuda_graph=config.cuda_graph, cuda_options=config.cuda_options()
+    )
     if config.cuda_graph and device.name != "cuda":
         raise UsageError(f"{option('cuda_graph')} needs the CUDA EP; this run uses {device.provider}")
     loaded = []
@@ -256,6 +315,13 @@ def benchmark(
     timings, skipped = [], []
     total = len(config.batch_sizes) * (config.runs + config.warmup)
     done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
     for batch in config.batch_sizes:
         active, runners = [], {}
         for name, proto, path in loaded:
@@ -267,14 +333,6 @@ def benchmark(
             macs = costs.count_macs(proto, shapes)
             total_macs = None if any(v is None for v in macs.values()) else sum(macs.values())
             active.append((name, total_macs))
-        samples: dict[str, list[float]] = {name: [] for name, _ in active}
-        for round_index in range(config.warmup + config.runs):
-            for name, _ in active:
-                elapsed = runners[name]()
-                if round_index >= config.warmup:
-                    samples[name].append(elapsed)
-            done += 1
-            if progress:
-                progress(done, total)
+        samples = _interleave(runners, config, tick)
         timings.extend(Timing(name, batch, tuple(samples[name]), macs) for name, macs in active)
     return BenchResult(device.provider, device.note, config, [m for m, _, _ in loaded], timings, skipped)

@@ -19,6 +19,7 @@ import io
 import re
 import shutil
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -146,18 +147,25 @@ def probe_provider(provider: str) -> str | None:
     return None
 
 
-def _cuda_options(tf32: bool, cuda_graph: bool) -> dict[str, str]:
-    options = {"use_tf32": "1" if tf32 else "0"}
+def _cuda_options(tf32: bool, cuda_graph: bool, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    options = {"use_tf32": "1" if tf32 else "0", **(extra or {})}
     if cuda_graph:
         options["enable_cuda_graph"] = "1"
     return options
 
 
-def select_device(device: str = "auto", *, tf32: bool = False, cuda_graph: bool = False) -> Device:
+def select_device(
+    device: str = "auto",
+    *,
+    tf32: bool = False,
+    cuda_graph: bool = False,
+    cuda_options: Mapping[str, str] | None = None,
+) -> Device:
     """Resolve ``auto``/``cpu``/``cuda``/``tensorrt`` to providers that actually run here.
 
     TF32 is off unless asked for (verification compares float32 math); ``cuda_graph`` replays the whole
-    run as one CUDA graph (needs fixed input/output buffers, see `lrdeploy.runtime.bench`).
+    run as one CUDA graph (needs fixed input/output buffers, see `lrdeploy.runtime.bench`);
+    ``cuda_options`` are more CUDA EP options (``prefer_nhwc``, ``cudnn_conv_algo_search``, ...).
     """
     require_onnxruntime()
     if device == "cpu":
@@ -168,10 +176,11 @@ def select_device(device: str = "auto", *, tf32: bool = False, cuda_graph: bool 
         reason = probe_provider(TENSORRT)
         if reason:
             raise DeviceUnavailable(f"{option('device', 'tensorrt')}: {reason}")
-        return Device("tensorrt", ((TENSORRT, {}), (CUDA, _cuda_options(tf32, False)), (CPU, {})))
+        cuda = _cuda_options(tf32, False, cuda_options)
+        return Device("tensorrt", ((TENSORRT, {}), (CUDA, cuda), (CPU, {})))
     reason = probe_provider(CUDA)
     if reason is None:
-        return Device("cuda", ((CUDA, _cuda_options(tf32, cuda_graph)), (CPU, {})))
+        return Device("cuda", ((CUDA, _cuda_options(tf32, cuda_graph, cuda_options)), (CPU, {})))
     if device == "cuda":
         use = f"{option('device', 'cpu')} or {option('device', 'auto')}"
         raise DeviceUnavailable(f"{option('device', 'cuda')}: {reason}; use {use}")
