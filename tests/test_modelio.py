@@ -305,3 +305,23 @@ def test_a_folded_scalar_stays_a_scalar():
     same, _ = lrdeploy.compress(model, rank_ratio=1.0, verify=False)
     check_model(same)
     assert [list(t.dims) for t in same.graph.initializer if t.name != "w"] == [[]]
+
+
+def test_a_file_backed_weight_read_by_a_pass_exports_inline(tmp_path):
+    """Reading a lazily loaded weight's values (as a pass may) must not leave it flagged as external data
+    without a location: graphsurgeon copies the imported data_location onto the array it exports."""
+    from lrdeploy.io.graphio import from_graph, to_graph
+    from lrdeploy.io.modelio import materialize
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_mlp(size=64), path)  # W: 16 KB, over the inline threshold, so it stays in the file
+    model, _ = load_model(path)
+    graph = to_graph(model)
+    w = next(t for t in graph.tensors().values() if t.name == "W")
+    w.values = w.values * 2.0  # read, then replaced in place by a pass
+    out = materialize(from_graph(graph, model, choose_ir_version(model.ir_version, model)))
+    stored = next(t for t in out.graph.initializer if t.name == "W")
+    assert stored.data_location == onnx.TensorProto.DEFAULT
+    np.testing.assert_allclose(
+        numpy_helper.to_array(stored), 2.0 * numpy_helper.to_array(_mlp().graph.initializer[0])
+    )

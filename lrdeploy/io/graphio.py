@@ -52,6 +52,9 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
         values = getattr(tensor, "_values", None)
         if isinstance(values, LazyValues) and is_file_backed(values.tensor):
             tensor._values = FileValues(values.tensor)
+            # Unread, it exports as its own proto (location included); once a pass reads its values it
+            # exports from the array, and graphsurgeon would copy this EXTERNAL flag onto inline bytes.
+            tensor.data_location = None
     return graph
 
 
