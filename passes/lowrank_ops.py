@@ -7,6 +7,7 @@ The matrix is always [outputs, inputs]: the factors A (m×r) and B (r×n) give `
   (A as [Cout, r, 1...]) with the original bias.
 - Gemm ``alpha·A'·B' + beta·C`` with constant B: W = B'ᵀ is [N, K]. Pair: Gemm(A, B-factor, alpha, transA)
   then Gemm(h, A-factor, C, beta); both keep the original transB storage convention.
+- Einsum ``x·W`` written as a linear layer (`lrdeploy.passes.lowrank_einsum`): two Einsums.
 - MatMul(x, W [K, N]) with a constant 2-D right operand: W ᵀ is [N, K]. Pair: MatMul(x, Bᵀ) then
   MatMul(h, Aᵀ); a following bias Add is untouched.
 
@@ -216,6 +217,10 @@ class MatMulOp(LowRankOp):
 
 
 ADAPTERS: dict[str, LowRankOp] = {op.op: op for op in (ConvOp(), GemmOp(), MatMulOp())}
+
+from lrdeploy.passes.lowrank_einsum import EinsumOp  # noqa: E402  (it builds on the classes above)
+
+ADAPTERS["Einsum"] = EinsumOp()
 
 
 def weight_view(node: gs.Node) -> WeightView | str | None:
