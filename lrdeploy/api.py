@@ -102,8 +102,8 @@ def compress(
     Give the policy as ``rank_ratio``/``energy``/``rank``, or a whole-model budget as ``target_params``
     or ``target_macs`` (a fraction of the original; ``allocate="error"|"sensitivity"``), plus
     `CompressConfig` fields as keywords (``rank_multiple``, ``include``, ``exclude``, ``overrides``,
-    ``fold_bn``, ``verify``, ``input_shapes``, ``keep_failed``; calibration: ``calib`` — what ``data``
-    takes: a path, "mnist" (training digits) or arrays —, ``calib_samples``, ``calib_holdout``,
+    ``fold_bn``, ``verify``, ``input_shapes``, ``keep_failed``, ``requantize``; calibration: ``calib`` — what
+    ``data`` takes: a path, "mnist" (training digits) or arrays —, ``calib_samples``, ``calib_holdout``,
     ``method="auto"|"svd"|"whiten"``) and `VerifyConfig` fields (``device``, ``data``, ``gates``,
     ``seed``, ...), or a ready ``config``. The input is never modified. With ``output`` the model is
     written there atomically (external data above 2 GB), and only if it passes the verification gates
@@ -146,7 +146,7 @@ def _compress(
         params_before = costs.count_params(original)
         macs_before = costs.count_macs(original, shapes)
     with timer("fold_bn"):
-        graph, names, normalized, folded = prepare_graph(original, config.fold_bn)
+        graph, names, normalized, folded = prepare_graph(original, config.fold_bn, config.requantize)
     with timer("plan"):
         groups, unfit = find_groups(graph, original)
     calibration = folded_model = None

@@ -56,6 +56,7 @@ class CompressConfig:
     calib: str | InMemoryData | None = None  # also accepts a Path, an array or {input: array}
     calib_samples: int = 256
     calib_holdout: float = 0.2
+    requantize: bool = False  # factorize int8 weights behind DequantizeLinear, re-quantizing the factors
 
     def __post_init__(self) -> None:
         self._check_budget()
@@ -182,6 +183,7 @@ class CompressConfig:
             "exclude": list(self.exclude),
             "overrides": dict(self.overrides),
             "fold_bn": self.fold_bn,
+            "requantize": self.requantize,
             "target": dict([self.target]) if self.target else None,
             "allocate": self.allocate if self.target else None,
             "method": "whiten" if self.whiten else "svd",

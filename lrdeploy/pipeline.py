@@ -7,13 +7,14 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.io.graphio import to_graph
 from lrdeploy.passes import NameRegistry, PassResult, fold_batchnorm, normalize
+from lrdeploy.passes.wrapped import unwrap_weights
 from lrdeploy.planning import costs
 
 __all__ = ["decision_dicts", "prepare_graph"]
 
 
 def prepare_graph(
-    model: onnx.ModelProto, fold_bn: bool
+    model: onnx.ModelProto, fold_bn: bool, requantize: bool = False
 ) -> tuple[gs.Graph, NameRegistry, PassResult, PassResult | None]:
     """Import, normalize and (optionally) fold BN; return the graph, its names and both pass results.
 
@@ -23,6 +24,7 @@ def prepare_graph(
     graph = to_graph(model)
     names = NameRegistry(graph)
     normalized = normalize(graph, names)
+    unwrap_weights(graph, requantize)  # fp16 behind Cast, and int8 behind DequantizeLinear if asked
     weights = {t.name for t in model.graph.initializer}
     as_inputs = [v.name for v in model.graph.input if v.name in weights]
     if as_inputs:  # graphsurgeon drops them from the inputs; say so, it changes the model's interface

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrdeploy.passes.names import NameRegistry
+from lrdeploy.spelling import either
 from lrdeploy.passes.normalize import WEIGHT_PATH_OPS
 from lrdeploy.passes.values import float_dtype, read_values, type_name
 
@@ -50,6 +51,11 @@ def _why_not_weight(tensor: gs.Tensor) -> str | None:
                 f"its weight is computed at run time{producer} from constants, left unfolded because "
                 "another node reads the same constant as it is (a tied embedding, say) or the result is "
                 "larger than its inputs"
+            )
+        if node is not None and node.op == "DequantizeLinear" and _reads_only_constants(node):
+            return (
+                f"its weight is quantized{producer}; pass {either('--requantize', 'requantize=True')} to "
+                "factorize it and re-quantize the factors per channel"
             )
         return f"its weight is computed at run time{producer}, not a constant"
     if not float_dtype(tensor):

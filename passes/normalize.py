@@ -115,6 +115,13 @@ def _foldable(node: gs.Node, graph_outputs: set[int]) -> bool:
     )
 
 
+def _widens(node: gs.Node) -> bool:
+    """A Cast of a float16/bfloat16 constant to float32/64 (folded, the weight would grow 2–4×)."""
+    from lrdeploy.passes.wrapped import widening_cast
+
+    return widening_cast(node)
+
+
 def _keeps_weight_single(node: gs.Node, graph_outputs: set[int]) -> bool:
     """Folding must not leave a large weight in place beside its transformed copy."""
     weights = [
@@ -136,6 +143,8 @@ def _fold_weight_paths(graph: gs.Graph, opset: int, result: PassResult) -> None:
     done: dict[tuple, list[gs.Constant]] = {}
     for node in list(graph.nodes):
         if not (_foldable(node, graph_outputs) and _keeps_weight_single(node, graph_outputs)):
+            continue
+        if node.op == "Cast" and _widens(node):  # would store fp16 weights as float32: passes.wrapped
             continue
         key = (node.op, repr(sorted(node.attrs.items())), tuple(id(t) for t in node.inputs))
         if key not in done:
