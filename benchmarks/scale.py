@@ -128,7 +128,9 @@ def make_decoder(path: Path, layers: int, width: int, vocab: int, heads: int) ->
     for i in range(layers):
         p = f"l{i}"
         qkv = linear(f"{p}.qkv", norm(f"{p}.ln1", current), width, 3 * width)
-        nodes.append(node("Split", [qkv, "split"], [f"{p}.q", f"{p}.k", f"{p}.v"], name=f"{p}.split", axis=-1))
+        nodes.append(
+            node("Split", [qkv, "split"], [f"{p}.q", f"{p}.k", f"{p}.v"], name=f"{p}.split", axis=-1)
+        )
         for t in "qkv":
             nodes.append(node("Reshape", [f"{p}.{t}", "heads_shape"], [f"{p}.{t}4"], name=f"{p}.{t}.heads"))
         nodes += [
@@ -261,7 +263,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lrdeploy-scale"))
     parser.add_argument("--only", choices=("stack", "decoder"), default=None)
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent.parent / "models/RESULTS_scale.md")
+    parser.add_argument(
+        "--results", type=Path, default=Path(__file__).parent.parent / "models/RESULTS_scale.md"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the generated models")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -284,7 +288,10 @@ def main() -> None:
         else:
             make_decoder(model, **shape, vocab=50257, heads=25 if shape["width"] == 1600 else 16)
         generated = time.perf_counter() - start
-        print(f"{label}: generated {model} ({_files_size(model) / 2**30:.2f} GiB) in {generated:.0f} s", flush=True)
+        print(
+            f"{label}: generated {model} ({_files_size(model) / 2**30:.2f} GiB) in {generated:.0f} s",
+            flush=True,
+        )
         for options in option_sets:
             output = args.workdir / f"{model.stem}.lowrank.onnx"
             result = _measure(model, output, options)

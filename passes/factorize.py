@@ -71,5 +71,8 @@ def _factor_tensors(
         first, second = (gs.Constant(label, array) for label, array in zip(labels, arrays, strict=True))
         return first, second, ()
     axis = channel_axis(rewrite.view.layout)
-    made = [wrap_factor(wrapper, lab, arr, axis, names, graph.opset or 17) for lab, arr in zip(labels, arrays, strict=True)]
+    made = [
+        wrap_factor(wrapper, lab, arr, axis, names, graph.opset or 17)
+        for lab, arr in zip(labels, arrays, strict=True)
+    ]
     return made[0][0], made[1][0], (*made[0][1], *made[1][1])

@@ -142,6 +142,10 @@ class EinsumOp(LowRankOp):
             "Einsum", names.node(f"{node.name}_lowrank_in"), {"equation": into}, [data, first], [hidden]
         )
         second_node = gs.Node(
-            "Einsum", names.node(f"{node.name}_lowrank_out"), {"equation": out}, [hidden, second], list(node.outputs)
+            "Einsum",
+            names.node(f"{node.name}_lowrank_out"),
+            {"equation": out},
+            [hidden, second],
+            list(node.outputs),
         )
         return first_node, second_node

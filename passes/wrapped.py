@@ -23,7 +23,15 @@ from lrdeploy.passes.names import NameRegistry
 from lrdeploy.passes.result import PassResult
 from lrdeploy.passes.values import ScaledValues, read_values
 
-__all__ = ["Wrapper", "channel_axis", "rewrap", "unwrap_weights", "widening_cast", "wrap_factor", "wrapper_of"]
+__all__ = [
+    "Wrapper",
+    "channel_axis",
+    "rewrap",
+    "unwrap_weights",
+    "widening_cast",
+    "wrap_factor",
+    "wrapper_of",
+]
 
 _NARROW = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 _WIDE = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64}
@@ -86,7 +94,7 @@ def widening_cast(node: gs.Node) -> bool:
         and isinstance(stored, gs.Constant)
         and _onnx_type(stored) in _NARROW
         and node.attrs.get("to") in _WIDE
-        and math.prod(stored.shape) >= 16
+        and math.prod(stored.shape or ()) >= 16
     )
 
 
@@ -97,7 +105,7 @@ def _unwrappable(node: gs.Node, requantize: bool) -> np.dtype | None:
     if not all(isinstance(t, gs.Constant) for t in node.inputs if t.name):
         return None
     stored = node.inputs[0]
-    if math.prod(stored.shape) < 16:  # a scalar or a shape, not a weight
+    if not isinstance(stored, gs.Constant) or math.prod(stored.shape or ()) < 16:  # not a weight
         return None
     if node.op == "Cast":
         return np.dtype(_WIDE[node.attrs["to"]]) if widening_cast(node) else None

@@ -69,7 +69,10 @@ def test_fp16_model_stays_fp16_and_never_grows(rng, cast):
         check_model(compressed)
         assert _stored_types(compressed) == {TensorProto.FLOAT16}
         assert _weight_bytes(compressed) <= size
-        assert compressed.graph.output[0].type.tensor_type.elem_type == model.graph.output[0].type.tensor_type.elem_type
+        assert (
+            compressed.graph.output[0].type.tensor_type.elem_type
+            == model.graph.output[0].type.tensor_type.elem_type
+        )
         [expected], [actual] = run(model, feeds), run(compressed, feeds)
         assert actual.dtype == expected.dtype
         assert rel_error(actual, expected) < FP16_TOLERANCE
@@ -112,15 +115,20 @@ def test_fp16_conv_with_batchnorm_folds_in_fp16(rng):
     """BN folded and the conv factorized in float64, stored fp16."""
     weight = np.einsum("or,rk->ok", rng.standard_normal((16, 2)), rng.standard_normal((2, 8 * 9)))
     inits = [numpy_helper.from_array(weight.reshape(16, 8, 3, 3).astype(np.float16), "W")]
-    inits += [numpy_helper.from_array((rng.random(16) + 0.5).astype(np.float16), n) for n in ("g", "b", "m", "v")]
+    inits += [
+        numpy_helper.from_array((rng.random(16) + 0.5).astype(np.float16), n) for n in ("g", "b", "m", "v")
+    ]
     nodes = [
         helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn"),
     ]
     f16 = TensorProto.FLOAT16
     graph = helper.make_graph(
-        nodes, "conv", [helper.make_tensor_value_info("x", f16, [1, 8, 6, 6])],
-        [helper.make_tensor_value_info("y", f16, [1, 16, 6, 6])], inits,
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", f16, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("y", f16, [1, 16, 6, 6])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     compressed, report = lrdeploy.compress(model, rank=2)

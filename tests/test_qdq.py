@@ -60,13 +60,21 @@ def test_quantized_weight_is_skipped_unless_asked(rng):
     compressed, report = lrdeploy.compress(model, rank=6)
     [row] = report.layers
     assert row.decision.status == "skipped"
-    assert "quantized by DequantizeLinear 'dq'" in row.decision.reason and "requantize=True" in row.decision.reason
+    assert (
+        "quantized by DequantizeLinear 'dq'" in row.decision.reason
+        and "requantize=True" in row.decision.reason
+    )
     assert [n.op_type for n in compressed.graph.node] == ["DequantizeLinear", "MatMul"]
 
 
 @pytest.mark.parametrize(
     ("dtype", "per_channel", "op"),
-    [(np.int8, True, "MatMul"), (np.uint8, False, "MatMul"), (np.int8, False, "Gemm"), (np.uint8, True, "Gemm")],
+    [
+        (np.int8, True, "MatMul"),
+        (np.uint8, False, "MatMul"),
+        (np.int8, False, "Gemm"),
+        (np.uint8, True, "Gemm"),
+    ],
 )
 def test_requantized_pair_within_quantization_error(rng, dtype, per_channel, op):
     model = qdq_model(rng, dtype, per_channel, op)

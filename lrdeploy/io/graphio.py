@@ -112,6 +112,37 @@ def set_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
     model.metadata_props.extend(kept)
 
 
+def _take_empty_lists(graph: gs.Graph) -> list[tuple[gs.Node, str, object]]:
+    """Attributes holding an empty list: graphsurgeon cannot tell their type, so cannot export them."""
+    taken = []
+    for g in (graph, *graph.subgraphs(recursive=True)):
+        for node in g.nodes:
+            for key, value in list(node.attrs.items()):
+                if isinstance(value, list | tuple) and not value:
+                    taken.append((node, key, node.attrs.pop(key)))
+    return taken
+
+
+def _put_empty_lists(graph: onnx.GraphProto, wanted: set[tuple[str, str]], original: onnx.GraphProto) -> None:
+    """Write the empty list attributes back, typed as the original node's (INTS when it is not there)."""
+    if not wanted:
+        return
+    types = {(n.name, a.name): a.type for n in _all_nodes(original) for a in n.attribute}
+    for node in _all_nodes(graph):
+        for name, key in wanted:
+            if node.name == name and all(a.name != key for a in node.attribute):
+                kind = types.get((name, key), onnx.AttributeProto.INTS)
+                node.attribute.append(onnx.AttributeProto(name=key, type=kind))
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in (*attr.graphs, *([attr.g] if attr.HasField("g") else [])):
+                yield from _all_nodes(sub)
+
+
 def from_graph(
     graph: gs.Graph, original: onnx.ModelProto, ir_version: int, metadata: Mapping[str, str] | None = None
 ) -> onnx.ModelProto:
@@ -121,9 +152,15 @@ def from_graph(
     """
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     materialize_deferred(graph)
-    with warnings.catch_warnings(), _quiet_graphsurgeon():
-        warnings.simplefilter("ignore")
-        model = gs.export_onnx(graph, do_type_check=False)
+    empty = _take_empty_lists(graph)
+    try:
+        with warnings.catch_warnings(), _quiet_graphsurgeon():
+            warnings.simplefilter("ignore")
+            model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for node, key, value in empty:
+            node.attrs[key] = value
+    _put_empty_lists(model.graph, {(n.name, k) for n, k, _ in empty}, original.graph)
     model.ir_version = ir_version
     for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, name, getattr(original, name))
