@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fuzzing import check_outcome, fuzz_cases  # noqa: E402
-from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
+from fuzzing import check_outcome, fuzz_cases
+from hypothesis import HealthCheck, given, seed, settings
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrdeploy.passes.names import NameRegistry
-from lrdeploy.spelling import either
 from lrdeploy.passes.normalize import WEIGHT_PATH_OPS
 from lrdeploy.passes.values import float_dtype, read_values, type_name
+from lrdeploy.spelling import either
 
 __all__ = ["ADAPTERS", "LowRankOp", "WeightView", "weight_view"]
 

@@ -5,9 +5,8 @@ the same property for longer. Findings of the long run are kept below as regress
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-
 from fuzzing import BASES, check_outcome, fuzz_cases, mutate
+from hypothesis import given, settings
 
 #: A hang shows as a deadline overrun; the examples take well under a second each.
 DEADLINE_MS = 20_000
