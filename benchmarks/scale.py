@@ -266,6 +266,10 @@ def main() -> None:
         "--results", type=Path, default=Path(__file__).parent.parent / "models/RESULTS_scale.md"
     )
     parser.add_argument("--keep", action="store_true", help="keep the generated models")
+    parser.add_argument(
+        "--case", action="append", default=[], help="KIND:LAYERS:WIDTH instead of the default set (repeatable)"
+    )
+    parser.add_argument("--no-budget", action="store_true", help="decoders: the rank-ratio run only")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     runs: list[tuple[str, Path, dict, float]] = []
@@ -279,6 +283,15 @@ def main() -> None:
         cases.append(("decoder 24×1600", "decoder", dict(layers=24, width=1600), budgets))
         cases.append(("decoder 48×1600", "decoder", dict(layers=48, width=1600), budgets))
         cases.append(("decoder 24×2048", "decoder", dict(layers=24, width=2048), budgets[:1]))
+    if args.case:
+        ids = {"input_shapes": {"input_ids": [1, 128]}}
+        budgets = [{"rank_ratio": 0.25, **ids}, {"target_params": 0.5, "verify": False, **ids}]
+        budgets = budgets[:1] if args.no_budget else budgets
+        cases = []
+        for case in args.case:
+            kind, layers, width = case.split(":")
+            options = [{"rank_ratio": 0.25}] if kind == "stack" else budgets
+            cases.append((f"{kind} {layers}×{width}", kind, dict(layers=int(layers), width=int(width)), options))
     for label, kind, shape, option_sets in cases:
         model = args.workdir / f"{kind}_{shape['layers']}x{shape['width']}.onnx"
         start = time.perf_counter()

@@ -222,17 +222,24 @@ def mutate(model: onnx.ModelProto, mutations: list[tuple]) -> onnx.ModelProto:
     return out
 
 
-@st.composite
-def fuzz_cases(draw):
-    """(base name, mutations, mutated model bytes, compress options)."""
-    base = draw(st.sampled_from(sorted(BASES)))
-    mutations = draw(st.lists(_mutations, min_size=1, max_size=4))
+def _case(drawn: tuple) -> tuple:
+    base, mutations, policy, requantize, verify = drawn
     model = mutate(BASES[base](), mutations)
-    policy = draw(
-        st.sampled_from([{"rank_ratio": 0.5}, {"rank_ratio": 1.0}, {"rank": 2}, {"target_params": 0.6}])
-    )
-    options = {**policy, "requantize": draw(st.booleans()), "verify": draw(st.booleans())}
-    return base, mutations, model.SerializeToString(), options
+    return base, mutations, model.SerializeToString(), {**policy, "requantize": requantize, "verify": verify}
+
+
+_POLICIES = [{"rank_ratio": 0.5}, {"rank_ratio": 1.0}, {"rank": 2}, {"target_params": 0.6}]
+
+
+def fuzz_cases() -> st.SearchStrategy[tuple]:
+    """(base name, mutations, mutated model bytes, compress options)."""
+    return st.tuples(
+        st.sampled_from(sorted(BASES)),
+        st.lists(_mutations, min_size=1, max_size=4),
+        st.sampled_from(_POLICIES),
+        st.booleans(),
+        st.booleans(),
+    ).map(_case)
 
 
 def _valid(path: Path) -> bool:
