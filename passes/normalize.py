@@ -116,10 +116,12 @@ def _foldable(node: gs.Node, graph_outputs: set[int]) -> bool:
 
 
 def _widens(node: gs.Node) -> bool:
-    """A Cast of a float16/bfloat16 constant to float32/64 (folded, the weight would grow 2–4×)."""
+    """A Cast of a float16/bfloat16 weight to float32/64 read as it is (folded, it would grow 2–4×); one
+    that feeds more layout ops (Cast → Transpose) is folded with them, so the layer still sees a weight."""
     from lrdeploy.passes.wrapped import widening_cast
 
-    return widening_cast(node)
+    readers = [reader for output in node.outputs for reader in output.outputs]
+    return widening_cast(node) and not any(reader.op in WEIGHT_PATH_OPS for reader in readers)
 
 
 def _keeps_weight_single(node: gs.Node, graph_outputs: set[int]) -> bool:

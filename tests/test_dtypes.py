@@ -136,3 +136,25 @@ def test_fp16_conv_with_batchnorm_folds_in_fp16(rng):
     assert _stored_types(compressed) == {f16}
     assert _weight_bytes(compressed) <= _weight_bytes(model)
     assert report.verification.outputs[0].rel_l2 < FP16_TOLERANCE
+
+
+def test_fp16_cast_then_transpose_is_still_factorized(rng):
+    """Cast → Transpose → MatMul (an export without constant folding): folded together, factorized."""
+    weight = _low_rank(rng, 24, 32)  # [out, in], as torch stores a Linear
+    nodes = [
+        helper.make_node("Cast", ["W16"], ["W32"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["W32"], ["W"], name="t", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "W"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cast_transpose",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 24])],
+        [numpy_helper.from_array(weight.astype(np.float16), "W16")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    compressed, report = lrdeploy.compress(model, rank=4)
+    check_model(compressed)
+    assert report.layers[0].decision.status == "factorized"
+    assert report.verification.outputs[0].rel_l2 < FP16_TOLERANCE
