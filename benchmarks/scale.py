@@ -27,7 +27,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 OPSET = 17
-_CORE = 128  # rank of the dominant part of every generated weight
+_CORE = 32  # rank of the dominant part of every generated weight
 
 
 class _Writer:
@@ -39,6 +39,7 @@ class _Writer:
         self.offset = 0
         self.rng = np.random.default_rng(seed)
         self.tensors: list[TensorProto] = []
+        self.noise = np.empty(0, np.float32)
 
     def add(self, name: str, array: np.ndarray) -> str:
         array = np.ascontiguousarray(array, dtype=np.float32)
@@ -56,13 +57,18 @@ class _Writer:
         return name
 
     def weight(self, name: str, rows: int, cols: int) -> str:
-        """A [rows, cols] weight: a rank-_CORE part with decaying singular values, plus noise."""
+        """A [rows, cols] weight: a rank-_CORE part with decaying singular values, plus noise (a slice of
+        one shared noise pool at a random offset: generating fresh noise dominated the run on 2 cores)."""
         core = min(_CORE, rows, cols)
         decay = np.exp(-np.arange(core) / (core / 4)).astype(np.float32)
         left = self.rng.standard_normal((rows, core), dtype=np.float32) * decay
         right = self.rng.standard_normal((core, cols), dtype=np.float32)
         matrix = left @ right / np.sqrt(core)
-        matrix += 0.05 * self.rng.standard_normal((rows, cols), dtype=np.float32)
+        size = rows * cols
+        if len(self.noise) < size + 1:
+            self.noise = self.rng.standard_normal(2 * size, dtype=np.float32)
+        start = int(self.rng.integers(0, len(self.noise) - size + 1))
+        matrix += 0.05 * self.noise[start : start + size].reshape(rows, cols)
         return self.add(name, matrix / np.sqrt(rows))
 
     def vector(self, name: str, size: int, value: float | None = None) -> str:
@@ -109,7 +115,8 @@ def make_decoder(path: Path, layers: int, width: int, vocab: int, heads: int) ->
         helper.make_tensor("rsqrt2", TensorProto.FLOAT, [], [1.0 / np.sqrt(2.0)]),
     ]
     node = helper.make_node
-    wte = writer.add("wte", 0.02 * writer.rng.standard_normal((vocab, width), dtype=np.float32))
+    writer.noise = writer.rng.standard_normal(vocab * width + 2**24, dtype=np.float32)  # one pool for all
+    wte = writer.add("wte", 0.02 * writer.noise[: vocab * width].reshape(vocab, width))
     nodes = [node("Gather", [wte, "input_ids"], ["h"], name="embed")]
     current = "h"
 
@@ -169,30 +176,28 @@ def make_decoder(path: Path, layers: int, width: int, vocab: int, heads: int) ->
 # --- child: one compression, measured from inside -------------------------------------------------
 
 
-def _rss_mib() -> float:
+def _status_mib(*keys: str) -> tuple[float, ...]:
+    values = dict.fromkeys(keys, 0.0)
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+        key = line.split(":")[0]
+        if key in values:
+            values[key] = int(line.split()[1]) / 1024
+    return tuple(values[k] for k in keys)
 
 
-def _hwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def child(args: argparse.Namespace) -> None:
     import lrdeploy
 
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float, float]] = []  # (seconds, RSS, anonymous RSS) in MiB
     start = time.perf_counter()
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.5):
-            samples.append((time.perf_counter() - start, _rss_mib()))
+            rss, anon = _status_mib("VmRSS", "RssAnon")
+            samples.append((time.perf_counter() - start, rss, anon))
 
     threading.Thread(target=sample, daemon=True).start()
     options = json.loads(args.options)
@@ -200,7 +205,8 @@ def child(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - start
     stop.set()
     # where the peak was: the step running when RSS was highest (timings are in step order)
-    peak_at, peak = max(samples, key=lambda s: s[1]) if samples else (0.0, 0.0)
+    peak_at, peak, _ = max(samples, key=lambda s: s[1]) if samples else (0.0, 0.0, 0.0)
+    anon_peak = max((s[2] for s in samples), default=0.0)
     elapsed, phase = 0.0, "?"
     for step, seconds in report.timings.items():
         elapsed += seconds
@@ -211,8 +217,9 @@ def child(args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "wall_s": wall,
-                "vmhwm_mib": _hwm_mib(),
+                "vmhwm_mib": _status_mib("VmHWM")[0],
                 "peak_sampled_mib": peak,
+                "peak_anon_mib": anon_peak,
                 "peak_phase": phase,
                 "timings": report.timings,
                 "params_before": report.params_before,
@@ -247,6 +254,7 @@ def _row(label: str, options: dict, result: dict) -> str:
     gib = 2**30
     out_gib = result["output_bytes"] / gib
     hwm = result["vmhwm_mib"] / 1024
+    anon = result.get("peak_anon_mib", 0.0) / 1024
     outputs = (result["verification"] or {}).get("outputs") or [{}]
     cosine = outputs[0].get("cosine")
     timings = ", ".join(f"{k} {v:.0f}" for k, v in result["timings"].items())
@@ -254,7 +262,7 @@ def _row(label: str, options: dict, result: dict) -> str:
         f"| {label} | {json.dumps(options)} | {result['params_before'] / 1e9:.3f} B → "
         f"{result['params_after'] / 1e9:.3f} B | {result['input_bytes'] / gib:.2f} → {out_gib:.2f} | "
         f"{result['wall_s']:.0f} ({timings}) | {hwm:.2f} = {hwm / out_gib:.2f}× out "
-        f"(at {result['peak_phase']}) | {'n/a' if cosine is None else f'{cosine:.4f}'} |"
+        f"(at {result['peak_phase']}; anonymous {anon:.2f}) | {'n/a' if cosine is None else f'{cosine:.4f}'} |"
     )
 
 
