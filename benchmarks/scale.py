@@ -210,12 +210,15 @@ def child(args: argparse.Namespace) -> None:
     # where the peak was: the step running when RSS was highest (timings are in step order)
     peak_at, peak, _ = max(samples, key=lambda s: s[1]) if samples else (0.0, 0.0, 0.0)
     anon_peak = max((s[2] for s in samples), default=0.0)
-    elapsed, phase = 0.0, "?"
-    for step, seconds in report.timings.items():
+    elapsed, phase, bounds = 0.0, "?", []
+    for step, seconds in report.timings.items():  # steps in order of first use (approximate bounds)
+        bounds.append((step, elapsed, elapsed + seconds))
         elapsed += seconds
-        phase = step
-        if elapsed >= peak_at:
-            break
+        if phase == "?" and elapsed >= peak_at:
+            phase = step
+    by_step = {
+        step: max((s[2] for s in samples if low <= s[0] <= high + 0.5), default=0.0) for step, low, high in bounds
+    }
     print(
         json.dumps(
             {
@@ -223,6 +226,7 @@ def child(args: argparse.Namespace) -> None:
                 "vmhwm_mib": _status_mib("VmHWM")[0],
                 "peak_sampled_mib": peak,
                 "peak_anon_mib": anon_peak,
+                "anon_mib_by_step": by_step,
                 "peak_phase": phase,
                 "timings": report.timings,
                 "params_before": report.params_before,
@@ -281,6 +285,7 @@ def main() -> None:
         "--case", action="append", default=[], help="KIND:LAYERS:WIDTH instead of the default set (repeatable)"
     )
     parser.add_argument("--no-budget", action="store_true", help="decoders: the rank-ratio run only")
+    parser.add_argument("--no-verify", action="store_true", help="with --case: compress without verifying")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     runs: list[tuple[str, Path, dict, float]] = []
@@ -302,6 +307,7 @@ def main() -> None:
         for case in args.case:
             kind, layers, width = case.split(":")
             options = [{"rank_ratio": 0.25}] if kind == "stack" else budgets
+            options = [{**o, "verify": False} for o in options] if args.no_verify else options
             cases.append((f"{kind} {layers}×{width}", kind, dict(layers=int(layers), width=int(width)), options))
     for label, kind, shape, option_sets in cases:
         model = args.workdir / f"{kind}_{shape['layers']}x{shape['width']}.onnx"

@@ -173,6 +173,7 @@ def _compress(
         ir_version = choose_ir_version(original.ir_version, original)
         compressed = from_graph(graph, original, ir_version, metadata=provenance(model, config))
         del graph
+        gc.collect()  # the graph's copy of the factors: the model holds them now
     with timer("count"):
         params_after = costs.count_params(compressed)
         macs_after = costs.count_macs(compressed, shapes)
