@@ -188,8 +188,6 @@ def _status_mib(*keys: str) -> tuple[float, ...]:
     return tuple(values[k] for k in keys)
 
 
-
-
 def child(args: argparse.Namespace) -> None:
     import lrdeploy
 
@@ -217,7 +215,8 @@ def child(args: argparse.Namespace) -> None:
         if phase == "?" and elapsed >= peak_at:
             phase = step
     by_step = {
-        step: max((s[2] for s in samples if low <= s[0] <= high + 0.5), default=0.0) for step, low, high in bounds
+        step: max((s[2] for s in samples if low <= s[0] <= high + 0.5), default=0.0)
+        for step, low, high in bounds
     }
     print(
         json.dumps(
@@ -269,7 +268,8 @@ def _row(label: str, options: dict, result: dict) -> str:
         f"| {label} | {json.dumps(options)} | {result['params_before'] / 1e9:.3f} B → "
         f"{result['params_after'] / 1e9:.3f} B | {result['input_bytes'] / gib:.2f} → {out_gib:.2f} | "
         f"{result['wall_s']:.0f} ({timings}) | {hwm:.2f} = {hwm / out_gib:.2f}× out "
-        f"(at {result['peak_phase']}; anonymous {anon:.2f}) | {'n/a' if cosine is None else f'{cosine:.4f}'} |"
+        f"(at {result['peak_phase']}; anonymous {anon:.2f}) | "
+        f"{'n/a' if cosine is None else f'{cosine:.4f}'} |"
     )
 
 
@@ -282,7 +282,10 @@ def main() -> None:
     )
     parser.add_argument("--keep", action="store_true", help="keep the generated models")
     parser.add_argument(
-        "--case", action="append", default=[], help="KIND:LAYERS:WIDTH instead of the default set (repeatable)"
+        "--case",
+        action="append",
+        default=[],
+        help="KIND:LAYERS:WIDTH instead of the default set (repeatable)",
     )
     parser.add_argument("--no-budget", action="store_true", help="decoders: the rank-ratio run only")
     parser.add_argument("--no-verify", action="store_true", help="with --case: compress without verifying")
@@ -308,7 +311,9 @@ def main() -> None:
             kind, layers, width = case.split(":")
             options = [{"rank_ratio": 0.25}] if kind == "stack" else budgets
             options = [{**o, "verify": False} for o in options] if args.no_verify else options
-            cases.append((f"{kind} {layers}×{width}", kind, dict(layers=int(layers), width=int(width)), options))
+            cases.append(
+                (f"{kind} {layers}×{width}", kind, dict(layers=int(layers), width=int(width)), options)
+            )
     for label, kind, shape, option_sets in cases:
         model = args.workdir / f"{kind}_{shape['layers']}x{shape['width']}.onnx"
         start = time.perf_counter()
