@@ -6,8 +6,9 @@ plus noise), written straight into its external-data file one tensor at a time. 
 in a fresh child process that samples its own RSS and reads ``VmHWM`` from ``/proc/self/status`` at the
 end, so the figures are the whole process's peak. Results go to ``models/RESULTS_scale.md``.
 
-    python benchmarks/scale.py --workdir /tmp/scale            # all runs (about an hour on 2 cores)
-    python benchmarks/scale.py --only stack --workdir /tmp/scale
+    python benchmarks/scale.py --case stack:44:1024              # 2.75 GiB stack: ~15 min, shared 2 cores
+    python benchmarks/scale.py --case decoder:28:1600 --no-budget  # 1.02 B decoder: ~50 min, shared 2 cores
+    python benchmarks/scale.py --workdir /tmp/scale              # the full set: several hours on 2 cores
 """
 
 from __future__ import annotations
