@@ -103,8 +103,8 @@ def compress(
     Give the policy as ``rank_ratio``/``energy``/``rank``, or a whole-model budget as ``target_params``
     or ``target_macs`` (a fraction of the original; ``allocate="error"|"sensitivity"``), plus
     `CompressConfig` fields as keywords (``rank_multiple``, ``include``, ``exclude``, ``overrides``,
-    ``fold_bn``, ``verify``, ``input_shapes``, ``keep_failed``; calibration: ``calib`` — what ``data``
-    takes: a path, "mnist" (training digits) or arrays —, ``calib_samples``, ``calib_holdout``,
+    ``fold_bn``, ``verify``, ``input_shapes``, ``keep_failed``, ``requantize``; calibration: ``calib`` — what
+    ``data`` takes: a path, "mnist" (training digits) or arrays —, ``calib_samples``, ``calib_holdout``,
     ``method="auto"|"svd"|"whiten"``; group low rank: ``groups=G``; IMC crossbars: ``imc_array="RxC"``
     (adds the mapping table; required by ``cost="imc-arrays"|"imc-cycles"``), ``imc_mapping``) and
     `VerifyConfig` fields (``device``, ``data``, ``gates``,
@@ -149,7 +149,7 @@ def _compress(
         params_before = costs.count_params(original)
         macs_before = costs.count_macs(original, shapes)
     with timer("fold_bn"):
-        graph, names, normalized, folded = prepare_graph(original, config.fold_bn)
+        graph, names, normalized, folded = prepare_graph(original, config.fold_bn, config.requantize)
     with timer("plan"):
         groups, unfit = find_groups(graph, original)
         if config.groups > 1:
@@ -181,6 +181,7 @@ def _compress(
         ir_version = choose_ir_version(original.ir_version, original)
         compressed = from_graph(graph, original, ir_version, metadata=provenance(model, config))
         del graph
+        gc.collect()  # the graph's copy of the factors: the model holds them now
     latency = None
     if kept_rewrites:
         with timer("latency"):

@@ -70,6 +70,7 @@ class CompressConfig:
     threads: int | None = None
     precision: str = "fp32"
     quantize: str | None = None
+    requantize: bool = False  # factorize int8 weights behind DequantizeLinear, re-quantizing the factors
 
     def __post_init__(self) -> None:
         self._check_latency()
@@ -275,6 +276,7 @@ class CompressConfig:
             "exclude": list(self.exclude),
             "overrides": dict(self.overrides),
             "fold_bn": self.fold_bn,
+            "requantize": self.requantize,
             "target": dict([self.budget]) if self.budget else None,
             "allocate": self.allocate if self.budget else None,
             "method": "whiten" if self.whiten else "svd",

@@ -11,6 +11,7 @@ from lrdeploy.passes import NameRegistry, PassResult, fold_batchnorm, normalize
 from lrdeploy.passes.lowrank_grouped import GROUPED
 from lrdeploy.passes.lowrank_ops import WeightView
 from lrdeploy.passes.scopes import all_graphs
+from lrdeploy.passes.wrapped import unwrap_weights
 from lrdeploy.planning import costs
 from lrdeploy.planning.plan import WeightGroup
 
@@ -18,7 +19,7 @@ __all__ = ["calibration_layers", "decision_dicts", "prepare_graph"]
 
 
 def prepare_graph(
-    model: onnx.ModelProto, fold_bn: bool
+    model: onnx.ModelProto, fold_bn: bool, requantize: bool = False
 ) -> tuple[gs.Graph, NameRegistry, PassResult, PassResult | None]:
     """Import, normalize and (optionally) fold BN; return the graph, its names and both pass results.
 
@@ -30,6 +31,7 @@ def prepare_graph(
     normalized = normalize(graph, names)
     for body in all_graphs(graph)[1:]:  # If/Loop/Scan bodies: their Constant nodes and weight paths too
         normalized.decisions.extend(normalize(body, names).decisions)
+    unwrap_weights(graph, requantize)  # fp16 behind Cast, and int8 behind DequantizeLinear if asked
     weights = {t.name for t in model.graph.initializer}
     as_inputs = [v.name for v in model.graph.input if v.name in weights]
     if as_inputs:  # graphsurgeon drops them from the inputs; say so, it changes the model's interface

@@ -3,7 +3,9 @@
 The plan (`lrdeploy.planning.plan`) chose the ranks and computed the factors; here every node that reads a
 factorized weight gets its two nodes, all of them reading the same two factor tensors, so a weight
 shared by several nodes is factorized once and stays shared, also between the branches of an If or a
-Loop body and the main graph (the pair replaces its node inside the body that held it).
+Loop body and the main graph (the pair replaces its node inside the body that held it). A weight stored
+narrower than it is used (fp16 behind a Cast, int8 behind a DequantizeLinear: `lrdeploy.passes.wrapped`)
+gets factors stored the same way, and the weights left dense get their original node back.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lrdeploy.passes.lowrank_ops import ADAPTERS, WeightView
 from lrdeploy.passes.names import NameRegistry
 from lrdeploy.passes.result import PassResult
 from lrdeploy.passes.scopes import all_graphs
+from lrdeploy.passes.wrapped import channel_axis, rewrap, wrap_factor, wrapper_of
 
 __all__ = ["Rewrite", "factorize"]
 
@@ -35,22 +38,16 @@ class Rewrite:
 
 def factorize(graph: gs.Graph, rewrites: Sequence[Rewrite], names: NameRegistry) -> PassResult:
     result = PassResult("factorize")
-    replacements: dict[int, tuple[gs.Node, gs.Node]] = {}
+    replacements: dict[int, tuple[gs.Node, ...]] = {}
     for rewrite in rewrites:
         adapter = ADAPTERS[rewrite.view.layout[0]]
-        base = rewrite.view.weight.name
-        dtype = np.dtype(rewrite.view.weight.dtype)
-        first = gs.Constant(
-            names.tensor(f"{base}_lowrank_in"), np.ascontiguousarray(rewrite.first.astype(dtype))
-        )
-        second = gs.Constant(
-            names.tensor(f"{base}_lowrank_out"), np.ascontiguousarray(rewrite.second.astype(dtype))
-        )
+        first, second, prelude = _factor_tensors(graph, rewrite, names)
         for node in rewrite.nodes:
             pair = adapter.emit(node, first, second, names)
             node.inputs.clear()
             node.outputs.clear()
-            replacements[id(node)] = pair
+            replacements[id(node)] = (*prelude, *pair)
+            prelude = ()
             result.record(
                 node.name, node.op, "factorized", f"rank {rewrite.rank}", pair=[n.name for n in pair]
             )
@@ -59,4 +56,25 @@ def factorize(graph: gs.Graph, rewrites: Sequence[Rewrite], names: NameRegistry)
         for node in body.nodes:
             nodes.extend(replacements.get(id(node), (node,)))
         body.nodes = nodes
+    rewrap(graph)
     return result
+
+
+def _factor_tensors(
+    graph: gs.Graph, rewrite: Rewrite, names: NameRegistry
+) -> tuple[gs.Tensor, gs.Tensor, tuple[gs.Node, ...]]:
+    """The two factor tensors in the weight's dtype, and the nodes that make them (for a wrapped weight)."""
+    base = rewrite.view.weight.name
+    dtype = np.dtype(rewrite.view.weight.dtype)
+    arrays = [np.ascontiguousarray(f.astype(dtype)) for f in (rewrite.first, rewrite.second)]
+    labels = [names.tensor(f"{base}_lowrank_in"), names.tensor(f"{base}_lowrank_out")]
+    wrapper = wrapper_of(rewrite.view.weight)
+    if wrapper is None:
+        first, second = (gs.Constant(label, array) for label, array in zip(labels, arrays, strict=True))
+        return first, second, ()
+    axis = channel_axis(rewrite.view.layout)
+    made = [
+        wrap_factor(wrapper, lab, arr, axis, names, graph.opset or 17)
+        for lab, arr in zip(labels, arrays, strict=True)
+    ]
+    return made[0][0], made[1][0], (*made[0][1], *made[1][1])

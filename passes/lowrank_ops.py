@@ -7,6 +7,7 @@ The matrix is always [outputs, inputs]: the factors A (m×r) and B (r×n) give `
   (A as [Cout, r, 1...]) with the original bias.
 - Gemm ``alpha·A'·B' + beta·C`` with constant B: W = B'ᵀ is [N, K]. Pair: Gemm(A, B-factor, alpha, transA)
   then Gemm(h, A-factor, C, beta); both keep the original transB storage convention.
+- Einsum ``x·W`` written as a linear layer (`lrdeploy.passes.lowrank_einsum`): two Einsums.
 - MatMul(x, W [K, N]) with a constant 2-D right operand: W ᵀ is [N, K]. Pair: MatMul(x, Bᵀ) then
   MatMul(h, Aᵀ); a following bias Add is untouched.
 
@@ -25,6 +26,7 @@ import onnx_graphsurgeon as gs
 from lrdeploy.passes.names import NameRegistry
 from lrdeploy.passes.normalize import WEIGHT_PATH_OPS
 from lrdeploy.passes.values import float_dtype, read_values, type_name
+from lrdeploy.spelling import either
 
 __all__ = ["ADAPTERS", "LowRankOp", "WeightView", "weight_view"]
 
@@ -52,6 +54,11 @@ def _why_not_weight(tensor: gs.Tensor) -> str | None:
                 f"its weight is computed at run time{producer} from constants, left unfolded because "
                 "another node reads the same constant as it is (a tied embedding, say) or the result is "
                 "larger than its inputs"
+            )
+        if node is not None and node.op == "DequantizeLinear" and _reads_only_constants(node):
+            return (
+                f"its weight is quantized{producer}; pass {either('--requantize', 'requantize=True')} to "
+                "factorize it and re-quantize the factors per channel"
             )
         return f"its weight is computed at run time{producer}, not a constant"
     if not float_dtype(tensor):
@@ -113,6 +120,8 @@ class ConvOp(LowRankOp):
             return reason
         group = int(node.attrs.get("group", 1))
         shape = tuple(weight.shape)
+        if group < 1:
+            return f"group={group} is not a positive group count (the model is invalid)"
         if group != 1:
             if len(shape) >= 3 and shape[1] == 1:
                 return (
@@ -248,6 +257,10 @@ def _register_grouped() -> None:
 
 
 _register_grouped()
+
+from lrdeploy.passes.lowrank_einsum import EinsumOp  # noqa: E402  (it builds on the classes above)
+
+ADAPTERS["Einsum"] = EinsumOp()
 
 
 def weight_view(node: gs.Node) -> WeightView | str | None:

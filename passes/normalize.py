@@ -115,6 +115,15 @@ def _foldable(node: gs.Node, graph_outputs: set[int]) -> bool:
     )
 
 
+def _widens(node: gs.Node) -> bool:
+    """A Cast of a float16/bfloat16 weight to float32/64 read as it is (folded, it would grow 2–4×); one
+    that feeds more layout ops (Cast → Transpose) is folded with them, so the layer still sees a weight."""
+    from lrdeploy.passes.wrapped import widening_cast
+
+    readers = [reader for output in node.outputs for reader in output.outputs]
+    return widening_cast(node) and not any(reader.op in WEIGHT_PATH_OPS for reader in readers)
+
+
 def _keeps_weight_single(node: gs.Node, graph_outputs: set[int]) -> bool:
     """Folding must not leave a large weight in place beside its transformed copy."""
     weights = [
@@ -136,6 +145,8 @@ def _fold_weight_paths(graph: gs.Graph, opset: int, result: PassResult) -> None:
     done: dict[tuple, list[gs.Constant]] = {}
     for node in list(graph.nodes):
         if not (_foldable(node, graph_outputs) and _keeps_weight_single(node, graph_outputs)):
+            continue
+        if node.op == "Cast" and _widens(node):  # would store fp16 weights as float32: passes.wrapped
             continue
         key = (node.op, repr(sorted(node.attrs.items())), tuple(id(t) for t in node.inputs))
         if key not in done:

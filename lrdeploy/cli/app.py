@@ -190,6 +190,9 @@ def compress(
     fold_bn: Annotated[bool, typer.Option(help="Fold BatchNormalization into its producer first.")] = True,
     verify: Annotated[bool, typer.Option(help="Compare outputs with the original on onnxruntime.")] = True,
     keep_failed: Annotated[bool, typer.Option(help="Write the output even if a gate fails.")] = False,
+    requantize: Annotated[
+        bool, typer.Option(help="Factorize int8/uint8 weights behind DequantizeLinear; factors re-quantized.")
+    ] = False,
     report: Annotated[Path | None, typer.Option(help="Also write the report as JSON here.")] = None,
     input_shape: InputShape = None,
     input_value: InputValue = None,
@@ -254,6 +257,7 @@ def compress(
         verify=verify,
         verification=verification,
         keep_failed=keep_failed,
+        requantize=requantize,
         input_shapes=parse_input_shapes(input_shape or []),
         target_params=target_params,
         target_macs=target_macs,

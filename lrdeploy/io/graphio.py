@@ -152,6 +152,92 @@ def set_metadata(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
     model.metadata_props.extend(kept)
 
 
+#: In-memory weights this large are exported as placeholders and filled in afterwards (`_defer_payloads`).
+_DEFER_BYTES = 1 << 20
+_PENDING = "lrdeploy-pending-payload"
+
+
+def _defer_payloads(graph: gs.Graph) -> dict[str, tuple[gs.Constant, np.ndarray]]:
+    """Swap large in-memory constants (new factors) for empty external-data placeholders.
+
+    graphsurgeon's export serializes every array into a TensorProto, which onnx's make_graph and
+    make_model then copy twice more: with the graph's own arrays that is four copies of the new weights
+    at once (3.8 GB for a 0.73 GB output). A placeholder is exported as it is (like a weight still in its
+    file), and `_fill_payloads` then writes each array into the model one tensor at a time.
+    """
+    deferred: dict[str, tuple[gs.Constant, np.ndarray]] = {}
+    for g in (graph, *graph.subgraphs(recursive=True)):
+        for tensor in g.tensors().values():
+            values = getattr(tensor, "_values", None)
+            if not isinstance(tensor, gs.Constant) or not isinstance(values, np.ndarray):
+                continue
+            if values.nbytes < _DEFER_BYTES or values.dtype.kind in "OUSV" or tensor.name in deferred:
+                continue
+            try:
+                data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+            except (KeyError, TypeError, ValueError):
+                continue
+            placeholder = onnx.TensorProto(name=tensor.name, data_type=data_type, dims=values.shape)
+            placeholder.data_location = onnx.TensorProto.EXTERNAL
+            placeholder.external_data.add(key="location", value=_PENDING)
+            deferred[tensor.name] = (tensor, values)
+            tensor._values = LazyValues(placeholder)
+    return deferred
+
+
+def _fill_payloads(graph: onnx.GraphProto, deferred: dict[str, tuple[gs.Constant, np.ndarray]]) -> None:
+    if not deferred:
+        return
+    for tensor in _all_initializers(graph):
+        pending = tensor.data_location == onnx.TensorProto.EXTERNAL and any(
+            entry.key == "location" and entry.value == _PENDING for entry in tensor.external_data
+        )
+        if pending:
+            values = deferred[tensor.name][1]
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = np.ascontiguousarray(values).tobytes()
+
+
+def _all_initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in (*attr.graphs, *([attr.g] if attr.HasField("g") else [])):
+                yield from _all_initializers(sub)
+
+
+def _take_empty_lists(graph: gs.Graph) -> list[tuple[gs.Node, str, object]]:
+    """Attributes holding an empty list: graphsurgeon cannot tell their type, so cannot export them."""
+    taken = []
+    for g in (graph, *graph.subgraphs(recursive=True)):
+        for node in g.nodes:
+            for key, value in list(node.attrs.items()):
+                if isinstance(value, list | tuple) and not value:
+                    taken.append((node, key, node.attrs.pop(key)))
+    return taken
+
+
+def _put_empty_lists(graph: onnx.GraphProto, wanted: set[tuple[str, str]], original: onnx.GraphProto) -> None:
+    """Write the empty list attributes back, typed as the original node's (INTS when it is not there)."""
+    if not wanted:
+        return
+    types = {(n.name, a.name): a.type for n in _all_nodes(original) for a in n.attribute}
+    for node in _all_nodes(graph):
+        for name, key in wanted:
+            if node.name == name and all(a.name != key for a in node.attribute):
+                kind = types.get((name, key), onnx.AttributeProto.INTS)
+                node.attribute.append(onnx.AttributeProto(name=key, type=kind))
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in (*attr.graphs, *([attr.g] if attr.HasField("g") else [])):
+                yield from _all_nodes(sub)
+
+
 def from_graph(
     graph: gs.Graph, original: onnx.ModelProto, ir_version: int, metadata: Mapping[str, str] | None = None
 ) -> onnx.ModelProto:
@@ -162,9 +248,19 @@ def from_graph(
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     for body in all_graphs(graph):  # If/Loop/Scan bodies hold folded weights too
         materialize_deferred(body)
-    with warnings.catch_warnings(), _quiet_graphsurgeon():
-        warnings.simplefilter("ignore")
-        model = gs.export_onnx(graph, do_type_check=False)
+    empty = _take_empty_lists(graph)
+    deferred = _defer_payloads(graph)
+    try:
+        with warnings.catch_warnings(), _quiet_graphsurgeon():
+            warnings.simplefilter("ignore")
+            model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for node, key, value in empty:
+            node.attrs[key] = value
+        for tensor, values in deferred.values():
+            tensor._values = values
+    _fill_payloads(model.graph, deferred)
+    _put_empty_lists(model.graph, {(n.name, k) for n, k, _ in empty}, original.graph)
     model.ir_version = ir_version
     for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, name, getattr(original, name))

@@ -20,6 +20,7 @@ from lrdeploy.errors import ModelError, RuntimeFailure, UsageError
 from lrdeploy.io.lazyweights import is_file_backed, load_lazily, read_raw
 from lrdeploy.io.structure import check_structure
 from lrdeploy.io.tensorcheck import check_tensors, check_text, shown
+from lrdeploy.io.wire import encode_varint
 
 __all__ = [
     "MIN_OPSET",
@@ -194,6 +195,41 @@ def _write_external(model: onnx.ModelProto, data_handle, location: str) -> None:
         offset += len(data)
 
 
+def _only(message, skip: str):
+    """A new message of the same type holding every field of ``message`` except ``skip`` (small ones)."""
+    part = type(message)()
+    for field, value in message.ListFields():
+        if field.name == skip:
+            continue
+        if isinstance(value, str | bytes | int | float | bool):
+            setattr(part, field.name, value)
+        elif hasattr(value, "__len__"):  # a repeated field
+            getattr(part, field.name).extend(value)
+        else:
+            getattr(part, field.name).CopyFrom(value)
+    return part
+
+
+def _write_streamed(model: onnx.ModelProto, handle) -> None:
+    """``model.SerializeToString()`` written without a second copy of the weights in memory.
+
+    Protobuf parses concatenated messages as one, so the model is its fields but the graph, then the
+    graph (field 7) as its fields but the initializers, then each initializer (graph field 5) serialized
+    on its own: only one tensor's bytes are duplicated at a time. Same bytes read back, same model.
+    """
+    graph = model.graph
+    rest = _only(graph, "initializer").SerializeToString()
+    tensors = [tensor.ByteSize() for tensor in graph.initializer]
+    length = len(rest) + sum(1 + len(encode_varint(size)) + size for size in tensors)
+    handle.write(_only(model, "graph").SerializeToString())
+    if model.HasField("graph"):
+        handle.write(b"\x3a" + encode_varint(length))  # field 7, length-delimited
+        handle.write(rest)
+        for tensor, size in zip(graph.initializer, tensors, strict=True):
+            handle.write(b"\x2a" + encode_varint(size))  # field 5, length-delimited
+            handle.write(tensor.SerializeToString())
+
+
 def write_text_atomic(path: Path | str, text: str) -> None:
     """Write a small text file (a report) through a temporary file and a rename."""
     path = Path(path)
@@ -240,14 +276,12 @@ def save_model(model: onnx.ModelProto, path: Path, data_name: str | None = None)
                 _write_external(model, handle, data_path.name)
         else:
             materialize(model)
-        payload = model.SerializeToString()
         fd, model_tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
         temporaries.append(model_tmp)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
+            _write_streamed(model, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        del payload
         for temporary in temporaries:
             os.chmod(temporary, 0o666 & ~_umask())
         if data_path is not None:

@@ -147,6 +147,8 @@ def choose_ranks(
     assert config.budget is not None
     kind, target = config.budget
     model, total = costing.model, costing.total
+    if not total > 0:
+        raise UsageError(f"{target_option(config)}: the model has no {costing.unit} to spend a budget on")
     table: dict[str, list[Candidate]] = {}
     dense_reasons: dict[str, str] = {}
     dense = 0.0

@@ -428,6 +428,8 @@ def stored_product(view: WeightView, a: np.ndarray, b: np.ndarray) -> np.ndarray
     product = a @ b
     if view.layout[0] in ("Conv", GROUPED):
         return product.reshape(view.layout[1])
+    if view.layout[0] == "Einsum":  # layout[1]: stored [outputs, inputs]
+        return product if view.layout[1] else product.T
     return product if view.layout[0] == "Gemm" and view.layout[1] else product.T
 
 

@@ -188,7 +188,7 @@ def guard(
     model, source = original
 
     def rebuild(excluded: set[str]) -> onnx.ModelProto:  # the rewrite again, ``excluded`` left dense
-        graph, names, _, _ = prepare_graph(model, config.fold_bn)
+        graph, names, _, _ = prepare_graph(model, config.fold_bn, config.requantize)
         nodes = {node.name: node for node in graph.nodes}
         kept = [
             dataclasses.replace(r, nodes=tuple(nodes[n.name] for n in r.nodes))
