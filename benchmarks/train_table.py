@@ -154,6 +154,8 @@ def run_arch(arch: str, args, data, work: Path, log: list) -> list[dict]:
         row = evaluate(models[method], None, (), data, work)
         rows.append({"arch": arch, "setting": "none", "target": 1.0, "method": method, **row})
     for setting, exclude in (("uniform", ()), ("keep", KEEP[arch])):
+        if setting not in (getattr(args, "settings", None) or ("uniform", "keep")):
+            continue
         for target in args.targets:
             ratio = ratio_for(shapes, target, exclude)
             here = dict(models)
@@ -335,6 +337,7 @@ def parse_table_args(description: str, epochs: int, work: Path) -> argparse.Name
     parser.add_argument(
         "--methods", nargs="+", default=None, help="run only these methods; merge their rows into --models"
     )
+    parser.add_argument("--settings", nargs="+", choices=("uniform", "keep"), default=None)
     args = parser.parse_args()
     if args.quick:
         args.archs, args.epochs, args.subset, args.targets = ["mlp"], 2, 1000, [0.3]
