@@ -1,4 +1,4 @@
-"""The trainer: LRPET, LoRITa, BSR in PyTorch, writing ONNX that ``lrdeploy compress`` shrinks with little loss.
+"""The trainer: LRPET, LoRITa, BSR in PyTorch, writing ONNX that ``lrdeploy compress`` shrinks well.
 
     from lrdeploy.trainer import TrainConfig, LoRITaConfig, train_and_export
     train_and_export(TrainConfig(arch="lenet5", method=LoRITaConfig(factor=3)), "lenet_lorita.onnx")
