@@ -19,7 +19,7 @@ compressed three ways to at most 25% of its parameters and scored on the 2,000 t
 
 The gap is budget + finetune minus the plain baseline's uncompressed accuracy (the claim: within 0.5 point).
 Writes ``RESULTS_claims.md`` and ``RESULTS_claims.json`` under --models; rows are merged by (arch, method,
-teacher), re-reading the file before each write so that two runs with different rows can share it.
+teacher, epochs), re-reading the file before each write so that two runs with different rows can share it.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def row_for(arch: str, method: str, model: Path, args, data, scratch: Path) -> d
     return row
 
 
-def _key(row: dict) -> tuple[str, str, str]:
-    return row["arch"], row["method"], row.get("teacher", "own")
+def _key(row: dict) -> tuple[str, str, str, int]:
+    return row["arch"], row["method"], row.get("teacher", "own"), row["finetune_epochs"]
 
 
 def _pct(value: float | None) -> str:
@@ -114,15 +114,16 @@ def markdown(results: dict) -> str:
     ]
     base = {r["arch"]: r["uncompressed"] for r in rows if r["method"] == "baseline"}
     for arch in ARCHS:
-        for method, teacher in ((m, t) for m in METHODS for t in ("own", "baseline")):
-            row = next((r for r in rows if _key(r) == (arch, method, teacher)), None)
-            if row is None:
-                continue
+        for row in sorted(
+            (r for r in rows if r["arch"] == arch),
+            key=lambda r: (METHODS.index(r["method"]), r.get("teacher", "own"), r["finetune_epochs"]),
+        ):
+            teacher = row.get("teacher", "own")
             baseline = base.get(arch)
             gap = None if baseline is None else row["finetuned"] - baseline
             verdict = "—" if gap is None else ("yes" if gap >= -0.005 else "no")
             lines.append(
-                f"| {arch} | {method} | {row['model']} | {_pct(row['uncompressed'])} | "
+                f"| {arch} | {row['method']} | {row['model']} | {_pct(row['uncompressed'])} | "
                 f"{_pct(row['uniform'])} ({row['uniform_params']:.3f}, ρ {row['ratio']:.3f}) | "
                 f"{_pct(row['budget'])} ({row['budget_params']:.3f}) | {_pct(row['finetuned'])} "
                 f"({row['finetune_epochs']}, {teacher}) | {_pct(baseline)} | "
