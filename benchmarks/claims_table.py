@@ -76,20 +76,22 @@ def row_for(arch: str, method: str, model: Path, args, data, scratch: Path) -> d
     _, report = lrdeploy.compress(model, target_params=TARGET, calib="mnist", verify=False, output=budget)
     row |= {"budget": accuracy(budget, data), "budget_params": report.params_after / report.params_before}
     row["budget_ranks"] = {layer.decision.name: layer.decision.rank for layer in report.factorized}
+    lr = args.lr or FINETUNE_LR[arch]
     config = FinetuneConfig(
-        epochs=args.finetune_epochs, lr=FINETUNE_LR[arch], subset=args.subset, verify=False, device="cpu"
+        epochs=args.finetune_epochs, lr=lr, subset=args.subset, verify=False, device="cpu"
     )
     tuned = scratch / "tuned.onnx"
     teacher = model if args.teacher == "own" else args.models / f"{arch}_baseline.onnx"
     finetune(budget, teacher, "mnist", config, output=tuned)
     row |= {"finetuned": accuracy(tuned, data), "finetune_epochs": args.finetune_epochs}
-    row["teacher"] = "own" if teacher == model else "baseline"
+    row["teacher"], row["lr"] = ("own" if teacher == model else "baseline"), lr
     row["seconds"] = time.perf_counter() - started
     return row
 
 
-def _key(row: dict) -> tuple[str, str, str, int]:
-    return row["arch"], row["method"], row.get("teacher", "own"), row["finetune_epochs"]
+def _key(row: dict) -> tuple[str, str, str, int, float]:
+    lr = row.get("lr", FINETUNE_LR[row["arch"]])
+    return row["arch"], row["method"], row.get("teacher", "own"), row["finetune_epochs"], lr
 
 
 def _pct(value: float | None) -> str:
@@ -109,14 +111,14 @@ def markdown(results: dict) -> str:
         "finetune minus the baseline's uncompressed accuracy; the claim holds where gap ≥ −0.5.",
         "",
         "| arch | method | model | uncompressed | uniform (params kept) | budget (params kept) | + finetune "
-        "(epochs, teacher) | baseline uncompressed | gap | within 0.5 | time (s) |",
+        "(epochs, teacher, lr) | baseline uncompressed | gap | within 0.5 | time (s) |",
         "|---" * 11 + "|",
     ]
     base = {r["arch"]: r["uncompressed"] for r in rows if r["method"] == "baseline"}
     for arch in ARCHS:
         for row in sorted(
             (r for r in rows if r["arch"] == arch),
-            key=lambda r: (METHODS.index(r["method"]), r.get("teacher", "own"), r["finetune_epochs"]),
+            key=lambda r: (METHODS.index(r["method"]), *_key(r)[2:]),
         ):
             teacher = row.get("teacher", "own")
             baseline = base.get(arch)
@@ -126,7 +128,8 @@ def markdown(results: dict) -> str:
                 f"| {arch} | {row['method']} | {row['model']} | {_pct(row['uncompressed'])} | "
                 f"{_pct(row['uniform'])} ({row['uniform_params']:.3f}, ρ {row['ratio']:.3f}) | "
                 f"{_pct(row['budget'])} ({row['budget_params']:.3f}) | {_pct(row['finetuned'])} "
-                f"({row['finetune_epochs']}, {teacher}) | {_pct(baseline)} | "
+                f"({row['finetune_epochs']}, {teacher}, lr {row.get('lr', FINETUNE_LR[arch]):g}) | "
+                f"{_pct(baseline)} | "
                 f"{'—' if gap is None else f'{100 * gap:+.2f}'} | {verdict} | {row['seconds']:.0f} |"
             )
     return "\n".join(lines) + "\n"
@@ -141,6 +144,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=None, help="only these ARCH:METHOD rows")
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--teacher", choices=("baseline", "own"), default="baseline")
+    parser.add_argument("--lr", type=float, default=None, help="finetune lr (default: 0.01; vgg 0.002)")
     parser.add_argument("--subset", type=int, default=None, help="first N train and test digits only")
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--work", type=Path, default=Path("out/train_table"), help="where BSR's models are")
