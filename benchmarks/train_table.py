@@ -1,7 +1,11 @@
-"""Accuracy against the fraction of parameters kept: baseline + SVD, LoRITa + SVD and LRPET, on bundled MNIST.
+"""Accuracy against the fraction of parameters kept: baseline/LoRITa/BSR + SVD and LRPET, on bundled MNIST.
 
     python benchmarks/train_table.py            # the full table: mlp, lenet5, vgg (~30 min on 2 CPU cores)
     python benchmarks/train_table.py --quick    # a smoke run of the whole pipeline (10 s)
+    python benchmarks/train_table.py --methods bsr --archs mlp   # new rows only, merged into models/
+
+With ``--methods`` a subset of the methods runs and its rows replace those of the same architecture and method
+in the existing ``--models``/results.json, the others are kept (their command stays in the provenance line).
 
 Per architecture, all with seed 0, 20 epochs on the 8,000 training digits, accuracy on the 2,000 test digits
 measured on onnxruntime (CPU) from the ONNX files:
@@ -10,6 +14,7 @@ measured on onnxruntime (CPU) from the ONNX files:
 - baseline, wd 5e-3: the same with LoRITa's weight decay (a control: is it the composition or the decay?).
 - LoRITa: N = 3 compositions trained, collapsed, exported, then compressed at every ρ.
 - LRPET: one model per ρ, trained at ρ, exported, compressed at the same ρ (the output error is reported).
+- BSR: one model per ρ, trained with the modified-stable-rank penalty towards rank ρ (λ = 1), compressed at ρ.
 
 ρ for each target fraction of parameters (0.5, 0.3, 0.2, 0.1) is the largest multiple of 0.005 whose
 compressed model keeps at most that fraction (report.params_after / report.params_before). Two settings:
@@ -40,6 +45,7 @@ import torch
 
 import lrdeploy
 from lrdeploy.trainer.api import train_and_export
+from lrdeploy.trainer.bsr import BSRConfig
 from lrdeploy.trainer.card import card_paths
 from lrdeploy.trainer.config import TrainConfig
 from lrdeploy.trainer.data import load_dataset
@@ -56,13 +62,16 @@ KEEP = {
     "resnet20": ("conv1", "fc"),
     "vit": ("patch", "head"),
 }
-METHODS = ("baseline", "baseline_wd", "lorita", "lrpet")
+METHODS = ("baseline", "baseline_wd", "lorita", "lrpet", "bsr")
 LABELS = {
     "baseline": "baseline + SVD",
     "baseline_wd": "baseline (wd 5e-3) + SVD",
     "lorita": "LoRITa (N=3) + SVD",
     "lrpet": "LRPET (trained at ρ)",
+    "bsr": "BSR (λ=1, trained at ρ) + SVD",
 }
+#: Methods trained once per architecture and compressed at every ρ; LRPET and BSR are trained at each ρ.
+ONCE = ("baseline", "baseline_wd", "lorita")
 
 
 def fraction(model: Path, ratio: float, exclude: tuple[str, ...]) -> float:
@@ -114,42 +123,53 @@ def train(config: TrainConfig, path: Path, log: list) -> Path:
     return path
 
 
+def _trained_once(method: str, common: dict) -> TrainConfig:
+    if method == "baseline_wd":
+        return TrainConfig(method=BaselineConfig(), weight_decay=5e-3, **common)
+    return TrainConfig(method=LoRITaConfig(factor=3) if method == "lorita" else BaselineConfig(), **common)
+
+
+def _trained_at(method: str, ratio: float, exclude: tuple[str, ...], common: dict) -> TrainConfig:
+    if method == "lrpet":
+        return TrainConfig(method=LRPETConfig(rank_ratio=ratio, exclude=exclude), **common)
+    return TrainConfig(method=BSRConfig(rank_ratio=ratio, exclude=exclude), **common)
+
+
+def _shape_model(arch: str, models: dict[str, Path], args, common: dict, work: Path, log: list) -> Path:
+    """A model of ``arch`` to find ρ for each target (the fraction depends on the shapes only)."""
+    for path in (models.get("baseline"), args.models / f"{arch}_baseline.onnx"):
+        if path is not None and path.exists():
+            return path
+    return train(_trained_once("baseline", common), work / f"{arch}_baseline.onnx", log)
+
+
 def run_arch(arch: str, args, data, work: Path, log: list) -> list[dict]:
     common = {"arch": arch, "epochs": args.epochs, "subset": args.subset, "seed": 0}
-    models = {
-        "baseline": train(
-            TrainConfig(method=BaselineConfig(), **common), work / f"{arch}_baseline.onnx", log
-        ),
-        "baseline_wd": train(
-            TrainConfig(method=BaselineConfig(), weight_decay=5e-3, **common),
-            work / f"{arch}_baseline_wd.onnx",
-            log,
-        ),
-        "lorita": train(
-            TrainConfig(method=LoRITaConfig(factor=3), **common), work / f"{arch}_lorita.onnx", log
-        ),
-    }
+    methods = getattr(args, "methods", None) or METHODS
+    once = [m for m in ONCE if m in methods]
+    models = {m: train(_trained_once(m, common), work / f"{arch}_{m}.onnx", log) for m in once}
+    shapes = _shape_model(arch, models, args, common, work, log)
     rows = []
-    for method in ("baseline", "baseline_wd", "lorita"):
+    for method in once:
         row = evaluate(models[method], None, (), data, work)
         rows.append({"arch": arch, "setting": "none", "target": 1.0, "method": method, **row})
     for setting, exclude in (("uniform", ()), ("keep", KEEP[arch])):
+        if setting not in (getattr(args, "settings", None) or ("uniform", "keep")):
+            continue
         for target in args.targets:
-            ratio = ratio_for(models["baseline"], target, exclude)
-            tag = f"{arch}_lrpet{'_keep' if exclude else ''}_r{ratio:.3f}"
-            lrpet = LRPETConfig(rank_ratio=ratio, exclude=exclude)
-            path = train(TrainConfig(method=lrpet, **common), work / f"{tag}.onnx", log)
-            for method, model in (
-                *((m, models[m]) for m in ("baseline", "baseline_wd", "lorita")),
-                ("lrpet", path),
-            ):
+            ratio = ratio_for(shapes, target, exclude)
+            here = dict(models)
+            for method in (m for m in ("lrpet", "bsr") if m in methods):
+                tag = f"{arch}_{method}{'_keep' if exclude else ''}_r{ratio:.3f}"
+                here[method] = train(_trained_at(method, ratio, exclude, common), work / f"{tag}.onnx", log)
+            for method, model in here.items():
                 row = evaluate(model, {"rank_ratio": ratio}, exclude, data, work)
                 rows.append({"arch": arch, "setting": setting, "target": target, "method": method, **row})
-                if method == "lrpet":
-                    rows[-1]["model"] = path.name
+                if method not in ONCE:
+                    rows[-1]["model"] = model.name
             print(
                 f"  {setting} ≤{target:.0%} params (ρ={ratio:.3f}): "
-                + ", ".join(f"{r['method']} {r['accuracy']:.2%}" for r in rows[-4:]),
+                + ", ".join(f"{r['method']} {r['accuracy']:.2%}" for r in rows[-len(here) :]),
                 flush=True,
             )
     return rows
@@ -162,7 +182,7 @@ def _pct(value: float | None) -> str:
 def _machine() -> str:
     if torch.cuda.is_available():
         return f"one {torch.cuda.get_device_name(0)}, evaluation on onnxruntime CPU"
-    return f"a {os.cpu_count()}-core CPU"
+    return f"this project's {os.cpu_count()}-core CPU container, shared with other jobs"
 
 
 def provenance(script: str, seconds: float) -> str:
@@ -174,16 +194,16 @@ def provenance(script: str, seconds: float) -> str:
     )
 
 
-def markdown(rows: list[dict], log: list, args, seconds: float) -> str:
+def markdown(rows: list[dict], log: list, made_by: list[str]) -> str:
     lines = [
         "# Accuracy vs parameters kept (bundled MNIST, 2,000 test digits)",
         "",
-        f"{provenance('benchmarks/train_table.py', seconds)} One seed (0) per model; "
-        f"{args.epochs} epochs each.",
-        "",
+        *(line for sentence in made_by for line in (sentence, "")),
         "Accuracy (%) of each model after `lrdeploy.compress(rank_ratio=ρ)` on onnxruntime. The first row of "
-        "each table is the uncompressed model. LRPET is one model per row, trained at that ρ; its output "
-        "error after compression (relative L2 of the logits on the test split) is in the last column.",
+        "each table is the uncompressed model. LRPET and BSR are one model per row, trained at that ρ; "
+        "LRPET's output error after compression (relative L2 of the logits on the test split) is in the last "
+        "column. BSR's model is not exactly of rank ρ, so its truncation loses what the penalty left beyond "
+        "rank ρ; — where a method was not run at that target.",
         "",
     ]
     for arch in dict.fromkeys(r["arch"] for r in rows):
@@ -216,7 +236,7 @@ def markdown(rows: list[dict], log: list, args, seconds: float) -> str:
                     f"| {first['params_kept']:.3f} ({target:g}) | {first['ratio']:.3f} | "
                     f"{first['macs_kept']:.3f} | "
                     + " | ".join(_pct(here[m]["accuracy"]) if m in here else "—" for m in METHODS)
-                    + f" | {here['lrpet']['rel_l2_test']:.1e} |"
+                    + (f" | {here['lrpet']['rel_l2_test']:.1e} |" if "lrpet" in here else " | — |")
                 )
             lines.append("")
     lines += ["## Training runs", "", "| model | wall time (s) | test accuracy (%) |", "|---|---|---|"]
@@ -314,6 +334,10 @@ def parse_table_args(description: str, epochs: int, work: Path) -> argparse.Name
     parser.add_argument("--work", type=Path, default=work)
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--quick", action="store_true", help="mlp only, 2 epochs, 1,000 samples: a smoke run")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="run only these methods; merge their rows into --models"
+    )
+    parser.add_argument("--settings", nargs="+", choices=("uniform", "keep"), default=None)
     args = parser.parse_args()
     if args.quick:
         args.archs, args.epochs, args.subset, args.targets = ["mlp"], 2, 1000, [0.3]
@@ -333,17 +357,49 @@ def run_table(args: argparse.Namespace, run_arch) -> tuple[list[dict], list[dict
     return rows, log, time.perf_counter() - started
 
 
+def merge(
+    previous: dict, rows: list[dict], log: list, made_by: str, archs, methods, results_dir: Path
+) -> dict:
+    """``previous`` results with the rows of (arch, method) in this run replaced by this run's."""
+    redone = {(a, m) for a in archs for m in methods}
+    names = {entry["model"] for entry in log}
+    old_made_by = previous.get("made_by") or [first_provenance(results_dir)]
+    return {
+        "rows": [r for r in previous["rows"] if (r["arch"], r["method"]) not in redone] + rows,
+        "runs": [e for e in previous["runs"] if e["model"] not in names] + log,
+        "seconds": previous.get("seconds", 0.0),
+        "shipped": previous.get("shipped", []),
+        "argv": previous.get("argv", []),
+        "made_by": [*old_made_by, made_by],
+    }
+
+
+def first_provenance(results_dir: Path) -> str:
+    """The provenance sentence of the run that wrote RESULTS.md before results.json kept it."""
+    for line in (results_dir / "RESULTS.md").read_text().splitlines():
+        if line.startswith("Made by"):
+            return line
+    return "Made by an earlier `python benchmarks/train_table.py`."
+
+
 def main() -> None:
     args = parse_table_args(__doc__.splitlines()[0], epochs=20, work=Path("out/train_table"))
+    if args.methods and not set(args.methods) <= set(METHODS):
+        raise SystemExit(f"--methods: choose from {', '.join(METHODS)}")
     rows, log, seconds = run_table(args, run_arch)
-    shipped = ship(rows, args.work, args.models, args.archs, args.targets)
-    (args.models / "results.json").write_text(
-        json.dumps(
-            {"rows": rows, "runs": log, "seconds": seconds, "shipped": shipped, "argv": sys.argv[1:]},
-            indent=1,
-        )
-    )
-    (args.models / "RESULTS.md").write_text(markdown(rows, log, args, seconds))
+    made_by = provenance("benchmarks/train_table.py", seconds)
+    made_by += f" One seed (0) per model; {args.epochs} epochs each."
+    results_path = args.models / "results.json"
+    if args.methods and results_path.exists():
+        previous = json.loads(results_path.read_text())
+        results = merge(previous, rows, log, made_by, args.archs, args.methods, args.models)
+    else:
+        shipped = ship(rows, args.work, args.models, args.archs, args.targets)
+        results = {"rows": rows, "runs": log, "seconds": seconds, "shipped": shipped, "argv": sys.argv[1:]}
+        results["made_by"] = [made_by]
+    rows, log = results["rows"], results["runs"]
+    results_path.write_text(json.dumps(results, indent=1))
+    (args.models / "RESULTS.md").write_text(markdown(rows, log, results["made_by"]))
     plot(rows, args.models / "accuracy_vs_params.png", "params_kept")
     plot(rows, args.models / "accuracy_vs_macs.png", "macs_kept")
     print(f"wrote {args.models}/RESULTS.md, results.json and two plots in {seconds / 60:.1f} min", flush=True)

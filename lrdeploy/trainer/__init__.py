@@ -1,4 +1,4 @@
-"""The trainer: LRPET and LoRITa in PyTorch, writing ONNX that ``lrdeploy compress`` shrinks with little loss.
+"""The trainer: LRPET, LoRITa, BSR in PyTorch, writing ONNX that ``lrdeploy compress`` shrinks well.
 
     from lrdeploy.trainer import TrainConfig, LoRITaConfig, train_and_export
     train_and_export(TrainConfig(arch="lenet5", method=LoRITaConfig(factor=3)), "lenet_lorita.onnx")
@@ -17,6 +17,7 @@ _EXPORTS = {
     "BaselineConfig": "lrdeploy.trainer.methods",
     "LRPETConfig": "lrdeploy.trainer.lrpet",
     "LoRITaConfig": "lrdeploy.trainer.lorita",
+    "BSRConfig": "lrdeploy.trainer.bsr",
     "lowrank_": "lrdeploy.trainer.methods",
     "project_": "lrdeploy.trainer.lrpet",
     "overparameterize_": "lrdeploy.trainer.lorita",

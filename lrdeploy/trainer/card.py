@@ -25,6 +25,10 @@ def _compress_hint(card: dict[str, Any], onnx_name: str) -> str:
     if method["method"] == "lorita":  # weight decay gave each layer its own rank: keep energy, not a ratio
         command = " ".join([f"lrdeploy compress {onnx_name} --energy 0.999", *patterns])
         return f"{command}   # per-layer ranks; see models/RESULTS_lorita.md"
+    if method["method"] == "bsr":  # BSR leaves the ranks to the allocator (its beam search's job)
+        calib = card["config"].get("data", "mnist")
+        command = " ".join([f"lrdeploy compress {onnx_name} --target-params 0.25 --calib {calib}", *patterns])
+        return f"{command}   # any budget; see docs/training.md"
     if method["method"] != "lrpet":
         return f"lrdeploy compress {onnx_name} --rank-ratio 0.3   # any ratio; see models/RESULTS.md"
     if method["rank_ratio"] is None or method["ranks"]:
@@ -64,7 +68,12 @@ def _markdown(card: dict[str, Any], onnx_name: str) -> str:
     lines += ["", "Compress it:", "", "```", _compress_hint(card, onnx_name), "```", ""]
     if card["method_summary"].get("ranks"):
         ranks = card["method_summary"]["ranks"]
-        lines += ["LRPET ranks (the folded weights are exactly this rank):", ""]
+        lines += [
+            "LRPET ranks (the folded weights are exactly this rank):"
+            if method["method"] == "lrpet"
+            else "BSR ranks (the stable-rank penalty pulled each folded weight towards this rank):",
+            "",
+        ]
         lines += [f"- `{name}`: {rank}" for name, rank in ranks.items()]
         lines.append("")
     lines += ["Trained by `lrdeploy train`; the JSON card beside this file holds the full config.", ""]

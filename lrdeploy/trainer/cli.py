@@ -14,7 +14,7 @@ import typer
 
 __all__ = ["train"]
 
-_LRPET_ONLY = ("rank_ratio", "ranks", "project_every", "keep_pruned")
+_LRPET_ONLY = ("ranks", "project_every", "keep_pruned")
 
 
 def _read_ranks(path: Path) -> dict[str, int]:
@@ -32,7 +32,7 @@ def _read_ranks(path: Path) -> dict[str, int]:
 
 
 def train(
-    method: Annotated[str, typer.Option(help="baseline, lrpet or lorita.")] = "baseline",
+    method: Annotated[str, typer.Option(help="baseline, lrpet, lorita or bsr.")] = "baseline",
     arch: Annotated[str, typer.Option(help="mlp, lenet5, resnet20, vgg, vit or bncnn.")] = "lenet5",
     data: Annotated[
         str, typer.Option(help="'mnist' (bundled), an .npz with x/y arrays, or an image folder.")
@@ -51,7 +51,8 @@ def train(
         float | None, typer.Option(help="Weight decay (default: 5e-3 for lorita, else 5e-4).")
     ] = None,
     rank_ratio: Annotated[
-        float | None, typer.Option(help="lrpet: rank as a fraction of min(m, n), as in compress.")
+        float | None,
+        typer.Option(help="lrpet, bsr: rank as a fraction of min(m, n), as in compress (bsr: default 0.25)."),
     ] = None,
     ranks: Annotated[
         Path | None, typer.Option(help='lrpet: JSON {"layer name": rank}; wins over --rank-ratio.')
@@ -64,6 +65,9 @@ def train(
         typer.Option(help="lrpet: keep this fraction c of the pruned singular values between projections."),
     ] = 0.0,
     bn_rectify: Annotated[bool, typer.Option(help="lrpet: project the BN-folded weight.")] = True,
+    strength: Annotated[
+        float | None, typer.Option(help="bsr: λ of the modified-stable-rank penalty (default: 1.0).")
+    ] = None,
     factor: Annotated[
         int | None, typer.Option(help="lorita: linear maps per layer, N ≥ 2 (default: 3).")
     ] = None,
@@ -91,7 +95,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint (same flags).")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars and per-epoch lines.")] = True,
 ) -> None:
-    """Train for low rank (LRPET, LoRITa) or plainly, export ONNX with a model card."""
+    """Train for low rank (LRPET, LoRITa, BSR) or plainly, export ONNX with a model card."""
     from lrdeploy.errors import UsageError
 
     given = {"rank_ratio": rank_ratio, "ranks": ranks, "project_every": project_every or None}
@@ -100,16 +104,21 @@ def train(
         extra = [name for name in _LRPET_ONLY if given[name] is not None]
         if extra:
             raise UsageError(f"--{extra[0].replace('_', '-')} applies to --method lrpet only")
+    if method not in ("lrpet", "bsr") and rank_ratio is not None:
+        raise UsageError("--rank-ratio applies to --method lrpet or bsr only")
+    if method != "bsr" and strength is not None:
+        raise UsageError("--strength applies to --method bsr only")
     if method != "lorita" and factor is not None:
         raise UsageError("--factor applies to --method lorita only")
     if method == "baseline" and (include or exclude):
-        raise UsageError("--include/--exclude choose the layers of --method lrpet or lorita")
+        raise UsageError("--include/--exclude choose the layers of --method lrpet, lorita or bsr")
     try:
         import torch  # noqa: F401
     except ImportError as error:
         raise UsageError("lrdeploy train needs PyTorch: pip install 'lrdeploy[train]'") from error
 
     from lrdeploy.trainer.api import train_and_export
+    from lrdeploy.trainer.bsr import DEFAULT_STRENGTH, BSRConfig
     from lrdeploy.trainer.config import TrainConfig
     from lrdeploy.trainer.files import check_targets, default_checkpoint
     from lrdeploy.trainer.lorita import LoRITaConfig
@@ -129,6 +138,12 @@ def train(
         )
     elif method == "lorita":
         method_config = LoRITaConfig(factor=3 if factor is None else factor, **selection)
+    elif method == "bsr":
+        method_config = BSRConfig(
+            rank_ratio=0.25 if rank_ratio is None else rank_ratio,
+            strength=DEFAULT_STRENGTH if strength is None else strength,
+            **selection,
+        )
     elif method == "baseline":
         method_config = BaselineConfig()
     else:

@@ -226,6 +226,9 @@ def _train(
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits = trained(x)
                 loss = loss_fn(logits, y)
+                extra = hooks.penalty(model)  # BSR's stable-rank term; the reported loss includes it
+                if extra is not None:
+                    loss = loss + extra
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -32,7 +32,7 @@ from torch import nn
 from lrdeploy.errors import UsageError
 from lrdeploy.trainer.selection import candidates, plan_ranks
 
-__all__ = ["LRPETConfig", "batchnorm_pairs", "check_rank", "energy_transfer", "project_"]
+__all__ = ["LRPETConfig", "batchnorm_pairs", "bn_scale", "check_rank", "energy_transfer", "project_"]
 
 #: Damping of the inverse BN scale in the rectified map back (the authors' value).
 BN_DAMPING = 1e-5
@@ -133,7 +133,7 @@ def batchnorm_pairs(model: nn.Module) -> dict[str, nn.BatchNorm1d | nn.BatchNorm
     return pairs
 
 
-def _bn_scale(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> torch.Tensor:
+def bn_scale(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> torch.Tensor:
     gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
     return gamma.to(torch.float64) / torch.sqrt(bn.running_var.to(torch.float64) + bn.eps)
 
@@ -163,7 +163,7 @@ def project_(
         if bn is None:
             projected = energy_transfer(matrix, rank, keep)
         else:
-            d = _bn_scale(bn)[:, None]
+            d = bn_scale(bn)[:, None]
             projected = d / (d.square() + BN_DAMPING) * energy_transfer(d * matrix, rank, keep)
         weight.copy_(projected.reshape(weight.shape).to(weight.dtype))
     return dict(plan)
@@ -177,7 +177,7 @@ def check_rank(model: nn.Module, plan: Mapping[str, int], pairs: Mapping[str, nn
         weight = modules[name].weight.detach()
         matrix = weight.reshape(weight.shape[0], -1).to(torch.float64)
         if name in pairs:
-            matrix = _bn_scale(pairs[name])[:, None] * matrix
+            matrix = bn_scale(pairs[name])[:, None] * matrix
         sigma = torch.linalg.svdvals(matrix)
         found[name] = int((sigma > 1e-6 * sigma[0]).sum()) if sigma[0] > 0 else 0
     return found

@@ -1,9 +1,10 @@
-"""The three training methods as configs, and the hooks the training loop calls for each.
+"""The training methods as configs, and the hooks the training loop calls for each.
 
-One frozen config per method (``BaselineConfig``, `LRPETConfig`, `LoRITaConfig`) and one handler per
-config type, as torchao does for quantization. ``lowrank_(model, config)`` applies a method's model
-transformation on its own: LoRITa's compositions (train afterwards), or one LRPET projection to exact rank
-(what the last projection of training does). The loop uses `hooks_for`, which also knows when to project.
+One frozen config per method (``BaselineConfig``, `LRPETConfig`, `LoRITaConfig`, `BSRConfig`) and one
+handler per config type, as torchao does for quantization. ``lowrank_(model, config)`` applies a method's
+model transformation on its own: LoRITa's compositions (train afterwards), or one LRPET projection to exact
+rank (what the last projection of training does); BSR changes the loss, not the model: nothing to apply.
+The loop uses `hooks_for`, which also knows when to project and what to add to the loss.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from lrdeploy.errors import UsageError
+from lrdeploy.trainer.bsr import BSRConfig, penalty, stable_ranks
 from lrdeploy.trainer.lorita import LoRITaConfig, collapse_, overparameterize_
 from lrdeploy.trainer.lrpet import LRPETConfig, batchnorm_pairs, check_rank, project_
 
@@ -42,8 +44,8 @@ class BaselineConfig:
         return {"method": self.name}
 
 
-MethodConfig = BaselineConfig | LRPETConfig | LoRITaConfig
-METHODS = ("baseline", "lrpet", "lorita")
+MethodConfig = BaselineConfig | LRPETConfig | LoRITaConfig | BSRConfig
+METHODS = ("baseline", "lrpet", "lorita", "bsr")
 
 
 def method_from_dict(data: dict[str, Any]) -> MethodConfig:
@@ -51,7 +53,7 @@ def method_from_dict(data: dict[str, Any]) -> MethodConfig:
     for key in ("include", "exclude"):
         if key in fields:
             fields[key] = tuple(fields[key])
-    kinds = {"baseline": BaselineConfig, "lrpet": LRPETConfig, "lorita": LoRITaConfig}
+    kinds = {"baseline": BaselineConfig, "lrpet": LRPETConfig, "lorita": LoRITaConfig, "bsr": BSRConfig}
     if data.get("method") not in kinds:
         raise UsageError(f"unknown method {data.get('method')!r}; choose one of {', '.join(METHODS)}")
     return kinds[data["method"]](**fields)
@@ -81,6 +83,10 @@ class Hooks:
 
     def prepare(self, model: nn.Module) -> None:
         """Change the model before the optimizer sees its parameters."""
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the task loss of every step (None: nothing)."""
+        return None
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """After optimizer step ``step`` (counted from 1)."""
@@ -150,7 +156,35 @@ class LoRITaHooks(Hooks):
         return model
 
 
+@dataclass
+class BSRHooks(Hooks):
+    config: BSRConfig = field(default_factory=BSRConfig)
+
+    def prepare(self, model: nn.Module) -> None:
+        self.plan = self.config.plan(model)
+        if not self.plan:
+            raise UsageError("BSR: no layer would be factorized at this rank (r·(m+n) ≥ m·n everywhere)")
+        self.pairs = batchnorm_pairs(model)
+        self.initial = stable_ranks(model, self.plan, self.pairs)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        return penalty(model, self.plan, self.pairs, self.config.strength) if self.config.strength else None
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        self.summary = {
+            "ranks": dict(self.plan),
+            "modified_stable_rank": {
+                "initial": self.initial,
+                "final": stable_ranks(model, self.plan, self.pairs),
+            },
+            "bn_folded": sorted(self.pairs),
+        }
+        return model
+
+
 def hooks_for(config: MethodConfig, sync: Sync | None = None) -> Hooks:
+    if isinstance(config, BSRConfig):
+        return BSRHooks(config=config)
     if isinstance(config, LRPETConfig):
         return LRPETHooks(config=config, sync=sync)
     if isinstance(config, LoRITaConfig):

@@ -25,7 +25,7 @@ def test_the_cli_module_imports_without_torch() -> None:
     [
         (["--method", "lrpet"], "LRPET needs a rank"),
         (["--method", "lrpet", "--rank-ratio", "1.5"], "rank ratio must be in (0, 1]"),
-        (["--method", "lorita", "--rank-ratio", "0.2"], "--rank-ratio applies to --method lrpet only"),
+        (["--method", "lorita", "--rank-ratio", "0.2"], "--rank-ratio applies to --method lrpet or bsr only"),
         (
             ["--method", "lrpet", "--rank-ratio", "0.2", "--factor", "3"],
             "--factor applies to --method lorita",
