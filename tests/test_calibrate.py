@@ -109,7 +109,8 @@ def test_conv_chunks_give_the_same_moment(monkeypatch):
     monkeypatch.setattr(calibrate, "_CHUNK_BYTES", 1)  # one sample at a time
     chunked = collect_moments(model, ["conv"], feeds, holdout_every=0)["conv"].fit
     assert chunked.count == whole.count == 5 * 100
-    np.testing.assert_allclose(chunked.matrix, whole.matrix, rtol=1e-12)
+    # float32 products over different chunks round differently (patchgram.CHUNK), ~1e-7 relative
+    np.testing.assert_allclose(chunked.matrix, whole.matrix, rtol=1e-6, atol=1e-6)
 
 
 def test_gemm_rows_respect_trans_a():
