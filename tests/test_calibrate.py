@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -90,16 +91,36 @@ def test_conv_second_moment_equals_brute_force_im2col(case, batches):
     ]
     model = graph_model(nodes, {"x": ["N", *x.shape[1:]]}, {"y": None}, {"w": w})
     feeds = [{"x": x + i} for i in range(batches)]
-    moments = collect_moments(model, ["conv"], feeds, holdout_every=2)["conv"]
     samples = np.concatenate([np.maximum(f["x"], 0) for f in feeds])
     held = np.arange(len(samples)) % 2 == 1
-    for part, mask in ((moments.fit, ~held), (moments.holdout, held)):
-        if not mask.any():
-            assert part.count == 0
-            continue
-        rows = _patches_by_onnxruntime(samples[mask], attrs, kernel).astype(np.float64)
-        assert part.count == rows.shape[0]
-        np.testing.assert_allclose(part.matrix, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-5)
+    for shift_channels in (calibrate._SHIFT_CHANNELS, 1):  # im2col, then stride-1 convs by shifts
+        with patch.object(calibrate, "_SHIFT_CHANNELS", shift_channels):
+            moments = collect_moments(model, ["conv"], feeds, holdout_every=2)["conv"]
+        for part, mask in ((moments.fit, ~held), (moments.holdout, held)):
+            if not mask.any():
+                assert part.count == 0
+                continue
+            rows = _patches_by_onnxruntime(samples[mask], attrs, kernel).astype(np.float64)
+            assert part.count == rows.shape[0]
+            np.testing.assert_allclose(part.matrix, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "kernel"),
+    [({"pads": [1, 2], "dilations": [2]}, (3,)), ({"auto_pad": "SAME_UPPER"}, (3, 2))],
+)
+def test_wide_stride_one_convs_go_by_shifts_and_match_onnxruntime(attrs, kernel):
+    """16+ input channels: the shift path as compress runs it (1-D as 2-D over a height of 1)."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 16, *[9] * len(kernel))).astype(np.float32)
+    w = rng.standard_normal((8, 16, *kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attrs)
+    model = graph_model([node], {"x": ["N", *x.shape[1:]]}, {"y": None}, {"w": w})
+    moments = collect_moments(model, ["conv"], [{"x": x[:3]}, {"x": x[3:]}], holdout_every=0)["conv"]
+    assert moments.fit._taps is not None  # pending in tap-major order until read
+    rows = _patches_by_onnxruntime(x, attrs, kernel).astype(np.float64)
+    assert moments.fit.count == rows.shape[0]
+    np.testing.assert_allclose(moments.fit.matrix, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-5)
 
 
 def test_conv_chunks_give_the_same_moment(monkeypatch):

@@ -10,16 +10,19 @@ Rows are exactly what the op multiplies by its weight seen as [outputs, inputs] 
   the model sees them.
 
 Statistics stream: per batch, XᵀX is added to a float64 accumulator and the row count to a counter, so
-memory is the accumulators (Σ nᵢ²) plus one batch of activations; conv patches are formed a few samples
-at a time. A share of the samples (every ``holdout_every``-th along each layer input's first axis) goes
-to a second accumulator that the factorization never sees, to show over-fitting and to choose between
-whitened and plain factors.
+memory is the accumulators (Σ nᵢ²) plus two batches of activations (onnxruntime runs the next batch
+while this one is added); conv patches are formed a few samples at a time. A share of the samples
+(every ``holdout_every``-th along each layer input's first axis) goes to a second accumulator that the
+factorization never sees, to show over-fitting and to choose between whitened and plain factors.
 
-Cost: the exact XᵀX of conv patches costs rows·n² against the layer's own rows·m·n forward MACs, i.e.
-n/m = Cin·Πk/Cout times the forward (9× for a 3×3 conv keeping its width, 100× the whole forward on the
-MNIST VGG). With ``max_cost`` c, each batch keeps a seeded uniform sample of ⌈c·m/n · rows⌉ conv rows
-(at least ``_MIN_ROWS``), so accumulating costs about c forward
-passes of the layer; ``max_cost=None`` keeps every row (exact). The rows used are counted, and said.
+Cost: the XᵀX of conv patches costs rows·n²/2 against the layer's own rows·m·n forward MACs (n/2m =
+Cin·Πk/2Cout: 4.5× for a 3×3 conv keeping its width). Stride-1 1-D/2-D convs of 16+ channels never form
+patches: their Gram comes from channel cross-products at each relative kernel offset
+(`lrdeploy.planning.patchgram`, ~3× fewer MACs for 3×3); products are float32 over ≤ 4,096 rows,
+summed in float64; layers are added side by side on single-threaded BLAS, overlapped with onnxruntime.
+``max_cost`` c instead keeps a seeded uniform sample of ⌈c·m/n · rows⌉ conv rows per batch (at least
+``_MIN_ROWS``), about c forward passes of the layer; ``None`` (the default) keeps every row. The rows
+used are counted, and said.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from onnx import helper
 from threadpoolctl import threadpool_limits
 
 from lrdeploy.errors import UsageError
-from lrdeploy.planning.patchgram import add_conv_gram, add_gram, row_order
+from lrdeploy.planning.patchgram import add_conv_gram, add_gram, add_taps
 from lrdeploy.runtime.sessions import Device, make_session
 
 __all__ = ["LayerInput", "LayerMoments", "SecondMoment", "collect_moments", "conv_pads", "conv_rows", "rows"]
@@ -73,7 +76,7 @@ class SecondMoment:
         if self._total is None:
             self._total = np.zeros((self.dim, self.dim))
         if self._taps is not None:
-            self._total += row_order(self._taps, self._channels)
+            add_taps(self._taps, self._channels, self._total)
             self._taps = None
         return self._total
 
