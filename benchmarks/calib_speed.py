@@ -9,8 +9,8 @@ capture run, the stride-1 patch Grams by shifts, im2col of the other convs, thei
 folding the tap-major sums into row order. ``--eigh`` also times the eigendecompositions that
 whitening needs for the widest layers (they belong to the factorization, not to calibration).
 
-    python benchmarks/calib_speed.py          # writes models/RESULTS_calib_speed.md
-    python benchmarks/calib_speed.py --rounds 1 --eigh 1
+    python benchmarks/calib_speed.py            # writes models/RESULTS_calib_speed.md
+    python benchmarks/calib_speed.py --eigh 1   # + the 4,608² eigendecompositions (minutes each)
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--eigh", type=int, default=1, help="time the eigendecompositions of this many layers"
+        "--eigh", type=int, default=0, help="time the eigendecompositions of this many layers"
     )
     parser.add_argument("--workdir", type=Path, default=Path("out/bench"))
     parser.add_argument("--output", type=Path, default=Path("models/RESULTS_calib_speed.md"))
@@ -133,12 +133,16 @@ def main() -> None:
         start = time.perf_counter()
         collect_moments(model, [layer.node for layer in layers], feeds, holdout_every=5)
         rounds.append((forward, time.perf_counter() - start))
-        print(f"forward {forward:.1f} s, calibration {rounds[-1][1]:.1f} s ({rounds[-1][1] / forward:.2f}×)")
+        print(
+            f"forward {forward:.1f} s, calibration {rounds[-1][1]:.1f} s ({rounds[-1][1] / forward:.2f}×)",
+            flush=True,
+        )
     forward_cpu = time.process_time()
     _forward(session, feeds)
     forward_cpu = time.process_time() - forward_cpu
     parts = _split(model, layers, feeds)
     moments = parts.pop("moments")
+    print(", ".join(f"{name} {seconds:.1f} CPU s" for name, seconds in parts.items()), flush=True)
     eighs = _eigh(layers, moments, model, args.eigh)
     forward = statistics.median(f for f, _ in rounds)
     calib = statistics.median(c for _, c in rounds)

@@ -215,6 +215,14 @@ def test_bad_calibration_data_is_a_one_line_usage_error(feeds, message):
     assert "\n" not in str(caught.value)
 
 
+def test_a_bad_later_batch_names_its_number_while_layers_run_side_by_side():
+    good = {"x": np.ones((2, 3, 10, 10), np.float32)}
+    bad = {"x": np.full((2, 3, 10, 10), np.inf, np.float32)}
+    with pytest.raises(UsageError, match=r"calibration batch 3: .*layer 'conv'.*NaN or infinite") as caught:
+        collect_moments(_conv_model({}), ["conv"], [good, good, bad, good])
+    assert "\n" not in str(caught.value)
+
+
 def test_subsampled_conv_rows_cost_about_max_cost_forwards_and_stay_close():
     """Conv 3→4 (3×3): n = 27, m = 4, so max_cost 2 keeps ⌈2·4/27⌉ ≈ 30% of the rows, seeded."""
     model = _conv_model({"pads": [1, 1, 1, 1]})
