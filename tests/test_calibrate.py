@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -90,16 +91,36 @@ def test_conv_second_moment_equals_brute_force_im2col(case, batches):
     ]
     model = graph_model(nodes, {"x": ["N", *x.shape[1:]]}, {"y": None}, {"w": w})
     feeds = [{"x": x + i} for i in range(batches)]
-    moments = collect_moments(model, ["conv"], feeds, holdout_every=2)["conv"]
     samples = np.concatenate([np.maximum(f["x"], 0) for f in feeds])
     held = np.arange(len(samples)) % 2 == 1
-    for part, mask in ((moments.fit, ~held), (moments.holdout, held)):
-        if not mask.any():
-            assert part.count == 0
-            continue
-        rows = _patches_by_onnxruntime(samples[mask], attrs, kernel).astype(np.float64)
-        assert part.count == rows.shape[0]
-        np.testing.assert_allclose(part.matrix, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-5)
+    for shift_channels in (calibrate._SHIFT_CHANNELS, 1):  # im2col, then stride-1 convs by shifts
+        with patch.object(calibrate, "_SHIFT_CHANNELS", shift_channels):
+            moments = collect_moments(model, ["conv"], feeds, holdout_every=2)["conv"]
+        for part, mask in ((moments.fit, ~held), (moments.holdout, held)):
+            if not mask.any():
+                assert part.count == 0
+                continue
+            rows = _patches_by_onnxruntime(samples[mask], attrs, kernel).astype(np.float64)
+            assert part.count == rows.shape[0]
+            np.testing.assert_allclose(part.matrix, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "kernel"),
+    [({"pads": [1, 2], "dilations": [2]}, (3,)), ({"auto_pad": "SAME_UPPER"}, (3, 2))],
+)
+def test_wide_stride_one_convs_go_by_shifts_and_match_onnxruntime(attrs, kernel):
+    """16+ input channels: the shift path as compress runs it (1-D as 2-D over a height of 1)."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 16, *[9] * len(kernel))).astype(np.float32)
+    w = rng.standard_normal((8, 16, *kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attrs)
+    model = graph_model([node], {"x": ["N", *x.shape[1:]]}, {"y": None}, {"w": w})
+    moments = collect_moments(model, ["conv"], [{"x": x[:3]}, {"x": x[3:]}], holdout_every=0)["conv"]
+    assert moments.fit._taps is not None  # pending in tap-major order until read
+    rows = _patches_by_onnxruntime(x, attrs, kernel).astype(np.float64)
+    assert moments.fit.count == rows.shape[0]
+    np.testing.assert_allclose(moments.fit.matrix, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-5)
 
 
 def test_conv_chunks_give_the_same_moment(monkeypatch):
@@ -109,7 +130,8 @@ def test_conv_chunks_give_the_same_moment(monkeypatch):
     monkeypatch.setattr(calibrate, "_CHUNK_BYTES", 1)  # one sample at a time
     chunked = collect_moments(model, ["conv"], feeds, holdout_every=0)["conv"].fit
     assert chunked.count == whole.count == 5 * 100
-    np.testing.assert_allclose(chunked.matrix, whole.matrix, rtol=1e-12)
+    # float32 products over different chunks round differently (patchgram.CHUNK), ~1e-7 relative
+    np.testing.assert_allclose(chunked.matrix, whole.matrix, rtol=1e-6, atol=1e-6)
 
 
 def test_gemm_rows_respect_trans_a():
@@ -190,6 +212,14 @@ def test_second_moment_rejects_bad_rows():
 def test_bad_calibration_data_is_a_one_line_usage_error(feeds, message):
     with pytest.raises(UsageError, match=message) as caught:
         collect_moments(_conv_model({}), ["conv"], feeds)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_bad_later_batch_names_its_number_while_layers_run_side_by_side():
+    good = {"x": np.ones((2, 3, 10, 10), np.float32)}
+    bad = {"x": np.full((2, 3, 10, 10), np.inf, np.float32)}
+    with pytest.raises(UsageError, match=r"calibration batch 3: .*layer 'conv'.*NaN or infinite") as caught:
+        collect_moments(_conv_model({}), ["conv"], [good, good, bad, good])
     assert "\n" not in str(caught.value)
 
 

@@ -12,28 +12,35 @@ Rows are exactly what the op multiplies by its weight seen as [outputs, inputs] 
   second moment is diag(token counts)/N; every time step of X; every input pixel).
 
 Statistics stream: per batch, XᵀX is added to a float64 accumulator and the row count to a counter, so
-memory is the accumulators (Σ nᵢ²) plus one batch of activations; conv patches are formed a few samples
-at a time. A share of the samples (every ``holdout_every``-th along each layer input's first axis) goes
-to a second accumulator that the factorization never sees, to show over-fitting and to choose between
-whitened and plain factors.
+memory is the accumulators (Σ nᵢ²) plus two batches of activations (onnxruntime runs the next batch
+while this one is added); conv patches are formed a few samples at a time. A share of the samples
+(every ``holdout_every``-th along each layer input's first axis) goes to a second accumulator that the
+factorization never sees, to show over-fitting and to choose between whitened and plain factors.
 
-Cost: the exact XᵀX of conv patches costs rows·n² against the layer's own rows·m·n forward MACs, i.e.
-n/m = Cin·Πk/Cout times the forward (9× for a 3×3 conv keeping its width, 100× the whole forward on the
-MNIST VGG). With ``max_cost`` c, each batch keeps a seeded uniform sample of ⌈c·m/n · rows⌉ conv rows
-(at least ``_MIN_ROWS``), so accumulating costs about c forward
-passes of the layer; ``max_cost=None`` keeps every row (exact). The rows used are counted, and said.
+Cost: the XᵀX of conv patches costs rows·n²/2 against the layer's own rows·m·n forward MACs (n/2m =
+Cin·Πk/2Cout: 4.5× for a 3×3 conv keeping its width). Stride-1 1-D/2-D convs of 16+ channels never form
+patches: their Gram comes from channel cross-products at each relative kernel offset
+(`lrdeploy.planning.patchgram`, ~3× fewer MACs for 3×3); products are float32 over ≤ 4,096 rows,
+summed in float64; layers are added side by side on single-threaded BLAS, overlapped with onnxruntime.
+``max_cost`` c instead keeps a seeded uniform sample of ⌈c·m/n · rows⌉ conv rows per batch (at least
+``_MIN_ROWS``), about c forward passes of the layer; ``None`` (the default) keeps every row. The rows
+used are counted, and said.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper
+from threadpoolctl import threadpool_limits
 
 from lrdeploy.errors import UsageError
+from lrdeploy.planning.patchgram import add_conv_gram, add_gram, add_taps
 from lrdeploy.runtime.sessions import Device, make_session
 
 __all__ = ["LayerInput", "LayerMoments", "SecondMoment", "collect_moments", "conv_pads", "conv_rows", "rows"]
@@ -42,29 +49,58 @@ __all__ = ["LayerInput", "LayerMoments", "SecondMoment", "collect_moments", "con
 _CHUNK_BYTES = 64 << 20
 #: Conv rows kept per batch at least when subsampling (all of them when the batch has fewer).
 _MIN_ROWS = 64
+#: Conv inputs narrower than this go through im2col: their shift products are too small for BLAS.
+_SHIFT_CHANNELS = 16
 #: Default accumulation cost, in forward passes of each layer (`collect_moments`'s ``max_cost``).
 MAX_COST = 2.0
 
 
-@dataclass
 class SecondMoment:
-    """Σ xxᵀ over rows x (float64) and how many rows; ``matrix`` is the mean, normalized by rows."""
+    """Σ xxᵀ over rows x (float64) and how many rows; ``matrix`` is the mean, normalized by rows.
 
-    dim: int
-    total: np.ndarray = field(init=False, repr=False)
-    count: int = 0
+    Stride-1 convs add their Gram in tap-major order (`patchgram.add_conv_gram`), kept apart in
+    ``taps`` and put into row order once, when ``total`` is first read.
+    """
 
-    def __post_init__(self) -> None:
-        self.total = np.zeros((self.dim, self.dim))
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.count = 0
+        self._total: np.ndarray | None = None
+        self._taps: np.ndarray | None = None
+        self._channels = 0
 
-    def update(self, rows: np.ndarray) -> None:
-        """Add the rows (r × dim); raises ValueError on a wrong width or non-finite values."""
+    def __repr__(self) -> str:
+        return f"SecondMoment(dim={self.dim}, count={self.count})"
+
+    @property
+    def total(self) -> np.ndarray:
+        """Σ xxᵀ, rows ordered as the layer's weight columns."""
+        if self._total is None:
+            self._total = np.zeros((self.dim, self.dim))
+        if self._taps is not None:
+            add_taps(self._taps, self._channels, self._total)
+            self._taps = None
+        return self._total
+
+    @total.setter
+    def total(self, value: np.ndarray) -> None:
+        _ = self.total  # fold pending taps in first
+        self._total = value
+
+    def taps(self, channels: int) -> np.ndarray:
+        """The tap-major accumulator of `patchgram.add_conv_gram` for a conv of ``channels`` inputs."""
+        if self._taps is None:
+            self._taps, self._channels = np.zeros((self.dim, self.dim)), channels
+        return self._taps
+
+    def update(self, rows: np.ndarray, checked: bool = False) -> None:
+        """Add the rows (r × dim); raises ValueError on a wrong width or (unless ``checked``) non-finite
+        values. float32 rows are multiplied in chunks of `patchgram.CHUNK` and summed in float64."""
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise ValueError(f"rows of shape {rows.shape} for a second moment of width {self.dim}")
-        if not np.isfinite(rows).all():
-            raise ValueError("the rows hold NaN or infinite values")
-        work = rows.astype(np.float64, copy=False)
-        self.total += work.T @ work
+        if not checked:
+            _check_finite(rows, "rows")
+        add_gram(rows, self.total)
         self.count += rows.shape[0]
 
     @property
@@ -72,6 +108,11 @@ class SecondMoment:
         if self.count == 0:
             raise ValueError("no rows were accumulated")
         return self.total / self.count
+
+
+def _check_finite(values: np.ndarray, what: str) -> None:
+    if not np.isfinite(values).all():
+        raise ValueError(f"the {what} hold NaN or infinite values")
 
 
 def _ints(attrs: Mapping[str, object], name: str, default: list[int]) -> list[int]:
@@ -186,21 +227,49 @@ class Sampling:
         return patches[np.sort(self.rng.choice(len(patches), count, replace=False))]
 
 
+def _shift_gram(layer: LayerInput, x: np.ndarray, moment: SecondMoment) -> bool:
+    """Add a stride-1 1-D/2-D Conv's rows by `patchgram.add_conv_gram` (no patches formed); False for
+    1×1, strided and 3-D convs and inputs of fewer than `_SHIFT_CHANNELS` channels (then im2col)."""
+    rank = len(layer.kernel_shape)
+    if rank not in (1, 2) or x.ndim != rank + 2 or x.shape[1] < _SHIFT_CHANNELS:
+        return False
+    if int(np.prod(layer.kernel_shape)) == 1 or any(
+        s != 1 for s in _ints(layer.attrs, "strides", [1] * rank)
+    ):
+        return False
+    begin, end = conv_pads(x.shape[2:], layer.attrs, layer.kernel_shape)
+    dilations = _ints(layer.attrs, "dilations", [1] * rank)
+    kernel = tuple(layer.kernel_shape)
+    if rank == 1:  # as a 2-D conv over a height of 1
+        x, kernel, begin, end, dilations = (
+            x[:, :, None],
+            (1, *kernel),
+            [0, *begin],
+            [0, *end],
+            [1, *dilations],
+        )
+    moment.count += add_conv_gram(x, begin, end, dilations, kernel, moment.taps(x.shape[1]))
+    return True
+
+
 def _add(layer: LayerInput, x: np.ndarray, moment: SecondMoment, sampling: Sampling | None = None) -> None:
-    """Add x's rows (conv: a sample of them, see `Sampling`); conv patches are formed a few samples at
-    a time."""
+    """Add x's rows (conv: a sample of them with ``sampling``, see `Sampling`); stride-1 convs by shifts,
+    other conv patches formed a few samples at a time."""
     if layer.op == "Gather":
         add_token_counts(layer, x, moment)
         return
     if layer.op != "Conv" or x.shape[0] == 0:
         moment.update(rows(layer, x))
         return
+    _check_finite(x, "inputs")
+    if sampling is None and _shift_gram(layer, x, moment):
+        return
     per_sample = conv_rows(x[:1], layer.attrs, layer.kernel_shape).shape[0]
     share = sampling.share(layer, per_sample * x.shape[0]) if sampling else 1.0
-    step = max(1, _CHUNK_BYTES // max(per_sample * layer.dim * 8, 1))
+    step = max(1, _CHUNK_BYTES // max(per_sample * layer.dim * x.itemsize, 1))
     for start in range(0, x.shape[0], step):
         patches = rows(layer, x[start : start + step])
-        moment.update(sampling.pick(patches, share) if sampling else patches)
+        moment.update(sampling.pick(patches, share) if sampling else patches, checked=True)
 
 
 @dataclass
@@ -271,21 +340,56 @@ def collect_moments(
     )
     moments = {layer.node: LayerMoments(SecondMoment(layer.dim), SecondMoment(layer.dim)) for layer in inputs}
     sampling = Sampling(max_cost, np.random.default_rng(seed)) if max_cost is not None else None
+    workers, blas_threads = (
+        (1, None) if sampling is not None else _parallelism()
+    )  # sampling: one seeded order
+
+    def accumulate(layer: LayerInput, x: np.ndarray, batch: int) -> None:
+        try:
+            _split(layer, x, moments[layer.node], holdout_every, sampling)
+        except ValueError as error:
+            raise UsageError(
+                f"calibration batch {batch}: the input of layer '{layer.node}' is unusable ({error}); "
+                "check the calibration data"
+            ) from None
+
     batches = 0
-    for batches, feed in enumerate(feeds, 1):
-        values = dict(zip(captured, _run(session, captured, feed, batches), strict=True))
-        for layer in inputs:
-            x = np.asarray(feed[layer.tensor] if layer.tensor in graph_inputs else values[layer.tensor])
-            try:
-                _split(layer, x, moments[layer.node], holdout_every, sampling)
-            except ValueError as error:
-                raise UsageError(
-                    f"calibration batch {batches}: the input of layer '{layer.node}' is unusable ({error}); "
-                    "check the calibration data"
-                ) from None
+    pending: list[Future] = []
+    with threadpool_limits(blas_threads, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        for batches, feed in enumerate(feeds, 1):
+            values = dict(zip(captured, _run(session, captured, feed, batches), strict=True))
+            _wait(pending)  # the previous batch's layers were added while onnxruntime ran this one
+            pending = [
+                pool.submit(
+                    accumulate, layer, np.asarray(values.get(layer.tensor, feed.get(layer.tensor))), batches
+                )
+                for layer in sorted(inputs, key=lambda layer: -layer.dim)
+            ]
+        _wait(pending)
     if batches == 0 or any(m.fit.count == 0 for m in moments.values()):
         raise UsageError("the calibration data has no samples to fit on; give at least one batch")
     return moments
+
+
+def _parallelism() -> tuple[int, int]:
+    """(layers accumulated at once, BLAS threads each).
+
+    Layers go to their own threads on single-threaded BLAS: on a busy 2-core machine two-threaded
+    OpenBLAS products of tall, narrow matrices ran 4–10× slower than one thread (threads wait on each
+    other), and one layer at a time leaves the second core idle. At most 4 at a time, each holding a
+    padded copy of its layer's input batch.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, min(4, cores))
+    return workers, max(1, cores // workers)
+
+
+def _wait(futures: list[Future]) -> None:
+    """Wait for all, then raise the first failure (the others finish rather than race the caller)."""
+    for future in futures:
+        future.exception()
+    for future in futures:
+        future.result()
 
 
 def _run(session, names: list[str], feed: Mapping[str, np.ndarray], batch: int) -> list[np.ndarray]:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from lrdeploy.errors import UsageError
-from lrdeploy.planning.calibrate import MAX_COST, LayerMoments, collect_moments
+from lrdeploy.planning.calibrate import LayerMoments, collect_moments
 from lrdeploy.runtime.datasets import Dataset, ImageOptions, InMemoryData, load_dataset
 from lrdeploy.spelling import option
 
@@ -79,9 +79,14 @@ def calibrate(
     holdout: float,
     batch_size: int,
     seed: int = 0,
-    max_cost: float | None = MAX_COST,
+    max_cost: float | None = None,
 ) -> Calibration:
-    """Run ``folded`` over the calibration samples and return the statistics of ``layers``."""
+    """Run ``folded`` over the calibration samples and return the statistics of ``layers``.
+
+    Every row the layers multiply is counted (``max_cost=None``); a number subsamples conv rows to
+    about that many forward passes of each layer (`calibrate.MAX_COST` was the default before the
+    exact sums became fast, see docs/calibration.md "Cost").
+    """
     import time
 
     start = time.perf_counter()

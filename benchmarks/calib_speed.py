@@ -1,0 +1,195 @@
+"""Calibration cost on ResNet-50 against the onnxruntime forward pass of the same images (issue 9: ≤ 3×).
+
+The ResNet-50 of `make_resnet50.py` (seeded weights), BN folded as ``compress`` folds it, and 64 seeded
+random images at 224² (no real images ship with the project; timing does not depend on the pixels), fed
+in batches of 32 as ``--calib`` feeds them. Each round times, back to back, the plain forward pass of
+the images and ``collect_moments`` over them (exact rows, 20% held apart: what ``compress --calib`` runs);
+medians over the rounds. One more pass splits the cost, single-threaded CPU seconds per part: the
+capture run, the stride-1 patch Grams by shifts, im2col of the other convs, their float32 products,
+folding the tap-major sums into row order. ``--eigh`` also times the eigendecompositions that
+whitening needs for the widest layers (they belong to the factorization, not to calibration).
+
+    python benchmarks/calib_speed.py            # writes models/RESULTS_calib_speed.md
+    python benchmarks/calib_speed.py --eigh 1   # + the 4,608² eigendecompositions (minutes each)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import scipy.linalg
+from make_resnet50 import build_resnet50
+from threadpoolctl import threadpool_limits
+
+from lrdeploy.io.graphio import from_graph
+from lrdeploy.io.modelio import materialize
+from lrdeploy.pipeline import prepare_graph
+from lrdeploy.planning import calibrate
+from lrdeploy.planning.calibrate import LayerInput, SecondMoment, collect_moments, conv_rows
+from lrdeploy.planning.whiten import WhitenedSpectrum
+from lrdeploy.runtime.sessions import Device, make_session
+
+
+def _folded(workdir: Path) -> onnx.ModelProto:
+    path = workdir / "resnet50_bn.onnx"
+    if not path.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        onnx.save(build_resnet50(), path)
+    original = onnx.load(path)
+    graph, *_ = prepare_graph(original, fold_bn=True)
+    return materialize(from_graph(graph, original, original.ir_version))
+
+
+def _forward(session, feeds: list[dict[str, np.ndarray]]) -> float:
+    start = time.perf_counter()
+    for feed in feeds:
+        session.run(None, feed)
+    return time.perf_counter() - start
+
+
+def _split(model: onnx.ModelProto, layers: list[LayerInput], feeds: list[dict[str, np.ndarray]]) -> dict:
+    """CPU seconds of each part, one layer after another on one BLAS thread."""
+    captured = [layer.tensor for layer in layers if layer.tensor != "input"]
+    session = make_session(calibrate._with_outputs(model, captured).SerializeToString(), Device("cpu"))
+    parts = dict.fromkeys(["capture run", "patch Grams by shifts", "im2col", "products", "fold"], 0.0)
+    moments = {layer.node: SecondMoment(layer.dim) for layer in layers}
+    with threadpool_limits(1, user_api="blas"):
+        for feed in feeds:
+            start = time.process_time()  # onnxruntime's threads
+            values = dict(zip(captured, session.run(captured, feed), strict=True), **feed)
+            parts["capture run"] += time.process_time() - start
+            for layer in layers:
+                x, moment = values[layer.tensor], moments[layer.node]
+                start = time.thread_time()
+                if layer.op == "Conv" and calibrate._shift_gram(layer, x, moment):
+                    parts["patch Grams by shifts"] += time.thread_time() - start
+                    continue
+                rows = conv_rows(x, layer.attrs, layer.kernel_shape) if layer.op == "Conv" else x
+                middle = time.thread_time()
+                moment.update(rows, checked=True)
+                parts["im2col"] += middle - start
+                parts["products"] += time.thread_time() - middle
+        start = time.thread_time()
+        for moment in moments.values():
+            _ = moment.total
+        parts["fold"] += time.thread_time() - start
+    parts["moments"] = moments
+    return parts
+
+
+def _eigh(
+    layers: list[LayerInput], moments: dict[str, SecondMoment], model: onnx.ModelProto, count: int
+) -> list:
+    """(layer, n, numpy eigh s, scipy evr s, scipy evd s, WhitenedSpectrum.of s) for the widest layers."""
+    weights = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    rows = []
+    for layer in sorted(layers, key=lambda layer: -layer.dim)[:count]:
+        c = moments[layer.node].matrix
+        weight = onnx.numpy_helper.to_array(weights[nodes[layer.node].input[1]]).reshape(layer.outputs, -1)
+        timings = []
+        for solve, arguments in (
+            (np.linalg.eigh, {}),
+            (scipy.linalg.eigh, {"driver": "evr"}),
+            (scipy.linalg.eigh, {"driver": "evd"}),
+            (lambda c, w=weight: WhitenedSpectrum.of(w, c), {}),
+        ):
+            start = time.perf_counter()
+            solve(c, **arguments)
+            timings.append(time.perf_counter() - start)
+        rows.append((layer.node, layer.dim, *timings))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--eigh", type=int, default=0, help="time the eigendecompositions of this many layers"
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("out/bench"))
+    parser.add_argument("--output", type=Path, default=Path("models/RESULTS_calib_speed.md"))
+    args = parser.parse_args()
+    began = time.perf_counter()
+    model = _folded(args.workdir)
+    weights = {t.name: t for t in model.graph.initializer}
+    layers = [LayerInput.of(n, weights) for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    images = np.random.default_rng(0).standard_normal((args.images, 3, 224, 224)).astype(np.float32)
+    feeds = [{"input": images[i : i + args.batch]} for i in range(0, args.images, args.batch)]
+    session = make_session(model.SerializeToString(), Device("cpu"))
+    session.run(None, feeds[0])  # warm up
+    rounds = []
+    for _ in range(args.rounds):
+        forward = _forward(session, feeds)
+        start = time.perf_counter()
+        collect_moments(model, [layer.node for layer in layers], feeds, holdout_every=5)
+        rounds.append((forward, time.perf_counter() - start))
+        print(
+            f"forward {forward:.1f} s, calibration {rounds[-1][1]:.1f} s ({rounds[-1][1] / forward:.2f}×)",
+            flush=True,
+        )
+    forward_cpu = time.process_time()
+    _forward(session, feeds)
+    forward_cpu = time.process_time() - forward_cpu
+    parts = _split(model, layers, feeds)
+    moments = parts.pop("moments")
+    print(", ".join(f"{name} {seconds:.1f} CPU s" for name, seconds in parts.items()), flush=True)
+    eighs = _eigh(layers, moments, model, args.eigh)
+    forward = statistics.median(f for f, _ in rounds)
+    calib = statistics.median(c for _, c in rounds)
+    ratio = statistics.median(c / f for f, c in rounds)
+    machine = (
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average "
+        + ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    )
+    lines = [
+        "# Calibration cost: ResNet-50, 64 images at 224² (issue 9: ≤ 3× the forward time)",
+        "",
+        f"`python benchmarks/calib_speed.py --rounds {args.rounds} --eigh {args.eigh}` on {machine}",
+        f"at the end; the whole script took {time.perf_counter() - began:.0f} s. Seeded random images,",
+        f"batches of {args.batch}, exact rows (every im2col patch), 20% held apart. Wall times, medians:",
+        "",
+        "| | wall s | per round |",
+        "|---|---|---|",
+        f"| onnxruntime forward, {args.images} images | {forward:.1f} | "
+        + ", ".join(f"{f:.1f}" for f, _ in rounds)
+        + " |",
+        f"| calibration (`collect_moments`) | {calib:.1f} | {', '.join(f'{c:.1f}' for _, c in rounds)} |",
+        f"| **ratio** (median of the rounds' ratios) | **{ratio:.2f}×** | "
+        + ", ".join(f"{c / f:.2f}×" for f, c in rounds)
+        + " |",
+        "",
+        "Split, one pass with every part on one thread (CPU seconds; the forward pass took "
+        f"{forward_cpu:.1f} CPU s on onnxruntime's threads):",
+        "",
+        "| part | CPU s |",
+        "|---|---|",
+        *[f"| {name} | {seconds:.1f} |" for name, seconds in parts.items()],
+        "",
+    ]
+    if eighs:
+        lines += [
+            "Factorization (not calibration): eigendecompositions of the widest layers' second moments,",
+            "wall s:",
+            "",
+            "| layer | n | numpy eigh | scipy evr | scipy evd | whole `WhitenedSpectrum.of` |",
+            "|---|---|---|---|---|---|",
+            *[f"| {name} | {n} | {a:.1f} | {b:.1f} | {c:.1f} | {d:.1f} |" for name, n, a, b, c, d in eighs],
+            "",
+        ]
+    text = "\n".join(lines)
+    print(text)
+    args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
