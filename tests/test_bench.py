@@ -134,3 +134,28 @@ def test_config_errors_name_parameters_in_python_and_flags_on_the_command_line(c
         BenchConfig(threads=0)
     assert main(["bench", "x.onnx", "--threads", "0"]) == 2
     assert "--threads must be ≥ 1" in capsys.readouterr().err
+
+
+def test_bench_counts_macs_of_control_flow_like_the_report(tmp_path):
+    """An If's branches are alternatives: bench's efficiency uses the report's total (the costlier branch),
+    not the sum of both."""
+    rng = np.random.default_rng(0)
+
+    def branch(name: str, width: int) -> onnx.GraphProto:
+        w = onnx.numpy_helper.from_array(weight(rng, 16, width), f"w_{name}")
+        out = helper.make_tensor_value_info(f"y_{name}", onnx.TensorProto.FLOAT, ["batch", width])
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", w.name], [out.name], name)], name, [], [out], [w]
+        )
+
+    node = helper.make_node(
+        "If", ["flag"], ["y"], "If_0", then_branch=branch("wide", 32), else_branch=branch("narrow", 4)
+    )
+    model = graph_model([node], {"x": ["batch", 16], "flag": []}, {"y": ["batch", None]}, {})
+    model.graph.input[1].type.tensor_type.elem_type = onnx.TensorProto.BOOL
+    path = tmp_path / "if.onnx"
+    onnx.save(model, path)
+    _, report = lrdeploy.compress(path, rank_ratio=1.0, verify=False)
+    result = benchmark([path], BenchConfig(device="cpu", batch_sizes=(1,), warmup=1, runs=2))
+    assert report.macs_before == 16 * 32  # the wider branch only
+    assert result.timings[0].macs == report.macs_before

@@ -23,6 +23,7 @@ from onnx import helper
 
 from lrdeploy.errors import UsageError
 from lrdeploy.io.modelio import load_model
+from lrdeploy.passes.scopes import scoped_total
 from lrdeploy.planning import costs
 from lrdeploy.runtime.inputs import model_inputs, random_feeds, resolve_shapes
 from lrdeploy.runtime.sessions import Device, make_session, select_device
@@ -330,9 +331,8 @@ def benchmark(
                 skipped.append(f"{name} at batch {batch}: {shapes}")
                 continue
             runners[name] = _Runner(proto, path, device, config, shapes, spinning)
-            macs = costs.count_macs(proto, shapes)
-            total_macs = None if any(v is None for v in macs.values()) else sum(macs.values())
-            active.append((name, total_macs))
+            # the same total as the report: the costlier branch of each If, one pass of each loop body
+            active.append((name, scoped_total(proto.graph, costs.count_macs(proto, shapes))[0]))
         samples = _interleave(runners, config, tick)
         timings.extend(Timing(name, batch, tuple(samples[name]), macs) for name, macs in active)
     return BenchResult(device.provider, device.note, config, [m for m, _, _ in loaded], timings, skipped)
