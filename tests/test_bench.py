@@ -12,7 +12,7 @@ from onnx import helper
 
 import lrdeploy
 from lrdeploy.cli.app import main
-from lrdeploy.errors import UsageError
+from lrdeploy.errors import RuntimeFailure, UsageError
 from lrdeploy.runtime.bench import BenchConfig, BenchResult, Timing, benchmark
 from models import graph_model, weight
 
@@ -159,3 +159,25 @@ def test_bench_counts_macs_of_control_flow_like_the_report(tmp_path):
     result = benchmark([path], BenchConfig(device="cpu", batch_sizes=(1,), warmup=1, runs=2))
     assert report.macs_before == 16 * 32  # the wider branch only
     assert result.timings[0].macs == report.macs_before
+
+
+def test_bench_batches_a_state_on_its_batch_axis(tmp_path):
+    """A recurrent state [2, batch, 16] takes the batch on axis 1; a scalar sample rate stays a scalar."""
+    from control_flow import audio_if_model
+
+    path = tmp_path / "audio.onnx"
+    onnx.save(audio_if_model(), path)
+    result = benchmark([path], BenchConfig(device="cpu", batch_sizes=(1, 4), warmup=1, runs=2))
+    assert not result.skipped
+    assert [t.batch for t in result.timings] == [1, 4]
+    assert result.timings[1].macs == 4 * result.timings[0].macs
+
+
+def test_a_model_that_fails_at_run_time_is_one_line(tmp_path):
+    node = helper.make_node("Reshape", ["x", "shape"], ["y"], "rs")
+    model = graph_model([node], {"x": ["batch", 6]}, {"y": [4]}, {"shape": np.array([4], dtype=np.int64)})
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    with pytest.raises(RuntimeFailure, match=r"^onnxruntime failed to run .*bad\.onnx: .*rs") as error:
+        benchmark([path], BenchConfig(device="cpu", warmup=1, runs=2))
+    assert "\n" not in str(error.value)

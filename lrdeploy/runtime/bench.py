@@ -21,12 +21,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lrdeploy.errors import UsageError
+from lrdeploy.errors import RuntimeFailure, UsageError
 from lrdeploy.io.modelio import load_model
+from lrdeploy.passes.names import name_nodes
 from lrdeploy.passes.scopes import scoped_total
 from lrdeploy.planning import costs
 from lrdeploy.runtime.inputs import model_inputs, random_feeds, resolve_shapes
-from lrdeploy.runtime.sessions import Device, make_session, select_device
+from lrdeploy.runtime.sessions import Device, make_session, select_device, summarize
 from lrdeploy.spelling import either, option
 from lrdeploy.units import format_count
 
@@ -193,15 +194,24 @@ def _format(value: float | None, pattern: str) -> str:
 def _batched_shapes(
     model, batch: int, given: Mapping[str, tuple[int, ...]]
 ) -> dict[str, tuple[int, ...]] | str:
-    """Input shapes at ``batch``, or why this model cannot run at that batch size."""
+    """Input shapes at ``batch``, or why this model cannot run at that batch size. The batch sits where
+    each input declares the batch symbol (a recurrent state ``[layers, batch, hidden]``: axis 1); a
+    declared scalar stays a scalar."""
+    from lrdeploy.runtime.feeding import batch_axes
+
     shapes = resolve_shapes(model, given, strict=True)
+    specs = model_inputs(model)
+    axes = batch_axes(specs)
     batched = {}
-    for spec in model_inputs(model):
-        shape = shapes[spec.name]
-        fixed = spec.dims[0] if spec.dims else None
+    for spec in specs:
+        shape, axis = shapes[spec.name], axes[spec.name]
+        if axis is None or not shape:
+            batched[spec.name] = tuple(shape or ())
+            continue
+        fixed = spec.dims[axis] if spec.dims and axis < len(spec.dims) else None
         if isinstance(fixed, int) and fixed != batch and spec.name not in given:
             return f"its batch dim is fixed to {fixed}"
-        batched[spec.name] = (batch, *shape[1:]) if shape else (batch,)
+        batched[spec.name] = (*shape[:axis], batch, *shape[axis + 1 :])
     return batched
 
 
@@ -217,6 +227,7 @@ class _Runner:
         self, proto, path: Path, device: Device, config: BenchConfig, shapes, spinning: bool
     ) -> None:
         label = "a timed model" if isinstance(path, bytes) else str(path)
+        self.label = label
         self.session = make_session(path, device, config.threads, spinning=spinning, label=label)
         feeds = random_feeds(proto, shapes, config.seed)
         self.binding = None
@@ -248,10 +259,13 @@ class _Runner:
     def __call__(self) -> float:
         """One run's wall time in milliseconds."""
         start = time.perf_counter_ns()
-        if self.binding is not None:
-            self.session.run_with_iobinding(self.binding)
-        else:
-            self.session.run(None, self.feeds)
+        try:
+            if self.binding is not None:
+                self.session.run_with_iobinding(self.binding)
+            else:
+                self.session.run(None, self.feeds)
+        except Exception as error:  # onnxruntime's own exception types: one line, not a traceback
+            raise RuntimeFailure(f"onnxruntime failed to run {self.label}: {summarize(error)}") from None
         return (time.perf_counter_ns() - start) / 1e6
 
 
@@ -308,6 +322,7 @@ def benchmark(
     loaded = []
     for model in models:
         proto, path = load_model(model)
+        name_nodes(proto.graph)  # our copy (sessions read the file): MACs are counted by unique node name
         loaded.append((str(model), proto, path))
     # onnxruntime's CPU workers busy-wait after each run; with several sessions alive, the idle ones'
     # spinning steals the cores from the one being timed (ResNet-50, 2 cores: 38 ms alone, 83 ms
