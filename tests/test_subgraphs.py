@@ -471,7 +471,7 @@ def _wrapped(kinds: list[str], captured: bool, seed: int) -> onnx.ModelProto:
     return model
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     kinds=st.lists(st.sampled_from(["If", "Loop"]), min_size=1, max_size=3),
     captured=st.booleans(),
