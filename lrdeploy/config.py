@@ -111,7 +111,9 @@ class CompressConfig:
         }
         given = {k: v for k, v in targets.items() if v is not None}
         if len(given) > 1:
-            raise UsageError(f"give only one of {', '.join(option(k) for k in given)}")
+            latency = self.target_latency is not None  # it was spelled target_latency, not target
+            said = ["target_latency" if k == "target" and latency else k for k in given]
+            raise UsageError(f"give only one of {', '.join(option(k) for k in said)}")
         for name, value in given.items():
             value = number(value, option(name))
             if not 0.0 < value <= 1.0:

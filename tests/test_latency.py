@@ -270,3 +270,8 @@ def test_latency_table_on_cuda():
     )
     assert report.latency["provider"] == "CUDAExecutionProvider"
     assert all(x.decision.rank % 8 == 0 for x in report.factorized)
+
+
+def test_two_budgets_are_named_as_the_caller_spelled_them():
+    with pytest.raises(UsageError, match=r"^give only one of target_macs, target_latency$"):
+        lrdeploy.CompressConfig(target_latency=0.5, target_macs=0.5)
