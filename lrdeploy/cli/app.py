@@ -221,7 +221,6 @@ def compress(
     from lrdeploy.cli.tables import print_line
     from lrdeploy.config import CompressConfig, load_overrides, parse_input_shapes
     from lrdeploy.io.modelio import default_output_path
-    from lrdeploy.runtime.feeding import parse_batch_axes, parse_input_values
 
     fmt = output_format(format_, console.is_terminal)
 
@@ -244,7 +243,9 @@ def compress(
         max_rel_l2,
         min_cosine,
         min_top1,
-    ).with_(input_values=parse_input_values(input_value or []), batch_axes=parse_batch_axes(batch_axis or []))
+        input_value,
+        batch_axis,
+    )
     config = CompressConfig.build(
         rank_ratio=rank_ratio,
         energy=energy,
@@ -371,7 +372,6 @@ def verify_command(
     from lrdeploy.cli.tables import print_line
     from lrdeploy.config import parse_input_shapes
     from lrdeploy.report import strict_json
-    from lrdeploy.runtime.feeding import parse_batch_axes, parse_input_values
     from lrdeploy.runtime.verification import verify
 
     fmt = output_format(format_, console.is_terminal)
@@ -392,7 +392,9 @@ def verify_command(
         max_rel_l2,
         min_cosine,
         min_top1,
-    ).with_(input_values=parse_input_values(input_value or []), batch_axes=parse_batch_axes(batch_axis or []))
+        input_value,
+        batch_axis,
+    )
     with _outputs({"--json": json_path}, [original, compressed]) as outputs, _progress() as update:
         result = verify(
             original,

@@ -283,8 +283,11 @@ def verify_config(
     max_rel_l2,
     min_cosine,
     min_top1,
+    input_value=None,
+    batch_axis=None,
 ):
     from lrdeploy.runtime.datasets import ImageOptions
+    from lrdeploy.runtime.feeding import parse_batch_axes, parse_input_values
     from lrdeploy.runtime.verification import VerifyConfig
     from lrdeploy.runtime.verify import Gates
 
@@ -301,4 +304,7 @@ def verify_config(
         parse_floats(std, "--std"),
     )
     gates = Gates(atol, rtol, max_rel_l2, min_cosine, min_top1)
-    return VerifyConfig(device, data, image, batch_size, limit, random_batches, seed, gates)
+    config = VerifyConfig(device, data, image, batch_size, limit, random_batches, seed, gates)
+    return config.with_(
+        input_values=parse_input_values(input_value or []), batch_axes=parse_batch_axes(batch_axis or [])
+    )
