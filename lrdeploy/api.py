@@ -148,6 +148,7 @@ def _compress(
     with timer("count"):
         params_before = costs.count_params(original)
         macs_before = costs.count_macs(original, shapes)
+        total_before = _total(original, macs_before)
     with timer("fold_bn"):
         graph, names, normalized, folded = prepare_graph(original, config.fold_bn, config.requantize)
     with timer("plan"):
@@ -167,7 +168,7 @@ def _compress(
             moments = calibration.moments if calibration else None
             rewrites, decisions = plan_layers(groups, config, tick, moments)
         else:
-            totals = {"params": params_before, "macs": _total(original, macs_before)}
+            totals = {"params": params_before, "macs": total_before}
             rewrites, decisions, budget, costing = plan_budget(
                 groups, config, totals, macs_before, calibration, folded_model, progress, original, shapes
             )
@@ -179,7 +180,8 @@ def _compress(
         del rewrites, groups
         gc.collect()  # replaced weights sit in graphsurgeon's reference cycles until collected
         ir_version = choose_ir_version(original.ir_version, original)
-        compressed = from_graph(graph, original, ir_version, metadata=provenance(model, config))
+        metadata = provenance(model, config)  # hashes the input file: once
+        compressed = from_graph(graph, original, ir_version, metadata=metadata)
         del graph
         gc.collect()  # the graph's copy of the factors: the model holds them now
     latency = None
@@ -188,7 +190,6 @@ def _compress(
             assert costing is not None
             from lrdeploy.runtime.latencyguard import guard
 
-            metadata = provenance(model, config)
             compressed, decisions, pairs, latency = guard(
                 (original, source),
                 compressed,
@@ -204,6 +205,7 @@ def _compress(
     with timer("count"):
         params_after = costs.count_params(compressed)
         macs_after = costs.count_macs(compressed, shapes)
+        total_after = _total(compressed, macs_after)
     deployed = None
     if config.precision != "fp32" or config.quantize:
         with timer("precision"):
@@ -219,8 +221,8 @@ def _compress(
         input_shapes={k: list(v) if v is not None else None for k, v in shapes.items()},
         params_before=params_before,
         params_after=params_after,
-        macs_before=_total(original, macs_before),
-        macs_after=_total(compressed, macs_after),
+        macs_before=total_before,
+        macs_after=total_after,
         layers=_layer_reports(decisions, pairs, macs_before, macs_after),
         batchnorm=decision_dicts(folded),
         normalized=[d for r in (upgraded, inlined, renamed, normalized) for d in decision_dicts(r)],
@@ -245,7 +247,7 @@ def _compress(
     if budget is not None:
         counted = {
             "params": (params_before, params_after),
-            "macs": (_total(original, macs_before), _total(compressed, macs_after)),
+            "macs": (total_before, total_after),
         }
         before, after = counted.get(budget.kind, (None, None))
         achieved = after / before if after is not None and before else None  # other costs: predicted only
