@@ -15,7 +15,9 @@ layers × 1,000 candidates take 1.5 s on 2 cores.
 
 Costs come from a `CostModel` (parameters and MACs here); a new cost (measured latency, IMC arrays) is a
 new class with the same method, and nothing here changes. Layers fixed by the user (overrides, excluded
-layers) are layers with a single candidate.
+layers) are layers with a single candidate. Costs that do not add (an If runs one branch: MACs count its
+costlier one) come with a `Scope` that says how they combine; `lrdeploy.planning.alternatives` reduces
+that to allocations of this kind.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from lrdeploy.planning.alternatives import Scope, allocate_scoped, scoped_cost
 
 __all__ = [
     "BudgetUnreachable",
@@ -101,8 +105,11 @@ def candidates(
     return ([Candidate(None, 0.0, model.cost(shape, None))] if dense else []) + found
 
 
-def total_cost(choice: Mapping[str, Candidate]) -> float:
-    return math.fsum(c.cost for c in choice.values())
+def total_cost(choice: Mapping[str, Candidate], structure: Scope | None = None) -> float:
+    """What ``choice`` costs: the sum of its costs, or their combination under ``structure``."""
+    if structure is None:
+        return math.fsum(c.cost for c in choice.values())
+    return scoped_cost({name: c.cost for name, c in choice.items()}, structure)
 
 
 #: Exchange rounds after the relaxation: each is one pass over all layer pairs.
@@ -254,21 +261,28 @@ def _fill(tables: Mapping[str, _Table], choice: dict[str, Candidate], budget: fl
 
 
 def allocate(
-    candidates: Mapping[str, Sequence[Candidate]], budget: float, tolerance: float = 0.0
+    candidates: Mapping[str, Sequence[Candidate]],
+    budget: float,
+    tolerance: float = 0.0,
+    structure: Scope | None = None,
 ) -> dict[str, Candidate]:
     """One candidate per layer, total cost ≤ ``budget``, near-least total error (see the module doc).
 
     With ``tolerance`` > 0, an allocation that spends less than ``budget − tolerance`` is moved into
     that window by the cheapest change in error of one or two layers (`_fill`), when one exists.
+    With ``structure``, the total is `total_cost` under it (`lrdeploy.planning.alternatives`).
 
     Raises `BudgetUnreachable` when the cheapest candidates already exceed the budget, ValueError for
     empty or non-finite candidates.
     """
     _check(candidates, budget)
     slack_floor = 1e-12 * max(abs(budget), 1.0)  # costs are sums of floats: do not lose a fit to rounding
-    cheapest = math.fsum(min(c.cost for c in options) for options in candidates.values())
+    least = {name: min(options, key=lambda c: c.cost) for name, options in candidates.items()}
+    cheapest = total_cost(least, structure)
     if cheapest > budget + slack_floor:
         raise BudgetUnreachable(cheapest, budget)
+    if structure is not None:
+        return allocate_scoped(candidates, structure, budget + slack_floor, tolerance, allocate)
     hulls = {name: _hull(options) for name, options in candidates.items()}
     position = _lagrangian(hulls, budget, slack_floor)
     choice = {name: hulls[name][index] for name, index in position.items()}

@@ -31,6 +31,7 @@ from lrdeploy.planning.allocate import (
     LayerShape,
     allocate,
     candidates,
+    total_cost,
 )
 from lrdeploy.planning.calibration import Calibration
 from lrdeploy.planning.costmodels import CostContext, Costing, constrained, costing_for
@@ -64,6 +65,7 @@ class Budget:
     planned: float
     cheapest: float  # the smallest fraction reachable with these selections
     allocator: str
+    counts: str | None = None  # what the cost counts of a model with If branches (`costmodels`)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -72,6 +74,7 @@ class Budget:
             "planned": self.planned,
             "cheapest": self.cheapest,
             "allocator": self.allocator,
+            "counts": self.counts,
         }
 
 
@@ -163,23 +166,27 @@ def choose_ranks(
         dense += model.cost(shape, None)
     fixed = costing.fixed if costing.fixed is not None else max(total - dense, 0.0)
     table[_FIXED] = [Candidate(None, 0.0, fixed)]
-    cheapest = math.fsum(min(c.cost for c in options) for options in table.values()) / total
+    least = {name: min(options, key=lambda c: c.cost) for name, options in table.items()}
+    cheapest = total_cost(least, costing.structure) / total
     try:
-        choice = allocate(table, target * total, tolerance=TOLERANCE * total)
+        choice = allocate(table, target * total, tolerance=TOLERANCE * total, structure=costing.structure)
     except BudgetUnreachable:
         raise UsageError(
             f"{target_option(config)} {target:g} is out of reach: every layer at its cheapest rank still "
             f"costs {math.ceil(cheapest * 1000) / 1000:g} of the model's {costing.unit}; ask for at least "
             "that (or let more layers be factorized)"
         ) from None
-    planned = math.fsum(c.cost for c in choice.values()) / total
+    planned = total_cost(choice, costing.structure) / total
     ranks = {name: c.rank for name, c in choice.items() if name != _FIXED}
     reasons = {
         name: dense_reasons[name] or "kept dense: the budget is spent better elsewhere"
         for name, rank in ranks.items()
         if rank is None
     }
-    return ranks, reasons, Budget(kind, target, planned, cheapest, config.allocate)
+    counts = costing.details.get("counts")
+    counts = counts if isinstance(counts, str) else None
+    budget = Budget(kind, target, planned, cheapest, config.allocate, counts)
+    return ranks, reasons, budget
 
 
 def plan_budget(

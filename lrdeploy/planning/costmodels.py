@@ -6,6 +6,11 @@ original model's total, so that a target fraction means the same thing for every
 MACs live here; measured latency (`lrdeploy.runtime.latency`) and IMC crossbars (`lrdeploy.imc.costs`)
 register the same way, by a dotted path imported only when that cost is asked for, so the planner
 never imports onnxruntime profiling or crossbar code it does not use.
+
+MACs are paid per inference, and only one branch of an If runs: when layers sit in If branches, the MACs
+costing carries a `Scope` (`branch_structure`) by which the budget counts what the report counts, the
+main graph, the costlier branch of each If and one iteration of each Loop/Scan body. Parameters are all
+stored, both branches' included: they add.
 """
 
 from __future__ import annotations
@@ -18,14 +23,28 @@ from typing import TYPE_CHECKING
 import onnx
 
 from lrdeploy.errors import UsageError
+from lrdeploy.passes.scopes import body_graphs
 from lrdeploy.planning.allocate import CostModel, LayerShape, MacsCost, ParamsCost
+from lrdeploy.planning.alternatives import Branches, Scope
 from lrdeploy.spelling import either, option
 
 if TYPE_CHECKING:
     from lrdeploy.config import CompressConfig
     from lrdeploy.planning.plan import Analysis
 
-__all__ = ["COSTS", "CostContext", "Costing", "constrained", "costing_for", "layer_positions"]
+__all__ = [
+    "BRANCHES_COUNTED",
+    "COSTS",
+    "CostContext",
+    "Costing",
+    "branch_structure",
+    "constrained",
+    "costing_for",
+    "layer_positions",
+]
+
+#: What a budget counts when a `Scope` combines its costs (the report's `branch_notes` rule).
+BRANCHES_COUNTED = "the costlier branch of each If, one iteration of each Loop/Scan body"
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,7 @@ class Costing:
     keep: Callable[[str, int], bool] | None = None  # (layer, rank) → admissible; None: every rank
     constraint: Costing | None = None  # a second cost that only removes candidates (`constrained`)
     details: dict[str, object] = field(default_factory=dict)  # what the report says about the measurement
+    structure: Scope | None = None  # how layer costs combine (If branches: the max); None: they add
 
 
 def constrained(budget: Costing, constraint: Costing) -> Costing:
@@ -74,7 +94,17 @@ def constrained(budget: Costing, constraint: Costing) -> Costing:
     reasons = {**budget.dense_reasons, **constraint.dense_reasons}
     notes = [*budget.notes, *constraint.notes]
     return Costing(
-        budget.model, budget.shapes, budget.total, budget.unit, budget.fixed, notes, reasons, keep, constraint
+        budget.model,
+        budget.shapes,
+        budget.total,
+        budget.unit,
+        budget.fixed,
+        notes,
+        reasons,
+        keep,
+        constraint,
+        budget.details,
+        budget.structure,
     )
 
 
@@ -111,7 +141,75 @@ def _macs(analyses: Sequence[Analysis], context: CostContext) -> Costing:
         if shape is None:
             raise unknown_dims(f"{option('target_macs')}: the MACs of layer '{analysis.name}'")
         shapes[analysis.name] = shape
-    return Costing(MacsCost(), shapes, float(total), "MACs")
+    costing = Costing(MacsCost(), shapes, float(total), "MACs")
+    if context.original is not None:
+        readers = {a.name: [node.name for node in a.group.nodes] for a in analyses}
+        dense = {name: costing.model.cost(shape, None) for name, shape in shapes.items()}
+        costing.structure = branch_structure(context.original.graph, context.macs, readers, dense)
+    if costing.structure is not None:  # the scopes hold what no layer covers
+        costing.fixed = 0.0
+        costing.details["counts"] = BRANCHES_COUNTED
+    return costing
+
+
+def branch_structure(
+    graph: onnx.GraphProto,
+    macs: Mapping[str, int | None],
+    readers: Mapping[str, Sequence[str]],
+    dense: Mapping[str, float],
+) -> Scope | None:
+    """How the MACs of ``graph`` combine when If branches hold any (None when none do): a scope per
+    graph (Loop/Scan bodies are part of their graph's: one iteration), each layer's share of its cost
+    in each scope by its readers' MACs there, and per scope the MACs no layer covers."""
+    where: dict[str, int] = {}  # node → its scope's index
+    nodes: list[list[str]] = []
+    found_branches = False
+
+    def visit(body: onnx.GraphProto, index: int) -> list[tuple[str, list[int]]]:
+        nonlocal found_branches
+        ifs = []
+        for node in body.node:
+            where[node.name] = index
+            nodes[index].append(node.name)
+            bodies = list(body_graphs(node))
+            if node.op_type == "If" and bodies:
+                scopes = []
+                for _, inner in bodies:
+                    nodes.append([])
+                    scopes.append(len(nodes) - 1)
+                    inner_ifs = visit(inner, scopes[-1])
+                    tree[scopes[-1]] = inner_ifs
+                found_branches = found_branches or any(
+                    name in macs for scope in scopes for name in nodes[scope]
+                )
+                ifs.append((node.name, scopes))
+            else:
+                for _, inner in bodies:
+                    ifs += visit(inner, index)  # one iteration of a loop body: its graph's scope
+        return ifs
+
+    tree: dict[int, list[tuple[str, list[int]]]] = {}
+    nodes.append([])
+    tree[0] = visit(graph, 0)
+    if not found_branches:
+        return None
+    parts: list[dict[str, float]] = [{} for _ in nodes]
+    for layer, names in readers.items():
+        counted = [float(macs.get(name) or 0) for name in names]
+        whole = sum(counted)
+        for name, count in zip(names, counted, strict=True):
+            share = count / whole if whole > 0 else 1.0 / len(names)
+            scope = parts[where.get(name, 0)]
+            scope[layer] = scope.get(layer, 0.0) + share
+
+    def build(index: int) -> Scope:
+        mine = parts[index]
+        covered = sum(share * dense[layer] for layer, share in mine.items())
+        fixed = sum(float(macs.get(name) or 0) for name in nodes[index]) - covered
+        branches = tuple(Branches(name, tuple(build(i) for i in scopes)) for name, scopes in tree[index])
+        return Scope(tuple(mine.items()), fixed, branches)
+
+    return build(0)
 
 
 #: cost name → the function that builds its costing, or "module:function" imported on first use.

@@ -1,0 +1,253 @@
+"""Budgets over costs that do not add: only one branch of an If runs, so an If costs its costlier branch.
+
+A cost that is paid per inference (MACs) counts the main graph, the costlier branch of each If and one
+iteration of each Loop/Scan body (`lrdeploy.passes.scopes.scoped_total`). A `Scope` describes that in
+numbers: costs that add (each layer's share of its cost counted there, and a constant for what no layer
+covers) and `Branches`, of which one runs, so they cost the max of their scopes:
+
+    total = Σ_{parts of the root} share·cost(layer) + fixed + Σ_{If} max_b total(branch b)
+
+The allocation (least Σ error with total ≤ budget) no longer separates by layer, but its Lagrangian still
+separates by scope: at a price λ an If costs min over caps c of [Σ_b E_b(c) + λ·c], E_b(c) being branch
+b's least error within cost c. So each `Branches` becomes one composite layer whose candidates are caps c
+(error Σ_b E_b(c), cost the costlier branch's), computed bottom up with E_b from the branch's Lagrangian
+frontier (its layers' hull steps in slope order: `frontier`), and the plain allocator chooses among layers
+and composites. Each chosen cap is then spent by allocating every branch within it (recursively), so the
+total never exceeds the budget and, like a flat allocation, lands within the tolerance below it.
+
+A layer counted in two scopes (a weight read by both branches) couples them. Its rank is chosen first:
+each scope gets its own copy of the layer (cost and error by share), and of the ranks the copies take, the
+one whose allocation with that rank fixed errs least is kept; fixed, the layer is a constant of its scopes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+__all__ = ["Branches", "Scope", "allocate_scoped", "scoped_cost"]
+
+#: Caps offered per If at most (evenly thinned): 0.2% steps of its cost range.
+MAX_CAPS = 512
+
+Flat = Callable[..., dict]  # `allocate.allocate` without a structure
+
+
+@dataclass(frozen=True)
+class Branches:
+    """Alternatives of which one runs (an If's branches): they cost the max of their scopes."""
+
+    name: str
+    scopes: tuple[Scope, ...]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Costs that add: ``parts`` (layer, share of its cost counted here), ``fixed``, and ``branches``."""
+
+    parts: tuple[tuple[str, float], ...] = ()
+    fixed: float = 0.0
+    branches: tuple[Branches, ...] = ()
+
+    def cost(self, costs: Mapping[str, float]) -> float:
+        """The scope's cost for layer costs ``costs`` (every layer it names must be there)."""
+        terms = [share * costs[layer] for layer, share in self.parts]
+        terms += [max(scope.cost(costs) for scope in b.scopes) for b in self.branches if b.scopes]
+        return math.fsum([self.fixed, *terms])
+
+    def layers(self) -> dict[str, int]:
+        """Layer → how many scopes (this one and those below it) count a part of it."""
+        found = dict.fromkeys(dict(self.parts), 1)
+        for branches in self.branches:
+            for scope in branches.scopes:
+                for layer, count in scope.layers().items():
+                    found[layer] = found.get(layer, 0) + count
+        return found
+
+
+def scoped_cost(costs: Mapping[str, float], structure: Scope | None) -> float:
+    """The total of layer costs under ``structure``; layers it does not name add in full (and all do
+    without one)."""
+    if structure is None:
+        return math.fsum(costs.values())
+    named = structure.layers()
+    rest = [cost for layer, cost in costs.items() if layer not in named]
+    return math.fsum([structure.cost(costs), *rest])
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """Duck-typed `allocate.Candidate` for a composite: ``rank`` is the index of its option."""
+
+    rank: int
+    error: float
+    cost: float
+
+
+def _cheapest(options: Sequence) -> object:
+    return min(options, key=lambda c: (c.cost, c.error))
+
+
+@dataclass
+class _Solver:
+    """The uncoupled problem: each layer is counted in one scope (its shares there add up)."""
+
+    table: Mapping[str, Sequence]
+    flat: Flat
+    tolerance: float
+    chosen: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+
+    def items(self, scope: Scope) -> tuple[list[list], list[str | Branches]]:
+        """The scope's layers (costs scaled by their share) and one composite layer per If, with what
+        each item is (a layer's name, or the `Branches`)."""
+        weights: dict[str, float] = {}
+        for layer, share in scope.parts:
+            weights[layer] = weights.get(layer, 0.0) + share
+        items = [[replace(c, cost=w * c.cost) for c in self.table[layer]] for layer, w in weights.items()]
+        items += [self.options(branches) for branches in scope.branches]
+        return items, [*weights, *scope.branches]
+
+    def frontier(self, scope: Scope) -> tuple[np.ndarray, np.ndarray]:
+        """(costs, errors) of the scope along its Lagrangian path: from every item at its cheapest, the
+        hull steps in order of slope (error saved per unit of cost)."""
+        from lrdeploy.planning.allocate import _hull, _slope
+
+        hulls = [_hull(options) for options in self.items(scope)[0]]
+        cost = math.fsum([scope.fixed, *(h[0].cost for h in hulls)])
+        error = math.fsum(h[0].error for h in hulls)
+        costs, errors = [cost], [error]
+        queue = [(-_slope(h[0], h[1]), k, 0) for k, h in enumerate(hulls) if len(h) > 1]
+        heapq.heapify(queue)
+        while queue:
+            _, k, index = heapq.heappop(queue)
+            low, high = hulls[k][index], hulls[k][index + 1]
+            cost, error = cost + high.cost - low.cost, error + high.error - low.error
+            costs.append(cost)
+            errors.append(error)
+            if index + 2 < len(hulls[k]):
+                heapq.heappush(queue, (-_slope(high, hulls[k][index + 2]), k, index + 1))
+        return np.array(costs), np.array(errors)
+
+    def options(self, branches: Branches) -> list[_Candidate]:
+        """The If as one layer: a candidate per cap, each branch at its least error within the cap."""
+        if id(branches) in self.cache:
+            return self.cache[id(branches)]
+        fronts = [self.frontier(scope) for scope in branches.scopes]
+        low = max(costs[0] for costs, _ in fronts)
+        caps = np.unique(np.concatenate([costs[costs >= low] for costs, _ in fronts]))
+        if len(caps) > MAX_CAPS:
+            caps = caps[np.unique(np.linspace(0, len(caps) - 1, MAX_CAPS).round().astype(int))]
+        spent, error = np.zeros(len(caps)), np.zeros(len(caps))
+        for costs, errors in fronts:
+            index = np.searchsorted(costs, caps, side="right") - 1
+            spent = np.maximum(spent, costs[index])
+            error = error + errors[index]
+        found = [_Candidate(k, float(e), float(c)) for k, (c, e) in enumerate(zip(spent, error, strict=True))]
+        self.cache[id(branches)] = found
+        return found
+
+    def spend(self, scope: Scope, budget: float) -> None:
+        """Choose every layer under ``scope`` within ``budget`` (into ``chosen``)."""
+        items, what = self.items(scope)
+        if not items:
+            return
+        floor = math.fsum(_cheapest(options).cost for options in items)  # rounding: never unreachable
+        table = {str(k): options for k, options in enumerate(items)}
+        picked = self.flat(table, max(budget - scope.fixed, floor), tolerance=self.tolerance)
+        left = budget - scope.fixed - math.fsum(c.cost for c in picked.values())
+        for key, candidate in picked.items():
+            item = what[int(key)]
+            if not isinstance(item, Branches):
+                self.chosen[item] = next(c for c in self.table[item] if c.rank == candidate.rank)
+        for key, candidate in picked.items():  # each If may spend what the others left (caps are discrete)
+            item = what[int(key)]
+            if isinstance(item, Branches):
+                cap = candidate.cost + max(left, 0.0)
+                for inner in item.scopes:
+                    self.spend(inner, cap)
+                costs = {layer: c.cost for layer, c in self.chosen.items()}
+                left = cap - max(inner.cost(costs) for inner in item.scopes)
+
+
+def _fix(scope: Scope, costs: Mapping[str, float]) -> Scope:
+    """``scope`` with the layers in ``costs`` made constants."""
+    parts, fixed = [], scope.fixed
+    for layer, share in scope.parts:
+        if layer in costs:
+            fixed += share * costs[layer]
+        else:
+            parts.append((layer, share))
+    inner = tuple(Branches(b.name, tuple(_fix(s, costs) for s in b.scopes)) for b in scope.branches)
+    return Scope(tuple(parts), fixed, inner)
+
+
+def _split(scope: Scope, table: Mapping[str, Sequence], coupled: set[str], copies: dict) -> Scope:
+    """``scope`` with each part of a ``coupled`` layer made a layer of its own, for the relaxation that
+    proposes their ranks; ``copies`` (filled here): copy → (layer, share)."""
+    parts = []
+    for layer, share in scope.parts:
+        if layer not in coupled:
+            parts.append((layer, share))
+            continue
+        name = f"{layer}\0{len(copies)}"
+        while name in table or name in copies:
+            name += "\0"
+        copies[name] = (layer, share)
+        parts.append((name, 1.0))  # the copy's candidates carry the share
+    inner = tuple(
+        Branches(b.name, tuple(_split(s, table, coupled, copies) for s in b.scopes)) for b in scope.branches
+    )
+    return Scope(tuple(parts), scope.fixed, inner)
+
+
+def _solve(table: Mapping[str, Sequence], root: Scope, budget: float, tolerance: float, flat: Flat) -> dict:
+    solver = _Solver(table, flat, tolerance)
+    solver.spend(root, budget)
+    return solver.chosen
+
+
+def allocate_scoped(
+    table: Mapping[str, Sequence], structure: Scope, budget: float, tolerance: float, flat: Flat
+) -> dict:
+    """One candidate per layer of ``table`` with ``scoped_cost`` ≤ ``budget`` (see the module doc);
+    ``flat`` allocates a plain table. The caller has checked that the cheapest choice fits."""
+    named = structure.layers()
+    rest = tuple((layer, 1.0) for layer in table if layer not in named)
+    root = Scope(structure.parts + rest, structure.fixed, structure.branches)
+    coupled = {layer for layer, count in root.layers().items() if count > 1}
+    if not coupled:
+        return _solve(table, root, budget, tolerance, flat)
+    copies: dict[str, tuple[str, float]] = {}
+    split = _split(root, table, coupled, copies)
+    single = {layer: options for layer, options in table.items() if layer not in coupled}
+    relaxed_table = dict(single)
+    for name, (layer, share) in copies.items():
+        relaxed_table[name] = [replace(c, cost=share * c.cost, error=share * c.error) for c in table[layer]]
+    relaxed = _solve(relaxed_table, split, budget, tolerance, flat)
+
+    def attempt(choice: Mapping[str, object]) -> dict | None:
+        scope = _fix(root, {layer: c.cost for layer, c in choice.items()})  # type: ignore[attr-defined]
+        if scoped_cost({k: _cheapest(v).cost for k, v in single.items()}, scope) > budget * (1 + 1e-12):
+            return None
+        return {**_solve(single, scope, budget, tolerance, flat), **choice}
+
+    def error(result: dict | None) -> float:
+        return math.inf if result is None else math.fsum(c.error for c in result.values())
+
+    choice = {layer: _cheapest(table[layer]) for layer in coupled}
+    best = attempt(choice)
+    for layer in sorted(coupled):  # one at a time, at each rank its copies took, the others as they are
+        ranks = {relaxed[name].rank for name, (of, _) in copies.items() if of == layer}
+        for option in sorted((c for c in table[layer] if c.rank in ranks), key=lambda c: -c.cost):
+            if option == choice[layer]:
+                continue
+            result = attempt({**choice, layer: option})
+            if error(result) < error(best):
+                best, choice = result, {**choice, layer: option}
+    assert best is not None, "the cheapest choice of every layer fits"
+    return best
