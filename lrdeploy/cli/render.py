@@ -187,9 +187,10 @@ def _budget_lines(report: Report) -> list[str]:
     if report.budget:
         b = report.budget
         achieved = "-" if b.get("achieved") is None else f"{b['achieved']:.3f}"
+        counts = f"counting {b['counts']}; " if b.get("counts") else ""
         lines.append(
             f"budget: {b['target']:g} of the {b['kind']} asked, {achieved} achieved "
-            f"(allocated by {b['allocator']}; {b['cheapest']:.3f} is the least reachable)"
+            f"({counts}allocated by {b['allocator']}; {b['cheapest']:.3f} is the least reachable)"
         )
     if report.calibration:
         c = report.calibration

@@ -16,8 +16,13 @@ and composites. Each chosen cap is then spent by allocating every branch within 
 total never exceeds the budget and, like a flat allocation, lands within the tolerance below it.
 
 A layer counted in two scopes (a weight read by both branches) couples them. Its rank is chosen first:
-each scope gets its own copy of the layer (cost and error by share), and of the ranks the copies take, the
-one whose allocation with that rank fixed errs least is kept; fixed, the layer is a constant of its scopes.
+each scope gets its own copy of the layer (cost and error by share) and the copies' ranks, with their
+neighbours, are proposed; with the coupled layers fixed (constants of their scopes) the rest is allocated
+as above, for every combination of proposals when there are few, else one layer at a time.
+
+On random small cases (2–5 layers × 2–4 candidates, an If with a nested If in 40% of cases, a quarter of
+the layers counted in two scopes) the choice is always within the budget and is the brute-force optimum
+in 99% of cases (`tests/test_branch_budget.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import product
 
 import numpy as np
 
@@ -33,6 +39,11 @@ __all__ = ["Branches", "Scope", "allocate_scoped", "scoped_cost"]
 
 #: Caps offered per If at most (evenly thinned): 0.2% steps of its cost range.
 MAX_CAPS = 512
+
+#: Candidates tried on each side of a coupled layer's proposed ranks, and rounds over the coupled layers.
+NEIGHBOURS, ROUNDS = 2, 2
+#: Below this many combinations of the coupled layers' proposals, every combination is tried.
+JOINT = 64
 
 Flat = Callable[..., dict]  # `allocate.allocate` without a structure
 
@@ -138,6 +149,8 @@ class _Solver:
         if id(branches) in self.cache:
             return self.cache[id(branches)]
         fronts = [self.frontier(scope) for scope in branches.scopes]
+        if not fronts:
+            return [_Candidate(0, 0.0, 0.0)]
         low = max(costs[0] for costs, _ in fronts)
         caps = np.unique(np.concatenate([costs[costs >= low] for costs, _ in fronts]))
         if len(caps) > MAX_CAPS:
@@ -162,8 +175,9 @@ class _Solver:
         left = budget - scope.fixed - math.fsum(c.cost for c in picked.values())
         for key, candidate in picked.items():
             item = what[int(key)]
-            if not isinstance(item, Branches):
-                self.chosen[item] = next(c for c in self.table[item] if c.rank == candidate.rank)
+            if not isinstance(item, Branches):  # the scaled copy → the table's candidate
+                index = next(k for k, c in enumerate(items[int(key)]) if c is candidate)
+                self.chosen[item] = self.table[item][index]
         for key, candidate in picked.items():  # each If may spend what the others left (caps are discrete)
             item = what[int(key)]
             if isinstance(item, Branches):
@@ -205,6 +219,19 @@ def _split(scope: Scope, table: Mapping[str, Sequence], coupled: set[str], copie
     return Scope(tuple(parts), scope.fixed, inner)
 
 
+def _around(options: Sequence, ranks: set) -> list:
+    """The candidates at ``ranks`` and their `NEIGHBOURS` nearest in cost on each side (all of them when
+    there are few), dearest first."""
+    ordered = sorted(options, key=lambda c: (c.cost, c.error))
+    if len(ordered) <= 4 * NEIGHBOURS:
+        return ordered[::-1]
+    near = set()
+    for k, option in enumerate(ordered):
+        if option.rank in ranks:
+            near.update(range(max(k - NEIGHBOURS, 0), min(k + NEIGHBOURS + 1, len(ordered))))
+    return [ordered[k] for k in sorted(near, reverse=True)]
+
+
 def _solve(table: Mapping[str, Sequence], root: Scope, budget: float, tolerance: float, flat: Flat) -> dict:
     solver = _Solver(table, flat, tolerance)
     solver.spend(root, budget)
@@ -239,15 +266,26 @@ def allocate_scoped(
     def error(result: dict | None) -> float:
         return math.inf if result is None else math.fsum(c.error for c in result.values())
 
+    layers = sorted(coupled)
+    proposals = {}
+    for layer in layers:
+        ranks = {relaxed[name].rank for name, (of, _) in copies.items() if of == layer}
+        proposals[layer] = _around(table[layer], ranks)
+    if math.prod(len(options) for options in proposals.values()) <= JOINT:  # few: every combination
+        results = [attempt(dict(zip(layers, combo, strict=True))) for combo in product(*proposals.values())]
+        return min((r for r in results if r is not None), key=error)
     choice = {layer: _cheapest(table[layer]) for layer in coupled}
     best = attempt(choice)
-    for layer in sorted(coupled):  # one at a time, at each rank its copies took, the others as they are
-        ranks = {relaxed[name].rank for name, (of, _) in copies.items() if of == layer}
-        for option in sorted((c for c in table[layer] if c.rank in ranks), key=lambda c: -c.cost):
-            if option == choice[layer]:
-                continue
-            result = attempt({**choice, layer: option})
-            if error(result) < error(best):
-                best, choice = result, {**choice, layer: option}
+    for _ in range(ROUNDS):  # one layer at a time, the others as they are, until none improves
+        improved = False
+        for layer in layers:
+            for option in proposals[layer]:
+                if option == choice[layer]:
+                    continue
+                result = attempt({**choice, layer: option})
+                if error(result) < error(best) - 1e-12:
+                    best, choice, improved = result, {**choice, layer: option}, True
+        if not improved:
+            break
     assert best is not None, "the cheapest choice of every layer fits"
     return best

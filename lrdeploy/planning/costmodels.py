@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: What a budget counts when a `Scope` combines its costs (the report's `branch_notes` rule).
-BRANCHES_COUNTED = "the costlier branch of each If, one iteration of each Loop/Scan body"
+BRANCHES_COUNTED = "MACs of the costlier branch of each If and one iteration of each Loop/Scan body"
 
 
 @dataclass(frozen=True)
