@@ -103,6 +103,11 @@ def _cheapest(options: Sequence) -> object:
     return min(options, key=lambda c: (c.cost, c.error))
 
 
+def _scaled(options: Sequence, weight: float) -> Sequence:
+    """``options`` with their costs times ``weight`` (themselves when it is 1)."""
+    return options if abs(weight - 1.0) < 1e-12 else [replace(c, cost=weight * c.cost) for c in options]
+
+
 @dataclass
 class _Solver:
     """The uncoupled problem: each layer is counted in one scope (its shares there add up)."""
@@ -110,8 +115,8 @@ class _Solver:
     table: Mapping[str, Sequence]
     flat: Flat
     tolerance: float
+    cache: dict = field(default_factory=dict)  # a scope's frontier (less its fixed cost), by value
     chosen: dict = field(default_factory=dict)
-    cache: dict = field(default_factory=dict)
 
     def items(self, scope: Scope) -> tuple[list[list], list[str | Branches]]:
         """The scope's layers (costs scaled by their share) and one composite layer per If, with what
@@ -119,13 +124,20 @@ class _Solver:
         weights: dict[str, float] = {}
         for layer, share in scope.parts:
             weights[layer] = weights.get(layer, 0.0) + share
-        items = [[replace(c, cost=w * c.cost) for c in self.table[layer]] for layer, w in weights.items()]
+        items = [_scaled(self.table[layer], w) for layer, w in weights.items()]
         items += [self.options(branches) for branches in scope.branches]
         return items, [*weights, *scope.branches]
 
     def frontier(self, scope: Scope) -> tuple[np.ndarray, np.ndarray]:
         """(costs, errors) of the scope along its Lagrangian path: from every item at its cheapest, the
         hull steps in order of slope (error saved per unit of cost)."""
+        key = replace(scope, fixed=0.0)  # the same layers with other constants: the same path, shifted
+        if key not in self.cache:
+            self.cache[key] = self._path(key)
+        costs, errors = self.cache[key]
+        return costs + scope.fixed, errors
+
+    def _path(self, scope: Scope) -> tuple[np.ndarray, np.ndarray]:
         from lrdeploy.planning.allocate import _hull, _slope
 
         hulls = [_hull(options) for options in self.items(scope)[0]]
@@ -146,8 +158,8 @@ class _Solver:
 
     def options(self, branches: Branches) -> list[_Candidate]:
         """The If as one layer: a candidate per cap, each branch at its least error within the cap."""
-        if id(branches) in self.cache:
-            return self.cache[id(branches)]
+        if branches in self.cache:
+            return self.cache[branches]
         fronts = [self.frontier(scope) for scope in branches.scopes]
         if not fronts:
             return [_Candidate(0, 0.0, 0.0)]
@@ -161,8 +173,18 @@ class _Solver:
             spent = np.maximum(spent, costs[index])
             error = error + errors[index]
         found = [_Candidate(k, float(e), float(c)) for k, (c, e) in enumerate(zip(spent, error, strict=True))]
-        self.cache[id(branches)] = found
+        self.cache[branches] = found
         return found
+
+    def estimate(self, scope: Scope, budget: float) -> float:
+        """The least error of the layers under ``scope`` within ``budget``, by its Ifs' frontiers."""
+        items, _ = self.items(scope)
+        if not items:
+            return 0.0
+        floor = math.fsum(_cheapest(options).cost for options in items)
+        table = {str(k): options for k, options in enumerate(items)}
+        picked = self.flat(table, max(budget - scope.fixed, floor), tolerance=self.tolerance)
+        return math.fsum(c.error for c in picked.values())
 
     def spend(self, scope: Scope, budget: float) -> None:
         """Choose every layer under ``scope`` within ``budget`` (into ``chosen``)."""
@@ -232,8 +254,10 @@ def _around(options: Sequence, ranks: set) -> list:
     return [ordered[k] for k in sorted(near, reverse=True)]
 
 
-def _solve(table: Mapping[str, Sequence], root: Scope, budget: float, tolerance: float, flat: Flat) -> dict:
-    solver = _Solver(table, flat, tolerance)
+def _solve(
+    table: Mapping[str, Sequence], root: Scope, budget: float, tolerance: float, flat: Flat, cache: dict
+) -> dict:
+    solver = _Solver(table, flat, tolerance, cache)
     solver.spend(root, budget)
     return solver.chosen
 
@@ -248,44 +272,46 @@ def allocate_scoped(
     root = Scope(structure.parts + rest, structure.fixed, structure.branches)
     coupled = {layer for layer, count in root.layers().items() if count > 1}
     if not coupled:
-        return _solve(table, root, budget, tolerance, flat)
+        return _solve(table, root, budget, tolerance, flat, {})
     copies: dict[str, tuple[str, float]] = {}
     split = _split(root, table, coupled, copies)
     single = {layer: options for layer, options in table.items() if layer not in coupled}
     relaxed_table = dict(single)
     for name, (layer, share) in copies.items():
         relaxed_table[name] = [replace(c, cost=share * c.cost, error=share * c.error) for c in table[layer]]
-    relaxed = _solve(relaxed_table, split, budget, tolerance, flat)
+    cache: dict = {}  # frontiers: the coupled layers' choices only change the scopes' constants
+    relaxed = _solve(relaxed_table, split, budget, tolerance, flat, cache)
 
-    def attempt(choice: Mapping[str, object]) -> dict | None:
+    cheapest = {layer: _cheapest(options).cost for layer, options in single.items()}
+
+    def estimate(choice: Mapping[str, object]) -> float:
+        """The least error with ``choice`` fixed, by the scopes' frontiers (inf when it does not fit)."""
         scope = _fix(root, {layer: c.cost for layer, c in choice.items()})  # type: ignore[attr-defined]
-        if scoped_cost({k: _cheapest(v).cost for k, v in single.items()}, scope) > budget * (1 + 1e-12):
-            return None
-        return {**_solve(single, scope, budget, tolerance, flat), **choice}
-
-    def error(result: dict | None) -> float:
-        return math.inf if result is None else math.fsum(c.error for c in result.values())
+        if scoped_cost(cheapest, scope) > budget * (1 + 1e-12):
+            return math.inf
+        rest = _Solver(single, flat, tolerance, cache).estimate(scope, budget)
+        return rest + math.fsum(c.error for c in choice.values())  # type: ignore[attr-defined]
 
     layers = sorted(coupled)
     proposals = {}
     for layer in layers:
         ranks = {relaxed[name].rank for name, (of, _) in copies.items() if of == layer}
         proposals[layer] = _around(table[layer], ranks)
+    best: dict = {layer: _cheapest(table[layer]) for layer in layers}  # fits: the caller checked
     if math.prod(len(options) for options in proposals.values()) <= JOINT:  # few: every combination
-        results = [attempt(dict(zip(layers, combo, strict=True))) for combo in product(*proposals.values())]
-        return min((r for r in results if r is not None), key=error)
-    choice = {layer: _cheapest(table[layer]) for layer in coupled}
-    best = attempt(choice)
-    for _ in range(ROUNDS):  # one layer at a time, the others as they are, until none improves
-        improved = False
-        for layer in layers:
-            for option in proposals[layer]:
-                if option == choice[layer]:
-                    continue
-                result = attempt({**choice, layer: option})
-                if error(result) < error(best) - 1e-12:
-                    best, choice, improved = result, {**choice, layer: option}, True
-        if not improved:
-            break
-    assert best is not None, "the cheapest choice of every layer fits"
-    return best
+        combos = [dict(zip(layers, combo, strict=True)) for combo in product(*proposals.values())]
+        best = min([best, *combos], key=estimate)
+    else:
+        least = estimate(best)
+        for _ in range(ROUNDS):  # one layer at a time, the others as they are, until none improves
+            improved = False
+            for layer in layers:
+                for option in proposals[layer]:
+                    trial = {**best, layer: option}
+                    error = estimate(trial)
+                    if error < least - 1e-12:
+                        best, least, improved = trial, error, True
+            if not improved:
+                break
+    scope = _fix(root, {layer: c.cost for layer, c in best.items()})
+    return {**_solve(single, scope, budget, tolerance, flat, cache), **best}
