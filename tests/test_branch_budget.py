@@ -21,6 +21,7 @@ from test_subgraphs import _main_and_branch_share, audio_feeds
 
 import lrdeploy
 from lrdeploy.cli.app import main
+from lrdeploy.errors import UsageError
 from lrdeploy.passes.names import name_nodes
 from lrdeploy.passes.scopes import body_graphs, scoped_nodes, scoped_total
 from lrdeploy.planning import costs
@@ -158,6 +159,13 @@ def test_the_cheaper_branch_is_left_dense_while_it_fits():
     rows = {layer.decision.name: layer.decision for layer in report.layers}
     assert rows["If_0/then_branch/k16_conv"].status == "skipped"
     assert rows["If_0/else_branch/k8_conv"].status == "factorized"
+
+
+def test_an_unreachable_budget_names_the_least_by_the_same_count():
+    """Every layer at rank 1: 848 of 7,936 MACs counted the report's way (both branches add to 1,536)."""
+    message = r"target_macs 0.05 is out of reach.* costs 0\.107 of the model's MACs"
+    with pytest.raises(UsageError, match=message):
+        lrdeploy.compress(audio_if_model(), target_macs=0.05, verify=False)
 
 
 @pytest.mark.parametrize("target", [0.8, 0.5, 0.3])

@@ -66,7 +66,8 @@ class Costing:
     """A cost model with every layer's shape and the original model's total in the same unit.
 
     ``fixed`` is the part of the total that no layer's candidates cover (BatchNorm, activations,
-    depthwise convolutions, ...); by default what the dense layers leave of the total. ``notes`` says
+    depthwise convolutions, ...); by default what the dense layers leave of the total. With a
+    ``structure`` (If branches) the scopes hold it, each its own, and ``fixed`` is 0. ``notes`` says
     what the report should know about how the cost was obtained (e.g. a cached latency table)."""
 
     model: CostModel
