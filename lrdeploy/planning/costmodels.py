@@ -163,7 +163,8 @@ def branch_structure(
     graph (Loop/Scan bodies are part of their graph's: one iteration), each layer's share of its cost
     in each scope by its readers' MACs there, and per scope the MACs no layer covers."""
     where: dict[str, int] = {}  # node → its scope's index
-    nodes: list[list[str]] = []
+    nodes: list[list[str]] = [[]]  # scope → its nodes (scope 0: the main graph)
+    tree: dict[int, list[tuple[str, list[int]]]] = {}  # scope → its Ifs: (name, their branches' scopes)
     found_branches = False
 
     def visit(body: onnx.GraphProto, index: int) -> list[tuple[str, list[int]]]:
@@ -178,8 +179,7 @@ def branch_structure(
                 for _, inner in bodies:
                     nodes.append([])
                     scopes.append(len(nodes) - 1)
-                    inner_ifs = visit(inner, scopes[-1])
-                    tree[scopes[-1]] = inner_ifs
+                    tree[scopes[-1]] = visit(inner, scopes[-1])
                 found_branches = found_branches or any(
                     name in macs for scope in scopes for name in nodes[scope]
                 )
@@ -189,8 +189,6 @@ def branch_structure(
                     ifs += visit(inner, index)  # one iteration of a loop body: its graph's scope
         return ifs
 
-    tree: dict[int, list[tuple[str, list[int]]]] = {}
-    nodes.append([])
     tree[0] = visit(graph, 0)
     if not found_branches:
         return None
