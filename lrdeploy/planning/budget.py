@@ -86,9 +86,12 @@ def candidate_ranks(m: int, n: int, multiple: int = 1, limit: int = MAX_CANDIDAT
 
 def error_curve(analysis: Analysis, whiten: bool) -> np.ndarray:
     """errors[r], r = 0 … full rank: the normalized truncation error the allocator weighs."""
-    assert analysis.spectrum is not None and analysis.matrix is not None
+    assert analysis.spectrum is not None
     if analysis.curve:
         return _interpolated(analysis.curve, analysis.spectrum.full_rank)
+    if analysis.errors is not None:  # kept when the weight was released
+        return analysis.errors
+    assert analysis.matrix is not None
     if whiten and analysis.whitened is not None:
         return analysis.whitened.errors
     if analysis.moments is not None:
@@ -205,7 +208,9 @@ def plan_budget(
     def tick(stage: str) -> Callable[[int, int], None] | None:
         return (lambda done, total: progress(stage, done, total)) if progress else None
 
-    analyses = analyze_groups(groups, config, moments, tick("analyze"))
+    # sensitivity factors every layer at several ranks: it keeps the weights; otherwise only the curves
+    curve = None if config.allocate == "sensitivity" else (lambda a: error_curve(a, config.whiten))
+    analyses = analyze_groups(groups, config, moments, tick("analyze"), curve)
     if config.allocate == "sensitivity":
         assert calibration is not None and folded is not None
         ranks = {
