@@ -1,6 +1,7 @@
-"""A budget's analysis keeps only error curves and singular values, not the weights: the same ranks and
-factors as when every weight and basis was kept, the weights released before allocation, and each
-factorized weight read again from the model's file for its chosen rank."""
+"""A budget's analysis of a large model keeps only error curves and singular values, not the weights: the
+same ranks and factors as when every weight and basis was kept, the weights released before allocation,
+and each factorized weight read again from the model's file for its chosen rank. The models here are
+small: the suite lowers `budget.KEEP_BYTES` (the size below which weights are kept) to release them."""
 
 from __future__ import annotations
 
@@ -60,10 +61,14 @@ def _calib(count: int = 40, seed: int = 1) -> dict[str, np.ndarray]:
     return {"x": base.astype(np.float32)}
 
 
+@pytest.fixture(autouse=True)
+def _release_all(monkeypatch):
+    monkeypatch.setattr(budget, "KEEP_BYTES", 0)
+
+
 def _kept(monkeypatch) -> None:
-    """Today's path before the release: every analysis keeps its weight and bases until allocation."""
-    original = plan.analyze_groups
-    monkeypatch.setattr(budget, "analyze_groups", lambda *args: original(*args[:4]))
+    """Every analysis keeps its weight and bases until allocation (a model under `budget.KEEP_BYTES`)."""
+    monkeypatch.setattr(budget, "KEEP_BYTES", 2**62)
 
 
 def _compress(model, **options):
@@ -164,6 +169,18 @@ def test_the_kept_path_holds_every_weight_at_allocation(monkeypatch):
     _kept(monkeypatch)
     _compress(_net(), target_params=0.5)
     assert alive == [4]
+
+
+def test_only_weights_over_the_threshold_are_released(monkeypatch):
+    """A model's weights stay while they fit in `KEEP_BYTES` (no second read: small models plan as fast
+    as before); one byte less and they are released."""
+    model, size = _net(), 8 * (16 * 36 + 16 * 144 + 64 * 1024 + 64 * 10)
+    for limit, released in ((size, False), (size - 1, True)):
+        alive, seen = _alive_at_allocation(monkeypatch)
+        monkeypatch.setattr(budget, "KEEP_BYTES", limit)
+        _compress(model, target_params=0.5)
+        assert alive == [0 if released else 4]
+        assert {a.released for a in seen if not a.skip} == {released}
 
 
 def test_sensitivity_keeps_the_weights_it_factors_at_several_ranks(monkeypatch):
