@@ -235,9 +235,10 @@ class Analysis:
     """One group read and decomposed: what the rank choice and the factors need.
 
     ``skip`` says why the group stays dense whatever the policy (a problem, excluded, bad values);
-    ``override`` is the user's fixed rank for it. A budget keeps only ``errors`` (its allocator's curve)
-    and the singular values of every group (`release`): the weight is read again for the chosen rank
-    (`reloaded`), so the plan holds one or two weights in float64 at a time, not the whole model.
+    ``override`` is the user's fixed rank for it. A budget on a large model (`budget.KEEP_BYTES`) keeps
+    only ``errors`` (its allocator's curve) and the singular values of every group (`release`): the
+    weight is read again for the chosen rank (`reloaded`), so the plan holds one or two weights in
+    float64 at a time, not the whole model.
     """
 
     group: WeightGroup
