@@ -8,7 +8,7 @@ end, so the figures are the whole process's peak. Results go to ``models/RESULTS
 
     python benchmarks/scale.py --case stack:44:1024              # 2.75 GiB stack: ~15 min, shared 2 cores
     python benchmarks/scale.py --case decoder:28:1600 --no-budget  # 1.02 B decoder: ~50 min, shared 2 cores
-    python benchmarks/scale.py --case decoder:28:1600 --no-ratio   # its params budget (verification off)
+    python benchmarks/scale.py --case decoder:28:1600 --no-ratio   # its params budget, no verify: ~47 min
     python benchmarks/scale.py --workdir /tmp/scale              # the full set: several hours on 2 cores
 """
 
