@@ -8,6 +8,7 @@ end, so the figures are the whole process's peak. Results go to ``models/RESULTS
 
     python benchmarks/scale.py --case stack:44:1024              # 2.75 GiB stack: ~15 min, shared 2 cores
     python benchmarks/scale.py --case decoder:28:1600 --no-budget  # 1.02 B decoder: ~50 min, shared 2 cores
+    python benchmarks/scale.py --case decoder:28:1600 --no-ratio   # its params budget, no verify: ~47 min
     python benchmarks/scale.py --workdir /tmp/scale              # the full set: several hours on 2 cores
 """
 
@@ -289,6 +290,7 @@ def main() -> None:
         help="KIND:LAYERS:WIDTH instead of the default set (repeatable)",
     )
     parser.add_argument("--no-budget", action="store_true", help="decoders: the rank-ratio run only")
+    parser.add_argument("--no-ratio", action="store_true", help="decoders: the params-budget run only")
     parser.add_argument("--no-verify", action="store_true", help="with --case: compress without verifying")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -306,7 +308,7 @@ def main() -> None:
     if args.case:
         ids = {"input_shapes": {"input_ids": [1, 32]}}
         budgets = [{"rank_ratio": 0.25, **ids}, {"target_params": 0.5, "verify": False, **ids}]
-        budgets = budgets[:1] if args.no_budget else budgets
+        budgets = budgets[:1] if args.no_budget else budgets[1:] if args.no_ratio else budgets
         cases = []
         for case in args.case:
             kind, layers, width = case.split(":")

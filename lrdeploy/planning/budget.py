@@ -53,6 +53,10 @@ __all__ = [
 MAX_CANDIDATES = 256
 #: The achieved fraction lands within this of the target (issue 9 asks 1%) when some ranks allow it.
 TOLERANCE = 0.01
+#: Analysed weights are kept until allocation when all of them hold at most this in float64 (ResNet-50:
+#: 0.2 GB); above it each keeps only its error curve and singular values, and a factorized weight is
+#: read and decomposed again for its rank (1 B parameters: 8+ GB that would be held at once).
+KEEP_BYTES = 2**30
 _FIXED = "(not factorizable)"
 
 
@@ -89,9 +93,12 @@ def candidate_ranks(m: int, n: int, multiple: int = 1, limit: int = MAX_CANDIDAT
 
 def error_curve(analysis: Analysis, whiten: bool) -> np.ndarray:
     """errors[r], r = 0 … full rank: the normalized truncation error the allocator weighs."""
-    assert analysis.spectrum is not None and analysis.matrix is not None
+    assert analysis.spectrum is not None
     if analysis.curve:
         return _interpolated(analysis.curve, analysis.spectrum.full_rank)
+    if analysis.errors is not None:  # kept when the weight was released
+        return analysis.errors
+    assert analysis.matrix is not None
     if whiten and analysis.whitened is not None:
         return analysis.whitened.errors
     if analysis.moments is not None:
@@ -189,6 +196,11 @@ def choose_ranks(
     return ranks, reasons, budget
 
 
+def _float64_bytes(groups: Sequence[WeightGroup]) -> int:
+    """What the groups' weights take in float64 (each block of a grouped layer is m×n)."""
+    return sum(8 * g.view.m * g.view.n * g.view.blocks for g in groups if not g.problem)
+
+
 def plan_budget(
     groups: list[WeightGroup],
     config: CompressConfig,
@@ -212,7 +224,10 @@ def plan_budget(
     def tick(stage: str) -> Callable[[int, int], None] | None:
         return (lambda done, total: progress(stage, done, total)) if progress else None
 
-    analyses = analyze_groups(groups, config, moments, tick("analyze"))
+    # sensitivity factors every layer at several ranks: it keeps the weights, as small models do
+    keep = config.allocate == "sensitivity" or _float64_bytes(groups) <= KEEP_BYTES
+    curve = None if keep else (lambda a: error_curve(a, config.whiten))
+    analyses = analyze_groups(groups, config, moments, tick("analyze"), curve)
     if config.allocate == "sensitivity":
         assert calibration is not None and folded is not None
         ranks = {

@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -235,7 +235,10 @@ class Analysis:
     """One group read and decomposed: what the rank choice and the factors need.
 
     ``skip`` says why the group stays dense whatever the policy (a problem, excluded, bad values);
-    ``override`` is the user's fixed rank for it.
+    ``override`` is the user's fixed rank for it. A budget on a large model (`budget.KEEP_BYTES`) keeps
+    only ``errors`` (its allocator's curve) and the singular values of every group (`release`): the
+    weight is read again for the chosen rank (`reloaded`), so the plan holds one or two weights in
+    float64 at a time, not the whole model.
     """
 
     group: WeightGroup
@@ -247,10 +250,28 @@ class Analysis:
     moments: LayerMoments | None = None
     curve: tuple[tuple[int, float], ...] = ()  # measured end to end (`lrdeploy.planning.sensitivity`)
     fallback: str | None = None  # why there are no statistics although whitening was asked for
+    errors: np.ndarray | None = None  # errors[r] for the allocator, kept when the weight is released
 
     @property
     def name(self) -> str:
         return self.group.primary
+
+    @property
+    def released(self) -> bool:
+        return self.matrix is None and self.spectrum is not None
+
+    def release(self, errors: np.ndarray) -> None:
+        """Keep the error curve and the singular values; drop the weight, its bases and whitened factors."""
+        self.errors = errors
+        self.matrix = self.whitened = None
+        if self.spectrum is not None:
+            self.spectrum.release()
+
+    def reloaded(self, whiten: bool) -> Analysis:
+        """A copy with the weight read again from the model (its file, for a lazily loaded one) and
+        decomposed as `analyze_groups` does without a curve: the same factors as if it had been kept."""
+        matrix = np.asarray(self.group.view.matrix(), dtype=np.float64)
+        return _decompose(replace(self), matrix, whiten)
 
     def factors(self, rank: int, whiten: bool) -> Factors:
         """The factors at ``rank`` with both methods' calibration errors when there are statistics."""
@@ -285,7 +306,9 @@ def _analyze(
     skip_reason: str | None,
     moments: Mapping[str, LayerMoments] | None,
     whiten: bool,
+    curve: Callable[[Analysis], np.ndarray] | None = None,
 ) -> Analysis:
+    """The group read and decomposed; with ``curve``, released down to ``curve``'s errors at once."""
     skip = group.problem or skip_reason
     if skip:
         return Analysis(group, skip)
@@ -294,13 +317,27 @@ def _analyze(
         return Analysis(group, "the weight holds NaN or infinite values")
     matrix = np.asarray(matrix, dtype=np.float64)
     layer = _merged(group, moments) if moments else None
-    whitened = whitened_of(group.view, matrix, layer.fit.matrix) if layer is not None and whiten else None
-    analysis = Analysis(group, None, override, matrix, spectrum_of(group.view, matrix), whitened, layer)
+    analysis = Analysis(group, None, override, moments=layer)
     if moments and whiten and layer is None and group.view.layout[0] == "Gather":
         analysis.fallback = (
             f"the embedding's {group.view.n} rows are over the {MAX_EMBEDDING_ROWS} whose token statistics "
             "are kept; plain SVD factors"
         )
+    if curve is None:
+        return _decompose(analysis, matrix, whiten)
+    # a curve from the energy or the whitened errors needs no plain basis (`budget.error_curve`)
+    _decompose(analysis, matrix, whiten, values_only=layer is None or whiten)
+    analysis.release(curve(analysis))
+    return analysis
+
+
+def _decompose(analysis: Analysis, matrix: np.ndarray, whiten: bool, values_only: bool = False) -> Analysis:
+    """Fill in the weight, its spectrum and (with statistics and ``whiten``) its whitened spectrum."""
+    view, layer = analysis.group.view, analysis.moments
+    analysis.matrix = matrix
+    analysis.whitened = whitened_of(view, matrix, layer.fit.matrix) if layer is not None and whiten else None
+    plain = values_only and view.blocks == 1  # grouped convs are small: their blocks are kept whole
+    analysis.spectrum = Spectrum.values_of(matrix) if plain else spectrum_of(view, matrix)
     return analysis
 
 
@@ -342,8 +379,13 @@ def analyze_groups(
     config: CompressConfig,
     moments: Mapping[str, LayerMoments] | None = None,
     progress: Progress | None = None,
+    curve: Callable[[Analysis], np.ndarray] | None = None,
 ) -> list[Analysis]:
-    """Every group's spectrum (and whitened spectrum with ``moments``), kept for a budget's allocation."""
+    """Every group's spectrum (and whitened spectrum with ``moments``), kept for a budget's allocation.
+
+    With ``curve`` (a group's error curve), each group keeps only that and its singular values
+    (`Analysis.release`); `finish_groups` reads the weight again. Without, weights and bases stay.
+    """
     layers = [([n.name for n in group.nodes], group.labels) for group in groups]
     policy = config.policy or config.budget  # a budget stands for the policy
     choices = select(layers, config.overrides, config.include, config.exclude, policy)
@@ -351,7 +393,7 @@ def analyze_groups(
         lookup = [g.view.layout[0] == "Gather" for g in groups]
         choices = [(o, r or (_LOOKUP if x else None)) for x, (o, r) in zip(lookup, choices, strict=True)]
     jobs = list(zip(groups, choices, strict=True))
-    return _parallel(lambda job: _analyze(job[0], *job[1], moments, config.whiten), jobs, progress)
+    return _parallel(lambda job: _analyze(job[0], *job[1], moments, config.whiten, curve), jobs, progress)
 
 
 def plan_layers(
@@ -377,12 +419,15 @@ def finish_groups(
     config: CompressConfig,
     reasons: Mapping[str, str],
 ) -> tuple[list[Rewrite], list[LayerDecision]]:
-    """Factor every analysed group at its chosen rank (None: dense, for the reason in ``reasons``)."""
+    """Factor every analysed group at its chosen rank (None: dense, for the reason in ``reasons``); a
+    released group's weight is read and decomposed again, one group per planning thread at a time."""
 
     def job(analysis: Analysis):
         rank = ranks.get(analysis.name)
         if analysis.skip or rank is None:
             return _finish(analysis, None, analysis.skip or reasons.get(analysis.name, ""), config)
+        if analysis.released:
+            analysis = analysis.reloaded(config.whiten)
         reason = f"rank {rank} of {min(analysis.group.view.m, analysis.group.view.n)}"
         return _finish(analysis, rank, reason + (" (override)" if analysis.override else ""), config)
 
