@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,8 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from lrdeploy.errors import UsageError
-from lrdeploy.passes.factorize import Rewrite, factorize
-from lrdeploy.passes.lowrank_ops import ADAPTERS, weight_view
+from lrdeploy.passes.factorize import factorize
 from lrdeploy.passes.names import NameRegistry
 from lrdeploy.planning import costs
 from lrdeploy.planning.allocate import LayerShape
@@ -41,7 +40,15 @@ from lrdeploy.planning.costmodels import CostContext, Costing, unknown_dims
 from lrdeploy.planning.sensitivity import grid
 from lrdeploy.runtime.bench import BenchConfig, Timing, time_models
 from lrdeploy.runtime.inputs import model_inputs, resolve_shapes
-from lrdeploy.runtime.latencytable import LayerTiming, digest, environment, table_for, write_atomically
+from lrdeploy.runtime.latencyfit import Probe, export, fit, probe_model, random_rewrite
+from lrdeploy.runtime.latencytable import (
+    LatencyTable,
+    LayerTiming,
+    digest,
+    environment,
+    table_for,
+    write_atomically,
+)
 from lrdeploy.runtime.sessions import Device, select_device
 
 if TYPE_CHECKING:
@@ -55,6 +62,9 @@ GRID_POINTS = 6
 #: Rounds per layer table entry and per dense end-to-end timing (after warm-up rounds).
 LAYER_RUNS, LAYER_WARMUP = 15, 3
 MODEL_RUNS, MODEL_WARMUP = 20, 4
+#: Compressed models timed end to end to calibrate the table (`_Probes`), and how close to a latency
+#: target (as a fraction of dense) a probe's measurement ends the search.
+PROBES, CLOSE = 3, 0.03
 #: A layer's time net of the per-run overhead is at least this (ms): timings stay positive.
 FLOOR_MS = 1e-4
 
@@ -68,12 +78,14 @@ class LatencyShape(LayerShape):
 
 @dataclass(frozen=True)
 class LatencyCost:
-    """`allocate.CostModel` over a latency table: milliseconds per layer and rank."""
+    """`allocate.CostModel` over a latency table: milliseconds per layer and rank, times the model's
+    calibration ``scale`` (`latencyfit`: isolated layers, rescaled to what the whole model measures)."""
 
     timings: Mapping[str, LayerTiming]
+    scale: float = 1.0
 
     def cost(self, shape: LayerShape, rank: int | None) -> float:
-        return self.timings[shape.layer].at(rank)  # type: ignore[attr-defined]
+        return self.scale * self.timings[shape.layer].at(rank)  # type: ignore[attr-defined]
 
 
 def _layer_graph(
@@ -122,14 +134,6 @@ def _null_graph(graph: gs.Graph) -> gs.Graph:
     return gs.Graph(nodes, list(graph.inputs), copies)
 
 
-def _export(graph: gs.Graph, opsets: Sequence[onnx.OperatorSetIdProto], ir_version: int) -> onnx.ModelProto:
-    model = gs.export_onnx(graph.cleanup(), do_type_check=False)
-    del model.opset_import[:]
-    model.opset_import.extend(opsets)
-    model.ir_version = ir_version
-    return model
-
-
 def _variants(
     nodes: Sequence[gs.Node],
     ranks: Sequence[int],
@@ -140,17 +144,11 @@ def _variants(
     """{"dense": model, "r8": pair at rank 8, ...}, and the input shapes."""
     opsets, ir = list(folded.opset_import), folded.ir_version
     graph, inputs = _layer_graph(nodes, shapes, seed=0)
-    models = {"dense": _export(graph, opsets, ir), "null": _export(_null_graph(graph), opsets, ir)}
+    models = {"dense": export(graph, opsets, ir), "null": export(_null_graph(graph), opsets, ir)}
     for rank in ranks:
         graph, _ = _layer_graph(nodes, shapes, seed=rank)
-        view = weight_view(graph.nodes[0])
-        assert view is not None and not isinstance(view, str)
-        rng = np.random.default_rng(rank)
-        a = rng.standard_normal((view.m, rank)).astype(np.float32) * 0.05
-        b = rng.standard_normal((rank, view.n)).astype(np.float32) * 0.05
-        first, second = ADAPTERS[view.layout[0]].stored_factors(view, a, b)
-        factorize(graph, [Rewrite(tuple(graph.nodes), view, rank, first, second)], NameRegistry(graph))
-        models[f"r{rank}"] = _export(graph, opsets, ir)
+        factorize(graph, [random_rewrite(graph.nodes, rank, rank)], NameRegistry(graph))
+        models[f"r{rank}"] = export(graph, opsets, ir)
     if convert is not None:
         models = {name: convert(model) for name, model in models.items()}
     return models, inputs
@@ -266,26 +264,41 @@ def latency_costing(analyses: Sequence[Analysis], context: CostContext) -> Costi
             )
         if context.progress:
             context.progress("latency", done, len(analyses))
-    model_key = digest([_model_digest(folded), where])
-    total = table.models.get(model_key)
-    if total is None:
-        if not local:
-            raise UsageError(f"latency table {path} has not timed this model; measure it on the target")
-        dense = folded if convert is None else convert(folded)
-        total = _model_ms(profiler, dense, shapes_in)
-        table.models[model_key], table.changed = total, True
     if table.changed and local:
         write_atomically(path, table.to_json())
-    dense_sum = math.fsum(t.dense for t in timings.values())
-    # the dense model as the table predicts it: its layers, plus what the end-to-end run has beyond them
-    total = max(total, dense_sum)
-    notes = [
+    model_key = digest([_model_digest(folded), where])
+    dense_ms = table.models.get(model_key)
+    if dense_ms is None:
+        if not local:
+            raise UsageError(f"latency table {path} has not timed this model; measure it on the target")
+        dense_ms = _model_ms(profiler, {"model": folded}, shapes_in, convert)["model"]
+        table.models[model_key] = dense_ms
+        write_atomically(path, table.to_json())
+    layers = math.fsum(t.dense for t in timings.values())
+    calibration = fit(dense_ms, layers)
+    costing = Costing(LatencyCost(timings), shapes, calibration.total, "ms", calibration.fixed, [], reasons)
+    target = config.budget[1] if config.budget is not None and config.budget[0] == "latency" else None
+    probes = _Probes(analyses, folded, shapes_in, convert, profiler, (table, path, local), model_key)
+    measured: list[Probe] = []
+    for _ in range(PROBES):
+        ranks = probes.plan(costing, config)
+        timed = None if ranks is None else probes.measure(ranks)
+        if ranks is None or timed is None:  # nothing new to time, or a table from elsewhere lacks it
+            break
+        layers_probe = math.fsum(t.at(ranks.get(name)) for name, t in timings.items())
+        measured.append(Probe(layers_probe, timed[1] / timed[0]))
+        calibration = fit(dense_ms, layers, measured, target)
+        costing.model, costing.fixed = LatencyCost(timings, calibration.scale), calibration.fixed
+        costing.total = calibration.total
+        if target is not None and abs(measured[-1].ratio - target) <= CLOSE:
+            break
+    costing.notes = [
         f"latency table: {profiler.timed} layer/model timing(s) on {device.provider} "
         f"({profiler.seconds:.1f} s), the rest from {path}"
         if profiler.timed
-        else f"latency table: all from {path} (nothing profiled)"
+        else f"latency table: all from {path} (nothing profiled)",
+        f"latency calibrated end to end: {calibration.note}",
     ]
-    costing = Costing(LatencyCost(timings), shapes, total, "ms", max(total - dense_sum, 0.0), notes, reasons)
     costing.details = {
         "provider": device.provider,
         "batch": next(iter(shapes_in.values()), (1,))[0],
@@ -293,8 +306,67 @@ def latency_costing(analyses: Sequence[Analysis], context: CostContext) -> Costi
         "local": local,
         "profiled": profiler.timed,
         "profiling_s": round(profiler.seconds, 2),
+        "calibration": calibration.to_dict(),
     }
     return costing
+
+
+@dataclass
+class _Probes:
+    """Compressed models timed end to end against the dense one, to calibrate the table (`latencyfit`).
+
+    Each probe is the plan the table, as calibrated so far, makes for a latency target (or, when that
+    is out of its reach or the budget is not latency, every layer at its fastest timed rank), so that
+    the last fit is exact near the plan that is returned; a plan already timed ends the search."""
+
+    analyses: Sequence[Analysis]
+    folded: onnx.ModelProto
+    shapes: Mapping[str, tuple[int, ...]]
+    convert: Callable[[onnx.ModelProto], onnx.ModelProto] | None
+    profiler: _Profiler
+    saved: tuple[LatencyTable, Path, bool]
+    model_key: str
+    seen: list[dict[str, int]] = field(default_factory=list)
+
+    def plan(self, costing: Costing, config: CompressConfig) -> dict[str, int] | None:
+        from lrdeploy.planning.budget import choose_ranks  # budget → costmodels → (lazily) this module
+
+        ranks: dict[str, int | None] = {}
+        if config.budget is not None and config.budget[0] == "latency":
+            try:
+                ranks, _, _ = choose_ranks(self.analyses, config, costing)
+            except UsageError:  # out of the uncalibrated table's reach: the cheapest plan instead
+                ranks = {}
+        if not any(ranks.values()):
+            model = costing.model
+            assert isinstance(model, LatencyCost)
+            ranks = {
+                a.name: t.ranks[int(np.argmin(t.pairs))]
+                for a in self.analyses
+                if (t := model.timings[a.name]).ranks and a.name not in costing.dense_reasons
+            }
+        chosen = {name: rank for name, rank in ranks.items() if rank}
+        if not chosen or chosen in self.seen:
+            return None
+        self.seen.append(chosen)
+        return chosen
+
+    def measure(self, ranks: Mapping[str, int]) -> tuple[float, float] | None:
+        """(dense, probe) ms of one interleaved timing, from the table when it has them."""
+        table, path, local = self.saved
+        key = digest([self.model_key, "probe", sorted(ranks.items())])
+        keys = (f"{key}:dense", key)
+        if all(k in table.models for k in keys):
+            return table.models[keys[0]], table.models[keys[1]]
+        if not local:
+            return None
+        groups = {a.name: tuple(node.name for node in a.group.nodes) for a in self.analyses}
+        probe = probe_model(self.folded, {groups[name]: rank for name, rank in ranks.items()})
+        measured = _model_ms(self.profiler, {"model": self.folded, "probe": probe}, self.shapes, self.convert)
+        for k, name in zip(keys, ("model", "probe"), strict=True):
+            table.models[k] = measured[name]
+        write_atomically(path, table.to_json())
+        return measured["model"], measured["probe"]
 
 
 def _model_digest(model: onnx.ModelProto) -> str:
@@ -303,7 +375,15 @@ def _model_digest(model: onnx.ModelProto) -> str:
     return digest.hexdigest()[:24]
 
 
-def _model_ms(profiler: _Profiler, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> float:
+def _model_ms(
+    profiler: _Profiler,
+    models: Mapping[str, onnx.ModelProto],
+    shapes: Mapping[str, tuple[int, ...]],
+    convert: Callable[[onnx.ModelProto], onnx.ModelProto] | None,
+) -> dict[str, float]:
+    """Whole models (at the deployed precision), interleaved, with the rounds of an end-to-end timing."""
+    if convert is not None:
+        models = {name: convert(model) for name, model in models.items()}
     bench = BenchConfig(
         profiler.bench.device,
         profiler.bench.batch_sizes,
@@ -314,7 +394,7 @@ def _model_ms(profiler: _Profiler, model: onnx.ModelProto, shapes: Mapping[str, 
     )
     saved, profiler.bench = profiler.bench, bench
     try:
-        return profiler.time({"model": model}, shapes)["model"]
+        return profiler.time(models, shapes)
     finally:
         profiler.bench = saved
 
