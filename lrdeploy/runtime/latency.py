@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +40,7 @@ from lrdeploy.planning.costmodels import CostContext, Costing, unknown_dims
 from lrdeploy.planning.sensitivity import grid
 from lrdeploy.runtime.bench import BenchConfig, Timing, time_models
 from lrdeploy.runtime.inputs import model_inputs, resolve_shapes
-from lrdeploy.runtime.latencyfit import Probe, export, fit, probe_model, random_rewrite
+from lrdeploy.runtime.latencyfit import Probe, export, fit, next_probe, probe_model, random_rewrite
 from lrdeploy.runtime.latencytable import (
     LatencyTable,
     LayerTiming,
@@ -62,7 +62,7 @@ GRID_POINTS = 6
 #: Rounds per layer table entry and per dense end-to-end timing (after warm-up rounds).
 LAYER_RUNS, LAYER_WARMUP = 15, 3
 MODEL_RUNS, MODEL_WARMUP = 20, 4
-#: Compressed models timed end to end to calibrate the table (`_Probes`), and how close to a latency
+#: Compressed models timed end to end to calibrate the table (`latencyfit`), and how close to a latency
 #: target (as a fraction of dense) a probe's measurement ends the search.
 PROBES, CLOSE = 3, 0.03
 #: A layer's time net of the per-run overhead is at least this (ms): timings stay positive.
@@ -278,13 +278,17 @@ def latency_costing(analyses: Sequence[Analysis], context: CostContext) -> Costi
     calibration = fit(dense_ms, layers)
     costing = Costing(LatencyCost(timings), shapes, calibration.total, "ms", calibration.fixed, [], reasons)
     target = config.budget[1] if config.budget is not None and config.budget[0] == "latency" else None
-    probes = _Probes(analyses, folded, shapes_in, convert, profiler, (table, path, local), model_key)
+    saved = (table, path, local, model_key)
     measured: list[Probe] = []
-    for _ in range(PROBES):
-        ranks = probes.plan(costing, config)
-        timed = None if ranks is None else probes.measure(ranks)
-        if ranks is None or timed is None:  # nothing new to time, or a table from elsewhere lacks it
+    seen: list[dict[str, int]] = []
+    for _ in range(PROBES):  # each probe: the plan of the table as calibrated so far (`latencyfit`)
+        ranks = next_probe(analyses, costing, config, timings)
+        if not ranks or ranks in seen:  # nothing new to time
             break
+        timed = _probe_ms(ranks, analyses, folded, saved, profiler, shapes_in, convert)
+        if timed is None:  # a table from elsewhere without this probe: the table as measured
+            break
+        seen.append(ranks)
         layers_probe = math.fsum(t.at(ranks.get(name)) for name, t in timings.items())
         measured.append(Probe(layers_probe, timed[1] / timed[0]))
         calibration = fit(dense_ms, layers, measured, target)
@@ -311,62 +315,31 @@ def latency_costing(analyses: Sequence[Analysis], context: CostContext) -> Costi
     return costing
 
 
-@dataclass
-class _Probes:
-    """Compressed models timed end to end against the dense one, to calibrate the table (`latencyfit`).
-
-    Each probe is the plan the table, as calibrated so far, makes for a latency target (or, when that
-    is out of its reach or the budget is not latency, every layer at its fastest timed rank), so that
-    the last fit is exact near the plan that is returned; a plan already timed ends the search."""
-
-    analyses: Sequence[Analysis]
-    folded: onnx.ModelProto
-    shapes: Mapping[str, tuple[int, ...]]
-    convert: Callable[[onnx.ModelProto], onnx.ModelProto] | None
-    profiler: _Profiler
-    saved: tuple[LatencyTable, Path, bool]
-    model_key: str
-    seen: list[dict[str, int]] = field(default_factory=list)
-
-    def plan(self, costing: Costing, config: CompressConfig) -> dict[str, int] | None:
-        from lrdeploy.planning.budget import choose_ranks  # budget → costmodels → (lazily) this module
-
-        ranks: dict[str, int | None] = {}
-        if config.budget is not None and config.budget[0] == "latency":
-            try:
-                ranks, _, _ = choose_ranks(self.analyses, config, costing)
-            except UsageError:  # out of the uncalibrated table's reach: the cheapest plan instead
-                ranks = {}
-        if not any(ranks.values()):
-            model = costing.model
-            assert isinstance(model, LatencyCost)
-            ranks = {
-                a.name: t.ranks[int(np.argmin(t.pairs))]
-                for a in self.analyses
-                if (t := model.timings[a.name]).ranks and a.name not in costing.dense_reasons
-            }
-        chosen = {name: rank for name, rank in ranks.items() if rank}
-        if not chosen or chosen in self.seen:
-            return None
-        self.seen.append(chosen)
-        return chosen
-
-    def measure(self, ranks: Mapping[str, int]) -> tuple[float, float] | None:
-        """(dense, probe) ms of one interleaved timing, from the table when it has them."""
-        table, path, local = self.saved
-        key = digest([self.model_key, "probe", sorted(ranks.items())])
-        keys = (f"{key}:dense", key)
-        if all(k in table.models for k in keys):
-            return table.models[keys[0]], table.models[keys[1]]
-        if not local:
-            return None
-        groups = {a.name: tuple(node.name for node in a.group.nodes) for a in self.analyses}
-        probe = probe_model(self.folded, {groups[name]: rank for name, rank in ranks.items()})
-        measured = _model_ms(self.profiler, {"model": self.folded, "probe": probe}, self.shapes, self.convert)
-        for k, name in zip(keys, ("model", "probe"), strict=True):
-            table.models[k] = measured[name]
-        write_atomically(path, table.to_json())
-        return measured["model"], measured["probe"]
+def _probe_ms(
+    ranks: Mapping[str, int],
+    analyses: Sequence[Analysis],
+    folded: onnx.ModelProto,
+    saved: tuple[LatencyTable, Path, bool, str],
+    profiler: _Profiler,
+    shapes: Mapping[str, tuple[int, ...]],
+    convert: Callable[[onnx.ModelProto], onnx.ModelProto] | None,
+) -> tuple[float, float] | None:
+    """(dense, probe) ms of one interleaved timing, from the table when it has them; None when a
+    table from elsewhere lacks them."""
+    table, path, local, model_key = saved
+    key = digest([model_key, "probe", sorted(ranks.items())])
+    keys = (f"{key}:dense", key)
+    if all(k in table.models for k in keys):
+        return table.models[keys[0]], table.models[keys[1]]
+    if not local:
+        return None
+    groups = {a.name: tuple(node.name for node in a.group.nodes) for a in analyses}
+    probe = probe_model(folded, {groups[name]: rank for name, rank in ranks.items()})
+    measured = _model_ms(profiler, {"model": folded, "probe": probe}, shapes, convert)
+    for k, name in zip(keys, ("model", "probe"), strict=True):
+        table.models[k] = measured[name]
+    write_atomically(path, table.to_json())
+    return measured["model"], measured["probe"]
 
 
 def _model_digest(model: onnx.ModelProto) -> str:

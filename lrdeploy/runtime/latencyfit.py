@@ -25,17 +25,25 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from lrdeploy.errors import UsageError
 from lrdeploy.passes.factorize import Rewrite, factorize
 from lrdeploy.passes.lowrank_ops import ADAPTERS, WeightView, weight_view
 from lrdeploy.passes.names import NameRegistry
 from lrdeploy.passes.scopes import all_graphs
+from lrdeploy.planning.costmodels import Costing
+from lrdeploy.runtime.latencytable import LayerTiming
 
-__all__ = ["Calibration", "Probe", "export", "fit", "probe_model", "random_rewrite"]
+if TYPE_CHECKING:
+    from lrdeploy.config import CompressConfig
+    from lrdeploy.planning.plan import Analysis
+
+__all__ = ["Calibration", "Probe", "export", "fit", "next_probe", "probe_model", "random_rewrite"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,29 @@ def fit(
     scale, fixed = slope * dense_ms, intercept * dense_ms
     note = f"layers ×{scale:.3g}, fixed {fixed:.3g} ms ({note}; {len(probes)} probe(s))"
     return Calibration(scale, fixed, dense_ms, dense_ms, layers_dense, tuple(probes), note)
+
+
+def next_probe(
+    analyses: Sequence[Analysis], costing: Costing, config: CompressConfig, timings: Mapping[str, LayerTiming]
+) -> dict[str, int]:
+    """The next model to time (layer → rank): the plan ``costing`` (the table as calibrated so far)
+    makes for a latency target, so that the last fit is exact near the plan returned; when that is out
+    of its reach or the budget is not latency, every layer at its fastest timed rank."""
+    from lrdeploy.planning.budget import choose_ranks  # budget → costmodels → (lazily) latency → here
+
+    ranks: Mapping[str, int | None] = {}
+    if config.budget is not None and config.budget[0] == "latency":
+        try:
+            ranks = choose_ranks(analyses, config, costing)[0]
+        except UsageError:  # out of this table's reach: the cheapest plan instead
+            ranks = {}
+    if not any(ranks.values()):
+        ranks = {
+            a.name: t.ranks[int(np.argmin(t.pairs))]
+            for a in analyses
+            if (t := timings[a.name]).ranks and a.name not in costing.dense_reasons
+        }
+    return {name: rank for name, rank in ranks.items() if rank}
 
 
 def random_rewrite(nodes: Sequence[gs.Node], rank: int, seed: int) -> Rewrite:
