@@ -4,9 +4,10 @@ MACs are the wrong cost where narrow GEMMs, layout transposes and per-kernel lau
 small layers on the CPU). So each layer is cut out as a small ONNX model (its node(s) with the layer's
 real input shape at the timing batch, random weights of the real shapes) and timed dense and factorized
 at a grid of `GRID_POINTS` candidate ranks, interleaved (`bench.time_models`: medians of rounds that run
-every variant once); ranks between grid points are interpolated. The dense model is timed end to end:
-that (or the sum of the layers, when larger) is the cost's total; what the dense layers leave of it is fixed.
-Each layer's timings are net of the per-run overhead (an Identity model on the same inputs, timed with them).
+every variant once); ranks between grid points are interpolated. Each layer's timings are net of the
+per-run overhead (an Identity model on the same inputs, timed with them). The dense model's end-to-end
+time is the cost's total; the sum of the layers is calibrated against it and against compressed models
+timed end to end near the plan (`lrdeploy.runtime.latencyfit`), so that a target fraction is a measured one.
 
 The table is cached on disk (`lrdeploy.runtime.latencytable`: one file per environment, one entry per
 layer signature — op, attributes, input and weight shapes, grid), so a second compress on the same

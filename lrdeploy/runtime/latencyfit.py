@@ -1,23 +1,34 @@
 """The latency table calibrated against the whole model, so that a planned fraction is a measured one.
 
 The table times every layer alone (`lrdeploy.runtime.latency`). Summed, those isolated times mispredict
-the model they come from: on ResNet-50 (CPU EP, 2 threads) the table's cheapest plan was predicted at
-0.41 of dense while the compressed models measured 0.27–0.32 end to end, so ``--target-latency 0.4``
-was refused although it was reachable. Each layer alone pays what it does not pay inside the model
-(a session run of its own, its input and output freshly allocated and cold in cache), and that excess
-is larger relative to a narrow pair than to the dense layer it replaces.
+the model they come from, and not by one constant: on ResNet-50 (CPU EP, 2 threads, the shared 2-core
+container) one table predicted its cheapest plan at 0.41 of dense while such plans measured 0.27–0.32
+(too pessimistic: ``--target-latency 0.4`` was refused), and a table measured at another load planned
+0.4 for a model that measured 0.91 (too optimistic). A layer alone pays what it does not inside the
+model (a session run of its own, fresh buffers, its own thread-pool wake-ups), by amounts that depend
+on the layer and on the machine's load at the time it was timed. A line through the dense model and
+the cheapest plan (every layer at its fastest rank) was exact at both ends and still 0.3 off in the
+middle (the plan it priced at 0.4 measured 0.70): per layer, the table's error is not one scale.
 
-So each model is measured at two ends, interleaved in one run: the dense model (``D``) and a probe —
-every layer at its fastest timed rank, dense where no pair is faster: the cheapest plan the table
-knows (``P``). With ``L_d`` and ``L_p`` the table's sums of layers for the same two models, fit
+So the table is calibrated where the plan will be. Whole models are timed end to end, each against
+the dense model in one interleaved run (a ratio, robust to the load): the probes. The first probe is
+the plan the table makes for the latency target (or, when out of its reach, the cheapest plan);
+each next probe is the plan the table makes once calibrated on the probes so far, until one measures
+within `CLOSE` of the target (at most `PROBES`: `lrdeploy.runtime.latency`). With the measured points
+(Σ layers of the table, measured ratio) and the dense model (Σ of its layers, 1), the fit is the chord
+through the two points around the target:
 
-    latency ≈ fixed + s · Σ layers,    s = (D − P) / (L_d − L_p),    fixed = D − s · L_d
+    latency / D ≈ a + b · Σ layers   →   fixed = a · D,   scale = b · D   (ms; D: the dense model)
 
-which is exact at both ends; every plan's Σ lies between ``L_p`` and ``L_d``, so a prediction is an
-interpolation, never an extrapolation. Per-layer entries stay raw measurements (the cache is per
-layer); ``s`` and ``fixed`` are per model, cached with the two model timings, and reported. When the
-fit cannot hold (nothing faster in the table, the probe not measured faster, ``fixed`` < 0) the
-fallback is said in the report's notes. The end-to-end guard (`latencyguard`) still times the output.
+exact at both points, an interpolation between them. A candidate's cost must be ≥ 0, so where the chord
+crosses zero (a < 0) it is replaced by the line through 0 and its upper point, which lies above the
+chord below that point: the plan is then pessimistic, never optimistic. Without a latency target
+(latency as a constraint of a params/MACs budget) the one probe is the cheapest plan.
+
+Per-layer entries stay raw measurements (the cache is per layer); the probes are per model (and plan),
+cached in the table's ``models`` with the dense timing of their run, and reported with the fit. A table
+from another machine without them is used as measured, and the report says so. The end-to-end guard
+(`latencyguard`) still times the output against the input.
 """
 
 from __future__ import annotations
