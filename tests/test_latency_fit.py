@@ -64,6 +64,17 @@ def test_a_negative_intercept_becomes_the_pessimistic_line_through_zero():
     assert "through 0" in calibration.note
 
 
+def test_a_target_below_every_measurement_is_out_of_reach():
+    """The chord from the fastest probe to dense: the cheapest plan is predicted as measured."""
+    calibration = fit(200.0, 100.0, [Probe(40.0, 0.7), Probe(20.0, 0.5)], target=0.3)
+    assert _predict(calibration, 20.0) == pytest.approx(0.5) and _predict(calibration, 100.0) == 1.0
+
+
+def test_probes_no_faster_than_dense_leave_the_table_as_measured():
+    calibration = fit(200.0, 100.0, [Probe(60.0, 1.1)], target=0.8)
+    assert calibration.scale == 1.0 and "no probe measured faster" in calibration.note
+
+
 def test_without_probes_the_table_is_taken_as_measured():
     calibration = fit(80.0, 100.0)
     assert (calibration.scale, calibration.fixed, calibration.total) == (1.0, 0.0, 100.0)

@@ -92,22 +92,33 @@ class Calibration:
 def fit(
     dense_ms: float, layers_dense: float, probes: Sequence[Probe] = (), target: float | None = None
 ) -> Calibration:
-    """The chord of the module docstring through the two measured points around ``target`` (the lowest
-    two without one), as ms; without probes, the table as measured (each layer alone, the total the
-    larger of the dense model and its layers' sum)."""
-    if not probes or not layers_dense > 0:
+    """The chord of the module docstring through the two measured points around ``target`` (without
+    one: around the lowest-Σ probe), as ms. Where no two points bracket it, the chord from the fastest
+    probe to the dense model (so a target below every measurement is out of reach, or a further probe
+    is planned by extrapolation). Without probes, or when none measured faster than dense, the table
+    as measured: each layer alone, the total the larger of the dense model and its layers' sum."""
+
+    def measured_as_is(why: str) -> Calibration:
         total = max(dense_ms, layers_dense)
         fixed = max(total - layers_dense, 0.0)
-        return Calibration(1.0, fixed, total, dense_ms, layers_dense, (), "uncalibrated: no probe timed")
+        return Calibration(1.0, fixed, total, dense_ms, layers_dense, tuple(probes), f"uncalibrated: {why}")
+
+    if not probes or not layers_dense > 0:
+        return measured_as_is("no probe timed")
     points = sorted({(p.layers_ms, p.ratio) for p in probes} | {(layers_dense, 1.0)})
     goal = points[0][1] if target is None else target
-    pairs = list(itertools.pairwise(points)) or [(points[0], points[0])]
-    low, high = next(((a, b) for a, b in pairs if a[1] <= goal <= b[1]), pairs[0])
-    slope = (high[1] - low[1]) / (high[0] - low[0]) if high[0] > low[0] else -1.0
+    around = [(a, b) for a, b in itertools.pairwise(points) if a[1] <= goal <= b[1] and a[0] < b[0]]
+    if around:
+        low, high = around[0]
+    else:
+        low, high = min(points, key=lambda p: p[1]), (layers_dense, 1.0)
+        if not (low[1] < 1.0 and low[0] < layers_dense):
+            return measured_as_is("no probe measured faster than the dense model")
+    slope = (high[1] - low[1]) / (high[0] - low[0])
     intercept = low[1] - slope * low[0]
-    if slope <= 0 or intercept < 0:  # costs are ≥ 0: the line through 0 and the upper point lies above
-        slope, intercept = high[1] / high[0], 0.0  # the chord below that point (a pessimistic plan)
-        note = f"through 0 and the probe at {high[1]:.3g} of dense"
+    if intercept < 0:  # costs are ≥ 0: the line through 0 and the upper point lies above the chord
+        slope, intercept = high[1] / high[0], 0.0  # below that point (a pessimistic plan)
+        note = f"through 0 and the point at {high[1]:.3g} of dense"
     else:
         note = f"exact at {low[1]:.3g} and {high[1]:.3g} of dense"
     scale, fixed = slope * dense_ms, intercept * dense_ms
