@@ -107,7 +107,8 @@ def fit(
         return measured_as_is("no probe timed")
     points = sorted({(p.layers_ms, p.ratio) for p in probes} | {(layers_dense, 1.0)})
     goal = points[0][1] if target is None else target
-    around = [(a, b) for a, b in itertools.pairwise(points) if a[1] <= goal <= b[1] and a[0] < b[0]]
+    rising = [(a, b) for a, b in itertools.pairwise(points) if a[0] < b[0] and a[1] < b[1]]
+    around = [(a, b) for a, b in rising if a[1] <= goal <= b[1]]
     if around:
         low, high = around[0]
     else:
