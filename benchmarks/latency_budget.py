@@ -2,17 +2,21 @@
 
 For each bundled MNIST model: ``--cost latency`` at a few budgets (each result's end-to-end check is
 the compressor's own: p50 of interleaved runs, output vs input), and its accuracy in fp32, fp16 and
-int8. For ResNet-50 (`make_resnet50.py`, seeded random weights): ``--target-latency 0.4`` against the
-MAC budget at the same MACs, timed side by side (`lrdeploy.runtime.bench`); and the
-factorized model (ρ 0.25) quantized to int8 against the int8 dense model.
+int8. For ResNet-50 (`make_resnet50.py`, seeded random weights): ``--target-latency 0.4`` and MAC
+budgets (at the latency result's MACs and ``--mac-budgets``), each with its output error (rel. L2,
+cosine on seeded random inputs), all timed side by side with the dense model (`lrdeploy.runtime.bench`,
+interleaved medians); and the factorized model (ρ 0.25) quantized to int8 against the int8 dense model.
 
     python benchmarks/latency_budget.py [--out models/RESULTS_latency.json] [--skip-resnet]
+    python benchmarks/latency_budget.py --skip-mnist --skip-int8 --fresh-table --workdir /tmp/latb --runs 30
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,8 +34,8 @@ from lrdeploy.runtime.precision import to_int8
 REPO = Path(__file__).resolve().parents[1]
 MNIST = ("lenet5_baseline", "mlp_baseline", "vgg_baseline")
 THREADS = 2
-#: The issue asks 0.4; on the loaded 2-core container the table's cheapest reachable point was 0.407.
-TARGET = 0.42
+#: The issue's ResNet-50 latency target (a fraction of the dense model's measured latency).
+TARGET = 0.4
 
 
 def _accuracy(report) -> tuple[float | None, float | None]:
@@ -55,6 +59,8 @@ def _row(name: str, budget: str, report, seconds: float) -> dict:
         "profiled": lat.get("profiled"),
         "accuracy": [before, after],
         "rel_l2": report.verification.rel_l2 if report.verification else None,
+        "cosine": report.verification.cosine if report.verification else None,
+        "calibration": lat.get("calibration"),
         "seconds": round(seconds, 1),
     }
 
@@ -101,47 +107,53 @@ def mnist_rows() -> list[dict]:
     return rows
 
 
-def resnet_rows(work: Path, runs: int) -> list[dict]:
+def resnet_rows(work: Path, runs: int, mac_budgets: list[float], int8: bool) -> list[dict]:
+    """``--target-latency 0.4`` (twice: the second run reads the cached table and calibration), the MAC
+    budgets (the latency result's MACs and ``mac_budgets``), each with its output error on seeded random
+    inputs, then all of them timed side by side against the dense model."""
     model = work / "resnet50_bn.onnx"
     if not model.exists():
         subprocess.run([sys.executable, str(REPO / "benchmarks/make_resnet50.py"), str(model)], check=True)
-    common = {"threads": THREADS, "random_batches": 1, "batch_size": 4}
+    common = {"random_batches": 1, "batch_size": 4}
     rows, outputs = [], {}
-    start = time.perf_counter()
-    _, report = lrdeploy.compress(
-        model, target_latency=TARGET, output=work / "latency.onnx", device="cpu", **common
-    )
-    first = time.perf_counter() - start
-    rows.append(_row("resnet50", f"--target-latency {TARGET}", report, first))
-    print(json.dumps(rows[-1]), flush=True)
-    start = time.perf_counter()
-    _, again = lrdeploy.compress(model, target_latency=TARGET, device="cpu", **common)
-    rows.append(
-        _row(
-            "resnet50",
-            f"--target-latency {TARGET} (second run: cached table)",
-            again,
-            time.perf_counter() - start,
+    label = f"--target-latency {TARGET}"
+    for run, name in enumerate((label, f"{label} (second run: cached table and calibration)")):
+        start = time.perf_counter()
+        output = work / "latency.onnx" if run == 0 else None
+        _, report = lrdeploy.compress(
+            model, target_latency=TARGET, output=output, device="cpu", threads=THREADS, **common
         )
-    )
-    print(json.dumps(rows[-1]), flush=True)
-    outputs[f"latency {TARGET}"] = work / "latency.onnx"
-    # The MAC budget at the MACs the latency budget reached (with random weights every truncation's
-    # output error is ~1, so "the same error" picks nothing; equal MACs show what latency awareness buys)
-    macs = round(report.macs_after / report.macs_before, 3)
-    verify = {k: v for k, v in common.items() if k != "threads"}
-    _, mac = lrdeploy.compress(model, target_macs=macs, output=work / "macs.onnx", device="cpu", **verify)
-    rows.append(_row("resnet50", f"--target-macs {macs} (the latency result's MACs)", mac, 0.0))
-    outputs[f"macs {macs}"] = work / "macs.onnx"
-    return [*rows, *timing_rows(work, runs, [model, *outputs.values()])]
+        rows.append(_row("resnet50", name, report, time.perf_counter() - start))
+        print(json.dumps(rows[-1]), flush=True)
+        if run == 0:
+            first = report
+    outputs[label] = work / "latency.onnx"
+    reached = round(first.macs_after / first.macs_before, 3)
+    for budget in sorted({reached, *mac_budgets}):
+        path = work / f"macs{budget}.onnx"
+        start = time.perf_counter()
+        _, report = lrdeploy.compress(model, target_macs=budget, output=path, device="cpu", **common)
+        same = " (the latency result's MACs)" if budget == reached else ""
+        rows.append(_row("resnet50", f"--target-macs {budget}{same}", report, time.perf_counter() - start))
+        print(json.dumps(rows[-1]), flush=True)
+        outputs[f"--target-macs {budget}"] = path
+    return [*rows, *timing_rows(work, runs, [model, *outputs.values()], list(outputs), int8)]
 
 
-def timing_rows(work: Path, runs: int, models: list[Path]) -> list[dict]:
-    """Side by side: the dense model and the compressed ones; then int8 dense vs int8 factorized (ρ 0.25),
-    both calibrated on the same 16 seeded random images. Files already in ``work`` are reused."""
+def timing_rows(work: Path, runs: int, models: list[Path], labels: list[str], int8: bool) -> list[dict]:
+    """Side by side: the dense model and the compressed ones (their p50 ÷ the dense p50 per label); then,
+    with ``int8``, int8 dense vs int8 factorized (ρ 0.25), both calibrated on the same 16 seeded random
+    images. Files already in ``work`` are reused."""
     config = BenchConfig(device="cpu", threads=THREADS, runs=runs, warmup=3)
-    table = benchmark([str(m) for m in models], config).to_markdown()
+    result = benchmark([str(m) for m in models], config)
+    table = result.to_markdown()
     print(table, flush=True)
+    base = result.timings[0].p50
+    ratios = {label: t.p50 / base for label, t in zip(labels, result.timings[1:], strict=False)}
+    print(json.dumps({"measured_ratio": ratios}), flush=True)
+    rows: list[dict] = [{"bench": table, "measured_ratio": ratios, "load_average": os.getloadavg()}]
+    if not int8:
+        return rows
     calib = np.random.default_rng(0).standard_normal((16, 3, 224, 224)).astype(np.float32)
     factorized, dense = work / "r0.25_int8.onnx", work / "dense_int8.onnx"
     if not factorized.exists():
@@ -159,9 +171,9 @@ def timing_rows(work: Path, runs: int, models: list[Path]) -> list[dict]:
         from lrdeploy.runtime.datasets import ImageOptions, as_data_source
 
         onnx.save(to_int8(onnx.load(models[0]), as_data_source(calib), ImageOptions(), 16, 16), dense)
-    int8 = benchmark([str(dense), str(factorized)], config).to_markdown()
-    print(int8, flush=True)
-    return [{"bench": table, "int8": int8}]
+    quantized = benchmark([str(dense), str(factorized)], config).to_markdown()
+    print(quantized, flush=True)
+    return [*rows, {"int8": quantized}]
 
 
 def main() -> None:
@@ -171,22 +183,42 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--skip-resnet", action="store_true")
     parser.add_argument("--skip-mnist", action="store_true")
+    parser.add_argument("--skip-int8", action="store_true", help="no int8 ResNet-50 timing")
+    parser.add_argument(
+        "--mac-budgets",
+        type=float,
+        nargs="*",
+        default=[0.1, 0.2, 0.3],
+        help="ResNet-50 MAC budgets compared with the latency budget (its own MACs are always one)",
+    )
+    parser.add_argument(
+        "--fresh-table",
+        action="store_true",
+        help="measure the latency tables afresh (LRDEPLOY_CACHE=WORKDIR/cache, emptied first)",
+    )
     parser.add_argument(
         "--timing-only", nargs="+", type=Path, help="only time these models (the first is dense) and int8"
     )
     args = parser.parse_args()
     start = time.perf_counter()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="latency_budget_"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.fresh_table:
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        os.environ["LRDEPLOY_CACHE"] = str(work / "cache")
     if args.timing_only:
-        work = args.workdir or Path(tempfile.mkdtemp(prefix="latency_budget_"))
-        rows = timing_rows(work, args.runs, args.timing_only)
+        labels = [m.name for m in args.timing_only[1:]]
+        rows = timing_rows(work, args.runs, args.timing_only, labels, not args.skip_int8)
         args.out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
         return
     rows = [] if args.skip_mnist else mnist_rows()
     if not args.skip_resnet:
-        work = args.workdir or Path(tempfile.mkdtemp(prefix="latency_budget_"))
-        work.mkdir(parents=True, exist_ok=True)
-        rows += resnet_rows(work, args.runs)
-    document = {"machine": "this project's 2-core CPU container, shared with other jobs", "rows": rows}
+        rows += resnet_rows(work, args.runs, args.mac_budgets, not args.skip_int8)
+    document = {
+        "machine": "this project's 2-core CPU container, shared with other jobs",
+        "load_average_at_end": os.getloadavg(),
+        "rows": rows,
+    }
     document["seconds"] = round(time.perf_counter() - start, 1)
     args.out.write_text(json.dumps(document, indent=1) + "\n")
     print(f"wrote {args.out} ({document['seconds']} s)")

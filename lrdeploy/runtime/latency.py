@@ -4,9 +4,10 @@ MACs are the wrong cost where narrow GEMMs, layout transposes and per-kernel lau
 small layers on the CPU). So each layer is cut out as a small ONNX model (its node(s) with the layer's
 real input shape at the timing batch, random weights of the real shapes) and timed dense and factorized
 at a grid of `GRID_POINTS` candidate ranks, interleaved (`bench.time_models`: medians of rounds that run
-every variant once); ranks between grid points are interpolated. The dense model is timed end to end:
-that (or the sum of the layers, when larger) is the cost's total; what the dense layers leave of it is fixed.
-Each layer's timings are net of the per-run overhead (an Identity model on the same inputs, timed with them).
+every variant once); ranks between grid points are interpolated. Each layer's timings are net of the
+per-run overhead (an Identity model on the same inputs, timed with them). The dense model's end-to-end
+time is the cost's total; the sum of the layers is calibrated against it and against compressed models
+timed end to end near the plan (`lrdeploy.runtime.latencyfit`), so that a target fraction is a measured one.
 
 The table is cached on disk (`lrdeploy.runtime.latencytable`: one file per environment, one entry per
 layer signature — op, attributes, input and weight shapes, grid), so a second compress on the same
@@ -31,8 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from lrdeploy.errors import UsageError
-from lrdeploy.passes.factorize import Rewrite, factorize
-from lrdeploy.passes.lowrank_ops import ADAPTERS, weight_view
+from lrdeploy.passes.factorize import factorize
 from lrdeploy.passes.names import NameRegistry
 from lrdeploy.planning import costs
 from lrdeploy.planning.allocate import LayerShape
@@ -41,7 +41,15 @@ from lrdeploy.planning.costmodels import CostContext, Costing, unknown_dims
 from lrdeploy.planning.sensitivity import grid
 from lrdeploy.runtime.bench import BenchConfig, Timing, time_models
 from lrdeploy.runtime.inputs import model_inputs, resolve_shapes
-from lrdeploy.runtime.latencytable import LayerTiming, digest, environment, table_for, write_atomically
+from lrdeploy.runtime.latencyfit import Probe, export, fit, next_probe, probe_model, random_rewrite
+from lrdeploy.runtime.latencytable import (
+    LatencyTable,
+    LayerTiming,
+    digest,
+    environment,
+    table_for,
+    write_atomically,
+)
 from lrdeploy.runtime.sessions import Device, select_device
 
 if TYPE_CHECKING:
@@ -55,6 +63,9 @@ GRID_POINTS = 6
 #: Rounds per layer table entry and per dense end-to-end timing (after warm-up rounds).
 LAYER_RUNS, LAYER_WARMUP = 15, 3
 MODEL_RUNS, MODEL_WARMUP = 20, 4
+#: Compressed models timed end to end to calibrate the table (`latencyfit`), and how close to a latency
+#: target (as a fraction of dense) a probe's measurement ends the search.
+PROBES, CLOSE = 3, 0.03
 #: A layer's time net of the per-run overhead is at least this (ms): timings stay positive.
 FLOOR_MS = 1e-4
 
@@ -68,12 +79,14 @@ class LatencyShape(LayerShape):
 
 @dataclass(frozen=True)
 class LatencyCost:
-    """`allocate.CostModel` over a latency table: milliseconds per layer and rank."""
+    """`allocate.CostModel` over a latency table: milliseconds per layer and rank, times the model's
+    calibration ``scale`` (`latencyfit`: isolated layers, rescaled to what the whole model measures)."""
 
     timings: Mapping[str, LayerTiming]
+    scale: float = 1.0
 
     def cost(self, shape: LayerShape, rank: int | None) -> float:
-        return self.timings[shape.layer].at(rank)  # type: ignore[attr-defined]
+        return self.scale * self.timings[shape.layer].at(rank)  # type: ignore[attr-defined]
 
 
 def _layer_graph(
@@ -122,14 +135,6 @@ def _null_graph(graph: gs.Graph) -> gs.Graph:
     return gs.Graph(nodes, list(graph.inputs), copies)
 
 
-def _export(graph: gs.Graph, opsets: Sequence[onnx.OperatorSetIdProto], ir_version: int) -> onnx.ModelProto:
-    model = gs.export_onnx(graph.cleanup(), do_type_check=False)
-    del model.opset_import[:]
-    model.opset_import.extend(opsets)
-    model.ir_version = ir_version
-    return model
-
-
 def _variants(
     nodes: Sequence[gs.Node],
     ranks: Sequence[int],
@@ -140,17 +145,11 @@ def _variants(
     """{"dense": model, "r8": pair at rank 8, ...}, and the input shapes."""
     opsets, ir = list(folded.opset_import), folded.ir_version
     graph, inputs = _layer_graph(nodes, shapes, seed=0)
-    models = {"dense": _export(graph, opsets, ir), "null": _export(_null_graph(graph), opsets, ir)}
+    models = {"dense": export(graph, opsets, ir), "null": export(_null_graph(graph), opsets, ir)}
     for rank in ranks:
         graph, _ = _layer_graph(nodes, shapes, seed=rank)
-        view = weight_view(graph.nodes[0])
-        assert view is not None and not isinstance(view, str)
-        rng = np.random.default_rng(rank)
-        a = rng.standard_normal((view.m, rank)).astype(np.float32) * 0.05
-        b = rng.standard_normal((rank, view.n)).astype(np.float32) * 0.05
-        first, second = ADAPTERS[view.layout[0]].stored_factors(view, a, b)
-        factorize(graph, [Rewrite(tuple(graph.nodes), view, rank, first, second)], NameRegistry(graph))
-        models[f"r{rank}"] = _export(graph, opsets, ir)
+        factorize(graph, [random_rewrite(graph.nodes, rank, rank)], NameRegistry(graph))
+        models[f"r{rank}"] = export(graph, opsets, ir)
     if convert is not None:
         models = {name: convert(model) for name, model in models.items()}
     return models, inputs
@@ -266,26 +265,45 @@ def latency_costing(analyses: Sequence[Analysis], context: CostContext) -> Costi
             )
         if context.progress:
             context.progress("latency", done, len(analyses))
-    model_key = digest([_model_digest(folded), where])
-    total = table.models.get(model_key)
-    if total is None:
-        if not local:
-            raise UsageError(f"latency table {path} has not timed this model; measure it on the target")
-        dense = folded if convert is None else convert(folded)
-        total = _model_ms(profiler, dense, shapes_in)
-        table.models[model_key], table.changed = total, True
     if table.changed and local:
         write_atomically(path, table.to_json())
-    dense_sum = math.fsum(t.dense for t in timings.values())
-    # the dense model as the table predicts it: its layers, plus what the end-to-end run has beyond them
-    total = max(total, dense_sum)
-    notes = [
+    model_key = digest([_model_digest(folded), where])
+    dense_ms = table.models.get(model_key)
+    if dense_ms is None:
+        if not local:
+            raise UsageError(f"latency table {path} has not timed this model; measure it on the target")
+        dense_ms = _model_ms(profiler, {"model": folded}, shapes_in, convert)["model"]
+        table.models[model_key] = dense_ms
+        write_atomically(path, table.to_json())
+    layers = math.fsum(t.dense for t in timings.values())
+    calibration = fit(dense_ms, layers)
+    costing = Costing(LatencyCost(timings), shapes, calibration.total, "ms", calibration.fixed, [], reasons)
+    target = config.budget[1] if config.budget is not None and config.budget[0] == "latency" else None
+    saved = (table, path, local, model_key)
+    measured: list[Probe] = []
+    seen: list[dict[str, int]] = []
+    for _ in range(PROBES):  # each probe: the plan of the table as calibrated so far (`latencyfit`)
+        ranks = next_probe(analyses, costing, config, timings)
+        if not ranks or ranks in seen:  # nothing new to time
+            break
+        timed = _probe_ms(ranks, analyses, folded, saved, profiler, shapes_in, convert)
+        if timed is None:  # a table from elsewhere without this probe: the table as measured
+            break
+        seen.append(ranks)
+        layers_probe = math.fsum(t.at(ranks.get(name)) for name, t in timings.items())
+        measured.append(Probe(layers_probe, timed[1] / timed[0]))
+        calibration = fit(dense_ms, layers, measured, target)
+        costing.model, costing.fixed = LatencyCost(timings, calibration.scale), calibration.fixed
+        costing.total = calibration.total
+        if target is not None and abs(measured[-1].ratio - target) <= CLOSE:
+            break
+    costing.notes = [
         f"latency table: {profiler.timed} layer/model timing(s) on {device.provider} "
         f"({profiler.seconds:.1f} s), the rest from {path}"
         if profiler.timed
-        else f"latency table: all from {path} (nothing profiled)"
+        else f"latency table: all from {path} (nothing profiled)",
+        f"latency calibrated end to end: {calibration.note}",
     ]
-    costing = Costing(LatencyCost(timings), shapes, total, "ms", max(total - dense_sum, 0.0), notes, reasons)
     costing.details = {
         "provider": device.provider,
         "batch": next(iter(shapes_in.values()), (1,))[0],
@@ -293,8 +311,36 @@ def latency_costing(analyses: Sequence[Analysis], context: CostContext) -> Costi
         "local": local,
         "profiled": profiler.timed,
         "profiling_s": round(profiler.seconds, 2),
+        "calibration": calibration.to_dict(),
     }
     return costing
+
+
+def _probe_ms(
+    ranks: Mapping[str, int],
+    analyses: Sequence[Analysis],
+    folded: onnx.ModelProto,
+    saved: tuple[LatencyTable, Path, bool, str],
+    profiler: _Profiler,
+    shapes: Mapping[str, tuple[int, ...]],
+    convert: Callable[[onnx.ModelProto], onnx.ModelProto] | None,
+) -> tuple[float, float] | None:
+    """(dense, probe) ms of one interleaved timing, from the table when it has them; None when a
+    table from elsewhere lacks them."""
+    table, path, local, model_key = saved
+    key = digest([model_key, "probe", sorted(ranks.items())])
+    keys = (f"{key}:dense", key)
+    if all(k in table.models for k in keys):
+        return table.models[keys[0]], table.models[keys[1]]
+    if not local:
+        return None
+    groups = {a.name: tuple(node.name for node in a.group.nodes) for a in analyses}
+    probe = probe_model(folded, {groups[name]: rank for name, rank in ranks.items()})
+    measured = _model_ms(profiler, {"model": folded, "probe": probe}, shapes, convert)
+    for k, name in zip(keys, ("model", "probe"), strict=True):
+        table.models[k] = measured[name]
+    write_atomically(path, table.to_json())
+    return measured["model"], measured["probe"]
 
 
 def _model_digest(model: onnx.ModelProto) -> str:
@@ -303,7 +349,15 @@ def _model_digest(model: onnx.ModelProto) -> str:
     return digest.hexdigest()[:24]
 
 
-def _model_ms(profiler: _Profiler, model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> float:
+def _model_ms(
+    profiler: _Profiler,
+    models: Mapping[str, onnx.ModelProto],
+    shapes: Mapping[str, tuple[int, ...]],
+    convert: Callable[[onnx.ModelProto], onnx.ModelProto] | None,
+) -> dict[str, float]:
+    """Whole models (at the deployed precision), interleaved, with the rounds of an end-to-end timing."""
+    if convert is not None:
+        models = {name: convert(model) for name, model in models.items()}
     bench = BenchConfig(
         profiler.bench.device,
         profiler.bench.batch_sizes,
@@ -314,7 +368,7 @@ def _model_ms(profiler: _Profiler, model: onnx.ModelProto, shapes: Mapping[str, 
     )
     saved, profiler.bench = profiler.bench, bench
     try:
-        return profiler.time({"model": model}, shapes)["model"]
+        return profiler.time(models, shapes)
     finally:
         profiler.bench = saved
 

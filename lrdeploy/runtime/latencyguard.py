@@ -146,7 +146,7 @@ def predicted_ms(costing: Costing, ranks: Mapping[str, int | None]) -> float:
     """The table's prediction for the whole model at ``ranks`` (layers not named are dense)."""
     model = costing.model
     assert isinstance(model, LatencyCost)
-    layers = math.fsum(timing.at(ranks.get(name)) for name, timing in model.timings.items())
+    layers = model.scale * math.fsum(timing.at(ranks.get(name)) for name, timing in model.timings.items())
     return (costing.fixed or 0.0) + layers
 
 
@@ -154,7 +154,8 @@ def gains_of(costing: Costing, ranks: Mapping[str, int | None]) -> dict[str, flo
     """Predicted ms saved per factorized layer at its rank (dense − pair)."""
     model = costing.model
     assert isinstance(model, LatencyCost)
-    return {name: model.timings[name].dense - model.timings[name].at(r) for name, r in ranks.items() if r}
+    timings = model.timings
+    return {name: model.scale * (timings[name].dense - timings[name].at(r)) for name, r in ranks.items() if r}
 
 
 def guard(
