@@ -10,8 +10,9 @@ import pytest
 from test_budget import SHAPES, _calib, _net
 
 import lrdeploy
-from lrdeploy.runtime.precision import weight_bytes
-from models import run
+from lrdeploy.runtime.datasets import ImageOptions
+from lrdeploy.runtime.precision import middle_tensors, to_int8, weight_bytes
+from models import check_model, run
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -37,17 +38,49 @@ def test_deployed_models_pass_the_checker_and_run(options, tmp_path):
     assert report.verification is not None  # verified against the float32 original
 
 
-@pytest.mark.parametrize("name", ["lenet5_baseline", "mlp_baseline"])
-def test_mnist_accuracy_holds_in_fp16_and_int8(name):
-    """The issue's gate: fp16 and int8 keep the factorized model's accuracy within 0.5 point."""
-    common = {"target_params": 0.7, "data": "mnist", "limit": 1000, "device": "cpu"}
+@pytest.mark.parametrize(
+    ("name", "budget"),
+    [
+        ("lenet5_baseline", {"target_params": 0.7}),
+        ("mlp_baseline", {"target_params": 0.7}),
+        # plain QDQ lost 2 points here (49.55% → 47.50%, models/RESULTS_precision.md): bias correction
+        ("vgg_baseline", {"rank_ratio": 0.5}),
+    ],
+    ids=["lenet5", "mlp", "vgg-rho0.5"],
+)
+def test_mnist_accuracy_holds_in_fp16_and_int8(name, budget):
+    """The issue's gate: fp16 and int8 keep the factorized model's accuracy within 0.5 point (first 1,000
+    test digits; int8 calibrated on 256 training digits, plain SVD factors as in the fp32 run)."""
+    common = {"data": "mnist", "limit": 1000, "device": "cpu", **budget}
     path = MODELS / f"{name}.onnx"
     _, fp32 = lrdeploy.compress(path, **common)
     _, fp16 = lrdeploy.compress(path, precision="fp16", **common)
     _, int8 = lrdeploy.compress(
-        path, quantize="int8", calib="mnist", calib_samples=128, method="svd", **common
+        path, quantize="int8", calib="mnist", calib_samples=256, method="svd", **common
     )
     base = fp32.verification.accuracy_compressed
-    assert base > 0.9
+    assert base > (0.4 if "rank_ratio" in budget else 0.9)
     assert abs(fp16.verification.accuracy_compressed - base) <= 0.005
     assert abs(int8.verification.accuracy_compressed - base) <= 0.005
+
+
+def test_int16_middle_tensors_pass_the_checker_and_stay_close(tmp_path):
+    """``middle="int16"``: the pairs' rank-r tensors quantized to 16 bits (opset 21 Q/DQ), the rest int8."""
+    model = onnx.load(MODELS / "lenet5_baseline.onnx")
+    out = tmp_path / "f.onnx"
+    lrdeploy.compress(model, rank_ratio=0.5, output=out, verify=False)
+    factorized = onnx.load(out)
+    middles = set(middle_tensors(factorized))
+    assert middles
+    wide = to_int8(factorized, "mnist", ImageOptions(), 64, 32, middle="int16")
+    check_model(wide)
+    assert max(o.version for o in wide.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    points = {t.name: t.data_type for t in wide.graph.initializer}
+    quantizers = [n for n in wide.graph.node if n.op_type == "QuantizeLinear"]
+    kinds = {n.input[0]: points[n.input[2]] for n in quantizers if n.input[2] in points}
+    assert {kinds[m] for m in middles} == {onnx.TensorProto.INT16}
+    assert onnx.TensorProto.INT8 in set(kinds.values())
+    x = {"input": np.random.default_rng(0).uniform(0, 1, (4, 1, 28, 28)).astype(np.float32)}
+    (expected,) = run(factorized, x)
+    (got,) = run(wide, x)
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.1
