@@ -9,7 +9,10 @@ reduce_range, per-tensor weights, nodes kept in float, the pairs' middle tensors
 correction lrdeploy applies by default. Each row: accuracy, top-1 agreement with the fp32 factorized model
 and the relative L2 error of its logits, on the same 2,000 digits.
 
-    python benchmarks/precision_table.py [--out models/RESULTS_precision.md] [--no-ablation]
+Table 3 (``--timing``): that VGG as fp32, int8 and int8 with ``middle="int16"``, timed side by side on
+the CPU EP (`lrdeploy.runtime.bench`: interleaved medians, batch 32, 2 threads).
+
+    python benchmarks/precision_table.py [--out models/RESULTS_precision.md] [--no-ablation] [--timing]
 """
 
 from __future__ import annotations
@@ -162,11 +165,24 @@ def ablation_rows(work: Path, name: str = "vgg_baseline", budget: str = "--rank-
     return rows
 
 
+def timing_table(work: Path, name: str = "vgg_baseline", runs: int = 20) -> str:
+    """fp32, int8 and int8 with int16 middle tensors of one factorized model, timed side by side."""
+    from lrdeploy.runtime.bench import BenchConfig, benchmark
+
+    paths = [work / f"{name}_{label}.onnx" for label in ("fp32", "int8", "int8_middle16")]
+    lrdeploy.compress(REPO / "models" / f"{name}.onnx", output=paths[0], verify=False, rank_ratio=0.5)
+    model = onnx.load(paths[0])
+    for path, middle in zip(paths[1:], ("int8", "int16"), strict=True):
+        onnx.save(to_int8(model, "mnist", ImageOptions(), SAMPLES, 32, middle=middle), path)
+    config = BenchConfig(device="cpu", batch_sizes=(32,), warmup=3, runs=runs, threads=2)
+    return benchmark([str(p) for p in paths], config).to_markdown()
+
+
 def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
-def render(rows: list[dict], ablation: list[dict], command: str, seconds: float) -> str:
+def render(rows: list[dict], ablation: list[dict], timing: str, command: str, seconds: float) -> str:
     lines = [
         "# Deployed precision of the bundled MNIST models (fp32 / fp16 / int8)",
         "",
@@ -204,6 +220,16 @@ def render(rows: list[dict], ablation: list[dict], command: str, seconds: float)
         for r in ablation:
             scores = f"{_percent(r['accuracy'])} | {_percent(r['agreement'])} | {r['rel_l2']:.4f}"
             lines.append(f"| {r['variant']} | {scores} |")
+    if timing:
+        lines += [
+            "",
+            "## Speed of the int16 middle tensors (vgg_baseline, `--rank-ratio 0.5`, CPU EP, batch 32)",
+            "",
+            "fp32 factorized (the baseline row), int8 (lrdeploy's default) and int8 with `middle='int16'`, "
+            "interleaved, 2 threads:",
+            "",
+            timing.strip(),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -217,13 +243,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "models" / "RESULTS_precision.md")
     parser.add_argument("--no-ablation", action="store_true", help="only the main table")
+    parser.add_argument("--timing", action="store_true", help="time fp32 / int8 / int8 int16-middle")
     args = parser.parse_args()
-    command = "python benchmarks/precision_table.py" + (" --no-ablation" if args.no_ablation else "")
+    flags = [f for f, on in (("--no-ablation", args.no_ablation), ("--timing", args.timing)) if on]
+    command = " ".join(["python benchmarks/precision_table.py", *flags])
     start = time.perf_counter()
     rows = main_rows()
     with tempfile.TemporaryDirectory(prefix="lrdeploy-precision-") as work:
         ablation = [] if args.no_ablation else ablation_rows(Path(work))
-    text = render(rows, ablation, command, time.perf_counter() - start)
+        timing = timing_table(Path(work)) if args.timing else ""
+    text = render(rows, ablation, timing, command, time.perf_counter() - start)
     args.out.with_suffix(".json").write_text(
         json.dumps({"main": rows, "ablation": ablation}, indent=1) + "\n"
     )

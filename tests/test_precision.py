@@ -10,6 +10,8 @@ import pytest
 from test_budget import SHAPES, _calib, _net
 
 import lrdeploy
+from lrdeploy.cli.app import main
+from lrdeploy.errors import UsageError
 from lrdeploy.runtime.datasets import ImageOptions
 from lrdeploy.runtime.precision import middle_tensors, to_int8, weight_bytes
 from models import check_model, run
@@ -84,3 +86,30 @@ def test_int16_middle_tensors_pass_the_checker_and_stay_close(tmp_path):
     (expected,) = run(factorized, x)
     (got,) = run(wide, x)
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.1
+
+
+def test_int8_middle_reaches_the_model_from_the_cli(tmp_path):
+    model, out, report = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **_calib())
+    onnx.save(_net(batch=2), model)
+    argv = ["compress", str(model), "-o", str(out), "--report", str(report), "--no-verify"]
+    flags = ["--rank-ratio", "0.5", "--quantize", "int8", "--calib", str(calib), "--method", "svd"]
+    assert main([*argv, *flags, "--int8-middle", "int16", "--input-shape", "x:2,4,8,8"]) == 0
+    deployed = onnx.load(out)
+    check_model(deployed)
+    points = {t.name: t.data_type for t in deployed.graph.initializer}
+    wide = [n for n in deployed.graph.node if n.op_type == "QuantizeLinear" and n.input[2] in points]
+    assert any(points[n.input[2]] == onnx.TensorProto.INT16 for n in wide)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"int8_middle": "int4", "quantize": "int8", "calib": "mnist"}, "int8_middle must be int8 or int16"),
+        ({"int8_middle": "int16"}, "int8_middle applies to quantize int8"),
+    ],
+)
+def test_int8_middle_errors(options, message):
+    with pytest.raises(UsageError, match=message):
+        lrdeploy.compress(_net(), input_shapes=SHAPES, verify=False, rank_ratio=0.5, **options)

@@ -152,5 +152,6 @@ def convert(model: onnx.ModelProto, config) -> onnx.ModelProto:
         return to_fp16(model)
     if config.quantize == "int8":
         batch = _batch_size(model, config.verification.batch_size)
-        return to_int8(model, config.calib, config.verification.image, config.calib_samples, batch)
+        image, samples = config.verification.image, config.calib_samples
+        return to_int8(model, config.calib, image, samples, batch, middle=config.int8_middle)
     return model
