@@ -72,10 +72,14 @@ def main_rows() -> list[dict]:
 
 
 def _scored(reference: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> dict:
+    error = logits - reference
+    scale = np.linalg.norm(reference)
     return {
         "accuracy": float(np.mean(logits.argmax(1) == labels)),
         "agreement": float(np.mean(logits.argmax(1) == reference.argmax(1))),
-        "rel_l2": float(np.linalg.norm(logits - reference) / np.linalg.norm(reference)),
+        "rel_l2": float(np.linalg.norm(error) / scale),
+        # the part of the error that is the same for every digit (its mean), on the same scale
+        "offset_l2": float(np.sqrt(len(error)) * np.linalg.norm(error.mean(axis=0)) / scale),
     }
 
 
@@ -178,6 +182,61 @@ def timing_table(work: Path, name: str = "vgg_baseline", runs: int = 20) -> str:
     return benchmark([str(p) for p in paths], config).to_markdown()
 
 
+def _delta(row: dict, precision: str) -> float:
+    return 100 * (row[precision]["accuracy"] - row["fp32"]["accuracy"])
+
+
+def _summary(rows: list[dict]) -> list[str]:
+    """The target (within 0.5 point of the fp32 compressed model) row by row, as measured."""
+    fp16 = max(abs(_delta(r, "fp16")) for r in rows)
+    lines = [f"fp16: every row within {fp16:.2f} point of its fp32 compressed model."]
+    for label in BUDGETS:
+        picked = [r for r in rows if r["budget"] == label]
+        worst = max(picked, key=lambda r: abs(_delta(r, "int8")))
+        lines.append(
+            f"int8 at `{label}`: within {abs(_delta(worst, 'int8')):.2f} point ({worst['model']}: "
+            f"{_delta(worst, 'int8'):+.2f})."
+        )
+    missed = [r for r in rows if r["worst_points"] > 0.5]
+    if missed:
+        names = ", ".join(f"{r['model']} at `{r['budget']}` ({r['worst_points']:.2f})" for r in missed)
+        lines.append(f"Over the 0.5-point target: {names} — see below.")
+    return [" ".join(lines)]
+
+
+def _finding(ablation: list[dict]) -> list[str]:
+    """Why the VGG lost accuracy in int8 and what fixed it, with this run's numbers."""
+    rows = {r["variant"].split(" (")[0].strip("*"): r for r in ablation}
+    reference, plain = rows["fp32"], rows["plain QDQ: MinMax, 256 samples, asymmetric activations"]
+    fixed = rows["bias correction"]
+    wide = rows["bias correction + middle tensors int16"]
+
+    def said(r: dict) -> str:
+        points = 100 * (r["accuracy"] - reference["accuracy"])
+        return f"{points:+.2f} points, {100 * r['agreement']:.2f}% agreement, rel L2 {r['rel_l2']:.4f}"
+
+    knobs = [r for r in ablation[2:] if "bias correction" not in r["variant"] and "int16" not in r["variant"]]
+    best = min(knobs, key=lambda r: r["rel_l2"])
+    return [
+        "**Why the VGG lost 2 points, and the fix.** At ρ 0.5 the VGG keeps "
+        f"{100 * reference['accuracy']:.2f}% (its logits are near ties), so any output error flips "
+        f"digits. Plain QDQ: {said(plain)}, of which {plain['offset_l2']:.4f} is the same for every digit "
+        f"({100 * (plain['offset_l2'] / plain['rel_l2']) ** 2:.0f}% of the squared error): rounding is "
+        "not zero-mean when a value recurs — the images' background, and the constant it makes in every "
+        "channel of a pair's rank-r middle tensor (an int8 rounding the dense model does not have), round "
+        "the same way at every position of every image. onnxruntime's settings move that rounding but do "
+        f"not remove it (table below; best: {best['variant']}, rel L2 {best['rel_l2']:.4f}). lrdeploy now "
+        "corrects it (`lrdeploy.runtime.biascorrect`, empirical bias correction, Nagel et al. 2019): each "
+        "Conv/Gemm's int32 bias is shifted by the mean per-channel difference between its quantized and "
+        "float outputs on the calibration samples (at most 64), layer by layer in graph order; pairs' "
+        f"first nodes get a zero bias to correct. Default now: {said(fixed)}. With `--int8-middle int16` "
+        f"as well: {said(wide)}, but the pairs then run in float (timing below): an option, not the "
+        "default. At this ruined ratio the remaining flipped digits still net more than 0.5 point on "
+        "2,000 digits; the tests gate this case on the output error and agreement, and accuracy at "
+        "`--target-params 0.7`.",
+    ]
+
+
 def _percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
@@ -201,24 +260,26 @@ def render(rows: list[dict], ablation: list[dict], timing: str, command: str, se
             f"| {r['model']} | `{r['budget']}` | {_percent(r['original'])} | {accuracies} "
             f"| {r['worst_points']:.2f} | {sizes} |"
         )
-    worst = max(r["worst_points"] for r in rows)
-    lines += ["", f"Every model is within {worst:.2f} point of its fp32 compressed self in fp16 and int8."]
+    lines += ["", *_summary(rows)]
     if ablation:
         head = ablation[0]
+        lines += ["", *_finding(ablation)]
         lines += [
             "",
             f"## int8 settings tried ({head['model']}, `{head['budget']}`)",
             "",
             "Same fp32 factorized model; accuracy, top-1 agreement with it and the relative L2 error of "
-            "the logits on the 2,000 test digits. Rows above the bias correction are onnxruntime's "
+            "the logits on the 2,000 test digits, and the norm of its mean over the digits (the constant "
+            "part, on the same scale). Rows above the bias correction are onnxruntime's "
             "`quantize_static` with one setting changed from lrdeploy's (QDQ, per-channel symmetric int8 "
             "weights, asymmetric int8 activations, MinMax on 256 training digits).",
             "",
-            "| variant | accuracy | agreement | rel L2 (logits) |",
-            "|---|---:|---:|---:|",
+            "| variant | accuracy | agreement | rel L2 (logits) | of which constant |",
+            "|---|---:|---:|---:|---:|",
         ]
         for r in ablation:
             scores = f"{_percent(r['accuracy'])} | {_percent(r['agreement'])} | {r['rel_l2']:.4f}"
+            scores += f" | {r['offset_l2']:.4f}"
             lines.append(f"| {r['variant']} | {scores} |")
     if timing:
         lines += [
