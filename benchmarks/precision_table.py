@@ -13,6 +13,10 @@ Table 3 (``--timing``): that VGG as fp32, int8 and int8 with ``middle="int16"``,
 the CPU EP (`lrdeploy.runtime.bench`: interleaved medians, batch 32, 2 threads).
 
     python benchmarks/precision_table.py [--out models/RESULTS_precision.md] [--no-ablation] [--timing]
+
+``--resnet-overhead DIR`` only times `to_int8` with and without the bias correction on ResNet-50
+(`make_resnet50.py`, seeded random weights, factorized at ρ 0.25; 16 seeded random images as in
+`latency_budget.py`) and prints it: what the correction costs a big model (one run per layer).
 """
 
 from __future__ import annotations
@@ -182,6 +186,29 @@ def timing_table(work: Path, name: str = "vgg_baseline", runs: int = 20) -> str:
     return benchmark([str(p) for p in paths], config).to_markdown()
 
 
+def resnet_overhead(work: Path) -> dict:
+    """Seconds of `to_int8` on the factorized ResNet-50 without and with the bias correction."""
+    import subprocess
+    import sys
+
+    from lrdeploy.runtime.datasets import as_data_source
+
+    dense, factorized = work / "resnet50_bn.onnx", work / "resnet50_r0.25.onnx"
+    if not dense.exists():
+        subprocess.run([sys.executable, str(REPO / "benchmarks/make_resnet50.py"), str(dense)], check=True)
+    if not factorized.exists():
+        lrdeploy.compress(dense, rank_ratio=0.25, output=factorized, verify=False)
+    model = onnx.load(factorized)
+    calib = as_data_source(np.random.default_rng(0).standard_normal((16, 3, 224, 224)).astype(np.float32))
+    seconds = {}
+    for correct in (False, True):
+        start = time.perf_counter()
+        to_int8(model, calib, ImageOptions(), 16, 16, correct_bias=correct)
+        seconds["corrected" if correct else "plain"] = round(time.perf_counter() - start, 1)
+    layers = sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
+    return {"model": "resnet50 rho 0.25", "layers": layers, "samples": 16, "seconds": seconds}
+
+
 def _delta(row: dict, precision: str) -> float:
     return 100 * (row[precision]["accuracy"] - row["fp32"]["accuracy"])
 
@@ -287,7 +314,8 @@ def render(rows: list[dict], ablation: list[dict], timing: str, command: str, se
             "## Speed of the int16 middle tensors (vgg_baseline, `--rank-ratio 0.5`, CPU EP, batch 32)",
             "",
             "fp32 factorized (the baseline row), int8 (lrdeploy's default) and int8 with `middle='int16'`, "
-            "interleaved, 2 threads:",
+            "interleaved medians, 2 threads, on the shared loaded container (p90 shows the noise; re-measure "
+            "on a quiet machine before quoting a ratio):",
             "",
             timing.strip(),
         ]
@@ -305,14 +333,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "models" / "RESULTS_precision.md")
     parser.add_argument("--no-ablation", action="store_true", help="only the main table")
     parser.add_argument("--timing", action="store_true", help="time fp32 / int8 / int8 int16-middle")
+    parser.add_argument("--runs", type=int, default=20, help="timed rounds for --timing (after 3 warm-up)")
+    parser.add_argument("--resnet-overhead", type=Path, metavar="DIR", help="only time the correction")
     args = parser.parse_args()
+    if args.resnet_overhead:
+        args.resnet_overhead.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(resnet_overhead(args.resnet_overhead)))
+        return
     flags = [f for f, on in (("--no-ablation", args.no_ablation), ("--timing", args.timing)) if on]
+    flags += [f"--runs {args.runs}"] if args.timing and args.runs != 20 else []
     command = " ".join(["python benchmarks/precision_table.py", *flags])
     start = time.perf_counter()
     rows = main_rows()
     with tempfile.TemporaryDirectory(prefix="lrdeploy-precision-") as work:
         ablation = [] if args.no_ablation else ablation_rows(Path(work))
-        timing = timing_table(Path(work)) if args.timing else ""
+        timing = timing_table(Path(work), runs=args.runs) if args.timing else ""
     text = render(rows, ablation, timing, command, time.perf_counter() - start)
     args.out.with_suffix(".json").write_text(
         json.dumps({"main": rows, "ablation": ablation}, indent=1) + "\n"

@@ -148,7 +148,7 @@ Int8Middle = Annotated[
     str,
     typer.Option(
         help="With --quantize int8: each pair's rank-r middle tensor in int8 (default) or int16 "
-        "(closer to float; the pairs then run in float on the CPU EP)."
+        "(closer to float, but the pairs then run in float: slower on the CPU EP)."
     ),
 ]
 Allocate = Annotated[
