@@ -70,6 +70,7 @@ class CompressConfig:
     threads: int | None = None
     precision: str = "fp32"
     quantize: str | None = None
+    int8_middle: str = "int8"  # a pair's rank-r middle tensor under quantize int8: int8 or int16
     requantize: bool = False  # factorize int8 weights behind DequantizeLinear, re-quantizing the factors
 
     def __post_init__(self) -> None:
@@ -192,6 +193,10 @@ class CompressConfig:
             raise UsageError(f"give {option('precision')} fp16 or {option('quantize')} int8, not both")
         if self.quantize is not None and self.calib is None:
             raise UsageError(f"{option('quantize')} int8 calibrates activations: add {option('calib')}")
+        if self.int8_middle not in ("int8", "int16"):
+            raise UsageError(f"{option('int8_middle')} must be int8 or int16, got {self.int8_middle!r}")
+        if self.int8_middle != "int8" and self.quantize is None:
+            raise UsageError(f"{option('int8_middle')} applies to {option('quantize')} int8: add it")
         for name in ("latency_batch", "threads"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 1):
@@ -292,6 +297,7 @@ class CompressConfig:
             if self.cost == "latency"
             else None,
             "precision": self.quantize or self.precision,
+            "int8_middle": self.int8_middle if self.quantize else None,
         }
 
     def describe(self) -> str:

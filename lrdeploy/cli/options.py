@@ -30,6 +30,7 @@ __all__ = [
     "ImcMapping",
     "InputShape",
     "InputValue",
+    "Int8Middle",
     "LatencyBatch",
     "LatencyTable",
     "Layout",
@@ -142,6 +143,13 @@ Precision = Annotated[
 ]
 Quantize = Annotated[
     str | None, typer.Option(help="int8: static QDQ, per-channel weights, calibrated on --calib.")
+]
+Int8Middle = Annotated[
+    str,
+    typer.Option(
+        help="With --quantize int8: each pair's rank-r middle tensor in int8 (default) or int16 "
+        "(closer to float, but the pairs then run in float: slower on the CPU EP)."
+    ),
 ]
 Allocate = Annotated[
     str,
