@@ -327,9 +327,8 @@ def _calibrate(
 
 
 def _verify(original, source, compressed, staged, shapes, config: CompressConfig, progress: Progress | None):
-    from lrdeploy.runtime.verification import run_verification, runtime_source
+    from lrdeploy.runtime.verification import candidate_source, run_verification, runtime_source
 
     tick = (lambda done, total: progress("verify", done, total)) if progress else None
-    candidate = staged if staged is not None else compressed.SerializeToString()
-    with runtime_source(original, source) as reference:
+    with runtime_source(original, source) as reference, candidate_source(compressed, staged) as candidate:
         return run_verification(original, reference, candidate, shapes, config.verification, tick)

@@ -38,7 +38,14 @@ from lrdeploy.runtime.inputs import model_inputs, resolve_shapes
 from lrdeploy.runtime.verify import Batch, Gates, Verification, compare_models
 from lrdeploy.spelling import either, option
 
-__all__ = ["RANDOM_BATCHES", "VerifyConfig", "run_verification", "runtime_source", "verify"]
+__all__ = [
+    "RANDOM_BATCHES",
+    "VerifyConfig",
+    "candidate_source",
+    "run_verification",
+    "runtime_source",
+    "verify",
+]
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 #: Random batches drawn by default (of the batch size the input shapes give, 1 for a symbolic batch).
@@ -146,11 +153,11 @@ def run_verification(
     batches, total, description = _batches(original, shapes, config)
     done = 0
 
-    def tick(count: int) -> None:
+    def tick(count: int) -> None:  # samples run, through the original and then the compressed model
         nonlocal done
         done += count
         if progress:
-            progress(done, total)
+            progress(done, 2 * total)
 
     return compare_models(
         original_source,
@@ -179,6 +186,30 @@ def runtime_source(model: onnx.ModelProto, path: Path | None) -> Iterator[bytes 
     with tempfile.TemporaryDirectory(prefix="lrdeploy-") as scratch:
         target = Path(scratch) / "model.onnx"
         save_model(copy, target)
+        yield target
+
+
+#: A compressed model without an output file is handed to onnxruntime as bytes up to this size; above
+#: it, written to a temporary file, so that its serialized bytes and the proto are not held at once.
+INLINE_SOURCE_BYTES = 64 * 2**20
+
+
+@contextmanager
+def candidate_source(model: onnx.ModelProto, staged: Path | None) -> Iterator[bytes | Path]:
+    """What onnxruntime is given for the compressed model: the file just written when there is one.
+
+    Without one, ``model`` is the materialized proto `compress` returns (inline, under 2 GB), which
+    `save_model` streams one initializer at a time without changing it.
+    """
+    if staged is not None:
+        yield staged
+        return
+    if estimated_size(model) < INLINE_SOURCE_BYTES:
+        yield model.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="lrdeploy-") as scratch:
+        target = Path(scratch) / "model.onnx"
+        save_model(model, target)
         yield target
 
 
