@@ -22,6 +22,7 @@ import onnx
 from lrdeploy.config import CompressConfig
 from lrdeploy.errors import UsageError, VerificationFailed
 from lrdeploy.io.graphio import from_graph
+from lrdeploy.io.modelcheck import check_output
 from lrdeploy.io.modelio import (
     EXTERNAL_DATA_THRESHOLD,
     choose_ir_version,
@@ -265,6 +266,11 @@ def _compress(
             materialize(compressed)
         else:
             raise UsageError("the compressed model is over 2 GB; pass output= to write it with external data")
+    if staged is not None:
+        with timer("check"):  # also with verification off: never an invalid model written silently
+            warning = check_output(staged, source if source is not None else model)
+        if warning:
+            report.notes.append(warning)
     if config.verify:
         with timer("verify"):
             report.verification = _verify(original, source, compressed, staged, shapes, config, progress)
