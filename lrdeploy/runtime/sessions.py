@@ -249,10 +249,11 @@ def make_session(
 
 
 def release_memory() -> None:
-    """Give the memory of sessions just dropped back to the system before the next one is made.
+    """Give freed memory back to the system before a large model is loaded.
 
-    A dropped session frees its weights in onnxruntime, but glibc keeps freed blocks below its mmap
-    threshold on its heap; ``malloc_trim(0)`` returns them, so that the next model does not stack on top.
+    A dropped session or a finished compression frees its arrays, but glibc keeps freed blocks below its
+    mmap threshold in its heaps (one per thread that allocated); ``malloc_trim(0)`` returns them, so that
+    the next model does not stack on top (after compressing a 0.5 GiB stack: 499 → 232 MiB anonymous).
     """
     gc.collect()
     with contextlib.suppress(OSError, AttributeError, TypeError):

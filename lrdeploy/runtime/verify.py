@@ -400,6 +400,7 @@ def compare_models(
     model's opens. Only when those files cannot be written do the two run side by side, and the result's
     note says so. ``progress`` gets each batch's sample count once per model run.
     """
+    release_memory()  # what compression freed but the allocator kept: often more than the output's size
     reference = _open_original(original, device)
     interface = _interface(reference)
     names = interface[1]
