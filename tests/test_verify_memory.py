@@ -13,9 +13,10 @@ import pytest
 from onnx import helper
 
 import lrdeploy
+import lrdeploy.io.modelio
 import lrdeploy.runtime.spool as spool_module
 import lrdeploy.runtime.verify as verify_module
-from lrdeploy.runtime.sessions import Device
+from lrdeploy.runtime.sessions import Device, make_session
 from lrdeploy.runtime.spool import Spool
 from lrdeploy.runtime.verification import candidate_source
 from models import graph_model, weight
@@ -154,3 +155,23 @@ def test_a_large_compressed_model_without_an_output_is_given_as_a_file(monkeypat
         assert onnx.load(source) == model
     assert not source.exists()
     assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_an_original_at_a_newer_ir_is_given_as_a_lowered_copy(monkeypatch, tmp_path, rng, inline):
+    import lrdeploy.runtime.verification as verification
+
+    model = _mlp(rng)
+    model.ir_version = 14  # what onnx 1.23 writes by default; onnxruntime refuses it
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    loaded, _ = lrdeploy.io.modelio.load_model(path)
+    if not inline:
+        monkeypatch.setattr(verification, "INLINE_SOURCE_BYTES", 0)
+    with verification.runtime_source(loaded, path) as source:
+        assert isinstance(source, bytes) == inline
+        lowered = onnx.load_from_string(source) if inline else onnx.load(source)
+        assert lowered.ir_version <= 10 and lowered.graph == model.graph
+        make_session(source, Device("cpu"))  # onnxruntime reads it
+    assert inline or not source.exists()
+    assert loaded.ir_version == 14

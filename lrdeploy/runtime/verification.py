@@ -24,7 +24,6 @@ import onnx
 
 from lrdeploy.errors import UsageError
 from lrdeploy.io.modelio import (
-    EXTERNAL_DATA_THRESHOLD,
     PREFERRED_MAX_IR,
     choose_ir_version,
     estimated_size,
@@ -170,6 +169,11 @@ def run_verification(
     )
 
 
+#: A model is handed to onnxruntime as bytes up to this size; above it, as a temporary file, so that its
+#: serialized bytes and a proto holding its weights are never in memory together.
+INLINE_SOURCE_BYTES = 64 * 2**20
+
+
 @contextmanager
 def runtime_source(model: onnx.ModelProto, path: Path | None) -> Iterator[bytes | Path]:
     """What onnxruntime is given for ``model``: its own file when runtimes read its IR version, else a
@@ -180,18 +184,16 @@ def runtime_source(model: onnx.ModelProto, path: Path | None) -> Iterator[bytes 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     copy.ir_version = choose_ir_version(model.ir_version, model)
-    if estimated_size(copy) < EXTERNAL_DATA_THRESHOLD:
-        yield materialize(copy).SerializeToString()
+    if estimated_size(copy) < INLINE_SOURCE_BYTES:
+        data = materialize(copy).SerializeToString()
+        del copy
+        yield data
         return
     with tempfile.TemporaryDirectory(prefix="lrdeploy-") as scratch:
         target = Path(scratch) / "model.onnx"
-        save_model(copy, target)
+        save_model(copy, target)  # reads file-backed weights in; external data above 2 GB
+        del copy  # the weights are in the file: the session will hold the only copy
         yield target
-
-
-#: A compressed model without an output file is handed to onnxruntime as bytes up to this size; above
-#: it, written to a temporary file, so that its serialized bytes and the proto are not held at once.
-INLINE_SOURCE_BYTES = 64 * 2**20
 
 
 @contextmanager
