@@ -2,7 +2,8 @@
 
 Each round is one hypothesis run (its own seed) of the property in ``tests/fuzzing.py``; a failure is
 shrunk, printed with its mutations, and the run goes on with the next seed. At the end: how many
-examples ran, the outcomes by kind (ok, clean error by message start), and every failure.
+examples ran, how many were written (valid, or warned because the input already fails onnx's checker) or
+refused, the outcomes by kind (clean errors by message start), and every failure.
 
     python benchmarks/fuzz.py --minutes 20
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import sys
 import time
 import traceback
@@ -20,6 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from fuzzing import check_outcome, fuzz_cases
 from hypothesis import HealthCheck, given, seed, settings
+
+#: The scratch directory a message names (an unreadable model's path), dropped so that messages group.
+_SCRATCH = re.compile(r"\S*lrdeploy-fuzz-[^/\s]+/")
+
+
+def _kind(outcome: str) -> str:
+    """The outcome grouped: "ok ...", or "error: " and the first 40 characters of the message."""
+    head, _, message = _SCRATCH.sub("", outcome).partition(":")
+    return f"{head}:{message[:40]}" if message else head
 
 
 def main() -> None:
@@ -44,10 +55,7 @@ def main() -> None:
         @given(fuzz_cases())
         def one(case):
             last[0] = case
-            outcome = check_outcome(case[2], case[3])
-            outcomes[
-                outcome.split(":")[0] + ":" + outcome.split(":")[1][:40] if ":" in outcome else outcome
-            ] += 1
+            outcomes[_kind(check_outcome(case[2], case[3]))] += 1
 
         try:
             one()
@@ -63,7 +71,12 @@ def main() -> None:
     elapsed = time.monotonic() - start
     total = sum(outcomes.values())
     print(f"\n{total} examples in {elapsed / 60:.1f} min, seeds {args.first_seed}..{round_seed - 1}")
-    for outcome, count in outcomes.most_common(25):
+    written = {kind: count for kind, count in outcomes.items() if kind.startswith("ok")}
+    print(
+        f"{sum(written.values())} written ({', '.join(f'{n} {k}' for k, n in sorted(written.items()))}), "
+        f"{total - sum(written.values())} refused with a one-line error"
+    )
+    for outcome, count in outcomes.most_common(40):
         print(f"{count:6d}  {outcome}")
     print(f"{len(failures)} distinct failure(s)")
     for key, (found_seed, case, trace) in failures.items():

@@ -204,7 +204,13 @@ def child(args: argparse.Namespace) -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     options = json.loads(args.options)
-    _, report = lrdeploy.compress(args.model, output=args.output, **options)
+    halfway: list[float] = []  # when the original has run over every verification batch
+
+    def progress(step: str, done: int, total: int) -> None:
+        if step == "verify" and not halfway and 2 * done >= total:
+            halfway.append(time.perf_counter() - start)
+
+    _, report = lrdeploy.compress(args.model, output=args.output, progress=progress, **options)
     wall = time.perf_counter() - start
     stop.set()
     # where the peak was: the step running when RSS was highest (timings are in step order)
@@ -216,6 +222,10 @@ def child(args: argparse.Namespace) -> None:
         elapsed += seconds
         if phase == "?" and elapsed >= peak_at:
             phase = step
+    if halfway:  # verification's two halves: the original's session, then the compressed model's
+        index = next(i for i, bound in enumerate(bounds) if bound[0] == "verify")
+        low, middle = bounds[index][1], max(halfway[0], bounds[index][1])
+        bounds[index : index + 1] = [("verify original", low, middle), ("verify compressed", middle, wall)]
     by_step = {
         step: max((s[2] for s in samples if low <= s[0] <= high + 0.5), default=0.0)
         for step, low, high in bounds

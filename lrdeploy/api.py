@@ -22,6 +22,7 @@ import onnx
 from lrdeploy.config import CompressConfig
 from lrdeploy.errors import UsageError, VerificationFailed
 from lrdeploy.io.graphio import from_graph
+from lrdeploy.io.modelcheck import check_output
 from lrdeploy.io.modelio import (
     EXTERNAL_DATA_THRESHOLD,
     choose_ir_version,
@@ -265,6 +266,11 @@ def _compress(
             materialize(compressed)
         else:
             raise UsageError("the compressed model is over 2 GB; pass output= to write it with external data")
+    if staged is not None:
+        with timer("check"):  # also with verification off: never an invalid model written silently
+            warning = check_output(staged, source if source is not None else model)
+        if warning:
+            report.notes.append(warning)
     if config.verify:
         with timer("verify"):
             report.verification = _verify(original, source, compressed, staged, shapes, config, progress)
@@ -327,9 +333,8 @@ def _calibrate(
 
 
 def _verify(original, source, compressed, staged, shapes, config: CompressConfig, progress: Progress | None):
-    from lrdeploy.runtime.verification import run_verification, runtime_source
+    from lrdeploy.runtime.verification import candidate_source, run_verification, runtime_source
 
     tick = (lambda done, total: progress("verify", done, total)) if progress else None
-    candidate = staged if staged is not None else compressed.SerializeToString()
-    with runtime_source(original, source) as reference:
+    with runtime_source(original, source) as reference, candidate_source(compressed, staged) as candidate:
         return run_verification(original, reference, candidate, shapes, config.verification, tick)

@@ -24,7 +24,6 @@ import onnx
 
 from lrdeploy.errors import UsageError
 from lrdeploy.io.modelio import (
-    EXTERNAL_DATA_THRESHOLD,
     PREFERRED_MAX_IR,
     choose_ir_version,
     estimated_size,
@@ -38,7 +37,14 @@ from lrdeploy.runtime.inputs import model_inputs, resolve_shapes
 from lrdeploy.runtime.verify import Batch, Gates, Verification, compare_models
 from lrdeploy.spelling import either, option
 
-__all__ = ["RANDOM_BATCHES", "VerifyConfig", "run_verification", "runtime_source", "verify"]
+__all__ = [
+    "RANDOM_BATCHES",
+    "VerifyConfig",
+    "candidate_source",
+    "run_verification",
+    "runtime_source",
+    "verify",
+]
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 #: Random batches drawn by default (of the batch size the input shapes give, 1 for a symbolic batch).
@@ -146,11 +152,11 @@ def run_verification(
     batches, total, description = _batches(original, shapes, config)
     done = 0
 
-    def tick(count: int) -> None:
+    def tick(count: int) -> None:  # samples run, through the original and then the compressed model
         nonlocal done
         done += count
         if progress:
-            progress(done, total)
+            progress(done, 2 * total)
 
     return compare_models(
         original_source,
@@ -163,6 +169,11 @@ def run_verification(
     )
 
 
+#: A model is handed to onnxruntime as bytes up to this size; above it, as a temporary file, so that its
+#: serialized bytes and a proto holding its weights are never in memory together.
+INLINE_SOURCE_BYTES = 64 * 2**20
+
+
 @contextmanager
 def runtime_source(model: onnx.ModelProto, path: Path | None) -> Iterator[bytes | Path]:
     """What onnxruntime is given for ``model``: its own file when runtimes read its IR version, else a
@@ -173,12 +184,34 @@ def runtime_source(model: onnx.ModelProto, path: Path | None) -> Iterator[bytes 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     copy.ir_version = choose_ir_version(model.ir_version, model)
-    if estimated_size(copy) < EXTERNAL_DATA_THRESHOLD:
-        yield materialize(copy).SerializeToString()
+    if estimated_size(copy) < INLINE_SOURCE_BYTES:
+        data = materialize(copy).SerializeToString()
+        del copy
+        yield data
         return
     with tempfile.TemporaryDirectory(prefix="lrdeploy-") as scratch:
         target = Path(scratch) / "model.onnx"
-        save_model(copy, target)
+        save_model(copy, target)  # reads file-backed weights in; external data above 2 GB
+        del copy  # the weights are in the file: the session will hold the only copy
+        yield target
+
+
+@contextmanager
+def candidate_source(model: onnx.ModelProto, staged: Path | None) -> Iterator[bytes | Path]:
+    """What onnxruntime is given for the compressed model: the file just written when there is one.
+
+    Without one, ``model`` is the materialized proto `compress` returns (inline, under 2 GB), which
+    `save_model` streams one initializer at a time without changing it.
+    """
+    if staged is not None:
+        yield staged
+        return
+    if estimated_size(model) < INLINE_SOURCE_BYTES:
+        yield model.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="lrdeploy-") as scratch:
+        target = Path(scratch) / "model.onnx"
+        save_model(model, target)
         yield target
 
 

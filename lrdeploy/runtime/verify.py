@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from lrdeploy.errors import RuntimeFailure, UsageError, VerificationFailed
-from lrdeploy.runtime.sessions import Device, make_session, summarize
+from lrdeploy.runtime.sessions import Device, make_session, release_memory, summarize
+from lrdeploy.runtime.spool import KEEP_BYTES, Spool
 from lrdeploy.spelling import either, option
 
 __all__ = ["Gates", "OutputComparison", "Verification", "compare_models"]
@@ -347,11 +348,38 @@ def _json_float(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _run(session, feeds: Mapping[str, np.ndarray], label: str) -> list[np.ndarray]:
+def _run(session, feeds: Mapping[str, np.ndarray], label: str, names=None) -> list[np.ndarray]:
+    """The outputs in the order of ``names`` (default: the session's own)."""
     try:
-        return session.run(None, dict(feeds))
+        return session.run(names, dict(feeds))
     except Exception as error:
         raise RuntimeFailure(f"onnxruntime failed to run the {label} model: {summarize(error)}") from None
+
+
+def _open_original(source: bytes | Path, device: Device):
+    try:
+        return make_session(source, device, label="the original model")
+    except RuntimeFailure as error:  # nothing to compare against on this device
+        skip = either("compress --no-verify", "compress(verify=False)")
+        raise RuntimeFailure(f"{error} ({skip} skips verification)") from None
+
+
+def _interface(session) -> tuple[list[str], list[str]]:
+    return [v.name for v in session.get_inputs()], [v.name for v in session.get_outputs()]
+
+
+def _same_interface(reference: tuple[list[str], list[str]], candidate) -> None:
+    for kind, ours, theirs in zip(("inputs", "outputs"), reference, _interface(candidate), strict=True):
+        if sorted(ours) != sorted(theirs):
+            raise UsageError(
+                f"the two models have different {kind} (original {ours}, compressed {theirs}); verify "
+                "compares a model with its compression"
+            )
+
+
+def _samples(feeds: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(feeds.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
 def compare_models(
@@ -363,37 +391,63 @@ def compare_models(
     data: str = "random",
     rtol: float = 0.0,
     progress: Callable[[int], None] | None = None,
+    keep_bytes: int = KEEP_BYTES,
 ) -> Verification:
-    """Run both models on each (feeds, labels) batch and compare every output."""
-    try:
-        reference = make_session(original, device, label="the original model")
-    except RuntimeFailure as error:  # nothing to compare against on this device
-        skip = either("compress --no-verify", "compress(verify=False)")
-        raise RuntimeFailure(f"{error} ({skip} skips verification)") from None
-    candidate = make_session(compressed, device, label="the compressed model")
-    for kind in ("inputs", "outputs"):
-        ours, theirs = (
-            [v.name for v in getattr(session, f"get_{kind}")()] for session in (reference, candidate)
-        )
-        if sorted(ours) != sorted(theirs):
-            raise UsageError(
-                f"the two models have different {kind} (original {ours}, compressed {theirs}); verify "
-                "compares a model with its compression"
-            )
-    names = [o.name for o in reference.get_outputs()]
+    """Run the original on every (feeds, labels) batch, then the compressed model, and compare each output.
+
+    onnxruntime holds one model at a time: the feeds and the original's outputs are kept (in memory up to
+    ``keep_bytes``, then in temporary files, `Spool`) and its session is released before the compressed
+    model's opens. Only when those files cannot be written do the two run side by side, and the result's
+    note says so. ``progress`` gets each batch's sample count once per model run.
+    """
+    release_memory()  # what compression freed but the allocator kept: often more than the output's size
+    reference = _open_original(original, device)
+    interface = _interface(reference)
+    names = interface[1]
     accumulators = {name: _Accumulator(rtol) for name in names}
-    samples = 0
-    for feeds, labels in batches:
-        expected = _run(reference, feeds, "original")
-        actual = _run(candidate, feeds, "compressed")
-        for name, ref, new in zip(names, expected, actual, strict=True):
-            accumulators[name].add(np.asarray(ref), np.asarray(new), labels)
-        first = next(iter(feeds.values()), None)
-        count = int(first.shape[0]) if first is not None and first.ndim else 1
-        samples += count
+    samples, note, pending = 0, device.note, None
+    batches = iter(batches)
+    with Spool(keep_bytes) as spool:
+        for feeds, labels in batches:
+            expected = _run(reference, feeds, "original")
+            samples += _samples(feeds)
+            if progress:
+                progress(_samples(feeds))
+            try:
+                spool.append([labels, list(feeds), *feeds.values(), *expected])
+            except OSError as error:  # no room to set the outputs aside: compare with both models open
+                pending = feeds, labels, expected
+                why = f"could not keep the original's outputs on disk ({error.strerror or error})"
+                note = "; ".join(filter(None, (note, f"{why}: both models were loaded at once")))
+                break
+        if samples == 0:
+            raise UsageError(f"the data ({data}) has no samples; give a data set with at least one")
+        if pending is None:
+            del reference
+            release_memory()
+        candidate = make_session(compressed, device, label="the compressed model")
+        _same_interface(interface, candidate)
+        for labels, keys, *arrays in spool.drain():
+            feeds = dict(zip(keys, arrays[: len(keys)], strict=True))
+            actual = _run(candidate, feeds, "compressed", names)
+            _add(accumulators, arrays[len(keys) :], actual, labels)
+            if progress:
+                progress(_samples(feeds))
+    if pending is not None:
+        feeds, labels, expected = pending
+        _add(accumulators, expected, _run(candidate, feeds, "compressed", names), labels)
         if progress:
-            progress(count)
-    if samples == 0:
-        raise UsageError(f"the data ({data}) has no samples; give a data set with at least one")
+            progress(_samples(feeds))
+        for feeds, labels in batches:
+            expected = _run(reference, feeds, "original")
+            _add(accumulators, expected, _run(candidate, feeds, "compressed", names), labels)
+            samples += _samples(feeds)
+            if progress:
+                progress(2 * _samples(feeds))
     outputs = tuple(acc.finish(name) for name, acc in accumulators.items())
-    return Verification(device.provider, outputs, samples, data, device.note)
+    return Verification(device.provider, outputs, samples, data, note)
+
+
+def _add(accumulators: dict[str, _Accumulator], expected, actual, labels: np.ndarray | None) -> None:
+    for accumulator, ref, new in zip(accumulators.values(), expected, actual, strict=True):
+        accumulator.add(np.asarray(ref), np.asarray(new), labels)
