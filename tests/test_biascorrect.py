@@ -114,3 +114,14 @@ def test_the_int32_biases_are_the_only_change():
     assert [n.SerializeToString() for n in corrected.graph.node] == [
         n.SerializeToString() for n in quantized.graph.node
     ]
+
+
+def test_models_with_too_many_layers_are_left_uncorrected(monkeypatch):
+    import lrdeploy.runtime.biascorrect as biascorrect
+
+    model = with_zero_biases(_pair())
+    calib = as_data_source({"x": _digits(32, seed=4)})
+    quantized = to_int8(model, calib, ImageOptions(), 32, 32, correct_bias=False)
+    monkeypatch.setattr(biascorrect, "MAX_LAYERS", 2)  # the pair and the Gemm are 3
+    out, count = correct_biases(model, quantized, [{"x": _digits(32, seed=4)}])
+    assert count == 0 and out.SerializeToString() == quantized.SerializeToString()

@@ -9,9 +9,10 @@ int8 then has its biases corrected on the same samples (`lrdeploy.runtime.biasco
 middle tensor is an extra int8 rounding whose error on image data is mostly a constant offset, which cost
 the VGG at ``--rank-ratio 0.5`` 2 points; the correction cuts its output error by almost 2/3 (rel L2
 0.050 → 0.018; models/RESULTS_precision.md, with the calibration methods, sample counts, symmetric ranges
-and exclusions that did not remove it). ``middle="int16"`` (``int8_middle``) also keeps those middle
-tensors in 16 bits (opset 21 Q/DQ): closer still, but the pairs then run in float on the CPU EP — a
-trade-off, not the default.
+and exclusions that did not remove it). It costs one run per layer, so models with more than
+`biascorrect.MAX_LAYERS` (32) Conv/Gemm layers skip it. ``middle="int16"`` (``int8_middle``) also
+keeps those middle tensors in 16 bits (opset 21 Q/DQ): closer still, but the pairs then run in float on
+the CPU EP — a trade-off, not the default.
 """
 
 from __future__ import annotations
