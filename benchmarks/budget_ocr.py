@@ -3,6 +3,9 @@
     python benchmarks/budget_ocr.py                               # pip-downloads the wheel to .cache/rapidocr
     python benchmarks/budget_ocr.py --wheel rapidocr_onnxruntime-1.4.4-py3-none-any.whl
     python benchmarks/budget_ocr.py --no-budget --ratios 0.5 0.3  # uniform rows only
+    python benchmarks/budget_ocr.py --rows "budget 0.5 + whiten + sensitivity"   # one row, merged into OUT
+    python benchmarks/budget_ocr.py --only sensitivity --budgets 0.5              # the same row, by kind
+    python benchmarks/budget_ocr.py --render-only                 # rewrite OUT.md from OUT.json
 
 The wheel (Apache-2.0, 15 MB; fetch it by hand with ``pip download --no-deps rapidocr-onnxruntime==1.4.4 -d
 DIR``) holds ``ch_PP-OCRv4_det_infer.onnx`` (4.7 MB) and ``ch_PP-OCRv4_rec_infer.onnx`` (10.9 MB, a
@@ -16,7 +19,10 @@ lines/pages as ``{"x": array}``), budget + whiten + sensitivity at each MAC budg
 Metrics: recognizer CER (spaces ignored) of the compressed model's greedy CTC text against the original
 model's text and against the ground truth, rel. L2 and mean per-line cosine of its probabilities; detector
 IoU of the probability maps binarized at 0.3 against the original's, and their rel. L2.
-Writes ``models/RESULTS_ocr.md`` and ``models/RESULTS_ocr.json``.
+Writes ``models/RESULTS_ocr.md`` and ``models/RESULTS_ocr.json``. With ``--rows``/``--only`` only those rows
+run and are merged into the existing JSON (same data settings required; each row keeps the date and command
+that made it) and the markdown is re-rendered from it (``ocr_results.py``): a row that a time limit cut off
+can be added later without rerunning the others.
 """
 
 from __future__ import annotations
