@@ -10,6 +10,9 @@ in the provenance lines). ``--settings`` and ``--targets`` narrow a run to the m
 
     python benchmarks/train_table.py --methods bsr --archs vgg --settings keep --targets 0.2
 
+An interrupted run continues from the checkpoints under --work (saved every epoch) with the same command and
+``--resume``.
+
 Per architecture, all with seed 0, 20 epochs on the 8,000 training digits, accuracy on the 2,000 test digits
 measured on onnxruntime (CPU) from the ONNX files:
 
@@ -118,11 +121,16 @@ def evaluate(model: Path, policy: dict | None, exclude: tuple[str, ...], data, w
     }
 
 
-def train(config: TrainConfig, path: Path, log: list) -> Path:
+def train(config: TrainConfig, path: Path, log: list, resume: bool = False) -> Path:
+    """Train and export ``path``; with ``resume``, continue from its checkpoint (saved every epoch) if any."""
+    checkpoint = path.with_suffix(".ckpt.pt")
+    resume = resume and checkpoint.exists()
     started = time.perf_counter()
-    done = train_and_export(config, path, checkpoint=path.with_suffix(".ckpt.pt"))
+    done = train_and_export(config, path, checkpoint=checkpoint, resume=resume)
     seconds = time.perf_counter() - started
     log.append({"model": path.name, "seconds": round(seconds, 1), "accuracy": done.onnx_accuracy})
+    if resume:
+        log[-1]["resumed"] = True  # the seconds are those of the resumed part only
     print(f"  trained {path.name}: {done.onnx_accuracy:.2%} in {seconds:.0f} s", flush=True)
     return path
 
@@ -151,7 +159,8 @@ def run_arch(arch: str, args, data, work: Path, log: list) -> list[dict]:
     common = {"arch": arch, "epochs": args.epochs, "subset": args.subset, "seed": 0}
     methods = getattr(args, "methods", None) or METHODS
     once = [m for m in ONCE if m in methods]
-    models = {m: train(_trained_once(m, common), work / f"{arch}_{m}.onnx", log) for m in once}
+    resume = getattr(args, "resume", False)
+    models = {m: train(_trained_once(m, common), work / f"{arch}_{m}.onnx", log, resume) for m in once}
     shapes = _shape_model(arch, models, args, common, work, log)
     rows = []
     for method in once:
@@ -165,7 +174,8 @@ def run_arch(arch: str, args, data, work: Path, log: list) -> list[dict]:
             here = dict(models)
             for method in (m for m in ("lrpet", "bsr") if m in methods):
                 tag = f"{arch}_{method}{'_keep' if exclude else ''}_r{ratio:.3f}"
-                here[method] = train(_trained_at(method, ratio, exclude, common), work / f"{tag}.onnx", log)
+                config = _trained_at(method, ratio, exclude, common)
+                here[method] = train(config, work / f"{tag}.onnx", log, resume)
             for method, model in here.items():
                 row = evaluate(model, {"rank_ratio": ratio}, exclude, data, work)
                 rows.append({"arch": arch, "setting": setting, "target": target, "method": method, **row})
@@ -244,7 +254,11 @@ def markdown(rows: list[dict], log: list, made_by: list[str]) -> str:
                 )
             lines.append("")
     lines += ["## Training runs", "", "| model | wall time (s) | test accuracy (%) |", "|---|---|---|"]
-    lines += [f"| {e['model']} | {e['seconds']:.0f} | {_pct(e['accuracy'])} |" for e in log]
+    lines += [
+        f"| {e['model']}{' (resumed: its last part)' if e.get('resumed') else ''} | {e['seconds']:.0f} | "
+        f"{_pct(e['accuracy'])} |"
+        for e in log
+    ]
     lines.append("")
     return "\n".join(lines)
 
@@ -342,6 +356,9 @@ def parse_table_args(description: str, epochs: int, work: Path) -> argparse.Name
         "--methods", nargs="+", default=None, help="run only these methods; merge their rows into --models"
     )
     parser.add_argument("--settings", nargs="+", choices=("uniform", "keep"), default=None)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue interrupted trainings from their --work checkpoints"
+    )
     args = parser.parse_args()
     if args.quick:
         args.archs, args.epochs, args.subset, args.targets = ["mlp"], 2, 1000, [0.3]
