@@ -3,6 +3,9 @@
     python benchmarks/budget_ocr.py                               # pip-downloads the wheel to .cache/rapidocr
     python benchmarks/budget_ocr.py --wheel rapidocr_onnxruntime-1.4.4-py3-none-any.whl
     python benchmarks/budget_ocr.py --no-budget --ratios 0.5 0.3  # uniform rows only
+    python benchmarks/budget_ocr.py --rows "budget 0.5 + whiten + sensitivity"   # one row, merged into OUT
+    python benchmarks/budget_ocr.py --only sensitivity --budgets 0.5              # the same row, by kind
+    python benchmarks/budget_ocr.py --render-only                 # rewrite OUT.md from OUT.json
 
 The wheel (Apache-2.0, 15 MB; fetch it by hand with ``pip download --no-deps rapidocr-onnxruntime==1.4.4 -d
 DIR``) holds ``ch_PP-OCRv4_det_infer.onnx`` (4.7 MB) and ``ch_PP-OCRv4_rec_infer.onnx`` (10.9 MB, a
@@ -16,7 +19,10 @@ lines/pages as ``{"x": array}``), budget + whiten + sensitivity at each MAC budg
 Metrics: recognizer CER (spaces ignored) of the compressed model's greedy CTC text against the original
 model's text and against the ground truth, rel. L2 and mean per-line cosine of its probabilities; detector
 IoU of the probability maps binarized at 0.3 against the original's, and their rel. L2.
-Writes ``models/RESULTS_ocr.md`` and ``models/RESULTS_ocr.json``.
+Writes ``models/RESULTS_ocr.md`` and ``models/RESULTS_ocr.json``. With ``--rows``/``--only`` only those rows
+run and are merged into the existing JSON (same data settings required; each row keeps the date and command
+that made it) and the markdown is re-rendered from it (``ocr_results.py``): a row that a time limit cut off
+can be added later without rerunning the others.
 """
 
 from __future__ import annotations
@@ -49,12 +55,12 @@ from ocr_data import (
     render_lines,
     render_pages,
 )
+from ocr_results import KINDS, MACHINE, merge, save, select
 
 import lrdeploy
 from lrdeploy.errors import LrdeployError, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
-MACHINE = "this project's 2-core CPU container"
 
 
 @dataclass
@@ -121,9 +127,11 @@ def _metrics(model: Model, out: np.ndarray, chars: list[str], truth: list[str]) 
     return metrics
 
 
-def _rows(args: argparse.Namespace, models: dict[str, Model]) -> list[tuple[str, dict[str, dict[str, Any]]]]:
-    rows = [(f"uniform ρ {r:g} + svd", {k: {"rank_ratio": r} for k in models}) for r in args.ratios]
-    head = models["rec"].floor["head"]
+def _rows(
+    args: argparse.Namespace, calib: dict[str, Any], head: str | None
+) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """Every row these --ratios/--budgets make: (label, keywords of ``lrdeploy.compress`` per model)."""
+    rows = [(f"uniform ρ {r:g} + svd", {k: {"rank_ratio": r} for k in calib}) for r in args.ratios]
     if head and args.ratios:
         r = max(args.ratios)
         rows.append(
@@ -139,13 +147,13 @@ def _rows(args: argparse.Namespace, models: dict[str, Model]) -> list[tuple[str,
             k: {
                 "target_macs": fraction,
                 "method": "whiten",
-                "calib": {"x": m.calib},
-                "calib_samples": len(m.calib),
+                "calib": {"x": x},
+                "calib_samples": None if x is None else len(x),
             }
-            for k, m in models.items()
+            for k, x in calib.items()
         }
         rows.append(
-            (f"budget {fraction:g} + svd", {k: {"target_macs": fraction, "method": "svd"} for k in models})
+            (f"budget {fraction:g} + svd", {k: {"target_macs": fraction, "method": "svd"} for k in calib})
         )
         rows.append((f"budget {fraction:g} + whiten", whiten))
         rows.append(
@@ -162,11 +170,20 @@ def _unsupported(error: Exception) -> bool:
     return isinstance(error, TypeError) or (isinstance(error, UsageError) and "unknown" in str(error))
 
 
+def _labels(args: argparse.Namespace) -> list[str]:
+    """The labels of the rows to run (``--rows``/``--only``), checked before any model is loaded."""
+    every = [label for label, _ in _rows(args, {"rec": None, "det": None}, head="head")]
+    return select(every, args.rows, args.only)
+
+
 def _evaluate(
     args: argparse.Namespace, models: dict[str, Model], chars: list[str], truth: list[str]
 ) -> list[dict]:
-    results, skipped = [], False
-    for label, per_model in _rows(args, models):
+    results, skipped, chosen = [], False, set(_labels(args))
+    calib = {k: m.calib for k, m in models.items()}
+    for label, per_model in _rows(args, calib, models["rec"].floor["head"]):
+        if label not in chosen:
+            continue
         if skipped and "target_macs" in per_model["rec"]:
             continue
         row: dict[str, Any] = {"row": label}
@@ -200,87 +217,6 @@ def _evaluate(
     return results
 
 
-COLUMNS = (  # (model, key, header, format)
-    ("rec", "macs_fraction", "rec MACs", ".3f"),
-    ("rec", "params_fraction", "rec params", ".3f"),
-    ("rec", "cer_vs_original", "CER vs original", ".2%"),
-    ("rec", "cer_vs_truth", "CER vs truth", ".2%"),
-    ("rec", "rel_l2", "rec rel. L2", ".3f"),
-    ("rec", "cosine", "rec cosine", ".3f"),
-    ("rec", "empty", "empty lines", ".0%"),
-    ("rec", "compress_s", "s", ".1f"),
-    ("det", "macs_fraction", "det MACs", ".3f"),
-    ("det", "params_fraction", "det params", ".3f"),
-    ("det", "iou", "det IoU", ".3f"),
-    ("det", "rel_l2", "det rel. L2", ".3f"),
-    ("det", "compress_s", "s", ".1f"),
-)
-
-
-def _cell(entry: dict[str, Any] | None, key: str, fmt: str) -> str:
-    if not entry or "error" in entry:
-        return "—"
-    return "non-finite" if entry[key] is None else format(entry[key], fmt)
-
-
-def _model_line(name: str, entry: dict[str, Any], shape: str) -> str:
-    return (
-        f"- {name} `{entry['file']}`: {entry['macs'] / 1e6:.0f}M MACs at {shape}, "
-        f"{entry['params'] / 1e6:.2f}M params; {entry['factorizable_layers']} of {entry['layers']} layers "
-        f"factorizable, {entry['factorizable_macs_share']:.0%} of the MACs; rank 1 on all of them leaves "
-        f"{entry['min_macs_fraction']:.1%} of the MACs (the floor: what is not factorizable)."
-    )
-
-
-def _markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    data, original, versions = meta["data"], meta["original"], meta["versions"]
-    lines = [
-        "# Low-rank compression of PP-OCRv4 (rapidocr-onnxruntime 1.4.4)",
-        "",
-        f"Written by `benchmarks/budget_ocr.py` on {meta['date']}, {MACHINE} ({meta['cpus']} CPUs),",
-        f"onnxruntime {versions['onnxruntime']}, lrdeploy {versions['lrdeploy']}. Command:",
-        "",
-        f"    {meta['command']}",
-        "",
-        f"Models: `{PACKAGE}` from PyPI (licence in its metadata: {meta['licence']}; the PP-OCR models",
-        f"are PaddleOCR's, Apache-2.0), wheel sha256 `{meta['wheel_sha256'][:16]}…`; not stored here.",
-        "",
-        _model_line("recognizer", meta["models"]["rec"], f"1×3×48×{meta['rec_width']}"),
-        _model_line("detector", meta["models"]["det"], "1×3×640×640"),
-        "",
-        f"Data (rendered, seeded, never shared between the sets): {data['calib_lines']} calibration + "
-        f"{data['eval_lines']} evaluation text lines, {data['calib_pages']} + {data['eval_pages']} pages of "
-        f"640×640; fonts: {data['fonts']}. The original recognizer's CER against the ground truth: "
-        f"{original['rec_cer_vs_truth']:.2%} (spaces ignored; {original['rec_cer_vs_truth_spaces']:.2%} "
-        f"counting them); the original detector covers {original['det_line_recall']:.0%} of the rendered "
-        f"lines, {original['det_mask_in_boxes']:.0%} of its mask inside them.",
-        "",
-        "CER: edit distance of the greedy CTC text ÷ reference length, spaces ignored; empty lines: "
-        "share of lines read as nothing (all blank). IoU: of the "
-        "detector's maps binarized at 0.3, pooled over the pages. s: seconds of "
-        "`lrdeploy.compress(..., verify=False)` on that model.",
-        "",
-        "| row | " + " | ".join(header for _, _, header, _ in COLUMNS) + " |",
-        "|---|" + "---:|" * len(COLUMNS),
-    ]
-    notes = []
-    for row in rows:
-        if "note" in row:
-            notes.append(f"- {row['row']}: {row['note']}")
-            continue
-        cells = [_cell(row.get(model), key, fmt) for model, key, _, fmt in COLUMNS]
-        lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
-        errors = {k: row[k]["error"] for k in ("rec", "det") if "error" in row.get(k, {})}
-        notes += [f"- {row['row']}, {k}: {error}" for k, error in errors.items()]
-    return "\n".join(lines + (["", *notes] if notes else [])) + "\n"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -301,7 +237,21 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "models/RESULTS_ocr", help="writes OUT.md and OUT.json"
     )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        metavar="LABEL",
+        help="run only these rows (labels as in the table), merged into OUT",
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=KINDS, help="run only the rows of these kinds; merge them into OUT"
+    )
+    parser.add_argument("--render-only", action="store_true", help="rewrite OUT.md from OUT.json and stop")
     args = parser.parse_args()
+    if args.render_only:
+        print(save(args.out, json.loads(args.out.with_suffix(".json").read_text())))
+        return
+    _labels(args)  # an unknown --rows label fails here, before the models load
 
     fetched = fetch(args.wheel, args.cache)
     chars = dictionary(onnx.load(fetched.rec, load_external_data=False))
@@ -359,10 +309,10 @@ def main() -> None:
         },
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    _write(args.out.with_suffix(".json"), json.dumps(meta, indent=1, allow_nan=False) + "\n")
-    _write(args.out.with_suffix(".md"), _markdown(meta, rows))
-    print(_markdown(meta, rows))
+    previous = args.out.with_suffix(".json")
+    if (args.rows or args.only) and previous.exists():
+        meta = merge(json.loads(previous.read_text()), meta, rows)
+    print(save(args.out, meta))
 
 
 if __name__ == "__main__":

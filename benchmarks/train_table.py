@@ -4,8 +4,14 @@
     python benchmarks/train_table.py --quick    # a smoke run of the whole pipeline (10 s)
     python benchmarks/train_table.py --methods bsr --archs mlp   # new rows only, merged into models/
 
-With ``--methods`` a subset of the methods runs and its rows replace those of the same architecture and method
-in the existing ``--models``/results.json, the others are kept (their command stays in the provenance line).
+With ``--methods`` a subset of the methods runs and its rows replace those of the same cell (architecture,
+method, setting, target) in the existing ``--models``/results.json; every other row is kept (its command stays
+in the provenance lines). ``--settings`` and ``--targets`` narrow a run to the missing cells:
+
+    python benchmarks/train_table.py --methods bsr --archs vgg --settings keep --targets 0.2
+
+An interrupted run continues from the checkpoints under --work (saved every epoch) with the same command and
+``--resume``.
 
 Per architecture, all with seed 0, 20 epochs on the 8,000 training digits, accuracy on the 2,000 test digits
 measured on onnxruntime (CPU) from the ONNX files:
@@ -31,6 +37,7 @@ LoRITa, and LRPET at the 0.2 target in the ``keep`` setting). Every trained mode
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -114,11 +121,16 @@ def evaluate(model: Path, policy: dict | None, exclude: tuple[str, ...], data, w
     }
 
 
-def train(config: TrainConfig, path: Path, log: list) -> Path:
+def train(config: TrainConfig, path: Path, log: list, resume: bool = False) -> Path:
+    """Train and export ``path``; with ``resume``, continue from its checkpoint (saved every epoch) if any."""
+    checkpoint = path.with_suffix(".ckpt.pt")
+    resume = resume and checkpoint.exists()
     started = time.perf_counter()
-    done = train_and_export(config, path, checkpoint=path.with_suffix(".ckpt.pt"))
+    done = train_and_export(config, path, checkpoint=checkpoint, resume=resume)
     seconds = time.perf_counter() - started
     log.append({"model": path.name, "seconds": round(seconds, 1), "accuracy": done.onnx_accuracy})
+    if resume:
+        log[-1]["resumed"] = True  # the seconds are those of the resumed part only
     print(f"  trained {path.name}: {done.onnx_accuracy:.2%} in {seconds:.0f} s", flush=True)
     return path
 
@@ -147,7 +159,8 @@ def run_arch(arch: str, args, data, work: Path, log: list) -> list[dict]:
     common = {"arch": arch, "epochs": args.epochs, "subset": args.subset, "seed": 0}
     methods = getattr(args, "methods", None) or METHODS
     once = [m for m in ONCE if m in methods]
-    models = {m: train(_trained_once(m, common), work / f"{arch}_{m}.onnx", log) for m in once}
+    resume = getattr(args, "resume", False)
+    models = {m: train(_trained_once(m, common), work / f"{arch}_{m}.onnx", log, resume) for m in once}
     shapes = _shape_model(arch, models, args, common, work, log)
     rows = []
     for method in once:
@@ -161,7 +174,8 @@ def run_arch(arch: str, args, data, work: Path, log: list) -> list[dict]:
             here = dict(models)
             for method in (m for m in ("lrpet", "bsr") if m in methods):
                 tag = f"{arch}_{method}{'_keep' if exclude else ''}_r{ratio:.3f}"
-                here[method] = train(_trained_at(method, ratio, exclude, common), work / f"{tag}.onnx", log)
+                config = _trained_at(method, ratio, exclude, common)
+                here[method] = train(config, work / f"{tag}.onnx", log, resume)
             for method, model in here.items():
                 row = evaluate(model, {"rank_ratio": ratio}, exclude, data, work)
                 rows.append({"arch": arch, "setting": setting, "target": target, "method": method, **row})
@@ -240,7 +254,11 @@ def markdown(rows: list[dict], log: list, made_by: list[str]) -> str:
                 )
             lines.append("")
     lines += ["## Training runs", "", "| model | wall time (s) | test accuracy (%) |", "|---|---|---|"]
-    lines += [f"| {e['model']} | {e['seconds']:.0f} | {_pct(e['accuracy'])} |" for e in log]
+    lines += [
+        f"| {e['model']}{' (resumed: its last part)' if e.get('resumed') else ''} | {e['seconds']:.0f} | "
+        f"{_pct(e['accuracy'])} |"
+        for e in log
+    ]
     lines.append("")
     return "\n".join(lines)
 
@@ -338,6 +356,9 @@ def parse_table_args(description: str, epochs: int, work: Path) -> argparse.Name
         "--methods", nargs="+", default=None, help="run only these methods; merge their rows into --models"
     )
     parser.add_argument("--settings", nargs="+", choices=("uniform", "keep"), default=None)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue interrupted trainings from their --work checkpoints"
+    )
     args = parser.parse_args()
     if args.quick:
         args.archs, args.epochs, args.subset, args.targets = ["mlp"], 2, 1000, [0.3]
@@ -360,18 +381,26 @@ def run_table(args: argparse.Namespace, run_arch) -> tuple[list[dict], list[dict
 def merge(
     previous: dict, rows: list[dict], log: list, made_by: str, archs, methods, results_dir: Path
 ) -> dict:
-    """``previous`` results with the rows of (arch, method) in this run replaced by this run's."""
-    redone = {(a, m) for a in archs for m in methods}
+    """``previous`` results with the cells this run measured replaced by this run's rows.
+
+    A cell is (arch, method, setting, target): a run restricted by --settings/--targets keeps the other
+    cells of the same method (``archs`` and ``methods`` are what was asked; the rows say what was done).
+    """
+    redone = {_cell_key(r) for r in rows if r["arch"] in archs and r["method"] in methods}
     names = {entry["model"] for entry in log}
     old_made_by = previous.get("made_by") or [first_provenance(results_dir)]
     return {
-        "rows": [r for r in previous["rows"] if (r["arch"], r["method"]) not in redone] + rows,
+        "rows": [r for r in previous["rows"] if _cell_key(r) not in redone] + rows,
         "runs": [e for e in previous["runs"] if e["model"] not in names] + log,
         "seconds": previous.get("seconds", 0.0),
         "shipped": previous.get("shipped", []),
         "argv": previous.get("argv", []),
         "made_by": [*old_made_by, made_by],
     }
+
+
+def _cell_key(row: dict) -> tuple:
+    return row["arch"], row["method"], row["setting"], row["target"]
 
 
 def first_provenance(results_dir: Path) -> str:
@@ -382,6 +411,13 @@ def first_provenance(results_dir: Path) -> str:
     return "Made by an earlier `python benchmarks/train_table.py`."
 
 
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def main() -> None:
     args = parse_table_args(__doc__.splitlines()[0], epochs=20, work=Path("out/train_table"))
     if args.methods and not set(args.methods) <= set(METHODS):
@@ -390,18 +426,24 @@ def main() -> None:
     made_by = provenance("benchmarks/train_table.py", seconds)
     made_by += f" One seed (0) per model; {args.epochs} epochs each."
     results_path = args.models / "results.json"
-    if args.methods and results_path.exists():
-        previous = json.loads(results_path.read_text())
-        results = merge(previous, rows, log, made_by, args.archs, args.methods, args.models)
-    else:
-        shipped = ship(rows, args.work, args.models, args.archs, args.targets)
-        results = {"rows": rows, "runs": log, "seconds": seconds, "shipped": shipped, "argv": sys.argv[1:]}
-        results["made_by"] = [made_by]
-    rows, log = results["rows"], results["runs"]
-    results_path.write_text(json.dumps(results, indent=1))
-    (args.models / "RESULTS.md").write_text(markdown(rows, log, results["made_by"]))
-    plot(rows, args.models / "accuracy_vs_params.png", "params_kept")
-    plot(rows, args.models / "accuracy_vs_macs.png", "macs_kept")
+    # Runs over different cells may share --models: read, merge and write under a lock on the folder.
+    folder = os.open(args.models, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        if args.methods and results_path.exists():
+            previous = json.loads(results_path.read_text())
+            results = merge(previous, rows, log, made_by, args.archs, args.methods, args.models)
+        else:
+            shipped = ship(rows, args.work, args.models, args.archs, args.targets)
+            results = {"rows": rows, "runs": log, "seconds": seconds, "shipped": shipped}
+            results |= {"argv": sys.argv[1:], "made_by": [made_by]}
+        rows, log = results["rows"], results["runs"]
+        _replace(results_path, json.dumps(results, indent=1))
+        _replace(args.models / "RESULTS.md", markdown(rows, log, results["made_by"]))
+        plot(rows, args.models / "accuracy_vs_params.png", "params_kept")
+        plot(rows, args.models / "accuracy_vs_macs.png", "macs_kept")
+    finally:
+        os.close(folder)  # releases the lock
     print(f"wrote {args.models}/RESULTS.md, results.json and two plots in {seconds / 60:.1f} min", flush=True)
 
 
