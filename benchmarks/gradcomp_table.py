@@ -42,8 +42,10 @@ MACHINE = (
 GOAL_POINTS, GOAL_REDUCTION = 0.3, 10.0
 
 
-#: GreedyLore as the paper states it: shared-probe estimator, periodic refresh only (no early refresh).
-PAPER = {"estimator": "probe", "keep_energy": 0.0}
+#: GreedyLore as the paper states it: shared-probe estimator, the basis from the SVD of the mean matrix (sent
+#: whole) every 100 steps, and no early refresh.
+PAPER = {"estimator": "probe", "refresh": "mean", "refresh_every": 100, "keep_energy": 0.0}
+METHODS = ("none", "powersgd", "greedylore", "paper")
 LABELS = {
     "none": "all-reduce",
     "powersgd": "PowerSGD",
@@ -52,20 +54,28 @@ LABELS = {
 }
 
 
-def _as_trainer(variant: str, argv: list[str]) -> int:
-    """Run ``lrdeploy train`` in this torchrun process, GreedyLore set to ``variant``'s constants."""
-    from lrdeploy.trainer import gradcomp
+def _as_trainer(constants: str, argv: list[str]) -> int:
+    """Run ``lrdeploy train`` in this torchrun process, GreedyLore's constants set from JSON ``constants``."""
+    from lrdeploy.trainer import greedylore
     from lrdeploy.trainer.__main__ import main as train_main
 
-    if variant == "paper":
-        gradcomp.GreedyLoreState.__init__.__kwdefaults__.update(PAPER)
+    greedylore.GreedyLoreState.__init__.__kwdefaults__.update(json.loads(constants))
     return train_main(argv)
 
 
-def _run(arch: str, method: str, rank: int | None, epochs: int, work: Path, subset: int | None) -> dict:
+def _constants(method: str, overrides: dict) -> dict:
+    """GreedyLore's constants for ``method``'s rows: the paper's, or the defaults with ``--set`` overrides."""
+    return PAPER if method == "paper" else overrides if method == "greedylore" else {}
+
+
+def _run(
+    arch: str, method: str, rank: int | None, epochs: int, work: Path, subset: int | None, overrides: dict
+) -> dict:
     name = f"{arch}_{method}" + (f"_r{rank}" if rank else "")
+    constants = _constants(method, overrides)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    argv += [__file__, "--as-trainer", method, "--arch", arch, "--epochs", str(epochs), "--seed", "0"]
+    argv += [__file__, "--as-trainer", json.dumps(constants)]
+    argv += ["--arch", arch, "--epochs", str(epochs), "--seed", "0"]
     compress = "greedylore" if method == "paper" else method
     argv += ["--grad-compress", compress, "-o", str(work / f"{name}.onnx"), "--no-progress"]
     argv += ["--grad-rank", str(rank)] if rank else []
@@ -85,24 +95,23 @@ def _run(arch: str, method: str, rank: int | None, epochs: int, work: Path, subs
         "bytes_per_step": traffic["bytes_per_step"],
         "seconds_per_step": traffic["seconds_per_step"],
         "basis_refreshes": traffic.get("basis_refreshes"),
+        "greedylore_constants": constants or None,
         "test_accuracy": card["test_accuracy"]["torch"],
         "test_accuracy_onnxruntime": card["test_accuracy"]["onnxruntime"],
         "wall_seconds": time.perf_counter() - started,
-        "command": " ".join(["torchrun", *argv[3:]]).replace(
-            f"{__file__} --as-trainer {method}", "-m lrdeploy.trainer"
-        )
-        + ("   # with GreedyLore's paper constants" if method == "paper" else ""),
+        "command": " ".join(["torchrun", "-m lrdeploy.trainer", *argv[8:]])
+        + (f"   # GreedyLoreState constants {json.dumps(constants)}" if constants else ""),
     }
 
 
 def _judge(rows: list[dict]) -> None:
     """Add the issue's checks to each GreedyLore row: accuracy, traffic, and PowerSGD at the same rank."""
+    for row in rows:  # without an all-reduce row (--methods without none), no ratios and no verdicts
+        dense = next((r for r in rows if r["arch"] == row["arch"] and r["method"] == "none"), None)
+        row["reduction"] = dense["bytes_per_step"] / row["bytes_per_step"] if dense else float("nan")
+        row["delta_points"] = 100 * (row["test_accuracy"] - dense["test_accuracy"]) if dense else float("nan")
     for row in rows:
-        dense = next(r for r in rows if r["arch"] == row["arch"] and r["method"] == "none")
-        row["reduction"] = dense["bytes_per_step"] / row["bytes_per_step"]
-        row["delta_points"] = 100 * (row["test_accuracy"] - dense["test_accuracy"])
-    for row in rows:
-        if row["method"] not in ("greedylore", "paper"):
+        if row["method"] not in ("greedylore", "paper") or row["reduction"] != row["reduction"]:
             continue
         peer = [
             r for r in rows if (r["arch"], r["method"], r["rank"]) == (row["arch"], "powersgd", row["rank"])
@@ -132,7 +141,8 @@ def _markdown(rows: list[dict], command: str, seconds: float, epochs: dict[str, 
         goal = {True: "yes", False: "**no**"}.get(r.get("within_goal"), "")
         peer = {True: "yes", False: "**no**"}.get(r.get("not_worse_than_powersgd"), "")
         lines.append(
-            f"| {r['arch']} | {LABELS[r['method']]} | {r['rank'] or '–'} | {r['steps']} "
+            f"| {r['arch']} | {LABELS[r['method']]}{' †' if r.get('carried_from') else ''} | {r['rank'] or '–'} "
+            f"| {r['steps']} "
             f"| {'' if r['basis_refreshes'] is None else r['basis_refreshes']} "
             f"| {r['bytes_per_step'] / 1000:.1f} | {r['reduction']:.1f}× "
             f"| {r['seconds_per_step']:.3f} | {r['test_accuracy']:.2%} | {r['delta_points']:+.2f} "
@@ -149,11 +159,48 @@ def _markdown(rows: list[dict], command: str, seconds: float, epochs: dict[str, 
     return "\n".join(lines)
 
 
+def _cell(row: dict) -> tuple:
+    return row["arch"], row["method"], row["rank"]
+
+
+def _with_carried(rows: list[dict], carried: list[Path], archs: dict[str, int]) -> list[dict]:
+    """``rows`` and the rows of the ``carried`` JSON files for the other cells of ``archs``, in table order."""
+    done = {_cell(r) for r in rows}
+    for path in carried:
+        for row in json.loads(path.read_text())["rows"]:
+            if row["arch"] in archs and _cell(row) not in done and row["epochs"] == archs[row["arch"]]:
+                rows.append({**row, "carried_from": row.get("carried_from", str(path))})
+                done.add(_cell(row))
+    order = list(archs)
+    return sorted(rows, key=lambda r: (order.index(r["arch"]), METHODS.index(r["method"]), r["rank"] or 0))
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--as-trainer"]:
         sys.exit(_as_trainer(sys.argv[2], sys.argv[3:]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="LeNet-5 only, 1 epoch on 1,000 digits, rank 1")
+    parser.add_argument("--archs", default=",".join(EPOCHS), help="comma-separated, of: lenet5, vgg")
+    parser.add_argument("--ranks", default=",".join(map(str, RANKS)), help="comma-separated gradient ranks")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS)
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a GreedyLoreState constant for the greedylore rows (e.g. refresh_every=20)",
+    )
+    parser.add_argument(
+        "--carry",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="JSON",
+        help="a RESULTS_gradcomp JSON (of an earlier or a parallel run): its rows for the cells this run does not "
+        "run join the table, marked as carried, each with its own command",
+    )
     parser.add_argument("--out", type=Path, default=Path("models"))
     parser.add_argument(
         "--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "gradcomp_table"
@@ -161,22 +208,26 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    archs = {"lenet5": 1} if args.quick else EPOCHS
-    ranks = (1,) if args.quick else RANKS
+    archs = {"lenet5": 1} if args.quick else {a: EPOCHS[a] for a in args.archs.split(",")}
+    ranks = (1,) if args.quick else tuple(int(r) for r in args.ranks.split(","))
+    methods = [m for m in METHODS if m in args.methods.split(",")]
+    pairs = (s.split("=", 1) for s in args.set)
+    overrides = {k: json.loads(v) if v[:1] in "0123456789-.[{" else v for k, v in pairs}
     subset = 1000 if args.quick else None
     started, rows = time.perf_counter(), []
     for arch, epochs in archs.items():
-        runs = [("none", None)] + [(m, r) for m in ("powersgd", "greedylore", "paper") for r in ranks]
+        runs = [(m, r) for m in methods for r in ((None,) if m == "none" else ranks)]
         for method, rank in runs:
-            rows.append(_run(arch, method, rank, epochs, args.work, subset))
+            rows.append(_run(arch, method, rank, epochs, args.work, subset, overrides))
             print(
                 f"{arch} {method} {rank or ''}: {rows[-1]['test_accuracy']:.2%}, "
                 f"{rows[-1]['bytes_per_step']:.0f} B/step, {rows[-1]['wall_seconds']:.0f} s",
                 flush=True,
             )
+    rows = _with_carried(rows, args.carry, archs)
     _judge(rows)
     seconds = time.perf_counter() - started
-    command = "nice -n 10 python benchmarks/gradcomp_table.py" + (" --quick" if args.quick else "")
+    command = "nice -n 10 python " + " ".join(["benchmarks/gradcomp_table.py", *sys.argv[1:]])
     report = {
         "command": command,
         "machine": MACHINE,
