@@ -1,22 +1,25 @@
 """Gradient traffic, time per step, accuracy: all-reduce vs PowerSGD vs GreedyLore, 2 gloo processes on CPU.
 
-    nice -n 10 python benchmarks/gradcomp_table.py            # the table (~25 min on 2 shared CPU cores)
-    nice -n 10 python benchmarks/gradcomp_table.py --quick    # a smoke run of the whole pipeline (~1 min)
+    nice -n 10 python benchmarks/gradcomp_table.py            # the table (~25 min on 2 quiet shared cores)
+    nice -n 10 python benchmarks/gradcomp_table.py --quick    # a smoke run of the whole pipeline (~2 min)
+    nice -n 10 python benchmarks/gradcomp_table.py --archs lenet5 --ranks 2 --methods greedylore \
+        --set refresh_every=20 --out /tmp/try                 # some cells, GreedyLore's constants changed
+    python benchmarks/gradcomp_table.py --methods "" --carry A.json --carry B.json   # join parallel runs
 
 Every run is ``torchrun --standalone --nproc-per-node 2 -m lrdeploy.trainer --arch A --epochs E --seed 0
 --grad-compress M [--grad-rank R]`` on the bundled MNIST (8,000 training digits, 4,000 per process per epoch,
 batch 128 per process; accuracy on the 2,000 test digits; one test digit is 0.05 point), baseline method,
-the trainer's defaults otherwise (SGD lr 0.05, momentum 0.9, cosine). E is 5 for LeNet-5 and 6 for the VGG:
+the trainer's defaults otherwise (SGD lr 0.05, momentum 0.9, cosine). E is 5 for LeNet-5 and 4 for the VGG:
 short runs, because this machine's two cores are shared; the table says what these runs reach, not what the
 architectures reach when trained to the end. One seed per cell, so differences of a few tenths of a point
-are within seed noise.
+are within seed noise. "paper" rows run GreedyLore with the paper's constants (``PAPER``).
 
 Bytes per step are what each process hands to all-reduce, averaged over the run, as the hooks count them
 (`lrdeploy.trainer.gradcomp`): for all-reduce the whole gradient; for PowerSGD its P and Q factors and the
-uncompressed tensors after 2 vanilla steps; for GreedyLore the probe scores, the chosen coefficients and the
-uncompressed tensors, plus the whole gradient on its refresh steps (every 100 steps, from step 0). Time per
-step is the wall time between the ends of consecutive backward passes on rank 0 (forward, backward,
-communication, optimizer), averaged over the run.
+uncompressed tensors after 2 vanilla steps; for GreedyLore the energies, the power step's k·r numbers, the
+chosen coefficients and the uncompressed tensors, plus the Gram triangles of its refreshes (the paper's
+variant: the whole matrix at each refresh). Time per step is the wall time between the ends of consecutive
+backward passes on rank 0 (forward, backward, communication, optimizer), averaged over the run.
 
 Writes models/RESULTS_gradcomp.md and models/RESULTS_gradcomp.json (or --out DIR); models go to --work.
 """
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -99,6 +103,7 @@ def _run(
         "test_accuracy": card["test_accuracy"]["torch"],
         "test_accuracy_onnxruntime": card["test_accuracy"]["onnxruntime"],
         "wall_seconds": time.perf_counter() - started,
+        "torch": torch.__version__,
         "command": " ".join(["torchrun", "-m lrdeploy.trainer", *argv[8:]])
         + (f"   # GreedyLoreState constants {json.dumps(constants)}" if constants else ""),
     }
@@ -121,11 +126,19 @@ def _judge(rows: list[dict]) -> None:
 
 
 def _markdown(rows: list[dict], command: str, seconds: float, epochs: dict[str, int]) -> str:
+    carried = sorted({r["carried_from"] for r in rows if r.get("carried_from")})
+    ran = f"`{command}` ({seconds / 60:.0f} min)"
+    if carried:
+        ran += (
+            "; rows marked † were carried from " + ", ".join(f"`{c}`" for c in carried) + " (each row's own "
+            "command and wall time are in the JSON)"
+        )
     lines = [
         "# Gradient compression: all-reduce vs PowerSGD vs GreedyLore (MNIST, 2 processes)",
         "",
-        f"Command: `{command}` ({seconds / 60:.0f} min). Machine: {MACHINE}; torch {torch.__version__}, "
-        f"Python {platform.python_version()}.",
+        f"Command: {ran}. Machine: {MACHINE}; torch "
+        + ", ".join(sorted({r.get("torch", torch.__version__) for r in rows} | {torch.__version__}))
+        + f" (each row's in the JSON), Python {platform.python_version()}.",
         "",
         "Data: bundled MNIST, 8,000 training digits (4,000 per process per epoch, batch 128 per process), "
         "2,000 test digits (one digit = 0.05 point); seed 0, one run per cell. Epochs: "
@@ -140,9 +153,9 @@ def _markdown(rows: list[dict], command: str, seconds: float, epochs: dict[str, 
     for r in rows:
         goal = {True: "yes", False: "**no**"}.get(r.get("within_goal"), "")
         peer = {True: "yes", False: "**no**"}.get(r.get("not_worse_than_powersgd"), "")
+        label = LABELS[r["method"]] + (" †" if r.get("carried_from") else "")
         lines.append(
-            f"| {r['arch']} | {LABELS[r['method']]}{' †' if r.get('carried_from') else ''} | {r['rank'] or '–'} "
-            f"| {r['steps']} "
+            f"| {r['arch']} | {label} | {r['rank'] or '–'} | {r['steps']} "
             f"| {'' if r['basis_refreshes'] is None else r['basis_refreshes']} "
             f"| {r['bytes_per_step'] / 1000:.1f} | {r['reduction']:.1f}× "
             f"| {r['seconds_per_step']:.3f} | {r['test_accuracy']:.2%} | {r['delta_points']:+.2f} "
@@ -150,10 +163,12 @@ def _markdown(rows: list[dict], command: str, seconds: float, epochs: dict[str, 
         )
     lines += [
         "",
-        "*refreshes*: GreedyLore's basis refreshes, counted per matrix (each sends that matrix whole). "
-        "*GreedyLore, paper*: the paper's probe estimator and periodic refresh only (every 100 steps); "
-        "*GreedyLore*: this project's defaults (summed local energies, and a matrix is refreshed early when "
-        "its r directions kept < 50% of its energy). Each run's command is in RESULTS_gradcomp.json.",
+        "*refreshes*: GreedyLore's basis refreshes, counted per matrix (paper: each sends that matrix whole; "
+        "GreedyLore: each sends the k(k+1)/2 numbers of its Gram matrix). *GreedyLore, paper*: the paper's "
+        "probe estimator, the basis from the SVD of the averaged matrix every 100 steps, no early refresh; "
+        "*GreedyLore*: this project's defaults (Gram refresh every 10 steps and early when the chosen "
+        "directions keep less than half the energy share they kept after the last refresh, one power step "
+        "per basis per step, summed local energies). Each run's command is in RESULTS_gradcomp.json.",
         "",
     ]
     return "\n".join(lines)
@@ -164,12 +179,14 @@ def _cell(row: dict) -> tuple:
 
 
 def _with_carried(rows: list[dict], carried: list[Path], archs: dict[str, int]) -> list[dict]:
-    """``rows`` and the rows of the ``carried`` JSON files for the other cells of ``archs``, in table order."""
+    """``rows`` and the rows of the ``carried`` JSON files for the other cells of ``archs``, table-ordered."""
     done = {_cell(r) for r in rows}
     for path in carried:
-        for row in json.loads(path.read_text())["rows"]:
+        report = json.loads(path.read_text())
+        for row in report["rows"]:
             if row["arch"] in archs and _cell(row) not in done and row["epochs"] == archs[row["arch"]]:
-                rows.append({**row, "carried_from": row.get("carried_from", str(path))})
+                origin = {"carried_from": str(path), "torch": report["torch"]}
+                rows.append({**origin, **row})
                 done.add(_cell(row))
     order = list(archs)
     return sorted(rows, key=lambda r: (order.index(r["arch"]), METHODS.index(r["method"]), r["rank"] or 0))
@@ -198,7 +215,7 @@ def main() -> None:
         default=[],
         type=Path,
         metavar="JSON",
-        help="a RESULTS_gradcomp JSON (of an earlier or a parallel run): its rows for the cells this run does not "
+        help="a RESULTS_gradcomp JSON (an earlier or a parallel run): its rows for cells this run does not "
         "run join the table, marked as carried, each with its own command",
     )
     parser.add_argument("--out", type=Path, default=Path("models"))
@@ -227,7 +244,7 @@ def main() -> None:
     rows = _with_carried(rows, args.carry, archs)
     _judge(rows)
     seconds = time.perf_counter() - started
-    command = "nice -n 10 python " + " ".join(["benchmarks/gradcomp_table.py", *sys.argv[1:]])
+    command = "nice -n 10 python " + shlex.join(["benchmarks/gradcomp_table.py", *sys.argv[1:]])
     report = {
         "command": command,
         "machine": MACHINE,

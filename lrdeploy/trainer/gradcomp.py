@@ -1,7 +1,7 @@
-"""Gradient compression for DDP: GreedyLore, torch's PowerSGD, or plain all-reduce, each with its bytes counted.
+"""Gradient compression for DDP: GreedyLore, torch's PowerSGD or plain all-reduce, with their bytes counted.
 
-GreedyLore lives in `lrdeploy.trainer.greedylore` (its math in that module's docstring); PowerSGD and all-reduce
-are torch's own hooks, wrapped here to count what they send. `register` puts the chosen one on a DDP model.
+GreedyLore lives in `lrdeploy.trainer.greedylore` (its math in that module's docstring); PowerSGD and
+all-reduce are torch's own hooks, wrapped here to count what they send. `register` puts one on a DDP model.
 """
 
 from __future__ import annotations

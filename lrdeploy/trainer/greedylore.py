@@ -4,36 +4,34 @@ Chen, He, Li, Jia, Yuan 2025, "Greedy Low-Rank Gradient Compression for Distribu
 Guarantees" (arXiv:2507.08784). Per gradient matrix G_i of worker i (conv grads as [C_out, C_in·kh·kw]),
 oriented so that Y_i is k × L with k = min(n, m) ≤ L = max(n, m):
 
-    Y_i   = G_i + E_i                       error compensation: E_i is what worker i has not sent yet
-    B                                       k × k orthonormal basis, the same on every worker, refreshed lazily
-    C_i   = Bᵀ Y_i                          coefficients of every basis direction (k × L, local)
-    S     = top-r of  e_j                   e_j: energy of direction j (all-reduced, so the same S everywhere)
-    Ŷ_i   = B_S C_i[S]                      the compressed gradient; workers all-reduce C_i[S] (r × L)
-    E_i  ← Y_i − Ŷ_i                        error feedback: exactly the residual, carried to the next step
+    Y_i   = G_i + E_i                   error compensation: E_i is what worker i has not sent yet
+    B                                   k × k orthonormal basis, the same on every worker, updated lazily
+    C_i   = Bᵀ Y_i                      coefficients of every basis direction (k × L, local)
+    S     = top-r of e_j                e_j: energy of direction j, all-reduced (so S is the same everywhere)
+    Ŷ_i   = B_S C_i[S]                  the compressed gradient; workers all-reduce C_i[S] (r × L)
+    E_i  ← Y_i − Ŷ_i                    error feedback: exactly the residual, carried to the next step
     step with mean_i Ŷ_i = B_S mean_i C_i[S]
 
 The semi-lazy update: the basis is lazy, the r directions taken from it are chosen greedily at every step.
-Because S are the r of k orthonormal directions with the most energy, the compressor keeps at least r/k of
-Σ_i ‖Y_i‖² however stale B is (contractive at every step, unlike a GaLore-style frozen rank-r subspace). At
+As S are the r of k orthonormal directions with the most energy, the compressor keeps at least r/k of
+Σ_i ‖Y_i‖² however stale B is (contractive at every step, unlike a GaLore-style frozen rank-r subspace); at
 r = k it is the identity, so it equals plain all-reduce.
 
-Two ways to refresh B (``refresh``):
+How B is refreshed (``refresh``): ``"mean"``, the paper's, is U of svd(mean_i Y_i) every τ steps; that step
+sends the whole matrix. ``"gram"`` (default) takes the eigenvectors of mean_i Y_i Y_iᵀ: one all-reduce of
+the k(k+1)/2 numbers of a symmetric k × k matrix, and the step still sends r rows; its eigenvalues are the
+energies of its directions, so no other message is needed to choose S. Between refreshes (``track``, on by
+default) the basis's top block moves one warm-started power step per step, orth(mean_i Y_i C̄ᵀ) with C̄ the
+mean coefficients of the last step that sent that block (PowerSGD's P step: k·r numbers), completed by the
+rest of the old basis; the greedy choice still ranges over all k directions, so the contraction holds. A
+basis is refreshed every τ = ``refresh_every`` steps and, at the same step, when its r chosen directions keep
+less than ``keep_energy`` times the share of energy they kept after its last refresh ("mean": next step).
 
-- ``"mean"``, the paper's: U of svd(mean_i Y_i). That step sends the whole matrix (its residual is zero).
-- ``"gram"`` (default): eigenvectors of mean_i Y_i Y_iᵀ, by decreasing eigenvalue: one all-reduce of the
-  k(k+1)/2 numbers of a symmetric k × k matrix instead of k·L, and the step still sends only r rows. Its top r
-  directions minimise Σ_i ‖Y_i − B_S B_Sᵀ Y_i‖², the sum of the residuals that error feedback carries, and its
-  eigenvalues are the summed local energies e_j of its directions, so the choice of S needs no extra message.
-
-Energies (``estimator``): ``"probe"`` is the paper's estimate of the averaged gradient's energy, one shared
-Gaussian probe z_j per direction, e_j = (mean_i C_i[j]·z_j)² (E = ‖mean_i C_i[j]‖²); ``"energy"`` (default)
-all-reduces the local energies, e_j = mean_i ‖C_i[j]‖²: the same k numbers, no noise, and what the residuals are.
-
-A basis is refreshed every τ = ``refresh_every`` steps, and early, at the same step, when its r chosen
-directions keep less than ``keep_energy`` times the share of energy they kept right after its last refresh
-(the decision uses all-reduced energies, so every worker takes it). ``keep_energy=0`` is the paper's periodic
-refresh only. One-dimensional tensors (biases, norms) and matrices too small to gain (r·L·MIN_SAVING ≥ n·m) are
-all-reduced uncompressed in the same message. Bytes are the payload each worker hands to all-reduce.
+Energies (``estimator``): ``"energy"`` (default) all-reduces the local ‖C_i[j]‖² (k numbers); ``"probe"``
+is the paper's estimate of the averaged gradient's energy, (mean_i C_i[j]·z_j)² with one shared Gaussian
+probe z_j per direction (expectation ‖mean_i C_i[j]‖²). One-dimensional tensors (biases, norms) and
+matrices too small to gain (r·L·MIN_SAVING ≥ n·m) are all-reduced uncompressed in the same message. Bytes:
+the payload each worker hands to all-reduce.
 """
 
 from __future__ import annotations
@@ -57,8 +55,8 @@ __all__ = [
     "oriented",
 ]
 
-#: τ, steps between periodic basis refreshes. With "gram" a refresh costs k(k+1)/2 numbers per matrix (LeNet-5's
-#: largest, 120 × 400: 7,260 of 48,000), so a short MNIST run (128-160 steps) can afford one every 10 steps.
+#: τ, steps between periodic basis refreshes. A "gram" refresh costs k(k+1)/2 numbers per matrix (LeNet-5's
+#: largest, 120 × 400: 7,260 of 48,000): one every 10 steps costs about 1/60 of dense traffic there.
 REFRESH_EVERY = 10
 #: How a basis is refreshed: "gram" (default, see the module doc) or "mean" (the paper's: sends the matrix).
 REFRESH = "gram"
@@ -255,7 +253,7 @@ def _gram_refresh(
 
 
 def _compress(state: GreedyLoreState, key: int, y: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-    """The coefficients of ``y``'s r directions of most energy; keeps exactly what is not sent as the residual."""
+    """The coefficients of ``y``'s r directions of most energy; keeps exactly what is not sent as residual."""
     basis = state.bases[key]
     chosen = _top(energy, min(state.rank, y.shape[0]))[0]
     coefficients = basis[:, chosen].T @ y

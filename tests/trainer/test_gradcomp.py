@@ -128,11 +128,11 @@ TURN = 4  # the rotating case: the gradient's dominant direction turns by 90° a
 
 
 def _rotating(rank: int, keywords: dict) -> list[float]:
-    """Each step's sent share ‖mean Ŷ‖/‖mean Y‖ when the gradient's subspace turns (the paper variant's failure).
+    """Each step's sent share ‖mean Ŷ‖/‖mean Y‖ when the gradient's subspace turns (the paper's failure).
 
-    The weight's gradient is set directly (loss Σ W ∘ T, so ∂/∂W = T): a strong rank-1 part u vᵀ the workers
-    share, plus small noise of each worker's own; u jumps to a direction orthogonal to it at step TURN, where a
-    basis built before the turn spreads the new u over its k − 1 other directions.
+    The weight's gradient is set directly (loss Σ W ∘ T, so ∂/∂W = T): a strong rank-1 part u vᵀ the
+    workers share, plus small noise of each worker's own; u jumps to a direction orthogonal to it at step
+    TURN, where a basis built before the turn spreads the new u over its k − 1 other directions.
     """
     k, length = 16, 32
     shared, own = torch.Generator().manual_seed(7), torch.Generator().manual_seed(100 + rank)
