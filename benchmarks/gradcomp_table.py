@@ -126,19 +126,19 @@ def _judge(rows: list[dict]) -> None:
 
 
 def _markdown(rows: list[dict], command: str, seconds: float, epochs: dict[str, int]) -> str:
-    carried = sorted({r["carried_from"] for r in rows if r.get("carried_from")})
     ran = f"`{command}` ({seconds / 60:.0f} min)"
-    if carried:
+    if any(r.get("carried_from") for r in rows):
         ran += (
-            "; rows marked † were carried from " + ", ".join(f"`{c}`" for c in carried) + " (each row's own "
-            "command and wall time are in the JSON)"
+            ", joining the rows of earlier or parallel runs (each row's command, wall time, torch and file "
+            "are in the JSON)"
         )
+    older = sorted({r["torch"] for r in rows if r.get("torch", torch.__version__) != torch.__version__})
     lines = [
         "# Gradient compression: all-reduce vs PowerSGD vs GreedyLore (MNIST, 2 processes)",
         "",
-        f"Command: {ran}. Machine: {MACHINE}; torch "
-        + ", ".join(sorted({r.get("torch", torch.__version__) for r in rows} | {torch.__version__}))
-        + f" (each row's in the JSON), Python {platform.python_version()}.",
+        f"Command: {ran}. Machine: {MACHINE}; torch {torch.__version__}"
+        + (f" (rows marked † were run with torch {', '.join(older)})" if older else "")
+        + f", Python {platform.python_version()}.",
         "",
         "Data: bundled MNIST, 8,000 training digits (4,000 per process per epoch, batch 128 per process), "
         "2,000 test digits (one digit = 0.05 point); seed 0, one run per cell. Epochs: "
@@ -153,7 +153,7 @@ def _markdown(rows: list[dict], command: str, seconds: float, epochs: dict[str, 
     for r in rows:
         goal = {True: "yes", False: "**no**"}.get(r.get("within_goal"), "")
         peer = {True: "yes", False: "**no**"}.get(r.get("not_worse_than_powersgd"), "")
-        label = LABELS[r["method"]] + (" †" if r.get("carried_from") else "")
+        label = LABELS[r["method"]] + (" †" if r.get("torch", torch.__version__) != torch.__version__ else "")
         lines.append(
             f"| {r['arch']} | {label} | {r['rank'] or '–'} | {r['steps']} "
             f"| {'' if r['basis_refreshes'] is None else r['basis_refreshes']} "
@@ -168,7 +168,9 @@ def _markdown(rows: list[dict], command: str, seconds: float, epochs: dict[str, 
         "probe estimator, the basis from the SVD of the averaged matrix every 100 steps, no early refresh; "
         "*GreedyLore*: this project's defaults (Gram refresh every 10 steps and early when the chosen "
         "directions keep less than half the energy share they kept after the last refresh, one power step "
-        "per basis per step, summed local energies). Each run's command is in RESULTS_gradcomp.json.",
+        "per basis per step, summed local energies). *s per step* depends on the machine's load when each "
+        "row ran (rows joined from parallel runs ran side by side): compare it within a run, not across rows. "
+        "Each run's command is in RESULTS_gradcomp.json.",
         "",
     ]
     return "\n".join(lines)
