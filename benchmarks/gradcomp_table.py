@@ -169,7 +169,8 @@ def _markdown(rows: list[dict], command: str, seconds: float, epochs: dict[str, 
         "*GreedyLore*: this project's defaults (Gram refresh every 10 steps and early when the chosen "
         "directions keep less than half the energy share they kept after the last refresh, one power step "
         "per basis per step, summed local energies). *s per step* depends on the machine's load when each "
-        "row ran (rows joined from parallel runs ran side by side): compare it within a run, not across rows. "
+        "row ran (rows joined from parallel runs ran side by side): compare it within a run, not across "
+        "rows. "
         "Each run's command is in RESULTS_gradcomp.json.",
         "",
     ]
