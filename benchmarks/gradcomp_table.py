@@ -73,13 +73,20 @@ def _constants(method: str, overrides: dict) -> dict:
 
 
 def _run(
-    arch: str, method: str, rank: int | None, epochs: int, work: Path, subset: int | None, overrides: dict
+    arch: str,
+    method: str,
+    rank: int | None,
+    epochs: int,
+    work: Path,
+    subset: int | None,
+    overrides: dict,
+    seed: int = 0,
 ) -> dict:
     name = f"{arch}_{method}" + (f"_r{rank}" if rank else "")
     constants = _constants(method, overrides)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     argv += [__file__, "--as-trainer", json.dumps(constants)]
-    argv += ["--arch", arch, "--epochs", str(epochs), "--seed", "0"]
+    argv += ["--arch", arch, "--epochs", str(epochs), "--seed", str(seed)]
     compress = "greedylore" if method == "paper" else method
     argv += ["--grad-compress", compress, "-o", str(work / f"{name}.onnx"), "--no-progress"]
     argv += ["--grad-rank", str(rank)] if rank else []
@@ -95,6 +102,7 @@ def _run(
         "method": method,
         "rank": rank,
         "epochs": epochs,
+        "seed": seed,
         "steps": traffic["steps"],
         "bytes_per_step": traffic["bytes_per_step"],
         "seconds_per_step": traffic["seconds_per_step"],
@@ -141,7 +149,9 @@ def _markdown(rows: list[dict], command: str, seconds: float, epochs: dict[str, 
         + f", Python {platform.python_version()}.",
         "",
         "Data: bundled MNIST, 8,000 training digits (4,000 per process per epoch, batch 128 per process), "
-        "2,000 test digits (one digit = 0.05 point); seed 0, one run per cell. Epochs: "
+        "2,000 test digits (one digit = 0.05 point); seed "
+        + ", ".join(sorted({str(r.get("seed", 0)) for r in rows}))
+        + ", one run per cell. Epochs: "
         + ", ".join(f"{a} {e}" for a, e in epochs.items())
         + ". The script's docstring says how bytes and time are counted; docs/gradient-compression.md "
         "gives the method and its constants.",
@@ -221,6 +231,7 @@ def main() -> None:
         help="a RESULTS_gradcomp JSON (an earlier or a parallel run): its rows for cells this run does not "
         "run join the table, marked as carried, each with its own command",
     )
+    parser.add_argument("--seed", type=int, default=0, help="the trainer's --seed (the table uses 0)")
     parser.add_argument("--out", type=Path, default=Path("models"))
     parser.add_argument(
         "--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "gradcomp_table"
@@ -238,7 +249,7 @@ def main() -> None:
     for arch, epochs in archs.items():
         runs = [(m, r) for m in methods for r in ((None,) if m == "none" else ranks)]
         for method, rank in runs:
-            rows.append(_run(arch, method, rank, epochs, args.work, subset, overrides))
+            rows.append(_run(arch, method, rank, epochs, args.work, subset, overrides, args.seed))
             print(
                 f"{arch} {method} {rank or ''}: {rows[-1]['test_accuracy']:.2%}, "
                 f"{rows[-1]['bytes_per_step']:.0f} B/step, {rows[-1]['wall_seconds']:.0f} s",
