@@ -47,6 +47,7 @@ __all__ = [
     "MIN_SAVING",
     "REFRESH",
     "REFRESH_EVERY",
+    "TRACK",
     "GreedyLoreState",
     "full_basis",
     "gram_basis",
@@ -129,7 +130,7 @@ class GreedyLoreState:
         self.rank, self.group = rank, process_group
         self.refresh_every, self.min_saving = refresh_every, min_saving
         self.estimator, self.keep_energy, self.refresh, self.track = estimator, keep_energy, refresh, track
-        self.applied: dict[int, torch.Tensor] = {}  # mean coefficients of the last step (r × L), for tracking
+        self.applied: dict[int, torch.Tensor] = {}  # mean coefficients (r × L) of the top block, last sent
         self.iter = 0
         self.bases: dict[int, torch.Tensor] = {}  # keyed by id(parameter): DDP may regroup its buckets
         self.errors: dict[int, torch.Tensor] = {}
