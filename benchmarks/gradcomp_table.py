@@ -112,7 +112,7 @@ def _run(
         "test_accuracy_onnxruntime": card["test_accuracy"]["onnxruntime"],
         "wall_seconds": time.perf_counter() - started,
         "torch": torch.__version__,
-        "command": " ".join(["torchrun", "-m lrdeploy.trainer", *argv[8:]])
+        "command": " ".join(["torchrun --standalone --nproc-per-node 2 -m lrdeploy.trainer", *argv[9:]])
         + (f"   # GreedyLoreState constants {json.dumps(constants)}" if constants else ""),
     }
 
