@@ -1,4 +1,5 @@
-"""Gradient compression hooks: exact at full rank, the residual carried exactly, bytes counted, CLI checks.
+"""Gradient compression hooks: exact at full rank, the residual carried exactly, one basis on every worker,
+bytes counted, CLI checks.
 
 The hooks run for real: two gloo processes on the CPU (``torch.multiprocessing.spawn``), a tiny conv + linear
 model under DDP, different data on each process. One spawn runs every case and writes what it measured; the
@@ -22,7 +23,13 @@ from lrdeploy.trainer import gradcomp  # noqa: E402
 from lrdeploy.trainer.__main__ import main  # noqa: E402
 
 WORLD = 2
-STEPS = 4  # step 0 is GreedyLore's refresh, steps 1-3 compress
+STEPS = 4  # step 0 refreshes GreedyLore's bases, steps 1-3 compress in them
+PAPER = {"estimator": "probe", "refresh": "mean", "refresh_every": 100, "keep_energy": 0.0}
+CASES = {  # GreedyLoreState keywords of the residual cases: the defaults, the probe, the paper's refresh
+    "energy": {},
+    "probe": {"estimator": "probe"},
+    "paper": PAPER,
+}
 
 
 def _model() -> nn.Module:
@@ -53,10 +60,10 @@ def _ddp_grads(ddp: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in ddp.module.parameters()]
 
 
-def _full_rank(rank: int) -> dict:
+def _full_rank(rank: int, refresh: str) -> dict:
     """Rank ≥ every matrix's small side, every matrix compressed: the hook must equal all-reduce."""
     plain, ddp = _model(), nn.parallel.DistributedDataParallel(_model())
-    state = gradcomp.GreedyLoreState(rank=64, min_saving=0.0, seed=1)
+    state = gradcomp.GreedyLoreState(rank=64, min_saving=0.0, seed=1, refresh=refresh)
     ddp.register_comm_hook(state, gradcomp.greedylore_hook)
     worst = []
     for x in _batches(rank):
@@ -66,25 +73,32 @@ def _full_rank(rank: int) -> dict:
     return {"worst": worst, "compressed": len(state.bases)}
 
 
-def _residual(rank: int, estimator: str) -> dict:
+def _same_everywhere(state: gradcomp.GreedyLoreState) -> bool:
+    """Whether every worker holds bitwise the same bases and chose the same directions (all-gathered)."""
+    mine = torch.cat([torch.cat([state.bases[k].reshape(-1), state.chosen[k].float()]) for k in state.bases])
+    every = [torch.empty_like(mine) for _ in range(WORLD)]
+    dist.all_gather(every, mine)
+    return all(torch.equal(every[0], other) for other in every[1:])
+
+
+def _residual(rank: int, keywords: dict) -> dict:
     """Rank 1: the new error is exactly Y − B_S Bᵀ_S Y, and what DDP applies is the mean of what was sent."""
     plain, ddp = _model(), nn.parallel.DistributedDataParallel(_model())
-    state = gradcomp.GreedyLoreState(rank=1, min_saving=0.0, seed=1, estimator=estimator, keep_energy=0.0)
+    state = gradcomp.GreedyLoreState(rank=1, min_saving=0.0, seed=1, **{"keep_energy": 0.0, **keywords})
     ddp.register_comm_hook(state, gradcomp.greedylore_hook)
     keys = [id(p) for p in ddp.module.parameters()]
-    out: dict = {"residual": [], "applied": [], "ranks": [], "bytes": []}
+    out: dict = {"residual": [], "applied": [], "ranks": [], "bytes": [], "same": []}
     for x in _batches(rank):
         old = {k: e.clone() for k, e in state.errors.items()}
         local = _local_grads(plain, x)
         before = state.meter.bytes
         got = _ddp_grads(ddp, x)
         out["bytes"].append(state.meter.bytes - before)
-        if not old:
-            continue  # the refresh step: full gradient sent, errors zero
+        out["same"].append(_same_everywhere(state) if state.chosen else True)
         for key, g, applied in zip(keys, local, got, strict=True):
-            if key not in state.bases:
-                continue
-            y = gradcomp.oriented(g.view(g.shape[0], -1)) + old[key]
+            if key not in state.chosen or key not in state.errors or (not old and state.refresh == "mean"):
+                continue  # a bias, or the paper's refresh step (the whole matrix sent, nothing left over)
+            y = gradcomp.oriented(g.view(g.shape[0], -1)) + old.get(key, 0)
             basis, chosen = state.bases[key], state.chosen[key]
             expected = y - gradcomp.lift(basis, chosen, (basis.T @ y)[chosen])
             out["residual"].append((state.errors[key] - expected).abs().max().item())
@@ -96,10 +110,11 @@ def _residual(rank: int, estimator: str) -> dict:
     return out
 
 
-def _stale(rank: int) -> dict:
-    """keep_energy = 1: rank 1 never keeps all the energy, so a refresh follows every compressed step."""
+def _stale(rank: int, refresh: str) -> dict:
+    """keep_energy = 10 > 1 / (r/k): every basis is stale at every step, so every step refreshes ("gram"), or
+    the step after each compressed one ("mean": a refresh sends the whole matrix, so it waits a step)."""
     ddp = nn.parallel.DistributedDataParallel(_model())
-    state = gradcomp.GreedyLoreState(rank=1, min_saving=0.0, keep_energy=1.0)
+    state = gradcomp.GreedyLoreState(rank=1, min_saving=0.0, keep_energy=10.0, refresh=refresh)
     ddp.register_comm_hook(state, gradcomp.greedylore_hook)
     steps = []
     for x in _batches(rank):
@@ -107,6 +122,38 @@ def _stale(rank: int) -> dict:
         _ddp_grads(ddp, x)
         steps.append(state.meter.bytes - before)
     return {"steps": steps, "summary": state.meter.summary()}
+
+
+TURN = 4  # the rotating case: the gradient's dominant direction turns by 90° after this many steps
+
+
+def _rotating(rank: int, keywords: dict) -> list[float]:
+    """Each step's sent share ‖mean Ŷ‖/‖mean Y‖ when the gradient's subspace turns (the paper's failure).
+
+    The weight's gradient is set directly (loss Σ W ∘ T, so ∂/∂W = T): a strong rank-1 part u vᵀ the
+    workers share, plus small noise of each worker's own; u jumps to a direction orthogonal to it at step
+    TURN, where a basis built before the turn spreads the new u over its k − 1 other directions.
+    """
+    k, length = 16, 32
+    shared, own = torch.Generator().manual_seed(7), torch.Generator().manual_seed(100 + rank)
+    us, _ = torch.linalg.qr(torch.randn(k, 2, generator=shared))
+    v = torch.randn(length, generator=shared)
+    model = nn.Linear(length, k, bias=False)
+    nn.init.zeros_(model.weight)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = gradcomp.GreedyLoreState(rank=1, min_saving=0.0, **keywords)
+    ddp.register_comm_hook(state, gradcomp.greedylore_hook)
+    shares = []
+    for step in range(2 * TURN):
+        target = torch.outer(us[:, int(step >= TURN)], v) + 0.05 * torch.randn(k, length, generator=own)
+        errors = next(iter(state.errors.values()), torch.zeros(k, length))
+        wanted = _mean(
+            target + errors
+        )  # what plain all-reduce of the error-compensated gradients would apply
+        ddp.zero_grad(set_to_none=True)
+        (ddp(torch.eye(length)) * target.T).sum().backward()
+        shares.append((model.weight.grad.norm() / wanted.norm()).item())
+    return shares
 
 
 def _meters(rank: int) -> dict:
@@ -128,11 +175,11 @@ def _worker(rank: int, store: str, results: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         found = {
-            "full_rank": _full_rank(rank),
-            "energy": _residual(rank, "energy"),
-            "probe": _residual(rank, "probe"),
-            "stale": _stale(rank),
+            "full_rank": {refresh: _full_rank(rank, refresh) for refresh in ("gram", "mean")},
+            **{case: _residual(rank, keywords) for case, keywords in CASES.items()},
+            "stale": {refresh: _stale(rank, refresh) for refresh in ("gram", "mean")},
             "meters": _meters(rank),
+            "rotating": {case: _rotating(rank, keywords) for case, keywords in CASES.items()},
         }
     finally:
         dist.destroy_process_group()
@@ -149,34 +196,62 @@ def measured(tmp_path_factory) -> list[dict]:
 NUMEL = 4 * 2 * 3 * 3 + 4 + 5 * 64 + 5  # conv weight, conv bias, linear weight, linear bias
 
 
-def test_full_rank_greedylore_equals_all_reduce(measured) -> None:
+@pytest.mark.parametrize("refresh", ["gram", "mean"])
+def test_full_rank_greedylore_equals_all_reduce(measured, refresh) -> None:
     for found in measured:
-        assert found["full_rank"]["compressed"] == 2  # both weights went through the compressor
-        assert max(found["full_rank"]["worst"]) < 1e-4
+        assert found["full_rank"][refresh]["compressed"] == 2  # both weights went through the compressor
+        assert max(found["full_rank"][refresh]["worst"]) < 1e-4
 
 
-@pytest.mark.parametrize("estimator", ["energy", "probe"])
-def test_error_feedback_carries_exactly_the_residual(measured, estimator) -> None:
+@pytest.mark.parametrize("case", list(CASES))
+def test_error_feedback_carries_exactly_the_residual(measured, case) -> None:
     for found in measured:
-        residual = found[estimator]
-        assert len(residual["residual"]) == 2 * (STEPS - 1)
+        residual = found[case]
+        checked = 2 * (STEPS - 1) if case == "paper" else 2 * STEPS  # "gram" compresses its refresh step too
+        assert len(residual["residual"]) == checked
         assert max(residual["residual"]) < 1e-5
         assert max(residual["applied"]) < 1e-5  # applied = mean of (Y − new error) = mean of what was sent
-        assert residual["ranks"] == [1] * (2 * (STEPS - 1))
+        assert residual["ranks"] == [1] * checked
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_worker_holds_the_same_basis_and_choice(measured, case) -> None:
+    # The coefficients of the workers are summed, so they must be in one basis, chosen the same way.
+    assert all(measured[0][case]["same"]) and len(measured[0][case]["same"]) == STEPS
+
+
+# Compressed step: k energies per matrix (4 + 5), the biases (4 + 5), r·max(n, m) coefficients (18 + 64); the
+# default also moves each basis one power step at a time (k·r numbers: 4 + 5).
+COMPRESSED = 4 * (9 + 9 + 18 + 64)
+TRACK = 4 * (4 + 5)
+# A "gram" refresh step: the upper triangles of the 4 × 4 and 5 × 5 Gram matrices (10 + 15) instead of the
+# energies, the biases and the coefficients; the paper's refresh sends the whole bucket.
+GRAM = 4 * (10 + 15 + 9 + 18 + 64)
 
 
 def test_greedylore_bytes(measured) -> None:
-    # Refresh: the whole bucket. Compressed: k probe scores per matrix (4 + 5), the biases (4 + 5) and
-    # r · max(n, m) coefficients (18 + 64), in float32.
     for case in ("energy", "probe"):
-        assert measured[0][case]["bytes"] == [4 * NUMEL] + [4 * (9 + 9 + 18 + 64)] * (STEPS - 1)
+        assert measured[0][case]["bytes"] == [GRAM] + [COMPRESSED + TRACK] * (STEPS - 1)
+    assert measured[0]["paper"]["bytes"] == [4 * NUMEL] + [COMPRESSED] * (STEPS - 1)
 
 
-def test_a_stale_basis_is_refreshed_at_the_next_step(measured) -> None:
-    stale = measured[0]["stale"]
-    compressed = 4 * (9 + 9 + 18 + 64)
-    assert stale["steps"] == [4 * NUMEL, compressed, 4 * NUMEL, compressed]
-    assert stale["summary"]["basis_refreshes"] == 2 * 2  # two matrices, refreshed at steps 0 and 2
+def test_a_stale_basis_is_refreshed(measured) -> None:
+    gram, mean = measured[0]["stale"]["gram"], measured[0]["stale"]["mean"]
+    assert gram["steps"] == [GRAM] + [TRACK + 4 * (9 + 10 + 15 + 9 + 18 + 64)] * (STEPS - 1)  # then Gram
+    assert gram["summary"]["basis_refreshes"] == 2 * STEPS
+    assert mean["steps"] == [4 * NUMEL, COMPRESSED, 4 * NUMEL, COMPRESSED]
+    assert mean["summary"]["basis_refreshes"] == 2 * 2  # two matrices, refreshed at steps 0 and 2
+
+
+def test_a_turning_gradient_gets_a_new_basis_at_once(measured) -> None:
+    # The paper's basis is rebuilt every 100 steps only: after the turn, rank 1 of it sends a fraction of the
+    # gradient and the rest piles up in the residual. The default notices that its chosen direction keeps far
+    # less energy than after its refresh and rebuilds the basis at that same step, from k(k+1)/2 numbers.
+    rotating = measured[0]["rotating"]
+    assert min(rotating["energy"]) > 0.9, rotating
+    assert min(rotating["paper"][1:TURN]) > 0.9  # before the turn, both track the gradient
+    after = rotating["paper"][TURN:]
+    assert sum(after) / len(after) < 0.6, rotating
 
 
 def test_all_reduce_and_powersgd_bytes(measured) -> None:
@@ -189,11 +264,28 @@ def test_all_reduce_and_powersgd_bytes(measured) -> None:
 
 def test_full_basis_is_orthonormal_and_lifts_back() -> None:
     y = torch.randn(5, 9, generator=torch.Generator().manual_seed(0))
-    basis = gradcomp.full_basis(y)
+    basis, energy = gradcomp.full_basis(y)
     torch.testing.assert_close(basis.T @ basis, torch.eye(5), atol=1e-5, rtol=0)
     every = torch.arange(5)
     torch.testing.assert_close(gradcomp.lift(basis, every, basis.T @ y), y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(energy, (basis.T @ y).square().sum(dim=1), atol=1e-4, rtol=1e-5)
     assert gradcomp.oriented(torch.zeros(7, 3)).shape == (3, 7)
+
+
+def test_gram_basis_spans_the_sum_of_the_local_energies() -> None:
+    # Two workers' matrices: the top-r eigenvectors of Σ Y_i Y_iᵀ leave the least summed residual, and the
+    # eigenvalues are each direction's summed energy.
+    generator = torch.Generator().manual_seed(0)
+    ys = [torch.randn(5, 9, generator=generator) for _ in range(2)]
+    basis, energy = gradcomp.gram_basis(sum(y @ y.T for y in ys))
+    torch.testing.assert_close(basis.T @ basis, torch.eye(5), atol=1e-5, rtol=0)
+    summed = sum((basis.T @ y).square().sum(dim=1) for y in ys)
+    torch.testing.assert_close(energy, summed, atol=1e-4, rtol=1e-5)
+    assert torch.all(energy[:-1] >= energy[1:])
+    residual = sum((y - basis[:, :2] @ basis[:, :2].T @ y).square().sum() for y in ys)
+    for seed in range(5):  # no other rank-2 subspace leaves less
+        q, _ = torch.linalg.qr(torch.randn(5, 2, generator=torch.Generator().manual_seed(seed)))
+        assert residual <= sum((y - q @ q.T @ y).square().sum() for y in ys) + 1e-4
 
 
 @pytest.mark.parametrize(
