@@ -4,8 +4,9 @@
 
 Steps: load (lazily) → count → normalize + fold BN → calibrate (with ``calib``) → plan (SVD or whitened
 factors per weight; ranks from the policy or a budget, `lrdeploy.planning.budget`) → rewrite → export →
-count → save (into a staging folder beside the output while it is verified) → verify → report, then the
-output, its external data and the JSON report are renamed into place together (`lrdeploy.io.outputs`).
+count → save (into a staging folder beside the output while it is verified) → check (onnx's full check,
+`lrdeploy.io.modelcheck`) → verify → report, then the output, its external data and the JSON report are
+renamed into place together (`lrdeploy.io.outputs`).
 """
 
 from __future__ import annotations
