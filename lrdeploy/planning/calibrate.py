@@ -29,18 +29,22 @@ used are counted, and said.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 from threadpoolctl import threadpool_limits
 
 from lrdeploy.errors import UsageError
-from lrdeploy.planning.patchgram import add_conv_gram, add_gram, add_taps
+from lrdeploy.planning import gramgraph
+from lrdeploy.planning.capture import concrete_shapes, parallelism, run_batch, wait, with_outputs
+from lrdeploy.planning.gramgraph import GramPlan, GraphBuilder
+from lrdeploy.planning.moments import LayerMoments, SecondMoment, check_finite
+from lrdeploy.planning.patchgram import add_conv_gram
+from lrdeploy.planning.rowforms import conv_pads, conv_rows, ints
 from lrdeploy.runtime.sessions import Device, make_session
 
 __all__ = ["LayerInput", "LayerMoments", "SecondMoment", "collect_moments", "conv_pads", "conv_rows", "rows"]
@@ -53,114 +57,8 @@ _MIN_ROWS = 64
 _SHIFT_CHANNELS = 16
 #: Default accumulation cost, in forward passes of each layer (`collect_moments`'s ``max_cost``).
 MAX_COST = 2.0
-
-
-class SecondMoment:
-    """Σ xxᵀ over rows x (float64) and how many rows; ``matrix`` is the mean, normalized by rows.
-
-    Stride-1 convs add their Gram in tap-major order (`patchgram.add_conv_gram`), kept apart in
-    ``taps`` and put into row order once, when ``total`` is first read.
-    """
-
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
-        self.count = 0
-        self._total: np.ndarray | None = None
-        self._taps: np.ndarray | None = None
-        self._channels = 0
-
-    def __repr__(self) -> str:
-        return f"SecondMoment(dim={self.dim}, count={self.count})"
-
-    @property
-    def total(self) -> np.ndarray:
-        """Σ xxᵀ, rows ordered as the layer's weight columns."""
-        if self._total is None:
-            self._total = np.zeros((self.dim, self.dim))
-        if self._taps is not None:
-            add_taps(self._taps, self._channels, self._total)
-            self._taps = None
-        return self._total
-
-    @total.setter
-    def total(self, value: np.ndarray) -> None:
-        _ = self.total  # fold pending taps in first
-        self._total = value
-
-    def taps(self, channels: int) -> np.ndarray:
-        """The tap-major accumulator of `patchgram.add_conv_gram` for a conv of ``channels`` inputs."""
-        if self._taps is None:
-            self._taps, self._channels = np.zeros((self.dim, self.dim)), channels
-        return self._taps
-
-    def update(self, rows: np.ndarray, checked: bool = False) -> None:
-        """Add the rows (r × dim); raises ValueError on a wrong width or (unless ``checked``) non-finite
-        values. float32 rows are multiplied in chunks of `patchgram.CHUNK` and summed in float64."""
-        if rows.ndim != 2 or rows.shape[1] != self.dim:
-            raise ValueError(f"rows of shape {rows.shape} for a second moment of width {self.dim}")
-        if not checked:
-            _check_finite(rows, "rows")
-        add_gram(rows, self.total)
-        self.count += rows.shape[0]
-
-    @property
-    def matrix(self) -> np.ndarray:
-        if self.count == 0:
-            raise ValueError("no rows were accumulated")
-        return self.total / self.count
-
-
-def _check_finite(values: np.ndarray, what: str) -> None:
-    if not np.isfinite(values).all():
-        raise ValueError(f"the {what} hold NaN or infinite values")
-
-
-def _ints(attrs: Mapping[str, object], name: str, default: list[int]) -> list[int]:
-    value = attrs.get(name)
-    return [int(v) for v in value] if value is not None and len(value) else default  # type: ignore[arg-type]
-
-
-def conv_pads(
-    spatial: Sequence[int], attrs: Mapping[str, object], kernel_shape: Sequence[int]
-) -> tuple[list[int], list[int]]:
-    """(pads at the start, pads at the end) per spatial axis, as onnxruntime resolves auto_pad."""
-    rank = len(kernel_shape)
-    strides = _ints(attrs, "strides", [1] * rank)
-    dilations = _ints(attrs, "dilations", [1] * rank)
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for size, stride, dilation, k in zip(spatial, strides, dilations, kernel_shape, strict=True):
-            out = -(-size // stride)
-            needed = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - size)
-            low = needed // 2 if auto_pad == "SAME_UPPER" else needed - needed // 2
-            begin.append(low)
-            end.append(needed - low)
-        return begin, end
-    if auto_pad == "VALID":
-        return [0] * rank, [0] * rank
-    pads = _ints(attrs, "pads", [0] * 2 * rank)
-    return pads[:rank], pads[rank:]
-
-
-def conv_rows(x: np.ndarray, attrs: Mapping[str, object], kernel_shape: Sequence[int]) -> np.ndarray:
-    """The im2col rows of a group-1 Conv on x [N, C, *spatial]: [N·Π out, C·Π k], one row per output
-    position (sample-major, then output positions in C order), each row ordered (C, k₁, k₂, …)."""
-    rank = len(kernel_shape)
-    strides = _ints(attrs, "strides", [1] * rank)
-    dilations = _ints(attrs, "dilations", [1] * rank)
-    begin, end = conv_pads(x.shape[2:], attrs, kernel_shape)
-    padded = np.pad(x, [(0, 0), (0, 0), *zip(begin, end, strict=True)])
-    extent = [(k - 1) * d + 1 for k, d in zip(kernel_shape, dilations, strict=True)]
-    axes = tuple(range(2, 2 + rank))
-    windows = np.lib.stride_tricks.sliding_window_view(padded, extent, axis=axes)
-    outer = (slice(None), slice(None), *(slice(None, None, s) for s in strides))
-    inner = tuple(slice(None, None, d) for d in dilations)
-    patches = windows[(*outer, *inner)]  # [N, C, *out, *k]
-    order = (0, *range(2, 2 + rank), 1, *range(2 + rank, 2 + 2 * rank))
-    channels_and_kernel = x.shape[1] * int(np.prod(kernel_shape))
-    return patches.transpose(order).reshape(-1, channels_and_kernel)
+#: Grams computed inside onnxruntime (`gramgraph`); False: every layer input is copied out (numpy path).
+IN_GRAPH = True
 
 
 @dataclass(frozen=True)
@@ -233,12 +131,10 @@ def _shift_gram(layer: LayerInput, x: np.ndarray, moment: SecondMoment) -> bool:
     rank = len(layer.kernel_shape)
     if rank not in (1, 2) or x.ndim != rank + 2 or x.shape[1] < _SHIFT_CHANNELS:
         return False
-    if int(np.prod(layer.kernel_shape)) == 1 or any(
-        s != 1 for s in _ints(layer.attrs, "strides", [1] * rank)
-    ):
+    if int(np.prod(layer.kernel_shape)) == 1 or any(s != 1 for s in ints(layer.attrs, "strides", [1] * rank)):
         return False
     begin, end = conv_pads(x.shape[2:], layer.attrs, layer.kernel_shape)
-    dilations = _ints(layer.attrs, "dilations", [1] * rank)
+    dilations = ints(layer.attrs, "dilations", [1] * rank)
     kernel = tuple(layer.kernel_shape)
     if rank == 1:  # as a 2-D conv over a height of 1
         x, kernel, begin, end, dilations = (
@@ -261,7 +157,7 @@ def _add(layer: LayerInput, x: np.ndarray, moment: SecondMoment, sampling: Sampl
     if layer.op != "Conv" or x.shape[0] == 0:
         moment.update(rows(layer, x))
         return
-    _check_finite(x, "inputs")
+    check_finite(x, "inputs")
     if sampling is None and _shift_gram(layer, x, moment):
         return
     per_sample = conv_rows(x[:1], layer.attrs, layer.kernel_shape).shape[0]
@@ -270,15 +166,6 @@ def _add(layer: LayerInput, x: np.ndarray, moment: SecondMoment, sampling: Sampl
     for start in range(0, x.shape[0], step):
         patches = rows(layer, x[start : start + step])
         moment.update(sampling.pick(patches, share) if sampling else patches, checked=True)
-
-
-@dataclass
-class LayerMoments:
-    """The second moments of one layer's input: rows the factors are fitted on, and rows held apart."""
-
-    fit: SecondMoment
-    holdout: SecondMoment
-    samples_seen: int = 0
 
 
 def _split(
@@ -294,15 +181,8 @@ def _split(
             _add(layer, np.compress(mask, x, axis=axis), part, sampling)
 
 
-def _with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
-    """A copy of the model that also returns ``tensors`` (the input model is not changed)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {o.name for o in copy.graph.output}
-    for name in dict.fromkeys(tensors):
-        if name not in present:
-            copy.graph.output.append(onnx.ValueInfoProto(name=name))
-    return copy
+#: The capture model of earlier versions (kept for callers of the private name).
+_with_outputs = with_outputs
 
 
 def collect_moments(
@@ -320,6 +200,7 @@ def collect_moments(
     Conv/Gemm/MatMul nodes with a constant weight. Every ``holdout_every``-th sample (5: 20%) is held
     apart; 0 holds none. ``max_cost`` bounds the conv accumulation (see the module doc; None: exact),
     ``seed`` seeds its sampling. Bad data (wrong names or shapes, NaN, no samples) raises UsageError.
+    Exact sums of the layers `gramgraph` can form run inside onnxruntime; the others in numpy.
     """
     if holdout_every == 1 or holdout_every < 0:
         raise ValueError(f"holdout_every must be 0 (none held apart) or at least 2, got {holdout_every}")
@@ -330,23 +211,17 @@ def collect_moments(
         raise ValueError(f"no node named '{missing[0]}' in the model")
     found = (LayerInput.of(nodes[name], weights) for name in layers)
     inputs = [layer for layer in found if layer is not None]  # None: statistics too large to hold
-    graph_inputs = {v.name for v in model.graph.input}
-    captured = [layer.tensor for layer in inputs if layer.tensor not in graph_inputs]
-    session = make_session(
-        _with_outputs(model, captured).SerializeToString(),
-        Device("cpu"),
-        threads,
-        label="the model with its layer inputs as outputs",
-    )
     moments = {layer.node: LayerMoments(SecondMoment(layer.dim), SecondMoment(layer.dim)) for layer in inputs}
     sampling = Sampling(max_cost, np.random.default_rng(seed)) if max_cost is not None else None
-    workers, blas_threads = (
-        (1, None) if sampling is not None else _parallelism()
-    )  # sampling: one seeded order
+    workers, blas_threads = (1, None) if sampling is not None else parallelism()  # sampling: one seeded order
+    capture = _Capture(model, inputs, holdout_every, threads, in_graph=IN_GRAPH and sampling is None)
 
-    def accumulate(layer: LayerInput, x: np.ndarray, batch: int) -> None:
+    def accumulate(layer: LayerInput, x: np.ndarray | None, grams: _Grams | None, batch: int) -> None:
         try:
-            _split(layer, x, moments[layer.node], holdout_every, sampling)
+            if grams is not None:
+                grams.add(moments[layer.node], x)
+            else:
+                _split(layer, x, moments[layer.node], holdout_every, sampling)
         except ValueError as error:
             raise UsageError(
                 f"calibration batch {batch}: the input of layer '{layer.node}' is unusable ({error}); "
@@ -357,50 +232,146 @@ def collect_moments(
     pending: list[Future] = []
     with threadpool_limits(blas_threads, user_api="blas"), ThreadPoolExecutor(workers) as pool:
         for batches, feed in enumerate(feeds, 1):
-            values = dict(zip(captured, _run(session, captured, feed, batches), strict=True))
-            _wait(pending)  # the previous batch's layers were added while onnxruntime ran this one
+            values, grams = capture.run(feed, moments, batches)
+            wait(pending)  # the previous batch's layers were added while onnxruntime ran this one
             pending = [
                 pool.submit(
-                    accumulate, layer, np.asarray(values.get(layer.tensor, feed.get(layer.tensor))), batches
+                    accumulate,
+                    layer,
+                    None
+                    if layer.tensor not in values and layer.tensor not in feed
+                    else np.asarray(values.get(layer.tensor, feed.get(layer.tensor))),
+                    grams.get(layer.node),
+                    batches,
                 )
                 for layer in sorted(inputs, key=lambda layer: -layer.dim)
             ]
-        _wait(pending)
+        wait(pending)
     if batches == 0 or any(m.fit.count == 0 for m in moments.values()):
         raise UsageError("the calibration data has no samples to fit on; give at least one batch")
     return moments
 
 
-def _parallelism() -> tuple[int, int]:
-    """(layers accumulated at once, BLAS threads each).
+@dataclass
+class _Grams:
+    """One batch's in-graph products of a layer, per part, and the samples each part took."""
 
-    Layers go to their own threads on single-threaded BLAS: on a busy 2-core machine two-threaded
-    OpenBLAS products of tall, narrow matrices ran 4–10× slower than one thread (threads wait on each
-    other), and one layer at a time leaves the second core idle. At most 4 at a time, each holding a
-    padded copy of its layer's input batch.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = max(1, min(4, cores))
-    return workers, max(1, cores // workers)
+    plan: GramPlan
+    products: dict[str, list[np.ndarray]]
+    masks: dict[str, np.ndarray]
+
+    def add(self, moments: LayerMoments, x: np.ndarray | None) -> None:
+        for part, moment in (("fit", moments.fit), ("holdout", moments.holdout)):
+            mask = self.masks[part]
+            if not mask.any():
+                continue
+            if self.plan.kind == "shift":
+                assert x is not None
+                samples = x[mask]
+                gramgraph.fold_shifts(
+                    self.plan, self.products[part][0], samples, moment.taps(self.plan.channels)
+                )
+            else:
+                gramgraph.fold(self.plan, self.products[part], moment.upper())
+            moment.count += int(mask.sum()) * self.plan.rows_per_sample
 
 
-def _wait(futures: list[Future]) -> None:
-    """Wait for all, then raise the first failure (the others finish rather than race the caller)."""
-    for future in futures:
-        future.exception()
-    for future in futures:
-        future.result()
+class _Capture:
+    """The capture session: layer inputs copied out for the numpy path, Grams for the others; rebuilt
+    when a batch's shapes change what the graph computes."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        layers: list[LayerInput],
+        every: int,
+        threads: int | None,
+        in_graph: bool,
+    ) -> None:
+        self.model, self.layers, self.every, self.threads = model, layers, every, threads
+        self.in_graph = in_graph and _opset(model) >= gramgraph.MIN_OPSET
+        self.graph_inputs = {v.name for v in model.graph.input}
+        self._key: object = None
+        self._shapes: dict[tuple, dict] = {}
+
+    def _plans(self, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, GramPlan], dict[str, int]]:
+        signature = tuple(sorted((name, np.shape(value)) for name, value in feed.items()))
+        if signature not in self._shapes:
+            self._shapes[signature] = concrete_shapes(self.model, feed) if self.in_graph else {}
+        shapes = self._shapes[signature]
+        plans, sizes = {}, {}
+        for layer in self.layers:
+            dims, kind = shapes.get(layer.tensor, ((), 0))
+            if kind != TensorProto.FLOAT or not dims or dims[0] is None:
+                continue
+            plan = gramgraph.plan_layer(
+                layer.node,
+                layer.op,
+                layer.tensor,
+                layer.dim,
+                layer.attrs,
+                layer.kernel_shape,
+                dims,
+                _SHIFT_CHANNELS,
+            )
+            if plan is not None:
+                plans[layer.node], sizes[layer.node] = plan, dims[0]
+        return plans, sizes
+
+    def _build(self, plans: dict[str, GramPlan]) -> None:
+        copied = [
+            layer.tensor
+            for layer in self.layers
+            if (layer.node not in plans or plans[layer.node].kind == "shift")
+            and layer.tensor not in self.graph_inputs
+        ]
+        builder = GraphBuilder(with_outputs(self.model, copied))
+        for plan in plans.values():
+            builder.add(plan, ("fit", "holdout") if self.every else ("fit",))
+        label = "the model with its layer inputs as outputs"
+        self.session = make_session(
+            builder.model.SerializeToString(), Device("cpu"), self.threads, label=label
+        )
+        self.copied, self.plans = copied, plans
+
+    def run(
+        self, feed: Mapping[str, np.ndarray], moments: Mapping[str, LayerMoments], batch: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, _Grams]]:
+        plans, sizes = self._plans(feed)
+        key = tuple((node, repr(plan)) for node, plan in plans.items())
+        if key != self._key:
+            self._build(plans)
+            self._key = key
+        full = dict(feed)
+        masks: dict[str, dict[str, np.ndarray]] = {}
+        for node, plan in self.plans.items():
+            held = _held(moments[node], sizes[node], self.every)
+            masks[node] = {"fit": ~held, "holdout": held}
+            for part, index in plan.index.items():
+                chosen = np.flatnonzero(masks[node][part])
+                full[index] = chosen if chosen.size else np.zeros(1, np.int64)  # a part without samples
+        names = self.copied + [
+            name for plan in self.plans.values() for part in plan.outputs.values() for name in part
+        ]
+        values = dict(zip(names, run_batch(self.session, names, full, batch), strict=True))
+        grams = {
+            node: _Grams(
+                plan, {part: [values.pop(n) for n in out] for part, out in plan.outputs.items()}, masks[node]
+            )
+            for node, plan in self.plans.items()
+        }
+        return values, grams
 
 
-def _run(session, names: list[str], feed: Mapping[str, np.ndarray], batch: int) -> list[np.ndarray]:
-    try:
-        return session.run(names, dict(feed)) if names else []
-    except Exception as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(
-            f"calibration batch {batch} does not fit the model ({message[:300]}); "
-            "check its input names and shapes"
-        ) from None
+def _held(moments: LayerMoments, count: int, every: int) -> np.ndarray:
+    """Which of the next ``count`` samples are held apart (every ``every``-th), counted on."""
+    index = moments.samples_seen + np.arange(count)
+    moments.samples_seen += count
+    return (index % every == every - 1) if every else np.zeros(count, dtype=bool)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 # --- Embeddings, recurrent input weights, ConvTranspose (issue 16) ------------------------------------------

@@ -1,0 +1,325 @@
+"""Per-batch Grams computed inside onnxruntime: only d×d float32 products leave the session.
+
+Copying every layer input out of onnxruntime (~1 GB per 32 ResNet-50 images) and multiplying it in numpy
+cost more than the forward pass itself. Here the capture model gets, per layer and per part (fit /
+held apart), nodes that form the rows and multiply them on onnxruntime's own threads:
+
+- the part's samples: ``Gather(x, index, axis=0)``, the index an extra input fed per batch;
+- rows, as a rows-major [N, P, D] (P rows per sample): Gemm/MatMul: every leading dimension flattened;
+  Conv (2-D): im2col by one strided ``Slice`` per kernel tap of the padded NHWC input, concatenated so
+  that columns are ordered (c, k₁, k₂) as the weight's;
+- groups of at most `patchgram.CHUNK` rows ([G, K, D]): whole samples side by side when P is small (the
+  batch padded with zero samples to G·g, G and g computed in the graph, so one session serves every
+  batch size), a sample's rows split (zero-padded) when P is large — each float32 product sums ≤ CHUNK
+  terms, and the G products are summed in float64 in numpy (`fold`);
+- the symmetric product in b block rows, Rᵀ[i] · R[i:], about (b+1)/2b of the full product's MACs;
+- stride-1 k×k convs of 16+ channels, by shifts (`patchgram`): F_Δ = Σ_{q ∈ image} x[q] x[q+Δ]ᵀ for
+  half of the (2k−1)² offsets Δ (13 for 3×3) as one product [C, K] × [K, 13·C]; `fold_shifts` turns
+  them into the Gram's blocks by subtracting, in numpy, the products over the thin border strips that
+  a block's window leaves out (so the layer's input is also captured, for those strips).
+
+Shapes other than the batch axis are static (from `onnx.shape_inference` on the fed shapes); a layer
+whose shapes or element type are not known, or whose op does not fit one of the forms above, stays on
+the numpy path (`calibrate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from lrdeploy.planning import patchgram
+from lrdeploy.planning.rowforms import conv_pads, ints
+
+__all__ = ["GramPlan", "GraphBuilder", "fold", "fold_shifts", "plan_layer"]
+
+#: The shifted-product form needs an opset with Pad/Slice/ReduceSum taking inputs and int64 Max.
+MIN_OPSET = 13
+PARTS = ("fit", "holdout")
+
+
+@dataclass
+class GramPlan:
+    """How one layer's Grams are computed in the graph and folded into its moments."""
+
+    node: str
+    tensor: str
+    kind: str  # "sym" (upper block rows) or "shift" (F_Δ products, corrected in numpy)
+    rows_per_sample: int
+    dim: int
+    blocks: list[int] = field(default_factory=list)  # sym: block-row starts, then dim
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+    index: dict[str, str] = field(default_factory=dict)
+    # Conv: static geometry
+    channels: int = 0
+    kernel: tuple[int, ...] = (1, 1)
+    dilations: tuple[int, ...] = (1, 1)
+    strides: tuple[int, ...] = (1, 1)
+    begin: tuple[int, ...] = (0, 0)
+    end: tuple[int, ...] = (0, 0)
+    out_size: tuple[int, int] = (0, 0)
+    spatial: tuple[int, int] = (0, 0)
+    deltas: list[tuple[int, int]] = field(default_factory=list)
+
+
+def plan_layer(
+    node: str,
+    op: str,
+    tensor: str,
+    dim: int,
+    attrs: Mapping[str, object],
+    kernel: Sequence[int],
+    shape: Sequence[int] | None,
+    shift_channels: int,
+) -> GramPlan | None:
+    """The in-graph plan for a layer whose input has ``shape`` (static but the batch axis), or None."""
+    if shape is None or len(shape) < 2 or any(not isinstance(d, int) or d <= 0 for d in shape[1:]):
+        return None
+    if op in ("Gemm", "MatMul"):
+        if (op == "Gemm" and (attrs.get("transA", 0) or len(shape) != 2)) or shape[-1] != dim:
+            return None
+        rows = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+        return GramPlan(node, tensor, "sym", rows, dim, _blocks(dim))
+    if op != "Conv" or len(shape) != 4 or len(kernel) != 2:
+        return None
+    channels, height, width = shape[1:]
+    if channels * int(np.prod(kernel)) != dim:
+        return None
+    strides = ints(attrs, "strides", [1, 1])
+    dilations = ints(attrs, "dilations", [1, 1])
+    begin, end = conv_pads((height, width), attrs, kernel)
+    out = [
+        (size + b + e - (k - 1) * d - 1) // s + 1
+        for size, b, e, k, d, s in zip((height, width), begin, end, kernel, dilations, strides, strict=True)
+    ]
+    if min(out) <= 0 or min(begin + end) < 0:
+        return None
+    plan = GramPlan(
+        node,
+        tensor,
+        "sym",
+        out[0] * out[1],
+        dim,
+        _blocks(dim),
+        channels=channels,
+        kernel=tuple(kernel),
+        dilations=tuple(dilations),
+        strides=tuple(strides),
+        begin=tuple(begin),
+        end=tuple(end),
+        out_size=(out[0], out[1]),
+        spatial=(height, width),
+    )
+    if strides == [1, 1] and int(np.prod(kernel)) > 1 and channels >= shift_channels:
+        plan.kind = "shift"
+        reach = [(k - 1) * d for k, d in zip(kernel, dilations, strict=True)]
+        plan.deltas = [
+            (dy, dx)
+            for dy in range(0, reach[0] + 1, dilations[0])
+            for dx in range(-reach[1], reach[1] + 1, dilations[1])
+            if dy > 0 or dx >= 0
+        ]
+    return plan
+
+
+def _blocks(dim: int) -> list[int]:
+    """Block-row starts for the symmetric product: wide Grams in up to 4 block rows, then ``dim``."""
+    count = max(1, min(4, dim // 256))
+    size = -(-dim // count)
+    return [*range(0, dim, size), dim]
+
+
+class GraphBuilder:
+    """Adds the Gram nodes of `GramPlan`s to a copy of the model (the input model is not changed)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(model)
+        self.graph = self.model.graph
+        self._count = 0
+        self._consts: dict[tuple, str] = {}
+
+    def _name(self, hint: str) -> str:
+        self._count += 1
+        return f"lrdeploy_gram_{self._count}_{hint}"
+
+    def const(self, values: Sequence[int]) -> str:
+        key = tuple(int(v) for v in values)
+        if key not in self._consts:
+            name = self._name("c")
+            self.graph.initializer.append(numpy_helper.from_array(np.array(key, np.int64), name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def op(self, op_type: str, inputs: Sequence[str], **attrs: object) -> str:
+        out = self._name(op_type.lower())
+        self.graph.node.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def add(self, plan: GramPlan, parts: Sequence[str]) -> None:
+        """Nodes for each part: Gather the part's samples, form the rows, output the products."""
+        for part in parts:
+            index = self._name(f"{part}_index")
+            self.graph.input.append(helper.make_tensor_value_info(index, TensorProto.INT64, [f"{index}_n"]))
+            x = self.op("Gather", [plan.tensor, index], axis=0)
+            outputs = self._shift(plan, x) if plan.kind == "shift" else self._sym(plan, x)
+            for name in outputs:
+                self.graph.output.append(onnx.ValueInfoProto(name=name))
+            plan.index[part], plan.outputs[part] = index, outputs
+
+    def _rows(self, plan: GramPlan, x: str) -> str:
+        """[N, P, D] rows of a Gemm/MatMul input or a Conv's im2col (columns (c, k₁, k₂))."""
+        if not plan.channels:
+            return self.op("Reshape", [x, self.const([-1, plan.rows_per_sample, plan.dim])])
+        nhwc = self.op("Transpose", [x], perm=[0, 2, 3, 1])
+        if any(plan.begin) or any(plan.end):
+            nhwc = self.op("Pad", [nhwc, self.const([0, *plan.begin, 0, 0, *plan.end, 0])])
+        taps = []
+        for i in range(plan.kernel[0]):
+            for j in range(plan.kernel[1]):
+                start = (i * plan.dilations[0], j * plan.dilations[1])
+                stop = [
+                    s + (o - 1) * t + 1 for s, o, t in zip(start, plan.out_size, plan.strides, strict=True)
+                ]
+                bounds = [self.const(start), self.const(stop), self.const([1, 2]), self.const(plan.strides)]
+                taps.append(self.op("Slice", [nhwc, *bounds]))
+        if len(taps) > 1:  # [N, Ho, Wo, C, taps]: columns (c, k₁, k₂) as the weight's
+            taps = [self.op("Concat", [self.op("Unsqueeze", [t, self.const([4])]) for t in taps], axis=4)]
+        return self.op("Reshape", [taps[0], self.const([-1, plan.rows_per_sample, plan.dim])])
+
+    def _groups(self, rows: str, per_sample: int, width: int) -> str:
+        """[N, P, D] → [G, K, D] with K ≤ CHUNK rows per group (zero samples or rows padded in)."""
+        chunk = patchgram.CHUNK
+        if per_sample > chunk:
+            split = -(-per_sample // chunk)
+            size = -(-per_sample // split)
+            if split * size > per_sample:
+                rows = self.op("Pad", [rows, self.const([0, 0, 0, 0, split * size - per_sample, 0])])
+            return self.op("Reshape", [rows, self.const([-1, size, width])])
+        per_group = chunk // per_sample
+        if per_group == 1:
+            return rows
+        n = self.op("Gather", [self.op("Shape", [rows]), self.const([0])], axis=0)
+        one = self.const([1])
+        groups = self.op(
+            "Max",
+            [
+                self.op("Div", [self.op("Add", [n, self.const([per_group - 1])]), self.const([per_group])]),
+                one,
+            ],
+        )
+        size = self.op("Div", [self.op("Sub", [self.op("Add", [n, groups]), one]), groups])
+        missing = self.op("Sub", [self.op("Mul", [groups, size]), n])
+        zeros = self.const([0, 0])
+        pads = self.op("Concat", [self.const([0]), zeros, missing, zeros], axis=0)
+        padded = self.op("Pad", [rows, pads])
+        return self.op("Reshape", [padded, self.op("Concat", [groups, self.const([-1, width])], axis=0)])
+
+    def _sym(self, plan: GramPlan, x: str) -> list[str]:
+        grouped = self._groups(self._rows(plan, x), plan.rows_per_sample, plan.dim)
+        columns = self.op("Transpose", [grouped], perm=[0, 2, 1])
+        outputs = []
+        for start, stop in zip(plan.blocks[:-1], plan.blocks[1:], strict=True):
+            left = (
+                columns
+                if len(plan.blocks) == 2
+                else self.op("Slice", [columns, self.const([start]), self.const([stop]), self.const([1])])
+            )
+            right = (
+                grouped
+                if start == 0
+                else self.op("Slice", [grouped, self.const([start]), self.const([plan.dim]), self.const([2])])
+            )
+            outputs.append(self.op("MatMul", [left, right]))
+        return outputs
+
+    def _shift(self, plan: GramPlan, x: str) -> list[str]:
+        channels, (height, width) = plan.channels, plan.spatial
+        reach = [(k - 1) * d for k, d in zip(plan.kernel, plan.dilations, strict=True)]
+        nhwc = self.op("Transpose", [x], perm=[0, 2, 3, 1])
+        area = height * width
+        left = self._groups(self.op("Reshape", [nhwc, self.const([-1, area, channels])]), area, channels)
+        left = self.op("Transpose", [left], perm=[0, 2, 1])
+        padded = self.op("Pad", [nhwc, self.const([0, *reach, 0, 0, *reach, 0])])
+        shifted = [
+            self.op(
+                "Slice",
+                [
+                    padded,
+                    self.const([reach[0] + dy, reach[1] + dx]),
+                    self.const([reach[0] + dy + height, reach[1] + dx + width]),
+                    self.const([1, 2]),
+                ],
+            )
+            for dy, dx in plan.deltas
+        ]
+        stack = self.op("Concat", shifted, axis=3)
+        width_all = channels * len(plan.deltas)
+        right = self._groups(self.op("Reshape", [stack, self.const([-1, area, width_all])]), area, width_all)
+        return [self.op("MatMul", [left, right])]
+
+
+def _sum(products: np.ndarray) -> np.ndarray:
+    if not np.isfinite(products).all():
+        raise ValueError("the inputs hold NaN or infinite values")
+    return products.sum(axis=0, dtype=np.float64)
+
+
+def fold(plan: GramPlan, products: Sequence[np.ndarray], upper: np.ndarray) -> None:
+    """upper[block rows] += the summed float32 products of a "sym" plan (upper triangle meaningful)."""
+    for start, stop, product in zip(plan.blocks[:-1], plan.blocks[1:], products, strict=True):
+        upper[start:stop, start:] += _sum(product)
+
+
+def fold_shifts(plan: GramPlan, product: np.ndarray, x: np.ndarray, taps: np.ndarray) -> None:
+    """taps (tap-major, blocks k ≤ k') += the Gram of a stride-1 conv's rows on the samples x, from the
+    summed F_Δ products: block (k, k') = F_Δ − Σ over the image's positions outside block k's window."""
+    channels, (height, width) = plan.channels, plan.spatial
+    full = _sum(product)
+    reach = [(k - 1) * d for k, d in zip(plan.kernel, plan.dilations, strict=True)]
+    padded = np.zeros((channels, x.shape[0], height + 2 * reach[0], width + 2 * reach[1]), np.float32)
+    padded[:, :, reach[0] : reach[0] + height, reach[1] : reach[1] + width] = x.transpose(1, 0, 2, 3)
+    image = (reach[0], reach[0] + height, reach[1], reach[1] + width)
+    offsets = [
+        (i * plan.dilations[0], j * plan.dilations[1])
+        for i in range(plan.kernel[0])
+        for j in range(plan.kernel[1])
+    ]
+    where = {delta: n for n, delta in enumerate(plan.deltas)}
+    block = np.empty((channels, channels))
+    for k, first in enumerate(offsets):
+        top = reach[0] + first[0] - plan.begin[0]
+        left = reach[1] + first[1] - plan.begin[1]
+        window = (top, top + plan.out_size[0], left, left + plan.out_size[1])
+        outside = _outside(image, window)
+        for k2 in range(k, len(offsets)):
+            delta = (offsets[k2][0] - first[0], offsets[k2][1] - first[1])
+            if delta in where:
+                n = where[delta]
+                block[:] = full[:, n * channels : (n + 1) * channels]
+            else:
+                n = where[(-delta[0], -delta[1])]
+                block[:] = full[:, n * channels : (n + 1) * channels].T
+            for rect in outside:
+                patchgram._rect_cross(padded, rect, delta, block, -1)
+            taps[k * channels : (k + 1) * channels, k2 * channels : (k2 + 1) * channels] += block
+
+
+def _outside(image: patchgram.Rect, window: patchgram.Rect) -> list[patchgram.Rect]:
+    """image ∖ window as disjoint rects (top and bottom bands, then left and right in between)."""
+    y0, y1, x0, x1 = image
+    inner_y = (max(y0, window[0]), min(y1, window[1]))
+    inner_x = (max(x0, window[2]), min(x1, window[3]))
+    if inner_y[0] >= inner_y[1] or inner_x[0] >= inner_x[1]:
+        return [image]
+    pieces = [
+        (y0, inner_y[0], x0, x1),
+        (inner_y[1], y1, x0, x1),
+        (*inner_y, x0, inner_x[0]),
+        (*inner_y, inner_x[1], x1),
+    ]
+    return [r for r in pieces if r[1] > r[0] and r[3] > r[2]]
