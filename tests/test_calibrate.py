@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 from lrdeploy.errors import UsageError
-from lrdeploy.planning import calibrate
+from lrdeploy.planning import calibrate, capture
 from lrdeploy.planning.calibrate import SecondMoment, collect_moments, conv_rows
 from models import graph_model, run
 
@@ -99,7 +99,7 @@ def test_conv_second_moment_equals_brute_force_im2col(case, batches):
         with (
             patch.object(calibrate, "_SHIFT_CHANNELS", shift_channels),
             patch.object(calibrate, "IN_GRAPH", in_graph),
-            patch.object(calibrate._Grams, "add", autospec=True, side_effect=calibrate._Grams.add) as added,
+            patch.object(capture.Grams, "add", autospec=True, side_effect=capture.Grams.add) as added,
         ):
             moments = collect_moments(model, ["conv"], feeds, holdout_every=2)["conv"]
         assert added.called == in_graph

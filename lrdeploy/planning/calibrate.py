@@ -31,23 +31,41 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
 from threadpoolctl import threadpool_limits
 
 from lrdeploy.errors import UsageError
-from lrdeploy.planning import gramgraph
-from lrdeploy.planning.capture import concrete_shapes, parallelism, run_batch, wait, with_outputs
-from lrdeploy.planning.gramgraph import GramPlan, GraphBuilder
+from lrdeploy.planning.capture import Capture, Grams, parallelism, wait, with_outputs
 from lrdeploy.planning.moments import LayerMoments, SecondMoment, check_finite
 from lrdeploy.planning.patchgram import add_conv_gram
-from lrdeploy.planning.rowforms import conv_pads, conv_rows, ints
-from lrdeploy.runtime.sessions import Device, make_session
+from lrdeploy.planning.rowforms import (
+    LAYERS_16,
+    MAX_EMBEDDING_ROWS,
+    LayerInput,
+    conv_pads,
+    conv_rows,
+    ints,
+    layer_input_16,
+    rows,
+    sample_axis,
+)
 
-__all__ = ["LayerInput", "LayerMoments", "SecondMoment", "collect_moments", "conv_pads", "conv_rows", "rows"]
+__all__ = [
+    "LAYERS_16",
+    "MAX_EMBEDDING_ROWS",
+    "LayerInput",
+    "LayerMoments",
+    "SecondMoment",
+    "collect_moments",
+    "conv_pads",
+    "conv_rows",
+    "layer_input_16",
+    "rows",
+    "sample_axis",
+]
 
 #: Conv patches formed at once are kept under this many bytes (float64), a few samples at a time.
 _CHUNK_BYTES = 64 << 20
@@ -59,50 +77,6 @@ _SHIFT_CHANNELS = 16
 MAX_COST = 2.0
 #: Grams computed inside onnxruntime (`gramgraph`); False: every layer input is copied out (numpy path).
 IN_GRAPH = True
-
-
-@dataclass(frozen=True)
-class LayerInput:
-    """A factorizable node and how its input rows are formed (from `LayerInput.of` on the model)."""
-
-    node: str
-    tensor: str
-    op: str
-    dim: int
-    attrs: Mapping[str, object] = field(default_factory=dict)
-    kernel_shape: tuple[int, ...] = ()
-    outputs: int = 0  # m: the weight's output channels/features
-
-    @classmethod
-    def of(cls, node: onnx.NodeProto, weights: Mapping[str, onnx.TensorProto]) -> LayerInput | None:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type in LAYERS_16:
-            return layer_input_16(node, attrs, weights)
-        weight = weights.get(node.input[1]) if len(node.input) > 1 else None
-        if weight is None:
-            raise ValueError(f"node '{node.name}' has no constant weight")
-        dims = tuple(weight.dims)
-        if node.op_type == "Conv":
-            if int(attrs.get("group", 1)) != 1:
-                raise ValueError(f"node '{node.name}' is a grouped Conv")
-            return cls(node.name, node.input[0], "Conv", int(np.prod(dims[1:])), attrs, dims[2:], dims[0])
-        if node.op_type == "Gemm":
-            inputs, outputs = (dims[1], dims[0]) if attrs.get("transB", 0) else (dims[0], dims[1])
-            return cls(node.name, node.input[0], "Gemm", inputs, attrs, outputs=outputs)
-        if node.op_type == "MatMul":
-            return cls(node.name, node.input[0], "MatMul", dims[0], outputs=dims[-1])
-        raise ValueError(f"node '{node.name}' is a {node.op_type}, not Conv/Gemm/MatMul")
-
-
-def rows(layer: LayerInput, x: np.ndarray) -> np.ndarray:
-    """The rows ``layer`` multiplies for its input x (conv: all of them; see `_add` for chunking)."""
-    if layer.op == "Conv":
-        return conv_rows(x, layer.attrs, layer.kernel_shape)
-    if layer.op == "Gemm":
-        return x.T if layer.attrs.get("transA", 0) else x
-    if layer.op in LAYERS_16:
-        return rows_16(layer, x)
-    return x.reshape(-1, x.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -209,14 +183,14 @@ def collect_moments(
     missing = [name for name in layers if name not in nodes]
     if missing:
         raise ValueError(f"no node named '{missing[0]}' in the model")
-    found = (LayerInput.of(nodes[name], weights) for name in layers)
+    found = (LayerInput.of(nodes[name], weights, MAX_EMBEDDING_ROWS) for name in layers)
     inputs = [layer for layer in found if layer is not None]  # None: statistics too large to hold
     moments = {layer.node: LayerMoments(SecondMoment(layer.dim), SecondMoment(layer.dim)) for layer in inputs}
     sampling = Sampling(max_cost, np.random.default_rng(seed)) if max_cost is not None else None
     workers, blas_threads = (1, None) if sampling is not None else parallelism()  # sampling: one seeded order
-    capture = _Capture(model, inputs, holdout_every, threads, in_graph=IN_GRAPH and sampling is None)
+    capture = Capture(model, inputs, holdout_every, threads, IN_GRAPH and sampling is None, _SHIFT_CHANNELS)
 
-    def accumulate(layer: LayerInput, x: np.ndarray | None, grams: _Grams | None, batch: int) -> None:
+    def accumulate(layer: LayerInput, x: np.ndarray | None, grams: Grams | None, batch: int) -> None:
         try:
             if grams is not None:
                 grams.add(moments[layer.node], x)
@@ -252,163 +226,6 @@ def collect_moments(
     return moments
 
 
-@dataclass
-class _Grams:
-    """One batch's in-graph products of a layer, per part, and the samples each part took."""
-
-    plan: GramPlan
-    products: dict[str, list[np.ndarray]]
-    masks: dict[str, np.ndarray]
-
-    def add(self, moments: LayerMoments, x: np.ndarray | None) -> None:
-        for part, moment in (("fit", moments.fit), ("holdout", moments.holdout)):
-            mask = self.masks[part]
-            if not mask.any():
-                continue
-            if self.plan.kind == "shift":
-                assert x is not None
-                samples = x[mask]
-                gramgraph.fold_shifts(
-                    self.plan, self.products[part][0], samples, moment.taps(self.plan.channels)
-                )
-            else:
-                gramgraph.fold(self.plan, self.products[part], moment.upper())
-            moment.count += int(mask.sum()) * self.plan.rows_per_sample
-
-
-class _Capture:
-    """The capture session: layer inputs copied out for the numpy path, Grams for the others; rebuilt
-    when a batch's shapes change what the graph computes."""
-
-    def __init__(
-        self,
-        model: onnx.ModelProto,
-        layers: list[LayerInput],
-        every: int,
-        threads: int | None,
-        in_graph: bool,
-    ) -> None:
-        self.model, self.layers, self.every, self.threads = model, layers, every, threads
-        self.in_graph = in_graph and _opset(model) >= gramgraph.MIN_OPSET
-        self.graph_inputs = {v.name for v in model.graph.input}
-        self._key: object = None
-        self._shapes: dict[tuple, dict] = {}
-
-    def _plans(self, feed: Mapping[str, np.ndarray]) -> tuple[dict[str, GramPlan], dict[str, int]]:
-        signature = tuple(sorted((name, np.shape(value)) for name, value in feed.items()))
-        if signature not in self._shapes:
-            self._shapes[signature] = concrete_shapes(self.model, feed) if self.in_graph else {}
-        shapes = self._shapes[signature]
-        plans, sizes = {}, {}
-        for layer in self.layers:
-            dims, kind = shapes.get(layer.tensor, ((), 0))
-            if kind != TensorProto.FLOAT or not dims or dims[0] is None:
-                continue
-            plan = gramgraph.plan_layer(
-                layer.node,
-                layer.op,
-                layer.tensor,
-                layer.dim,
-                layer.attrs,
-                layer.kernel_shape,
-                dims,
-                _SHIFT_CHANNELS,
-            )
-            if plan is not None:
-                plans[layer.node], sizes[layer.node] = plan, dims[0]
-        return plans, sizes
-
-    def _build(self, plans: dict[str, GramPlan]) -> None:
-        copied = [
-            layer.tensor
-            for layer in self.layers
-            if (layer.node not in plans or plans[layer.node].kind == "shift")
-            and layer.tensor not in self.graph_inputs
-        ]
-        builder = GraphBuilder(with_outputs(self.model, copied))
-        for plan in plans.values():
-            builder.add(plan, ("fit", "holdout") if self.every else ("fit",))
-        label = "the model with its layer inputs as outputs"
-        self.session = make_session(
-            builder.model.SerializeToString(), Device("cpu"), self.threads, label=label
-        )
-        self.copied, self.plans = copied, plans
-
-    def run(
-        self, feed: Mapping[str, np.ndarray], moments: Mapping[str, LayerMoments], batch: int
-    ) -> tuple[dict[str, np.ndarray], dict[str, _Grams]]:
-        plans, sizes = self._plans(feed)
-        key = tuple((node, repr(plan)) for node, plan in plans.items())
-        if key != self._key:
-            self._build(plans)
-            self._key = key
-        full = dict(feed)
-        masks: dict[str, dict[str, np.ndarray]] = {}
-        for node, plan in self.plans.items():
-            held = _held(moments[node], sizes[node], self.every)
-            masks[node] = {"fit": ~held, "holdout": held}
-            for part, index in plan.index.items():
-                chosen = np.flatnonzero(masks[node][part])
-                full[index] = chosen if chosen.size else np.zeros(1, np.int64)  # a part without samples
-        names = self.copied + [
-            name for plan in self.plans.values() for part in plan.outputs.values() for name in part
-        ]
-        values = dict(zip(names, run_batch(self.session, names, full, batch), strict=True))
-        grams = {
-            node: _Grams(
-                plan, {part: [values.pop(n) for n in out] for part, out in plan.outputs.items()}, masks[node]
-            )
-            for node, plan in self.plans.items()
-        }
-        return values, grams
-
-
-def _held(moments: LayerMoments, count: int, every: int) -> np.ndarray:
-    """Which of the next ``count`` samples are held apart (every ``every``-th), counted on."""
-    index = moments.samples_seen + np.arange(count)
-    moments.samples_seen += count
-    return (index % every == every - 1) if every else np.zeros(count, dtype=bool)
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-# --- Embeddings, recurrent input weights, ConvTranspose (issue 16) ------------------------------------------
-
-#: Ops whose rows `layer_input_16` defines.
-LAYERS_16 = ("Gather", "LSTM", "GRU", "RNN", "ConvTranspose")
-#: Embedding tables with more rows than this get no statistics (V×V accumulators): plain SVD factors.
-MAX_EMBEDDING_ROWS = 4096
-
-
-def layer_input_16(
-    node: onnx.NodeProto, attrs: Mapping[str, object], weights: Mapping[str, onnx.TensorProto]
-) -> LayerInput | None:
-    """The rows of an embedding (one-hot ids, width V; None above `MAX_EMBEDDING_ROWS`), of a recurrent
-    op's input weight (each time step's x, width I) and of a ConvTranspose (each input pixel, width Cin)."""
-    index = 0 if node.op_type == "Gather" else 1
-    weight = weights.get(node.input[index]) if len(node.input) > index else None
-    if weight is None:
-        raise ValueError(f"node '{node.name}' has no constant weight")
-    dims = tuple(weight.dims)
-    if node.op_type == "Gather":
-        if dims[0] > MAX_EMBEDDING_ROWS:
-            return None
-        return LayerInput(node.name, node.input[1], "Gather", dims[0], attrs, outputs=dims[1])
-    if node.op_type == "ConvTranspose":
-        return LayerInput(node.name, node.input[0], "ConvTranspose", dims[0], attrs, dims[2:], dims[1])
-    return LayerInput(node.name, node.input[0], node.op_type, dims[2], attrs, outputs=dims[0] * dims[1])
-
-
-def rows_16(layer: LayerInput, x: np.ndarray) -> np.ndarray:
-    if layer.op == "Gather":
-        return np.eye(layer.dim)[np.asarray(x).reshape(-1) % layer.dim]
-    if layer.op == "ConvTranspose":
-        return np.moveaxis(x, 1, -1).reshape(-1, layer.dim)
-    return x.reshape(-1, layer.dim)  # LSTM/GRU/RNN: every time step of every sequence, as the op reads X
-
-
 def add_token_counts(layer: LayerInput, ids: np.ndarray, moment: SecondMoment) -> None:
     """One-hot rows added as counts on the diagonal: Σ eᵢeᵢᵀ without forming the rows."""
     flat = np.asarray(ids).reshape(-1).astype(np.int64)
@@ -417,15 +234,3 @@ def add_token_counts(layer: LayerInput, ids: np.ndarray, moment: SecondMoment) -
     counts = np.bincount(flat % layer.dim, minlength=layer.dim)
     moment.total[np.diag_indices(layer.dim)] += counts
     moment.count += int(flat.size)
-
-
-def sample_axis(layer: LayerInput, x: np.ndarray) -> tuple[np.ndarray, int]:
-    """x (a scalar or vector made 2-D where needed) and its samples' axis: Gemm with transA and
-    time-major recurrent input (layout 0, [T, N, I]) have them on the second axis."""
-    if (layer.op == "MatMul" and x.ndim == 1) or (layer.op == "Gather" and x.ndim == 0):
-        return x.reshape(1, -1), 0
-    if layer.op == "Gemm" and layer.attrs.get("transA", 0):
-        return x, 1
-    if layer.op in ("LSTM", "GRU", "RNN") and not layer.attrs.get("layout", 0):
-        return x, 1
-    return x, 0
