@@ -332,3 +332,22 @@ def test_in_graph_gemm_and_matmul_rows_and_the_numpy_fallbacks():
             assert moment.count == len(expected[part]), layer
             want = expected[part].T @ expected[part] / len(expected[part])
             np.testing.assert_allclose(moment.matrix, want, rtol=1e-5, atol=1e-6, err_msg=layer)
+
+
+def test_a_batch_of_other_spatial_shapes_rebuilds_the_in_graph_session():
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((4, 16, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    model = graph_model([node], {"x": ["N", 16, "H", "W"]}, {"y": None}, {"w": w})
+    feeds = [{"x": rng.standard_normal(shape).astype(np.float32)} for shape in [(3, 16, 6, 7), (2, 16, 9, 5)]]
+    with patch.object(capture.Capture, "_build", autospec=True, side_effect=capture.Capture._build) as built:
+        moments = collect_moments(model, ["conv"], feeds, holdout_every=0)["conv"]
+    assert built.call_count == 2
+    expected = np.concatenate(
+        [_patches_by_onnxruntime(f["x"], {"pads": [1, 1, 1, 1]}, (3, 3)) for f in feeds]
+    )
+    expected = expected.astype(np.float64)
+    assert moments.fit.count == len(expected)
+    np.testing.assert_allclose(
+        moments.fit.matrix, expected.T @ expected / len(expected), rtol=1e-5, atol=1e-5
+    )

@@ -12,16 +12,19 @@ Rows are exactly what the op multiplies by its weight seen as [outputs, inputs] 
   second moment is diag(token counts)/N; every time step of X; every input pixel).
 
 Statistics stream: per batch, XᵀX is added to a float64 accumulator and the row count to a counter, so
-memory is the accumulators (Σ nᵢ²) plus two batches of activations (onnxruntime runs the next batch
-while this one is added); conv patches are formed a few samples at a time. A share of the samples
-(every ``holdout_every``-th along each layer input's first axis) goes to a second accumulator that the
+memory is the accumulators (Σ nᵢ²) plus a batch of activations. A share of the samples (every
+``holdout_every``-th along each layer input's first axis) goes to a second accumulator that the
 factorization never sees, to show over-fitting and to choose between whitened and plain factors.
 
-Cost: the XᵀX of conv patches costs rows·n²/2 against the layer's own rows·m·n forward MACs (n/2m =
-Cin·Πk/2Cout: 4.5× for a 3×3 conv keeping its width). Stride-1 1-D/2-D convs of 16+ channels never form
-patches: their Gram comes from channel cross-products at each relative kernel offset
-(`lrdeploy.planning.patchgram`, ~3× fewer MACs for 3×3); products are float32 over ≤ 4,096 rows,
-summed in float64; layers are added side by side on single-threaded BLAS, overlapped with onnxruntime.
+Where it is computed: exact sums of 2-D Convs, Gemm and MatMul rows with float32 inputs of known shapes
+are formed and multiplied inside onnxruntime, on its threads (`lrdeploy.planning.gramgraph`; the session
+is `lrdeploy.planning.capture`): only d×d products leave the session, in float32 over ≤ 4,096 rows each,
+summed here in float64. The other layers (1-D/3-D convs, Gemm with transA, embeddings, recurrent ops,
+ConvTranspose, unknown shapes, float16, ``max_cost``) have their inputs copied out and their rows formed
+in numpy (`rowforms`): stride-1 1-D/2-D convs of 16+ channels by shifts (`patchgram`), other conv
+patches a few samples at a time, layers side by side on single-threaded BLAS, overlapped with the next
+onnxruntime run.
+
 ``max_cost`` c instead keeps a seeded uniform sample of ⌈c·m/n · rows⌉ conv rows per batch (at least
 ``_MIN_ROWS``), about c forward passes of the layer; ``None`` (the default) keeps every row. The rows
 used are counted, and said.

@@ -200,14 +200,21 @@ class Capture:
         )
         self.copied, self.plans = copied, plans
 
-    def run(
-        self, feed: Mapping[str, np.ndarray], moments: Mapping[str, LayerMoments], batch: int
-    ) -> tuple[dict[str, np.ndarray], dict[str, Grams]]:
+    def prepare(self, feed: Mapping[str, np.ndarray]) -> dict[str, int]:
+        """Build the session for the feed's shapes unless the one built serves them; returns the batch
+        size of every in-graph layer's input."""
         plans, sizes = self._plans(feed)
         key = tuple((node, repr(plan)) for node, plan in plans.items())
         if key != self._key:
             self._build(plans)
             self._key = key
+        return sizes
+
+    def run(
+        self, feed: Mapping[str, np.ndarray], moments: Mapping[str, LayerMoments], batch: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, Grams]]:
+        """One batch: copied layer inputs by tensor name, and the in-graph layers' products by node."""
+        sizes = self.prepare(feed)
         full = dict(feed)
         masks: dict[str, dict[str, np.ndarray]] = {}
         for node, plan in self.plans.items():
