@@ -136,7 +136,7 @@ class Grams:
                     self.plan, self.products[part][0], samples, moment.taps(self.plan.channels)
                 )
             else:
-                gramgraph.fold(self.plan, self.products[part], moment.upper())
+                gramgraph.fold(self.plan, self.products[part], moment.upper(gramgraph.order(self.plan)))
             moment.count += int(mask.sum()) * self.plan.rows_per_sample
 
 

@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lrdeploy.planning import patchgram
 from lrdeploy.planning.rowforms import conv_pads, ints
 
-__all__ = ["GramPlan", "GraphBuilder", "fold", "fold_shifts", "plan_layer"]
+__all__ = ["GramPlan", "GraphBuilder", "fold", "fold_shifts", "order", "plan_layer"]
 
 #: The shifted-product form needs an opset with Pad/Slice/ReduceSum taking inputs and int64 Max.
 MIN_OPSET = 13
@@ -171,13 +171,16 @@ class GraphBuilder:
                 self.graph.output.append(onnx.ValueInfoProto(name=name))
             plan.index[part], plan.outputs[part] = index, outputs
 
-    def _rows(self, plan: GramPlan, x: str) -> str:
-        """[N, P, D] rows of a Gemm/MatMul input or a Conv's im2col (columns (c, k₁, k₂))."""
+    def _columns(self, plan: GramPlan, x: str) -> str:
+        """[N, D, P]: each sample's P rows as columns. Gemm/MatMul: every leading dimension flattened;
+        Conv: the padded NCHW input's strided slice per kernel tap, concatenated on the channel axis
+        (contiguous planes), so that D is tap-major (k, c) (`fold` reorders to the weight's (c, k))."""
         if not plan.channels:
-            return self.op("Reshape", [x, self.const([-1, plan.rows_per_sample, plan.dim])])
-        nhwc = self.op("Transpose", [x], perm=[0, 2, 3, 1])
-        if any(plan.begin) or any(plan.end):
-            nhwc = self.op("Pad", [nhwc, self.const([0, *plan.begin, 0, 0, *plan.end, 0])])
+            rows = self.op("Reshape", [x, self.const([-1, plan.rows_per_sample, plan.dim])])
+            return self.op("Transpose", [rows], perm=[0, 2, 1])
+        padded = any(plan.begin) or any(plan.end)
+        if padded:
+            x = self.op("Pad", [x, self.const([0, 0, *plan.begin, 0, 0, *plan.end])])
         taps = []
         for i in range(plan.kernel[0]):
             for j in range(plan.kernel[1]):
@@ -185,66 +188,60 @@ class GraphBuilder:
                 stop = [
                     s + (o - 1) * t + 1 for s, o, t in zip(start, plan.out_size, plan.strides, strict=True)
                 ]
-                bounds = [self.const(start), self.const(stop), self.const([1, 2]), self.const(plan.strides)]
-                taps.append(self.op("Slice", [nhwc, *bounds]))
-        if len(taps) > 1:  # [N, Ho, Wo, C, taps]: columns (c, k₁, k₂) as the weight's
-            taps = [self.op("Concat", [self.op("Unsqueeze", [t, self.const([4])]) for t in taps], axis=4)]
-        return self.op("Reshape", [taps[0], self.const([-1, plan.rows_per_sample, plan.dim])])
+                bounds = [self.const(start), self.const(stop), self.const([2, 3]), self.const(plan.strides)]
+                whole = not padded and (*start, *plan.strides, *stop) == (0, 0, 1, 1, *plan.spatial)
+                taps.append(x if whole else self.op("Slice", [x, *bounds]))
+        joined = taps[0] if len(taps) == 1 else self.op("Concat", taps, axis=1)
+        return self.op("Reshape", [joined, self.const([-1, plan.dim, plan.rows_per_sample])])
 
-    def _groups(self, rows: str, per_sample: int, width: int) -> str:
-        """[N, P, D] → [G, K, D] with K ≤ CHUNK rows per group (zero samples or rows padded in)."""
+    def _groups(self, columns: str, per_sample: int, width: int) -> str:
+        """[N, D, P] → [G, D, K] with K ≤ CHUNK columns per group (zero samples or columns padded in)."""
         chunk = patchgram.CHUNK
         if per_sample > chunk:
             split = -(-per_sample // chunk)
             size = -(-per_sample // split)
             if split * size > per_sample:
-                rows = self.op("Pad", [rows, self.const([0, 0, 0, 0, split * size - per_sample, 0])])
-            return self.op("Reshape", [rows, self.const([-1, size, width])])
+                columns = self.op("Pad", [columns, self.const([0, 0, 0, 0, 0, split * size - per_sample])])
+            parts = self.op("Reshape", [columns, self.const([-1, width, split, size])])
+            swapped = self.op("Transpose", [parts], perm=[0, 2, 1, 3])
+            return self.op("Reshape", [swapped, self.const([-1, width, size])])
         per_group = chunk // per_sample
         if per_group == 1:
-            return rows
-        n = self.op("Gather", [self.op("Shape", [rows]), self.const([0])], axis=0)
+            return columns
+        n = self.op("Gather", [self.op("Shape", [columns]), self.const([0])], axis=0)
         one = self.const([1])
-        groups = self.op(
-            "Max",
-            [
-                self.op("Div", [self.op("Add", [n, self.const([per_group - 1])]), self.const([per_group])]),
-                one,
-            ],
-        )
+        ceiling = self.op("Div", [self.op("Add", [n, self.const([per_group - 1])]), self.const([per_group])])
+        groups = self.op("Max", [ceiling, one])
         size = self.op("Div", [self.op("Sub", [self.op("Add", [n, groups]), one]), groups])
         missing = self.op("Sub", [self.op("Mul", [groups, size]), n])
         zeros = self.const([0, 0])
-        pads = self.op("Concat", [self.const([0]), zeros, missing, zeros], axis=0)
-        padded = self.op("Pad", [rows, pads])
-        return self.op("Reshape", [padded, self.op("Concat", [groups, self.const([-1, width])], axis=0)])
+        padded = self.op(
+            "Pad", [columns, self.op("Concat", [self.const([0]), zeros, missing, zeros], axis=0)]
+        )
+        shape = self.op("Concat", [groups, size, self.const([width, per_sample])], axis=0)
+        swapped = self.op("Transpose", [self.op("Reshape", [padded, shape])], perm=[0, 2, 1, 3])
+        return self.op("Reshape", [swapped, self.const([0, width, -1])])
 
     def _sym(self, plan: GramPlan, x: str) -> list[str]:
-        grouped = self._groups(self._rows(plan, x), plan.rows_per_sample, plan.dim)
-        columns = self.op("Transpose", [grouped], perm=[0, 2, 1])
+        columns = self._groups(self._columns(plan, x), plan.rows_per_sample, plan.dim)
         outputs = []
         for start, stop in zip(plan.blocks[:-1], plan.blocks[1:], strict=True):
-            left = (
-                columns
-                if len(plan.blocks) == 2
-                else self.op("Slice", [columns, self.const([start]), self.const([stop]), self.const([1])])
-            )
-            right = (
-                grouped
-                if start == 0
-                else self.op("Slice", [grouped, self.const([start]), self.const([plan.dim]), self.const([2])])
-            )
-            outputs.append(self.op("MatMul", [left, right]))
+            left = columns if (start, stop) == (0, plan.dim) else self._slice(columns, start, stop)
+            right = columns if start == 0 else self._slice(columns, start, plan.dim)
+            right = self.op("Transpose", [right], perm=[0, 2, 1])
+            outputs.append(self.op("MatMul", [left, right]))  # onnxruntime: FusedMatMul, transB
         return outputs
+
+    def _slice(self, columns: str, start: int, stop: int) -> str:
+        """Channels [start, stop) of [G, D, K]: G contiguous runs."""
+        return self.op("Slice", [columns, self.const([start]), self.const([stop]), self.const([1])])
 
     def _shift(self, plan: GramPlan, x: str) -> list[str]:
         channels, (height, width) = plan.channels, plan.spatial
         reach = [(k - 1) * d for k, d in zip(plan.kernel, plan.dilations, strict=True)]
-        nhwc = self.op("Transpose", [x], perm=[0, 2, 3, 1])
         area = height * width
-        left = self._groups(self.op("Reshape", [nhwc, self.const([-1, area, channels])]), area, channels)
-        left = self.op("Transpose", [left], perm=[0, 2, 1])
-        padded = self.op("Pad", [nhwc, self.const([0, *reach, 0, 0, *reach, 0])])
+        left = self._groups(self.op("Reshape", [x, self.const([-1, channels, area])]), area, channels)
+        padded = self.op("Pad", [x, self.const([0, 0, *reach, 0, 0, *reach])])
         shifted = [
             self.op(
                 "Slice",
@@ -252,15 +249,23 @@ class GraphBuilder:
                     padded,
                     self.const([reach[0] + dy, reach[1] + dx]),
                     self.const([reach[0] + dy + height, reach[1] + dx + width]),
-                    self.const([1, 2]),
+                    self.const([2, 3]),
                 ],
             )
             for dy, dx in plan.deltas
         ]
-        stack = self.op("Concat", shifted, axis=3)
-        width_all = channels * len(plan.deltas)
-        right = self._groups(self.op("Reshape", [stack, self.const([-1, area, width_all])]), area, width_all)
+        wide = channels * len(plan.deltas)
+        stack = self.op("Reshape", [self.op("Concat", shifted, axis=1), self.const([-1, wide, area])])
+        right = self.op("Transpose", [self._groups(stack, area, wide)], perm=[0, 2, 1])
         return [self.op("MatMul", [left, right])]
+
+
+def order(plan: GramPlan) -> np.ndarray | None:
+    """For an im2col conv plan: the tap-major index (k, c) of each weight column (c, k); else None."""
+    taps = int(np.prod(plan.kernel))
+    if plan.kind != "sym" or not plan.channels or taps == 1:
+        return None
+    return (np.arange(taps)[None, :] * plan.channels + np.arange(plan.channels)[:, None]).reshape(-1)
 
 
 def _sum(products: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ class SecondMoment:
         self._total: np.ndarray | None = None
         self._taps: np.ndarray | None = None
         self._upper: np.ndarray | None = None
+        self._order: np.ndarray | None = None
         self._channels = 0
 
     def __repr__(self) -> str:
@@ -41,8 +42,9 @@ class SecondMoment:
             self._taps = None
         if self._upper is not None:
             upper, self._upper = self._upper, None
-            self._total += np.triu(upper)
-            self._total += np.triu(upper, 1).T
+            full = np.triu(upper)
+            full += np.triu(upper, 1).T
+            self._total += full if self._order is None else full[np.ix_(self._order, self._order)]
         return self._total
 
     @total.setter
@@ -56,10 +58,11 @@ class SecondMoment:
             self._taps, self._channels = np.zeros((self.dim, self.dim)), channels
         return self._taps
 
-    def upper(self) -> np.ndarray:
-        """An accumulator of which only the upper triangle counts (mirrored when folded)."""
+    def upper(self, order: np.ndarray | None = None) -> np.ndarray:
+        """An accumulator of which only the upper triangle counts (mirrored when folded); its rows are
+        ``order``'s (row i of the total is row order[i] of it), or the total's."""
         if self._upper is None:
-            self._upper = np.zeros((self.dim, self.dim))
+            self._upper, self._order = np.zeros((self.dim, self.dim)), order
         return self._upper
 
     def update(self, rows: np.ndarray, checked: bool = False) -> None:
