@@ -133,7 +133,7 @@ class Grams:
                 assert x is not None
                 samples = x[mask]
                 gramgraph.fold_shifts(
-                    self.plan, self.products[part][0], samples, moment.taps(self.plan.channels)
+                    self.plan, self.products[part], samples, moment.taps(self.plan.channels)
                 )
             else:
                 gramgraph.fold(self.plan, self.products[part], moment.upper(gramgraph.order(self.plan)))

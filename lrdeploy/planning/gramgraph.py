@@ -114,9 +114,11 @@ def plan_layer(
         out_size=(out[0], out[1]),
         spatial=(height, width),
     )
-    if strides == [1, 1] and int(np.prod(kernel)) > 1 and channels >= shift_channels:
+    reach = [(k - 1) * d for k, d in zip(kernel, dilations, strict=True)]
+    span = height * (width + 2 * reach[1])  # rows of one sample's shift products (`_shift`)
+    shifts = strides == [1, 1] and int(np.prod(kernel)) > 1 and channels >= shift_channels
+    if shifts and span <= patchgram.CHUNK:
         plan.kind = "shift"
-        reach = [(k - 1) * d for k, d in zip(kernel, dilations, strict=True)]
         plan.deltas = [
             (dy, dx)
             for dy in range(0, reach[0] + 1, dilations[0])
@@ -208,56 +210,73 @@ class GraphBuilder:
         per_group = chunk // per_sample
         if per_group == 1:
             return columns
-        n = self.op("Gather", [self.op("Shape", [columns]), self.const([0])], axis=0)
+        padded, groups, size = self._pad_samples(columns, per_group)
+        shape = self.op("Concat", [groups, size, self.const([width, per_sample])], axis=0)
+        swapped = self.op("Transpose", [self.op("Reshape", [padded, shape])], perm=[0, 2, 1, 3])
+        return self.op("Reshape", [swapped, self.const([0, width, -1])])
+
+    def _pad_samples(self, tensor: str, per_group: int) -> tuple[str, str, str]:
+        """A 3-D tensor with zero samples appended to G·g, and G = ⌈N/per_group⌉ (≥ 1), g = ⌈N/G⌉."""
+        n = self.op("Gather", [self.op("Shape", [tensor]), self.const([0])], axis=0)
         one = self.const([1])
         ceiling = self.op("Div", [self.op("Add", [n, self.const([per_group - 1])]), self.const([per_group])])
         groups = self.op("Max", [ceiling, one])
         size = self.op("Div", [self.op("Sub", [self.op("Add", [n, groups]), one]), groups])
         missing = self.op("Sub", [self.op("Mul", [groups, size]), n])
         zeros = self.const([0, 0])
-        padded = self.op(
-            "Pad", [columns, self.op("Concat", [self.const([0]), zeros, missing, zeros], axis=0)]
-        )
-        shape = self.op("Concat", [groups, size, self.const([width, per_sample])], axis=0)
-        swapped = self.op("Transpose", [self.op("Reshape", [padded, shape])], perm=[0, 2, 1, 3])
-        return self.op("Reshape", [swapped, self.const([0, width, -1])])
+        pads = self.op("Concat", [self.const([0]), zeros, missing, zeros], axis=0)
+        return self.op("Pad", [tensor, pads]), groups, size
 
     def _sym(self, plan: GramPlan, x: str) -> list[str]:
+        """Products of the channel blocks i ≤ j (one Split: each copied once), [G, dᵢ, dⱼ] each."""
         columns = self._groups(self._columns(plan, x), plan.rows_per_sample, plan.dim)
+        sizes = np.diff(plan.blocks).tolist()
+        if len(sizes) == 1:
+            chunks = [columns]
+        else:
+            split = self._name("split")
+            chunks = [f"{split}_{i}" for i in range(len(sizes))]
+            self.graph.node.append(
+                helper.make_node("Split", [columns, self.const(sizes)], chunks, name=split, axis=1)
+            )
         outputs = []
-        for start, stop in zip(plan.blocks[:-1], plan.blocks[1:], strict=True):
-            left = columns if (start, stop) == (0, plan.dim) else self._slice(columns, start, stop)
-            right = columns if start == 0 else self._slice(columns, start, plan.dim)
-            right = self.op("Transpose", [right], perm=[0, 2, 1])
-            outputs.append(self.op("MatMul", [left, right]))  # onnxruntime: FusedMatMul, transB
+        for i, left in enumerate(chunks):
+            for right in chunks[i:]:
+                flipped = self.op("Transpose", [right], perm=[0, 2, 1])  # fused: FusedMatMul, transB
+                outputs.append(self.op("MatMul", [left, flipped]))
         return outputs
 
-    def _slice(self, columns: str, start: int, stop: int) -> str:
-        """Channels [start, stop) of [G, D, K]: G contiguous runs."""
-        return self.op("Slice", [columns, self.const([start]), self.const([stop]), self.const([1])])
-
     def _shift(self, plan: GramPlan, x: str) -> list[str]:
+        """F_Δ = Σ_q x[q] x[q+Δ]ᵀ on the flattened padded image, where a shift by Δ is one by
+        δ = Δ_y·W' + Δ_x (the padding of the columns keeps rows from wrapping): the rows of the image at
+        full padded width against one contiguous slice per Δ, grouped once."""
         channels, (height, width) = plan.channels, plan.spatial
         reach = [(k - 1) * d for k, d in zip(plan.kernel, plan.dilations, strict=True)]
-        area = height * width
-        left = self._groups(self.op("Reshape", [x, self.const([-1, channels, area])]), area, channels)
+        wide = width + 2 * reach[1]
+        span = height * wide  # the image's rows at full padded width
+        flat_size = (height + 2 * reach[0]) * wide + reach[1]
         padded = self.op("Pad", [x, self.const([0, 0, *reach, 0, 0, *reach])])
-        shifted = [
-            self.op(
-                "Slice",
-                [
-                    padded,
-                    self.const([reach[0] + dy, reach[1] + dx]),
-                    self.const([reach[0] + dy + height, reach[1] + dx + width]),
-                    self.const([2, 3]),
-                ],
-            )
-            for dy, dx in plan.deltas
-        ]
-        wide = channels * len(plan.deltas)
-        stack = self.op("Reshape", [self.op("Concat", shifted, axis=1), self.const([-1, wide, area])])
-        right = self.op("Transpose", [self._groups(stack, area, wide)], perm=[0, 2, 1])
-        return [self.op("MatMul", [left, right])]
+        flat = self.op("Reshape", [padded, self.const([-1, channels, flat_size - reach[1]])])
+        flat = self.op("Pad", [flat, self.const([0, 0, 0, 0, 0, reach[1]])])
+        per_group = patchgram.CHUNK // span
+        if per_group == 1:
+            grouped = self.op("Unsqueeze", [flat, self.const([2])])  # [N, C, 1, flat]
+        else:
+            flat, groups, size = self._pad_samples(flat, per_group)
+            shape = self.op("Concat", [groups, size, self.const([channels, flat_size])], axis=0)
+            grouped = self.op("Transpose", [self.op("Reshape", [flat, shape])], perm=[0, 2, 1, 3])
+        first = reach[0] * wide
+        outputs = []
+        left = self._flat_window(grouped, first, span, channels)
+        for dy, dx in plan.deltas:
+            start = first + dy * wide + dx
+            right = self.op("Transpose", [self._flat_window(grouped, start, span, channels)], perm=[0, 2, 1])
+            outputs.append(self.op("MatMul", [left, right]))
+        return outputs
+
+    def _flat_window(self, grouped: str, start: int, span: int, channels: int) -> str:
+        window = self.op("Slice", [grouped, self.const([start]), self.const([start + span]), self.const([3])])
+        return self.op("Reshape", [window, self.const([0, channels, -1])])
 
 
 def order(plan: GramPlan) -> np.ndarray | None:
@@ -275,16 +294,19 @@ def _sum(products: np.ndarray) -> np.ndarray:
 
 
 def fold(plan: GramPlan, products: Sequence[np.ndarray], upper: np.ndarray) -> None:
-    """upper[block rows] += the summed float32 products of a "sym" plan (upper triangle meaningful)."""
-    for start, stop, product in zip(plan.blocks[:-1], plan.blocks[1:], products, strict=True):
-        upper[start:stop, start:] += _sum(product)
+    """upper[block i, block j ≥ i] += the summed float32 products of a "sym" plan (upper triangle
+    meaningful)."""
+    bounds = list(zip(plan.blocks[:-1], plan.blocks[1:], strict=True))
+    pairs = [(i, j) for i in range(len(bounds)) for j in range(i, len(bounds))]
+    for (i, j), product in zip(pairs, products, strict=True):
+        upper[slice(*bounds[i]), slice(*bounds[j])] += _sum(product)
 
 
-def fold_shifts(plan: GramPlan, product: np.ndarray, x: np.ndarray, taps: np.ndarray) -> None:
+def fold_shifts(plan: GramPlan, product: Sequence[np.ndarray], x: np.ndarray, taps: np.ndarray) -> None:
     """taps (tap-major, blocks k ≤ k') += the Gram of a stride-1 conv's rows on the samples x, from the
     summed F_Δ products: block (k, k') = F_Δ − Σ over the image's positions outside block k's window."""
     channels, (height, width) = plan.channels, plan.spatial
-    full = _sum(product)
+    full = np.concatenate([_sum(p) for p in product], axis=1)
     reach = [(k - 1) * d for k, d in zip(plan.kernel, plan.dilations, strict=True)]
     padded = np.zeros((channels, x.shape[0], height + 2 * reach[0], width + 2 * reach[1]), np.float32)
     padded[:, :, reach[0] : reach[0] + height, reach[1] : reach[1] + width] = x.transpose(1, 0, 2, 3)
