@@ -140,6 +140,12 @@ def main() -> None:
         "--eigh", type=int, default=0, help="time the eigendecompositions of this many layers"
     )
     parser.add_argument(
+        "--narrower",
+        type=int,
+        default=0,
+        help="only layers of fewer input rows' width than this (a run under ~1 GB; 0: every layer)",
+    )
+    parser.add_argument(
         "--numpy", action="store_true", help="the numpy path: every layer input copied out of onnxruntime"
     )
     parser.add_argument("--workdir", type=Path, default=Path("out/bench"))
@@ -150,6 +156,7 @@ def main() -> None:
     model = _folded(args.workdir)
     weights = {t.name: t for t in model.graph.initializer}
     layers = [LayerInput.of(n, weights) for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    layers = [layer for layer in layers if not args.narrower or layer.dim < args.narrower]
     images = np.random.default_rng(0).standard_normal((args.images, 3, 224, 224)).astype(np.float32)
     feeds = [{"input": images[i : i + args.batch]} for i in range(0, args.images, args.batch)]
     session = make_session(model.SerializeToString(), Device("cpu"))
@@ -184,12 +191,18 @@ def main() -> None:
         "",
         f"`python benchmarks/calib_speed.py --rounds {args.rounds} --eigh {args.eigh}"
         + (" --numpy" if args.numpy else "")
+        + (f" --narrower {args.narrower}" if args.narrower else "")
         + f"` on {machine}",
         f"at the end; the whole script took {time.perf_counter() - began:.0f} s. Seeded random images,",
         f"batches of {args.batch}, exact rows (every im2col patch), 20% held apart, Grams "
         + ("in numpy (every layer input copied out)" if args.numpy else "inside onnxruntime")
         + ". Wall times, medians:",
         "",
+        *(
+            [f"Only the {len(layers)} layers whose rows are narrower than {args.narrower} (of 54).", ""]
+            if args.narrower
+            else []
+        ),
         "| | wall s | per round |",
         "|---|---|---|",
         f"| onnxruntime forward, {args.images} images | {forward:.1f} | "
