@@ -4,13 +4,17 @@ The ResNet-50 of `make_resnet50.py` (seeded weights), BN folded as ``compress`` 
 random images at 224² (no real images ship with the project; timing does not depend on the pixels), fed
 in batches of 32 as ``--calib`` feeds them. Each round times, back to back, the plain forward pass of
 the images and ``collect_moments`` over them (exact rows, 20% held apart: what ``compress --calib`` runs);
-medians over the rounds. One more pass splits the cost, single-threaded CPU seconds per part: the
-capture run, the stride-1 patch Grams by shifts, im2col of the other convs, their float32 products,
-folding the tap-major sums into row order. ``--eigh`` also times the eigendecompositions that
-whitening needs for the widest layers (they belong to the factorization, not to calibration).
+medians over the rounds. One more pass splits the cost in CPU seconds per part (the numpy parts on one
+BLAS thread, one layer after another): building the capture session (shape inference, the Gram nodes,
+onnxruntime's optimizer), the onnxruntime runs (the forward pass plus the Grams formed in the graph,
+`lrdeploy.planning.gramgraph`), summing their float32 products in float64, the border-strip corrections
+of the stride-1 convs' shift products, layers on the numpy path, and folding the pending sums into row
+order. ``--numpy`` times the numpy path (every layer input copied out of onnxruntime) instead.
+``--eigh`` also times the eigendecompositions that whitening needs for the widest layers (they belong
+to the factorization, not to calibration).
 
-    python benchmarks/calib_speed.py            # writes models/RESULTS_calib_speed.md
-    python benchmarks/calib_speed.py --eigh 1   # + the 4,608² eigendecompositions (minutes each)
+    python benchmarks/calib_speed.py --rounds 3   # writes models/RESULTS_calib_speed.md
+    python benchmarks/calib_speed.py --eigh 1     # + the 4,608² eigendecompositions (minutes each)
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from lrdeploy.io.graphio import from_graph
 from lrdeploy.io.modelio import materialize
 from lrdeploy.pipeline import prepare_graph
 from lrdeploy.planning import calibrate
-from lrdeploy.planning.calibrate import LayerInput, SecondMoment, collect_moments, conv_rows
+from lrdeploy.planning.calibrate import LayerInput, LayerMoments, SecondMoment, collect_moments
+from lrdeploy.planning.capture import Capture
 from lrdeploy.planning.whiten import WhitenedSpectrum
 from lrdeploy.runtime.sessions import Device, make_session
 
@@ -55,33 +60,51 @@ def _forward(session, feeds: list[dict[str, np.ndarray]]) -> float:
 
 
 def _split(model: onnx.ModelProto, layers: list[LayerInput], feeds: list[dict[str, np.ndarray]]) -> dict:
-    """CPU seconds of each part, one layer after another on one BLAS thread."""
-    captured = [layer.tensor for layer in layers if layer.tensor != "input"]
-    session = make_session(calibrate._with_outputs(model, captured).SerializeToString(), Device("cpu"))
-    parts = dict.fromkeys(["capture run", "patch Grams by shifts", "im2col", "products", "fold"], 0.0)
-    moments = {layer.node: SecondMoment(layer.dim) for layer in layers}
+    """CPU seconds of each part, the numpy parts one layer after another on one BLAS thread."""
+    names = [
+        "capture session build",
+        "onnxruntime runs (forward + in-graph Grams)",
+        "sum of in-graph products",
+        "shift border corrections",
+        "numpy-path layers",
+        "fold",
+    ]
+    parts = dict.fromkeys(names, 0.0)
+    moments = {layer.node: LayerMoments(SecondMoment(layer.dim), SecondMoment(layer.dim)) for layer in layers}
+    capture = Capture(model, layers, 5, None, calibrate.IN_GRAPH, calibrate._SHIFT_CHANNELS)
+    start = time.process_time()
+    capture.prepare(feeds[0])
+    parts[names[0]] += time.process_time() - start
     with threadpool_limits(1, user_api="blas"):
-        for feed in feeds:
+        for batch, feed in enumerate(feeds, 1):
             start = time.process_time()  # onnxruntime's threads
-            values = dict(zip(captured, session.run(captured, feed), strict=True), **feed)
-            parts["capture run"] += time.process_time() - start
+            values, grams = capture.run(feed, moments, batch)
+            parts[names[1]] += time.process_time() - start
             for layer in layers:
-                x, moment = values[layer.tensor], moments[layer.node]
+                x = values.get(layer.tensor, feed.get(layer.tensor))
                 start = time.thread_time()
-                if layer.op == "Conv" and calibrate._shift_gram(layer, x, moment):
-                    parts["patch Grams by shifts"] += time.thread_time() - start
-                    continue
-                rows = conv_rows(x, layer.attrs, layer.kernel_shape) if layer.op == "Conv" else x
-                middle = time.thread_time()
-                moment.update(rows, checked=True)
-                parts["im2col"] += middle - start
-                parts["products"] += time.thread_time() - middle
+                if layer.node in grams:
+                    grams[layer.node].add(moments[layer.node], x)
+                    shift = grams[layer.node].plan.kind == "shift"
+                    parts[names[3] if shift else names[2]] += time.thread_time() - start
+                else:
+                    calibrate._split(layer, x, moments[layer.node], 5)
+                    parts[names[4]] += time.thread_time() - start
         start = time.thread_time()
         for moment in moments.values():
-            _ = moment.total
-        parts["fold"] += time.thread_time() - start
-    parts["moments"] = moments
+            _ = moment.fit.total, moment.holdout.total
+        parts[names[5]] += time.thread_time() - start
+    parts["moments"] = {node: m.fit for node, m in moments.items()}
+    parts["gram GMAC per image"] = sum(_macs(plan) for plan in capture.plans.values()) / 1e9
     return parts
+
+
+def _macs(plan) -> float:
+    """Multiply-adds per sample of one layer's in-graph Gram products."""
+    if plan.kind == "shift":
+        return plan.spatial[0] * plan.spatial[1] * plan.channels**2 * len(plan.deltas)
+    blocks = zip(plan.blocks[:-1], plan.blocks[1:], strict=True)
+    return plan.rows_per_sample * sum((stop - start) * (plan.dim - start) for start, stop in blocks)
 
 
 def _eigh(
@@ -116,13 +139,24 @@ def main() -> None:
     parser.add_argument(
         "--eigh", type=int, default=0, help="time the eigendecompositions of this many layers"
     )
+    parser.add_argument(
+        "--narrower",
+        type=int,
+        default=0,
+        help="only layers of fewer input rows' width than this (a run under ~1 GB; 0: every layer)",
+    )
+    parser.add_argument(
+        "--numpy", action="store_true", help="the numpy path: every layer input copied out of onnxruntime"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("out/bench"))
     parser.add_argument("--output", type=Path, default=Path("models/RESULTS_calib_speed.md"))
     args = parser.parse_args()
+    calibrate.IN_GRAPH = not args.numpy
     began = time.perf_counter()
     model = _folded(args.workdir)
     weights = {t.name: t for t in model.graph.initializer}
     layers = [LayerInput.of(n, weights) for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    layers = [layer for layer in layers if not args.narrower or layer.dim < args.narrower]
     images = np.random.default_rng(0).standard_normal((args.images, 3, 224, 224)).astype(np.float32)
     feeds = [{"input": images[i : i + args.batch]} for i in range(0, args.images, args.batch)]
     session = make_session(model.SerializeToString(), Device("cpu"))
@@ -142,6 +176,7 @@ def main() -> None:
     forward_cpu = time.process_time() - forward_cpu
     parts = _split(model, layers, feeds)
     moments = parts.pop("moments")
+    gram_macs = parts.pop("gram GMAC per image")
     print(", ".join(f"{name} {seconds:.1f} CPU s" for name, seconds in parts.items()), flush=True)
     eighs = _eigh(layers, moments, model, args.eigh)
     forward = statistics.median(f for f, _ in rounds)
@@ -154,10 +189,20 @@ def main() -> None:
     lines = [
         "# Calibration cost: ResNet-50, 64 images at 224² (issue 9: ≤ 3× the forward time)",
         "",
-        f"`python benchmarks/calib_speed.py --rounds {args.rounds} --eigh {args.eigh}` on {machine}",
+        f"`python benchmarks/calib_speed.py --rounds {args.rounds} --eigh {args.eigh}"
+        + (" --numpy" if args.numpy else "")
+        + (f" --narrower {args.narrower}" if args.narrower else "")
+        + f"` on {machine}",
         f"at the end; the whole script took {time.perf_counter() - began:.0f} s. Seeded random images,",
-        f"batches of {args.batch}, exact rows (every im2col patch), 20% held apart. Wall times, medians:",
+        f"batches of {args.batch}, exact rows (every im2col patch), 20% held apart, Grams "
+        + ("in numpy (every layer input copied out)" if args.numpy else "inside onnxruntime")
+        + ". Wall times, medians:",
         "",
+        *(
+            [f"Only the {len(layers)} layers whose rows are narrower than {args.narrower} (of 54).", ""]
+            if args.narrower
+            else []
+        ),
         "| | wall s | per round |",
         "|---|---|---|",
         f"| onnxruntime forward, {args.images} images | {forward:.1f} | "
@@ -168,8 +213,8 @@ def main() -> None:
         + ", ".join(f"{c / f:.2f}×" for f, c in rounds)
         + " |",
         "",
-        "Split, one pass with every part on one thread (CPU seconds; the forward pass took "
-        f"{forward_cpu:.1f} CPU s on onnxruntime's threads):",
+        "Split, one pass, CPU seconds (onnxruntime on its threads, numpy parts on one; the plain forward",
+        f"pass took {forward_cpu:.1f} CPU s; the in-graph Grams are {gram_macs:.2f} GMAC per image):",
         "",
         "| part | CPU s |",
         "|---|---|",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 from unittest.mock import patch
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 from lrdeploy.errors import UsageError
-from lrdeploy.planning import calibrate
+from lrdeploy.planning import calibrate, capture
 from lrdeploy.planning.calibrate import SecondMoment, collect_moments, conv_rows
 from models import graph_model, run
 
@@ -93,9 +94,15 @@ def test_conv_second_moment_equals_brute_force_im2col(case, batches):
     feeds = [{"x": x + i} for i in range(batches)]
     samples = np.concatenate([np.maximum(f["x"], 0) for f in feeds])
     held = np.arange(len(samples)) % 2 == 1
-    for shift_channels in (calibrate._SHIFT_CHANNELS, 1):  # im2col, then stride-1 convs by shifts
-        with patch.object(calibrate, "_SHIFT_CHANNELS", shift_channels):
+    # numpy and in-graph (gramgraph) rows, each by im2col and (stride 1) by shifts
+    for in_graph, shift_channels in itertools.product((False, True), (calibrate._SHIFT_CHANNELS, 1)):
+        with (
+            patch.object(calibrate, "_SHIFT_CHANNELS", shift_channels),
+            patch.object(calibrate, "IN_GRAPH", in_graph),
+            patch.object(capture.Grams, "add", autospec=True, side_effect=capture.Grams.add) as added,
+        ):
             moments = collect_moments(model, ["conv"], feeds, holdout_every=2)["conv"]
+        assert added.called == in_graph
         for part, mask in ((moments.fit, ~held), (moments.holdout, held)):
             if not mask.any():
                 assert part.count == 0
@@ -235,3 +242,112 @@ def test_subsampled_conv_rows_cost_about_max_cost_forwards_and_stay_close():
     assert np.array_equal(sampled.total, again.total)  # seeded
     difference = np.linalg.norm(sampled.matrix - exact.matrix) / np.linalg.norm(exact.matrix)
     assert difference < 0.1
+
+
+def _brute_force(model, feeds, layer: str, held_every: int):
+    """The layer's rows by one onnxruntime run per feed, the sums by float64 numpy, fit and held apart."""
+    from lrdeploy.planning.calibrate import LayerInput, rows, sample_axis
+
+    nodes = {n.name: n for n in model.graph.node}
+    weights = {t.name: t for t in model.graph.initializer}
+    spec = LayerInput.of(nodes[layer], weights)
+    capture = calibrate.with_outputs(model, [spec.tensor])
+    parts, seen = {"fit": [], "holdout": []}, 0
+    for feed in feeds:
+        x = run(capture, feed)[-1] if spec.tensor not in feed else feed[spec.tensor]
+        x, axis = sample_axis(spec, np.asarray(x, np.float64))
+        for i in range(x.shape[axis]):
+            held = held_every and (seen + i) % held_every == held_every - 1
+            parts["holdout" if held else "fit"].append(rows(spec, x.take([i], axis=axis)))
+        seen += x.shape[axis]
+    return {part: np.concatenate(r) for part, r in parts.items() if r}
+
+
+@pytest.mark.parametrize(
+    ("kernel", "attrs", "channels", "size"),
+    [
+        ((1, 1), {"strides": [2, 2]}, 5, 9),  # a strided 1×1: Slice with steps
+        ((3, 3), {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]}, 3, 11),  # im2col by Slices
+        ((3, 3), {"pads": [1, 1, 1, 1]}, 16, 9),  # stride 1, 16 channels: by shifts
+        ((3, 2), {"pads": [0, 2, 1, 0], "dilations": [2, 1]}, 16, 8),  # shifts, asymmetric pads
+        ((1, 1), {}, 4, 80),  # 6,400 rows per sample: split into chunks of at most CHUNK rows
+    ],
+)
+def test_in_graph_conv_grams_match_brute_force_over_uneven_batches(kernel, attrs, channels, size):
+    """Grams formed inside onnxruntime (fit and held apart; batches of 5, 5, 2: one session, grouped
+    samples padded with zeros) equal float64 sums of the im2col rows, and go through gramgraph."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((4, channels, *kernel)).astype(np.float32)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w"], ["y"], name="conv", **attrs),
+    ]
+    model = graph_model(nodes, {"x": ["N", channels, size, size]}, {"y": None}, {"w": w})
+    feeds = [{"x": rng.standard_normal((n, channels, size, size)).astype(np.float32)} for n in (5, 5, 2)]
+    moments = collect_moments(model, ["conv"], feeds, holdout_every=3)["conv"]
+    assert moments.fit._upper is not None or moments.fit._taps is not None  # in the graph
+    expected = _brute_force(model, feeds, "conv", 3)
+    for part, moment in (("fit", moments.fit), ("holdout", moments.holdout)):
+        assert moment.count == len(expected[part])
+        want = expected[part].T @ expected[part] / len(expected[part])
+        np.testing.assert_allclose(moment.matrix, want, rtol=1e-5, atol=1e-5)
+
+
+def test_in_graph_gemm_and_matmul_rows_and_the_numpy_fallbacks():
+    """Gemm rows and MatMul over batch × sequence go in the graph; Gemm with transA and a 3-D conv stay
+    on the numpy path; all equal the brute-force sums."""
+    rng = np.random.default_rng(8)
+    init = {
+        "w1": rng.standard_normal((6, 5)).astype(np.float32),
+        "w2": rng.standard_normal((5, 3)).astype(np.float32),
+        "w3": rng.standard_normal((2, 1, 2, 2, 2)).astype(np.float32),
+        "w4": rng.standard_normal((3, 7)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Tanh", ["x"], ["t"], name="tanh"),
+        helper.make_node("MatMul", ["t", "w1"], ["m"], name="proj"),
+        helper.make_node("Gemm", ["a", "w2"], ["g"], name="fc"),
+        helper.make_node("Gemm", ["b", "w4"], ["h"], name="fct", transA=1),
+        helper.make_node("Conv", ["v", "w3"], ["c"], name="conv3d"),
+    ]
+    inputs = {"x": ["B", 7, 6], "a": ["B", 5], "b": [3, "M"], "v": ["B", 1, 4, 4, 4]}
+    outputs = {"m": None, "g": None, "h": None, "c": None}
+    model = graph_model(nodes, inputs, outputs, init)
+    feeds = [
+        {
+            "x": rng.standard_normal((n, 7, 6)).astype(np.float32),
+            "a": rng.standard_normal((n, 5)).astype(np.float32),
+            "b": rng.standard_normal((3, 4)).astype(np.float32),
+            "v": rng.standard_normal((n, 1, 4, 4, 4)).astype(np.float32),
+        }
+        for n in (4, 3)
+    ]
+    layers = ["proj", "fc", "fct", "conv3d"]
+    moments = collect_moments(model, layers, feeds, holdout_every=2)
+    assert [moments[n].fit._upper is not None for n in layers] == [True, True, False, False]
+    for layer in layers:
+        expected = _brute_force(model, feeds, layer, 2)
+        for part in ("fit", "holdout"):
+            moment = getattr(moments[layer], part)
+            assert moment.count == len(expected[part]), layer
+            want = expected[part].T @ expected[part] / len(expected[part])
+            np.testing.assert_allclose(moment.matrix, want, rtol=1e-5, atol=1e-6, err_msg=layer)
+
+
+def test_a_batch_of_other_spatial_shapes_rebuilds_the_in_graph_session():
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((4, 16, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    model = graph_model([node], {"x": ["N", 16, "H", "W"]}, {"y": None}, {"w": w})
+    feeds = [{"x": rng.standard_normal(shape).astype(np.float32)} for shape in [(3, 16, 6, 7), (2, 16, 9, 5)]]
+    with patch.object(capture.Capture, "_build", autospec=True, side_effect=capture.Capture._build) as built:
+        moments = collect_moments(model, ["conv"], feeds, holdout_every=0)["conv"]
+    assert built.call_count == 2
+    expected = np.concatenate(
+        [_patches_by_onnxruntime(f["x"], {"pads": [1, 1, 1, 1]}, (3, 3)) for f in feeds]
+    )
+    expected = expected.astype(np.float64)
+    assert moments.fit.count == len(expected)
+    np.testing.assert_allclose(
+        moments.fit.matrix, expected.T @ expected / len(expected), rtol=1e-5, atol=1e-5
+    )
