@@ -9,7 +9,9 @@ BLAS thread, one layer after another): building the capture session (shape infer
 onnxruntime's optimizer), the onnxruntime runs (the forward pass plus the Grams formed in the graph,
 `lrdeploy.planning.gramgraph`), summing their float32 products in float64, the border-strip corrections
 of the stride-1 convs' shift products, layers on the numpy path, and folding the pending sums into row
-order. ``--numpy`` times the numpy path (every layer input copied out of onnxruntime) instead.
+order. Both paths run in every round, side by side: ``numpy`` (every layer input copied out of
+onnxruntime, the default of ``compress --calib``) and ``graph`` (the Grams formed inside onnxruntime);
+``--paths`` picks one. The split is taken for each path timed.
 ``--eigh`` also times the eigendecompositions that whitening needs for the widest layers (they belong
 to the factorization, not to calibration).
 
@@ -57,6 +59,10 @@ def _forward(session, feeds: list[dict[str, np.ndarray]]) -> float:
     for feed in feeds:
         session.run(None, feed)
     return time.perf_counter() - start
+
+
+#: Calibration paths: the value of `calibrate.IN_GRAPH` for each.
+PATHS = {"numpy": False, "graph": True}
 
 
 def _split(model: onnx.ModelProto, layers: list[LayerInput], feeds: list[dict[str, np.ndarray]]) -> dict:
@@ -146,12 +152,16 @@ def main() -> None:
         help="only layers of fewer input rows' width than this (a run under ~1 GB; 0: every layer)",
     )
     parser.add_argument(
-        "--numpy", action="store_true", help="the numpy path: every layer input copied out of onnxruntime"
+        "--paths",
+        nargs="+",
+        choices=list(PATHS),
+        default=list(PATHS),
+        help="numpy: every layer input copied out of onnxruntime (the default); graph: Grams inside it",
     )
     parser.add_argument("--workdir", type=Path, default=Path("out/bench"))
     parser.add_argument("--output", type=Path, default=Path("models/RESULTS_calib_speed.md"))
     args = parser.parse_args()
-    calibrate.IN_GRAPH = not args.numpy
+    default_path = calibrate.IN_GRAPH
     began = time.perf_counter()
     model = _folded(args.workdir)
     weights = {t.name: t for t in model.graph.initializer}
@@ -161,64 +171,75 @@ def main() -> None:
     feeds = [{"input": images[i : i + args.batch]} for i in range(0, args.images, args.batch)]
     session = make_session(model.SerializeToString(), Device("cpu"))
     session.run(None, feeds[0])  # warm up
-    rounds = []
+    rounds: dict[str, list[tuple[float, float]]] = {path: [] for path in args.paths}
     for _ in range(args.rounds):
-        forward = _forward(session, feeds)
-        start = time.perf_counter()
-        collect_moments(model, [layer.node for layer in layers], feeds, holdout_every=5)
-        rounds.append((forward, time.perf_counter() - start))
-        print(
-            f"forward {forward:.1f} s, calibration {rounds[-1][1]:.1f} s ({rounds[-1][1] / forward:.2f}×)",
-            flush=True,
-        )
+        for path in args.paths:
+            calibrate.IN_GRAPH = PATHS[path]
+            forward = _forward(session, feeds)
+            start = time.perf_counter()
+            collect_moments(model, [layer.node for layer in layers], feeds, holdout_every=5)
+            rounds[path].append((forward, time.perf_counter() - start))
+            f, c = rounds[path][-1]
+            print(f"{path}: forward {f:.1f} s, calibration {c:.1f} s ({c / f:.2f}×)", flush=True)
     forward_cpu = time.process_time()
     _forward(session, feeds)
     forward_cpu = time.process_time() - forward_cpu
-    parts = _split(model, layers, feeds)
-    moments = parts.pop("moments")
-    gram_macs = parts.pop("gram GMAC per image")
-    print(", ".join(f"{name} {seconds:.1f} CPU s" for name, seconds in parts.items()), flush=True)
+    splits, moments, gram_macs = {}, None, 0.0
+    for path in args.paths:
+        calibrate.IN_GRAPH = PATHS[path]
+        parts = _split(model, layers, feeds)
+        moments = parts.pop("moments")
+        macs = parts.pop("gram GMAC per image")
+        gram_macs = macs if PATHS[path] else gram_macs
+        splits[path] = parts
+        print(path + ": " + ", ".join(f"{name} {sec:.1f} CPU s" for name, sec in parts.items()), flush=True)
+    calibrate.IN_GRAPH = default_path
     eighs = _eigh(layers, moments, model, args.eigh)
-    forward = statistics.median(f for f, _ in rounds)
-    calib = statistics.median(c for _, c in rounds)
-    ratio = statistics.median(c / f for f, c in rounds)
     machine = (
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average "
         + ", ".join(f"{v:.1f}" for v in os.getloadavg())
     )
+    default = next(name for name, value in PATHS.items() if value == default_path)
     lines = [
         "# Calibration cost: ResNet-50, 64 images at 224² (issue 9: ≤ 3× the forward time)",
         "",
         f"`python benchmarks/calib_speed.py --rounds {args.rounds} --eigh {args.eigh}"
-        + (" --numpy" if args.numpy else "")
+        + (f" --paths {' '.join(args.paths)}" if args.paths != list(PATHS) else "")
         + (f" --narrower {args.narrower}" if args.narrower else "")
         + f"` on {machine}",
         f"at the end; the whole script took {time.perf_counter() - began:.0f} s. Seeded random images,",
-        f"batches of {args.batch}, exact rows (every im2col patch), 20% held apart, Grams "
-        + ("in numpy (every layer input copied out)" if args.numpy else "inside onnxruntime")
-        + ". Wall times, medians:",
+        f"batches of {args.batch}, exact rows (every im2col patch), 20% held apart. Each round times the",
+        "plain forward pass and then the calibration, once per path, one after the other. Paths: `numpy`",
+        "(every layer input copied out of onnxruntime), `graph` (the Grams formed inside onnxruntime,",
+        f"`lrdeploy/planning/gramgraph.py`); `compress --calib` runs `{default}`. Wall times, medians:",
         "",
         *(
             [f"Only the {len(layers)} layers whose rows are narrower than {args.narrower} (of 54).", ""]
             if args.narrower
             else []
         ),
-        "| | wall s | per round |",
-        "|---|---|---|",
-        f"| onnxruntime forward, {args.images} images | {forward:.1f} | "
-        + ", ".join(f"{f:.1f}" for f, _ in rounds)
-        + " |",
-        f"| calibration (`collect_moments`) | {calib:.1f} | {', '.join(f'{c:.1f}' for _, c in rounds)} |",
-        f"| **ratio** (median of the rounds' ratios) | **{ratio:.2f}×** | "
-        + ", ".join(f"{c / f:.2f}×" for f, c in rounds)
-        + " |",
+        "| path | forward s | calibration s | **ratio** (median of the rounds') | rounds' ratios |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {path} | {statistics.median(f for f, _ in runs):.1f} | "
+            f"{statistics.median(c for _, c in runs):.1f} | "
+            f"**{statistics.median(c / f for f, c in runs):.2f}×** | "
+            + ", ".join(f"{c / f:.2f}×" for f, c in runs)
+            + " |"
+            for path, runs in rounds.items()
+        ],
         "",
-        "Split, one pass, CPU seconds (onnxruntime on its threads, numpy parts on one; the plain forward",
-        f"pass took {forward_cpu:.1f} CPU s; the in-graph Grams are {gram_macs:.2f} GMAC per image):",
+        "Split, one pass per path, CPU seconds (onnxruntime on its threads, numpy parts on one BLAS",
+        f"thread; the plain forward pass took {forward_cpu:.1f} CPU s"
+        + (f"; the in-graph Grams are {gram_macs:.2f} GMAC per image):" if gram_macs else "):"),
         "",
-        "| part | CPU s |",
-        "|---|---|",
-        *[f"| {name} | {seconds:.1f} |" for name, seconds in parts.items()],
+        "| part | " + " | ".join(f"{path} CPU s" for path in splits) + " |",
+        "|---|" + "---|" * len(splits),
+        *[
+            f"| {name} | " + " | ".join(f"{parts[name]:.1f}" for parts in splits.values()) + " |"
+            for name in next(iter(splits.values()))
+        ],
+        "| **total** | " + " | ".join(f"**{sum(parts.values()):.1f}**" for parts in splits.values()) + " |",
         "",
     ]
     if eighs:

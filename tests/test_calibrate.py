@@ -263,6 +263,12 @@ def _brute_force(model, feeds, layer: str, held_every: int):
     return {part: np.concatenate(r) for part, r in parts.items() if r}
 
 
+@pytest.fixture
+def in_graph(monkeypatch):
+    """The Grams formed inside onnxruntime (off by default: `calibrate.IN_GRAPH`)."""
+    monkeypatch.setattr(calibrate, "IN_GRAPH", True)
+
+
 @pytest.mark.parametrize(
     ("kernel", "attrs", "channels", "size"),
     [
@@ -273,7 +279,7 @@ def _brute_force(model, feeds, layer: str, held_every: int):
         ((1, 1), {}, 4, 80),  # 6,400 rows per sample: split into chunks of at most CHUNK rows
     ],
 )
-def test_in_graph_conv_grams_match_brute_force_over_uneven_batches(kernel, attrs, channels, size):
+def test_in_graph_conv_grams_match_brute_force_over_uneven_batches(in_graph, kernel, attrs, channels, size):
     """Grams formed inside onnxruntime (fit and held apart; batches of 5, 5, 2: one session, grouped
     samples padded with zeros) equal float64 sums of the im2col rows, and go through gramgraph."""
     rng = np.random.default_rng(7)
@@ -293,7 +299,7 @@ def test_in_graph_conv_grams_match_brute_force_over_uneven_batches(kernel, attrs
         np.testing.assert_allclose(moment.matrix, want, rtol=1e-5, atol=1e-5)
 
 
-def test_in_graph_gemm_and_matmul_rows_and_the_numpy_fallbacks():
+def test_in_graph_gemm_and_matmul_rows_and_the_numpy_fallbacks(in_graph):
     """Gemm rows and MatMul over batch × sequence go in the graph; Gemm with transA and a 3-D conv stay
     on the numpy path; all equal the brute-force sums."""
     rng = np.random.default_rng(8)
@@ -334,7 +340,7 @@ def test_in_graph_gemm_and_matmul_rows_and_the_numpy_fallbacks():
             np.testing.assert_allclose(moment.matrix, want, rtol=1e-5, atol=1e-6, err_msg=layer)
 
 
-def test_a_batch_of_other_spatial_shapes_rebuilds_the_in_graph_session():
+def test_a_batch_of_other_spatial_shapes_rebuilds_the_in_graph_session(in_graph):
     rng = np.random.default_rng(9)
     w = rng.standard_normal((4, 16, 3, 3)).astype(np.float32)
     node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])

@@ -78,8 +78,9 @@ _MIN_ROWS = 64
 _SHIFT_CHANNELS = 16
 #: Default accumulation cost, in forward passes of each layer (`collect_moments`'s ``max_cost``).
 MAX_COST = 2.0
-#: Grams computed inside onnxruntime (`gramgraph`); False: every layer input is copied out (numpy path).
-IN_GRAPH = True
+#: Grams computed inside onnxruntime (`gramgraph`) instead of copying every layer input out. Off: on
+#: ResNet-50 it measured no faster and took more CPU (models/RESULTS_calib_speed.md); tests cover both.
+IN_GRAPH = False
 
 
 @dataclass(frozen=True)
