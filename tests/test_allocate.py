@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lrdeploy.planning.allocate import (
@@ -22,11 +22,16 @@ from lrdeploy.planning.allocate import (
 )
 
 
+def _slack(budget: float) -> float:
+    """The rounding the allocator forgives (costs are sums of floats): a total within it fits."""
+    return 1e-12 * max(abs(budget), 1.0)
+
+
 def _brute_force(layers: dict[str, list[Candidate]], budget: float) -> float:
     """The least total error of any choice within the budget."""
     best = math.inf
     for choice in itertools.product(*layers.values()):
-        if sum(c.cost for c in choice) <= budget:
+        if sum(c.cost for c in choice) <= budget + _slack(budget):
             best = min(best, sum(c.error for c in choice))
     return best
 
@@ -44,6 +49,10 @@ layer_sets = st.dictionaries(
 
 @settings(max_examples=300)
 @given(layer_sets, st.floats(0.0, 1.0))
+@example(  # found by hypothesis in CI: a total of 1.0 within a budget of 0.9999999999999999
+    {"a": [Candidate(1, 0.0, 0.0)] * 2, "b": [Candidate(1, 0.0, 1.0), Candidate(1, 1.0, 0.0)]},
+    0.9999999999999999,
+)
 def test_close_to_brute_force_within_the_budget(layers, share):
     cheapest = sum(min(c.cost for c in options) for options in layers.values())
     dearest = sum(max(c.cost for c in options) for options in layers.values())
@@ -51,7 +60,7 @@ def test_close_to_brute_force_within_the_budget(layers, share):
     choice = allocate(layers, budget)
     assert set(choice) == set(layers)
     assert all(choice[name] in options for name, options in layers.items())
-    assert total_cost(choice) <= budget
+    assert total_cost(choice) <= budget + _slack(budget)
     error = sum(c.error for c in choice.values())
     optimum = _brute_force(layers, budget)
     assert error >= optimum - 1e-9

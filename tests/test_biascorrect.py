@@ -125,3 +125,28 @@ def test_models_with_too_many_layers_are_left_uncorrected(monkeypatch):
     monkeypatch.setattr(biascorrect, "MAX_LAYERS", 2)  # the pair and the Gemm are 3
     out, count = correct_biases(model, quantized, [{"x": _digits(32, seed=4)}])
     assert count == 0 and out.SerializeToString() == quantized.SerializeToString()
+
+
+def test_a_model_over_the_cap_gets_no_zero_biases(monkeypatch):
+    import lrdeploy.runtime.biascorrect as biascorrect
+
+    monkeypatch.setattr(biascorrect, "MAX_LAYERS", 2)  # the pair and the Gemm are 3: no correction
+    calib = as_data_source({"x": _digits(32, seed=5)})
+    quantized = to_int8(_pair(), calib, ImageOptions(), 32, 32)
+    int32 = [t.name for t in quantized.graph.initializer if t.data_type == onnx.TensorProto.INT32]
+    assert [name for name in int32 if name.endswith("_quantized")] == ["b_out_quantized"]  # no zero bias
+
+
+def test_a_gemm_bias_scaled_by_beta_is_corrected_in_output_units():
+    """Gemm computes αAB + βC. onnxruntime's QDQ quantizer folds β into the int32 bias and sets β to 1, so
+    the correction reads β from the quantized node (a β left in place would scale each step)."""
+    model = _pair()
+    fc = next(n for n in model.graph.node if n.name == "fc")
+    fc.input.append("b_fc")
+    fc.attribute.append(helper.make_attribute("beta", 0.25))
+    model.graph.initializer.append(nh.from_array(np.zeros(10, np.float32), "b_fc"))
+    calib = as_data_source({"x": _digits(256, seed=6)})
+    plain = to_int8(model, calib, ImageOptions(), 256, 32, correct_bias=False)
+    corrected = to_int8(model, calib, ImageOptions(), 256, 32)
+    held_out = _digits(512, seed=7)
+    assert _offset(corrected, model, held_out) < 0.3 * _offset(plain, model, held_out)

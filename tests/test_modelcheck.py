@@ -83,3 +83,21 @@ def test_valid_outputs_have_no_checker_note(tmp_path, rng):
     _, report = lrdeploy.compress(path, rank_ratio=0.5, output=tmp_path / "out.onnx", verify=False)
     assert not any("checker" in note for note in report.notes)
     assert "check" in report.timings
+
+
+def test_an_input_proto_the_checker_cannot_judge_does_not_excuse_the_output(tmp_path, rng):
+    """A proto whose data lives in files it cannot find (no folder given) fails the checker for that
+    reason alone: a failing output is then lrdeploy's error, not the input's."""
+    from lrdeploy.io.modelcheck import check_output
+
+    bad = tmp_path / "bad.onnx"
+    onnx.save(_mlp(rng, **{"unknown": 1}), bad)
+    external = _mlp(rng)
+    onnx.external_data_helper.set_external_data(external.graph.initializer[0], "elsewhere.bin")
+    external.graph.initializer[0].data_location = onnx.TensorProto.EXTERNAL
+    external.graph.initializer[0].ClearField("raw_data")
+    with pytest.raises(RuntimeFailure, match="could not be checked by itself"):
+        check_output(bad, external)
+    with pytest.raises(RuntimeFailure, match="although the input passes"):
+        check_output(bad, _mlp(rng))
+    assert "already fails" in check_output(bad, _mlp(rng, **{"unknown": 1}))

@@ -12,18 +12,18 @@ Rows are exactly what the op multiplies by its weight seen as [outputs, inputs] 
   second moment is diag(token counts)/N; every time step of X; every input pixel).
 
 Statistics stream: per batch, XᵀX is added to a float64 accumulator and the row count to a counter, so
-memory is the accumulators (Σ nᵢ²) plus a batch of activations. A share of the samples (every
+memory is the accumulators (Σ nᵢ²) plus two batches of activations (the next one runs while this one is
+summed). A share of the samples (every
 ``holdout_every``-th along each layer input's first axis) goes to a second accumulator that the
 factorization never sees, to show over-fitting and to choose between whitened and plain factors.
 
-Where it is computed: exact sums of 2-D Convs, Gemm and MatMul rows with float32 inputs of known shapes
-are formed and multiplied inside onnxruntime, on its threads (`lrdeploy.planning.gramgraph`; the session
-is `lrdeploy.planning.capture`): only d×d products leave the session, in float32 over ≤ 4,096 rows each,
-summed here in float64. The other layers (1-D/3-D convs, Gemm with transA, embeddings, recurrent ops,
-ConvTranspose, unknown shapes, float16, ``max_cost``) have their inputs copied out and their rows formed
-in numpy (`rowforms`): stride-1 1-D/2-D convs of 16+ channels by shifts (`patchgram`), other conv
-patches a few samples at a time, layers side by side on single-threaded BLAS, overlapped with the next
-onnxruntime run.
+Where it is computed (the session is `lrdeploy.planning.capture`): by default every layer's input is
+copied out of onnxruntime and its rows formed in numpy (`rowforms`): stride-1 1-D/2-D convs of 16+
+channels by shifts (`patchgram`), other conv patches a few samples at a time, float32 products over
+≤ 4,096 rows summed in float64, layers side by side on single-threaded BLAS, overlapped with the next
+onnxruntime run. With `IN_GRAPH` on, 2-D Convs, Gemm and MatMul rows with float32 inputs of known shapes
+are formed and multiplied inside onnxruntime instead (`lrdeploy.planning.gramgraph`: only d×d products
+leave the session); on ResNet-50 that measured no faster (models/RESULTS_calib_speed.md).
 
 ``max_cost`` c instead keeps a seeded uniform sample of ⌈c·m/n · rows⌉ conv rows per batch (at least
 ``_MIN_ROWS``), about c forward passes of the layer; ``None`` (the default) keeps every row. The rows
@@ -178,7 +178,7 @@ def collect_moments(
     Conv/Gemm/MatMul nodes with a constant weight. Every ``holdout_every``-th sample (5: 20%) is held
     apart; 0 holds none. ``max_cost`` bounds the conv accumulation (see the module doc; None: exact),
     ``seed`` seeds its sampling. Bad data (wrong names or shapes, NaN, no samples) raises UsageError.
-    Exact sums of the layers `gramgraph` can form run inside onnxruntime; the others in numpy.
+    Exact sums in numpy by default; with `IN_GRAPH`, those `gramgraph` can form run inside onnxruntime.
     """
     if holdout_every == 1 or holdout_every < 0:
         raise ValueError(f"holdout_every must be 0 (none held apart) or at least 2, got {holdout_every}")
@@ -195,6 +195,11 @@ def collect_moments(
     capture = Capture(model, inputs, holdout_every, threads, IN_GRAPH and sampling is None, _SHIFT_CHANNELS)
 
     def accumulate(layer: LayerInput, x: np.ndarray | None, grams: Grams | None, batch: int) -> None:
+        if x is None and grams is None:
+            raise UsageError(
+                f"calibration batch {batch}: the input of layer '{layer.node}' was not computed; check that "
+                "the calibration data gives every input the model needs"
+            )
         try:
             if grams is not None:
                 grams.add(moments[layer.node], x)

@@ -237,8 +237,8 @@ class Analysis:
     ``skip`` says why the group stays dense whatever the policy (a problem, excluded, bad values);
     ``override`` is the user's fixed rank for it. A budget on a large model (`budget.KEEP_BYTES`) keeps
     only ``errors`` (its allocator's curve) and the singular values of every group (`release`): the
-    weight is read again for the chosen rank (`reloaded`), so the plan holds one or two weights in
-    float64 at a time, not the whole model.
+    weight is read again for the chosen rank (`reloaded`), so the plan holds one weight in float64 per
+    planning thread at a time, not the whole model.
     """
 
     group: WeightGroup

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["MAX_LAYERS", "SAMPLES", "correct_biases", "with_zero_biases"]
+__all__ = ["MAX_LAYERS", "SAMPLES", "correct_biases", "correctable", "with_zero_biases"]
 
 #: Samples the correction runs on (one run of the quantized model per corrected layer).
 SAMPLES = 64
@@ -42,6 +42,18 @@ def _channels(node: onnx.NodeProto, weight: onnx.TensorProto) -> int:
         return int(weight.dims[0])
     trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
     return int(weight.dims[0] if trans_b else weight.dims[1])
+
+
+def correctable(model: onnx.ModelProto) -> int:
+    """How many Conv/Gemm layers the correction would run once each for."""
+    return sum(node.op_type in _LAYERS for node in model.graph.node)
+
+
+def _bias_gain(node: onnx.NodeProto) -> float:
+    """What one step of the int32 bias moves the output by, in units of its scale: Gemm scales C by beta."""
+    if node.op_type != "Gemm":
+        return 1.0
+    return float(next((a.f for a in node.attribute if a.name == "beta"), 1.0))
 
 
 def with_zero_biases(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -114,8 +126,8 @@ def correct_biases(
         (got,) = _channel_means(out, [node.output[0]], batches)
         stored = initializers[bias.input[0]]
         values = numpy_helper.to_array(stored)
-        scale = numpy_helper.to_array(initializers[bias.input[1]]).astype(np.float64)
-        if values.shape != got.shape or got.shape != want.shape:
+        scale = numpy_helper.to_array(initializers[bias.input[1]]).astype(np.float64) * _bias_gain(node)
+        if values.shape != got.shape or got.shape != want.shape or not np.all(scale):
             continue
         shifted = values.astype(np.int64) - np.round((got - want) / scale).astype(np.int64)
         limits = np.iinfo(np.int32)

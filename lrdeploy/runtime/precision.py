@@ -98,11 +98,18 @@ def to_int8(
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from lrdeploy.planning.calibration import calibration_dataset
-    from lrdeploy.runtime.biascorrect import SAMPLES, correct_biases, with_zero_biases
+    from lrdeploy.runtime.biascorrect import (
+        MAX_LAYERS,
+        SAMPLES,
+        correct_biases,
+        correctable,
+        with_zero_biases,
+    )
 
     if middle not in MIDDLES:
         raise ValueError(f"middle must be one of {MIDDLES}, got {middle!r}")
     dataset = calibration_dataset(calib, model, image, samples)
+    correct_bias = correct_bias and correctable(model) <= MAX_LAYERS  # else no zero biases either
     source_model = with_zero_biases(model) if correct_bias else model
     extra: dict[str, object] = {"ActivationSymmetric": False, "WeightSymmetric": True}
     if middle == "int16":

@@ -196,7 +196,8 @@ def greedylore_hook(state: GreedyLoreState, bucket: dist.GradBucket) -> torch.fu
     for key, y, c in sent:
         mean, chosen = message[offset : offset + c.numel()].view_as(c), state.chosen[key]
         y.copy_(lift(state.bases[key], chosen, mean))
-        if bool((chosen.sort().values == torch.arange(len(chosen))).all()):  # the top block: warm start
+        top = torch.arange(len(chosen), device=chosen.device)
+        if bool((chosen.sort().values == top).all()):  # the top block: warm start
             state.applied[key] = mean  # else the next power step starts again from the last block's
         offset += c.numel()
     state.meter.step_done(bucket)
