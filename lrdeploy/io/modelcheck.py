@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 
 from lrdeploy.errors import RuntimeFailure
-from lrdeploy.io.modelio import EXTERNAL_DATA_THRESHOLD, estimated_size
+from lrdeploy.io.modelio import EXTERNAL_DATA_THRESHOLD, estimated_size, file_backed_tensors
 from lrdeploy.text import printable
 
 __all__ = ["check_output", "checker_problem"]
@@ -41,9 +41,7 @@ def _uncheckable(original: onnx.ModelProto | Path) -> bool:
     find without a folder): its complaint would be about that, so it cannot excuse the output."""
     if not isinstance(original, onnx.ModelProto):
         return False
-    tensors = onnx.external_data_helper._get_all_tensors(original)
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors)
-    return external or estimated_size(original) >= EXTERNAL_DATA_THRESHOLD
+    return bool(file_backed_tensors(original)) or estimated_size(original) >= EXTERNAL_DATA_THRESHOLD
 
 
 def check_output(output: Path, original: onnx.ModelProto | Path) -> str | None:

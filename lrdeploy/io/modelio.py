@@ -28,6 +28,7 @@ __all__ = [
     "choose_ir_version",
     "default_output_path",
     "estimated_size",
+    "file_backed_tensors",
     "files_read",
     "load_model",
     "materialize",
@@ -77,7 +78,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     if isinstance(source, onnx.ModelProto):
         check_text(source)
         check_tensors(source)  # protobuf has already picked one copy of each field: dims and payloads only
-        external = next((t for t in _file_backed_tensors(source)), None)
+        external = next((t for t in file_backed_tensors(source)), None)
         if external is not None:  # relative to a directory a proto does not know: refuse, do not guess
             location = next((e.value for e in external.external_data if e.key == "location"), "?")
             raise ModelError(
@@ -116,7 +117,7 @@ def files_read(model: onnx.ModelProto, source: Path | None) -> list[Path]:
     if source is None:
         return []
     files = {source}
-    for tensor in _file_backed_tensors(model):
+    for tensor in file_backed_tensors(model):
         location = next((e.value for e in tensor.external_data if e.key == "location"), None)
         if location:
             files.add(Path(location))  # absolute: resolved inside the model's folder when loaded
@@ -153,13 +154,14 @@ def choose_ir_version(input_ir: int, model: onnx.ModelProto) -> int:
     return max(needed, 4, min(input_ir, PREFERRED_MAX_IR))
 
 
-def _file_backed_tensors(model: onnx.ModelProto) -> list[TensorProto]:
+def file_backed_tensors(model: onnx.ModelProto) -> list[TensorProto]:
+    """Every tensor of the model (subgraphs included) whose bytes are still in an external file."""
     return [t for t in external_data_helper._get_all_tensors(model) if is_file_backed(t)]
 
 
 def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Read every file-backed tensor into ``raw_data`` so the proto stands alone (in place)."""
-    for tensor in _file_backed_tensors(model):
+    for tensor in file_backed_tensors(model):
         data = read_raw(tensor)
         del tensor.external_data[:]
         tensor.data_location = TensorProto.DEFAULT
@@ -168,7 +170,7 @@ def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def estimated_size(model: onnx.ModelProto) -> int:
-    lazy = sum(external_data_helper.ExternalDataInfo(t).length or 0 for t in _file_backed_tensors(model))
+    lazy = sum(external_data_helper.ExternalDataInfo(t).length or 0 for t in file_backed_tensors(model))
     return model.ByteSize() + lazy
 
 
