@@ -1,4 +1,5 @@
-"""Fast second-moment sums: conv patch Grams by shifts against brute-force im2col; float32 chunk rounding."""
+"""Fast second-moment sums: conv patch Grams by shifts (`flatgram`) against brute-force im2col; float32
+chunk rounding."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lrdeploy.planning import patchgram
+from lrdeploy.planning import flatgram, patchgram
 from lrdeploy.planning.calibrate import conv_pads, conv_rows
-from lrdeploy.planning.patchgram import _window_change, add_conv_gram, add_gram, add_taps
+from lrdeploy.planning.patchgram import add_gram, add_taps
 
 
 @st.composite
@@ -19,52 +20,68 @@ def stride_one_convs(draw):
     extents = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
     pads = draw(st.lists(st.integers(0, 3), min_size=4, max_size=4))
     sizes = [max(1, e - pads[a] - pads[a + 2]) + draw(st.integers(0, 5)) for a, e in enumerate(extents)]
-    channels, batch = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    channels, batch = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     x = np.random.default_rng(draw(st.integers(0, 2**16))).standard_normal((batch, channels, *sizes))
-    return x.astype(np.float32), {"pads": pads, "dilations": dilations}, kernel
+    samples = np.flatnonzero(draw(st.lists(st.booleans(), min_size=batch, max_size=batch)))
+    return x.astype(np.float32), {"pads": pads, "dilations": dilations}, kernel, samples
 
 
-@settings(max_examples=80)
+def _gram_by_shifts(x, attrs, kernel, samples) -> tuple[np.ndarray, int]:
+    begin, end = conv_pads(x.shape[2:], attrs, kernel)
+    dim = x.shape[1] * int(np.prod(kernel))
+    taps, total = np.zeros((dim, dim)), np.zeros((dim, dim))
+    count = flatgram.conv_gram(x, samples, begin, end, attrs["dilations"], kernel, taps)
+    add_taps(taps, x.shape[1], total)
+    return total, count
+
+
+@settings(max_examples=120)
 @given(stride_one_convs())
 def test_shift_gram_equals_the_gram_of_the_im2col_rows(case):
-    x, attrs, kernel = case
-    rows = conv_rows(x, attrs, kernel).astype(np.float64)
-    begin, end = conv_pads(x.shape[2:], attrs, kernel)
-    taps = np.zeros((rows.shape[1], rows.shape[1]))
-    count = add_conv_gram(x, begin, end, attrs["dilations"], kernel, taps)
+    """Pads (asymmetric, wider than the kernel), dilations, kernels up to 4×4, any subset of samples."""
+    x, attrs, kernel, samples = case
+    rows = conv_rows(x[samples], attrs, kernel).astype(np.float64)
+    total, count = _gram_by_shifts(x, attrs, kernel, samples)
     assert count == rows.shape[0]
-    total = np.zeros_like(taps)
-    add_taps(taps, x.shape[1], total)
     np.testing.assert_allclose(total, rows.T @ rows, rtol=1e-5, atol=1e-4)
 
 
-def test_shift_gram_on_a_wide_input_uses_chunks_and_row_bands(monkeypatch):
-    """Windows larger than a chunk are summed in row bands; the result does not depend on it."""
-    x = np.maximum(np.random.default_rng(1).standard_normal((2, 5, 19, 23)), 0).astype(np.float32)
-    attrs, kernel = {"pads": [1, 2, 0, 1], "dilations": [1, 2]}, (3, 3)
-    rows = conv_rows(x, attrs, kernel).astype(np.float64)
-    begin, end = conv_pads(x.shape[2:], attrs, kernel)
-    monkeypatch.setattr(patchgram, "CHUNK", 7)  # fewer terms than one row of the window
-    taps = np.zeros((45, 45))
-    add_conv_gram(x, begin, end, attrs["dilations"], kernel, taps)
-    total = np.zeros_like(taps)
-    add_taps(taps, 5, total)
+def test_shift_gram_does_not_depend_on_the_chunk_size(monkeypatch):
+    """Products longer than a chunk are summed chunk by chunk, bands too; the result does not change."""
+    x = np.maximum(np.random.default_rng(1).standard_normal((3, 5, 19, 23)), 0).astype(np.float32)
+    attrs, kernel, samples = {"pads": [1, 2, 0, 1], "dilations": [1, 2]}, (3, 3), np.array([0, 2])
+    rows = conv_rows(x[samples], attrs, kernel).astype(np.float64)
+    monkeypatch.setattr(patchgram, "CHUNK", 7)  # fewer terms than one row of the input
+    total, _ = _gram_by_shifts(x, attrs, kernel, samples)
     np.testing.assert_allclose(total, rows.T @ rows, rtol=1e-5)
 
 
-@settings(max_examples=200)
-@given(st.tuples(*[st.integers(0, 4)] * 4), st.tuples(st.integers(1, 5), st.integers(1, 5)))
-def test_window_change_turns_one_window_sum_into_the_other(corners, size):
-    a, b = corners[:2], corners[2:]
-    field = np.random.default_rng(sum(corners)).standard_normal((12, 12))
+@settings(max_examples=40)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(0, 2**16))
+def test_pointwise_gram_equals_the_gram_of_a_strided_1x1_convs_rows(sy, sx, height, width, seed):
+    x = np.random.default_rng(seed).standard_normal((3, 4, height, width)).astype(np.float32)
+    attrs, samples = {"strides": [sy, sx]}, np.array([0, 2])
+    rows = conv_rows(x[samples], attrs, (1, 1)).astype(np.float64)
+    total = np.zeros((4, 4))
+    assert flatgram.pointwise_gram(x, samples, [sy, sx], total) == rows.shape[0]
+    np.testing.assert_allclose(total, rows.T @ rows, rtol=1e-5, atol=1e-5)
 
-    def window(at):
-        return field[at[0] : at[0] + size[0], at[1] : at[1] + size[1]].sum()
 
-    moved = window(a) + sum(
-        sign * field[y0:y1, x0:x1].sum() for sign, (y0, y1, x0, x1) in _window_change(a, b, size)
-    )
-    assert moved == pytest.approx(window(b), abs=1e-9)
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_value_the_conv_reads_is_an_error(value):
+    x = np.ones((2, 3, 6, 6), np.float32)
+    x[1, 2, 5, 0] = value
+    taps = np.zeros((27, 27))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        flatgram.conv_gram(x, np.array([0, 1]), [1, 1], [1, 1], [1, 1], (3, 3), taps)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        flatgram.pointwise_gram(x, np.array([1]), [1, 1], np.zeros((3, 3)))
+
+
+def test_shifts_are_chosen_only_where_they_cost_less_than_im2col():
+    assert flatgram.shifts_cost_less((56, 56), [1, 1], [1, 1], [1, 1], (3, 3))
+    assert flatgram.shifts_cost_less((7, 7), [1, 1], [1, 1], [1, 1], (3, 3))
+    assert not flatgram.shifts_cost_less((7, 7), [0, 0], [0, 0], [1, 1], (7, 7))  # one output position
 
 
 def _activations(rows: int, width: int = 64, seed: int = 0) -> np.ndarray:

@@ -18,10 +18,11 @@ summed). A share of the samples (every
 factorization never sees, to show over-fitting and to choose between whitened and plain factors.
 
 Where it is computed (the session is `lrdeploy.planning.capture`): by default every layer's input is
-copied out of onnxruntime and its rows formed in numpy (`rowforms`): stride-1 1-D/2-D convs of 16+
-channels by shifts (`patchgram`), other conv patches a few samples at a time, float32 products over
-≤ 4,096 rows summed in float64, layers side by side on single-threaded BLAS, overlapped with the next
-onnxruntime run. With `IN_GRAPH` on, 2-D Convs, Gemm and MatMul rows with float32 inputs of known shapes
+copied out of onnxruntime and its rows formed in numpy (`rowforms`): 1×1 convs as one product of a
+channel-major copy and stride-1 1-D/2-D convs of 16+ channels by shifts of it (`flatgram`), other
+conv patches a few samples at a time, float32 products over ≤ 4,096 rows summed in float64, layers
+side by side on single-threaded BLAS, overlapped with the next onnxruntime run. With `IN_GRAPH` on,
+2-D Convs, Gemm and MatMul rows with float32 inputs of known shapes
 are formed and multiplied inside onnxruntime instead (`lrdeploy.planning.gramgraph`: only d×d products
 leave the session); on ResNet-50 that measured no faster (models/RESULTS_calib_speed.md).
 
@@ -41,9 +42,9 @@ import onnx
 from threadpoolctl import threadpool_limits
 
 from lrdeploy.errors import UsageError
+from lrdeploy.planning import flatgram
 from lrdeploy.planning.capture import Capture, Grams, parallelism, wait, with_outputs
 from lrdeploy.planning.moments import LayerMoments, SecondMoment, check_finite
-from lrdeploy.planning.patchgram import add_conv_gram
 from lrdeploy.planning.rowforms import (
     LAYERS_16,
     MAX_EMBEDDING_ROWS,
@@ -103,26 +104,30 @@ class Sampling:
         return patches[np.sort(self.rng.choice(len(patches), count, replace=False))]
 
 
-def _shift_gram(layer: LayerInput, x: np.ndarray, moment: SecondMoment) -> bool:
-    """Add a stride-1 1-D/2-D Conv's rows by `patchgram.add_conv_gram` (no patches formed); False for
-    1×1, strided and 3-D convs and inputs of fewer than `_SHIFT_CHANNELS` channels (then im2col)."""
+def _fast_conv(layer: LayerInput, x: np.ndarray, samples: np.ndarray, moment: SecondMoment) -> bool:
+    """Add a group-1 1-D/2-D Conv's rows for x's ``samples`` without forming patches (`flatgram`):
+    1×1 convs without pads (any stride) as one product of the channel-major copy, stride-1 convs of
+    `_SHIFT_CHANNELS`+ channels by shifts where that costs fewer multiply-adds than the im2col rows.
+    False for the rest (then im2col)."""
     rank = len(layer.kernel_shape)
-    if rank not in (1, 2) or x.ndim != rank + 2 or x.shape[1] < _SHIFT_CHANNELS:
+    if rank not in (1, 2) or x.ndim != rank + 2:
         return False
-    if int(np.prod(layer.kernel_shape)) == 1 or any(s != 1 for s in ints(layer.attrs, "strides", [1] * rank)):
-        return False
+    strides = ints(layer.attrs, "strides", [1] * rank)
     begin, end = conv_pads(x.shape[2:], layer.attrs, layer.kernel_shape)
     dilations = ints(layer.attrs, "dilations", [1] * rank)
     kernel = tuple(layer.kernel_shape)
     if rank == 1:  # as a 2-D conv over a height of 1
-        x, kernel, begin, end, dilations = (
-            x[:, :, None],
-            (1, *kernel),
-            [0, *begin],
-            [0, *end],
-            [1, *dilations],
-        )
-    moment.count += add_conv_gram(x, begin, end, dilations, kernel, moment.taps(x.shape[1]))
+        x, kernel, begin, end = x[:, :, None], (1, *kernel), [0, *begin], [0, *end]
+        dilations, strides = [1, *dilations], [1, *strides]
+    if kernel == (1, 1) and not any(begin) and not any(end):
+        moment.count += flatgram.pointwise_gram(x, samples, strides, moment.total)
+        return True
+    channels = x.shape[1]
+    if any(s != 1 for s in strides) or channels < _SHIFT_CHANNELS:
+        return False
+    if not flatgram.shifts_cost_less(x.shape[2:], begin, end, dilations, kernel):
+        return False
+    moment.count += flatgram.conv_gram(x, samples, begin, end, dilations, kernel, moment.taps(channels))
     return True
 
 
@@ -136,8 +141,6 @@ def _add(layer: LayerInput, x: np.ndarray, moment: SecondMoment, sampling: Sampl
         moment.update(rows(layer, x))
         return
     check_finite(x, "inputs")
-    if sampling is None and _shift_gram(layer, x, moment):
-        return
     per_sample = conv_rows(x[:1], layer.attrs, layer.kernel_shape).shape[0]
     share = sampling.share(layer, per_sample * x.shape[0]) if sampling else 1.0
     step = max(1, _CHUNK_BYTES // max(per_sample * layer.dim * x.itemsize, 1))
@@ -155,7 +158,10 @@ def _split(
     moments.samples_seen += x.shape[axis]
     held = (index % every == every - 1) if every else np.zeros(len(index), dtype=bool)
     for part, mask in ((moments.fit, ~held), (moments.holdout, held)):
-        if mask.any():
+        if not mask.any():
+            continue
+        fast = sampling is None and layer.op == "Conv" and axis == 0 and x.dtype == np.float32
+        if not (fast and _fast_conv(layer, x, np.flatnonzero(mask), part)):
             _add(layer, np.compress(mask, x, axis=axis), part, sampling)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lrdeploy.planning.patchgram import add_gram, add_taps
+from lrdeploy.planning.patchgram import add_gram, ordered
 
 __all__ = ["LayerMoments", "SecondMoment", "check_finite"]
 
@@ -35,11 +35,14 @@ class SecondMoment:
     @property
     def total(self) -> np.ndarray:
         """Σ xxᵀ, rows ordered as the layer's weight columns."""
+        if self._taps is not None:
+            taps, self._taps = self._taps, None
+            if self._total is None:
+                self._total = ordered(taps, self._channels)
+            else:
+                self._total += ordered(taps, self._channels)
         if self._total is None:
             self._total = np.zeros((self.dim, self.dim))
-        if self._taps is not None:
-            add_taps(self._taps, self._channels, self._total)
-            self._taps = None
         if self._upper is not None:
             upper, self._upper = self._upper, None
             full = np.triu(upper)
