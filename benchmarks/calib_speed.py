@@ -37,9 +37,11 @@ from threadpoolctl import threadpool_limits
 from lrdeploy.io.graphio import from_graph
 from lrdeploy.io.modelio import materialize
 from lrdeploy.pipeline import prepare_graph
-from lrdeploy.planning import calibrate
+from lrdeploy.planning import calibrate, flatgram
 from lrdeploy.planning.calibrate import LayerInput, LayerMoments, SecondMoment, collect_moments
 from lrdeploy.planning.capture import Capture
+from lrdeploy.planning.costs import count_macs
+from lrdeploy.planning.rowforms import conv_pads, ints
 from lrdeploy.planning.whiten import WhitenedSpectrum
 from lrdeploy.runtime.sessions import Device, make_session
 
@@ -102,7 +104,54 @@ def _split(model: onnx.ModelProto, layers: list[LayerInput], feeds: list[dict[st
         parts[names[5]] += time.thread_time() - start
     parts["moments"] = {node: m.fit for node, m in moments.items()}
     parts["gram GMAC per image"] = sum(_macs(plan) for plan in capture.plans.values()) / 1e9
+    shapes = [np.shape(values.get(layer.tensor, feed.get(layer.tensor))) for layer in layers]
+    numpy_macs = sum(_numpy_macs(layer, shape) for layer, shape in zip(layers, shapes, strict=True))
+    parts["numpy GMAC per image"] = numpy_macs / len(feed["input"]) / 1e9
     return parts
+
+
+def _numpy_macs(layer: LayerInput, shape: tuple[int, ...]) -> float:
+    """Multiply-adds of the numpy path's products for one batch of this shape, as `calibrate._fast_conv`
+    chooses them (1×1: one symmetric product; stride 1: shift products and bands; else im2col)."""
+    if layer.op != "Conv":
+        return shape[0] * layer.dim**2 / 2
+    samples, channels, height, width = shape
+    strides = ints(layer.attrs, "strides", [1, 1])
+    begin, end = conv_pads(shape[2:], layer.attrs, layer.kernel_shape)
+    dilations = ints(layer.attrs, "dilations", [1, 1])
+    if tuple(layer.kernel_shape) == (1, 1) and not any(begin) and not any(end):
+        return samples * -(-height // strides[0]) * -(-width // strides[1]) * channels**2 / 2
+    windows = flatgram._Windows(shape[2:], begin, end, dilations, layer.kernel_shape)
+    if (
+        strides == [1, 1]
+        and channels >= calibrate._SHIFT_CHANNELS
+        and flatgram.shifts_cost_less(shape[2:], begin, end, dilations, layer.kernel_shape)
+    ):
+        return windows.cost(samples) * channels**2
+    rows = [
+        (size + b + e - (k - 1) * d - 1) // s + 1
+        for size, b, e, k, d, s in zip(
+            shape[2:], begin, end, layer.kernel_shape, dilations, strides, strict=True
+        )
+    ]
+    return samples * rows[0] * rows[1] * layer.dim**2 / 2
+
+
+def _forward_macs(model: onnx.ModelProto) -> float:
+    """The forward pass's multiply-adds per 224² image (Conv and Gemm)."""
+    return float(sum(m or 0 for m in count_macs(model, {"input": (1, 3, 224, 224)}).values()))
+
+
+def _gemm_rate() -> float:
+    """One thread's float32 GEMM rate on this machine, GMAC/s (1,024 × 4,096 × 1,024, best of 5)."""
+    a = np.random.default_rng(0).standard_normal((1024, 4096)).astype(np.float32)
+    best = float("inf")
+    with threadpool_limits(1, user_api="blas"):
+        for _ in range(5):
+            start = time.thread_time()
+            _ = a @ a[::-1].T
+            best = min(best, time.thread_time() - start)
+    return 1024 * 4096 * 1024 / best / 1e9
 
 
 def _macs(plan) -> float:
@@ -184,11 +233,12 @@ def main() -> None:
     forward_cpu = time.process_time()
     _forward(session, feeds)
     forward_cpu = time.process_time() - forward_cpu
-    splits, moments, gram_macs = {}, None, 0.0
+    splits, moments, gram_macs, numpy_macs = {}, None, 0.0, 0.0
     for path in args.paths:
         calibrate.IN_GRAPH = PATHS[path]
         parts = _split(model, layers, feeds)
         moments = parts.pop("moments")
+        numpy_macs = parts.pop("numpy GMAC per image")
         macs = parts.pop("gram GMAC per image")
         gram_macs = macs if PATHS[path] else gram_macs
         splits[path] = parts
@@ -242,6 +292,19 @@ def main() -> None:
         "| **total** | " + " | ".join(f"**{sum(parts.values()):.1f}**" for parts in splits.values()) + " |",
         "",
     ]
+    if "numpy" in splits:
+        rate = _gemm_rate()
+        capture = splits["numpy"]["onnxruntime runs (forward + in-graph Grams)"]
+        sums = numpy_macs * args.images / rate
+        lines += [
+            f"Floor of the numpy path: its products are {numpy_macs:.2f} GMAC per image (forward: "
+            f"{_forward_macs(model) / 1e9:.2f});",
+            f"one thread's float32 GEMM runs {rate:.0f} GMAC/s here (1,024 × 4,096 × 1,024), so the sums",
+            f"alone need {sums:.1f} CPU s at that rate; with the capture run's {capture:.1f} CPU s, "
+            f"**{(capture + sums) / forward_cpu:.2f}×**",
+            "the forward pass's CPU time before any copy, fold or imperfect GEMM shape.",
+            "",
+        ]
     if eighs:
         lines += [
             "Factorization (not calibration): eigendecompositions of the widest layers' second moments,",

@@ -195,8 +195,9 @@ class Capture:
         for plan in plans.values():
             builder.add(plan, ("fit", "holdout") if self.every else ("fit",))
         label = "the model with its layer inputs as outputs"
+        # spinning off: the layers of the previous batch are summed on the same cores while it runs
         self.session = make_session(
-            builder.model.SerializeToString(), Device("cpu"), self.threads, label=label
+            builder.model.SerializeToString(), Device("cpu"), self.threads, spinning=False, label=label
         )
         self.copied, self.plans = copied, plans
 
