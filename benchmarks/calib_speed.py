@@ -9,9 +9,12 @@ BLAS thread, one layer after another): building the capture session (shape infer
 onnxruntime's optimizer), the onnxruntime runs (the forward pass plus the Grams formed in the graph,
 `lrdeploy.planning.gramgraph`), summing their float32 products in float64, the border-strip corrections
 of the stride-1 convs' shift products, layers on the numpy path, and folding the pending sums into row
-order. Both paths run in every round, side by side: ``numpy`` (every layer input copied out of
-onnxruntime, the default of ``compress --calib``) and ``graph`` (the Grams formed inside onnxruntime);
-``--paths`` picks one. The split is taken for each path timed.
+order. Every path runs in every round, side by side: ``numpy`` (every layer input written by
+onnxruntime into arrays reused from batch to batch, the default of ``compress --calib``),
+``numpy-copies`` (copied out into fresh arrays, summed while onnxruntime runs the next batch) and
+``graph`` (the Grams formed inside onnxruntime); ``--paths`` picks some. The split is taken for each
+path timed, and the numpy path's floor is stated: its products at this machine's GEMM rate plus the
+capture run.
 ``--eigh`` also times the eigendecompositions that whitening needs for the widest layers (they belong
 to the factorization, not to calibration).
 
@@ -37,7 +40,7 @@ from threadpoolctl import threadpool_limits
 from lrdeploy.io.graphio import from_graph
 from lrdeploy.io.modelio import materialize
 from lrdeploy.pipeline import prepare_graph
-from lrdeploy.planning import calibrate, flatgram
+from lrdeploy.planning import calibrate, capture, flatgram
 from lrdeploy.planning.calibrate import LayerInput, LayerMoments, SecondMoment, collect_moments
 from lrdeploy.planning.capture import Capture
 from lrdeploy.planning.costs import count_macs
@@ -63,8 +66,12 @@ def _forward(session, feeds: list[dict[str, np.ndarray]]) -> float:
     return time.perf_counter() - start
 
 
-#: Calibration paths: the value of `calibrate.IN_GRAPH` for each.
-PATHS = {"numpy": False, "graph": True}
+#: Calibration paths: (`calibrate.IN_GRAPH`, `capture.REUSE_OUTPUTS`) for each.
+PATHS = {"numpy": (False, True), "numpy-copies": (False, False), "graph": (True, True)}
+
+
+def _use(path: str) -> None:
+    calibrate.IN_GRAPH, capture.REUSE_OUTPUTS = PATHS[path]
 
 
 def _split(model: onnx.ModelProto, layers: list[LayerInput], feeds: list[dict[str, np.ndarray]]) -> dict:
@@ -79,14 +86,14 @@ def _split(model: onnx.ModelProto, layers: list[LayerInput], feeds: list[dict[st
     ]
     parts = dict.fromkeys(names, 0.0)
     moments = {layer.node: LayerMoments(SecondMoment(layer.dim), SecondMoment(layer.dim)) for layer in layers}
-    capture = Capture(model, layers, 5, None, calibrate.IN_GRAPH, calibrate._SHIFT_CHANNELS)
+    capturing = Capture(model, layers, 5, None, calibrate.IN_GRAPH, calibrate._SHIFT_CHANNELS)
     start = time.process_time()
-    capture.prepare(feeds[0])
+    capturing.prepare(feeds[0])
     parts[names[0]] += time.process_time() - start
     with threadpool_limits(1, user_api="blas"):
         for batch, feed in enumerate(feeds, 1):
             start = time.process_time()  # onnxruntime's threads
-            values, grams = capture.run(feed, moments, batch)
+            values, grams = capturing.run(feed, moments, batch)
             parts[names[1]] += time.process_time() - start
             for layer in layers:
                 x = values.get(layer.tensor, feed.get(layer.tensor))
@@ -103,7 +110,7 @@ def _split(model: onnx.ModelProto, layers: list[LayerInput], feeds: list[dict[st
             _ = moment.fit.total, moment.holdout.total
         parts[names[5]] += time.thread_time() - start
     parts["moments"] = {node: m.fit for node, m in moments.items()}
-    parts["gram GMAC per image"] = sum(_macs(plan) for plan in capture.plans.values()) / 1e9
+    parts["gram GMAC per image"] = sum(_macs(plan) for plan in capturing.plans.values()) / 1e9
     shapes = [np.shape(values.get(layer.tensor, feed.get(layer.tensor))) for layer in layers]
     numpy_macs = sum(_numpy_macs(layer, shape) for layer, shape in zip(layers, shapes, strict=True))
     parts["numpy GMAC per image"] = numpy_macs / len(feed["input"]) / 1e9
@@ -210,7 +217,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("out/bench"))
     parser.add_argument("--output", type=Path, default=Path("models/RESULTS_calib_speed.md"))
     args = parser.parse_args()
-    default_path = calibrate.IN_GRAPH
+    default_path = (calibrate.IN_GRAPH, capture.REUSE_OUTPUTS)
     began = time.perf_counter()
     model = _folded(args.workdir)
     weights = {t.name: t for t in model.graph.initializer}
@@ -223,7 +230,7 @@ def main() -> None:
     rounds: dict[str, list[tuple[float, float]]] = {path: [] for path in args.paths}
     for _ in range(args.rounds):
         for path in args.paths:
-            calibrate.IN_GRAPH = PATHS[path]
+            _use(path)
             forward = _forward(session, feeds)
             start = time.perf_counter()
             collect_moments(model, [layer.node for layer in layers], feeds, holdout_every=5)
@@ -235,15 +242,15 @@ def main() -> None:
     forward_cpu = time.process_time() - forward_cpu
     splits, moments, gram_macs, numpy_macs = {}, None, 0.0, 0.0
     for path in args.paths:
-        calibrate.IN_GRAPH = PATHS[path]
+        _use(path)
         parts = _split(model, layers, feeds)
         moments = parts.pop("moments")
         numpy_macs = parts.pop("numpy GMAC per image")
         macs = parts.pop("gram GMAC per image")
-        gram_macs = macs if PATHS[path] else gram_macs
+        gram_macs = macs if PATHS[path][0] else gram_macs
         splits[path] = parts
         print(path + ": " + ", ".join(f"{name} {sec:.1f} CPU s" for name, sec in parts.items()), flush=True)
-    calibrate.IN_GRAPH = default_path
+    calibrate.IN_GRAPH, capture.REUSE_OUTPUTS = default_path
     eighs = _eigh(layers, moments, model, args.eigh)
     machine = (
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average "
@@ -260,8 +267,10 @@ def main() -> None:
         f"at the end; the whole script took {time.perf_counter() - began:.0f} s. Seeded random images,",
         f"batches of {args.batch}, exact rows (every im2col patch), 20% held apart. Each round times the",
         "plain forward pass and then the calibration, once per path, one after the other. Paths: `numpy`",
-        "(every layer input copied out of onnxruntime), `graph` (the Grams formed inside onnxruntime,",
-        f"`lrdeploy/planning/gramgraph.py`); `compress --calib` runs `{default}`. Wall times, medians:",
+        "(every layer input written by onnxruntime into arrays reused from batch to batch, summed in",
+        "numpy), `numpy-copies` (copied out into fresh arrays, summed while onnxruntime runs the next",
+        "batch), `graph` (the Grams formed inside onnxruntime, `lrdeploy/planning/gramgraph.py`);",
+        f"`compress --calib` runs `{default}`. Wall times, medians:",
         "",
         *(
             [f"Only the {len(layers)} layers whose rows are narrower than {args.narrower} (of 54).", ""]
@@ -294,14 +303,14 @@ def main() -> None:
     ]
     if "numpy" in splits:
         rate = _gemm_rate()
-        capture = splits["numpy"]["onnxruntime runs (forward + in-graph Grams)"]
+        captured = splits["numpy"]["onnxruntime runs (forward + in-graph Grams)"]
         sums = numpy_macs * args.images / rate
         lines += [
             f"Floor of the numpy path: its products are {numpy_macs:.2f} GMAC per image (forward: "
             f"{_forward_macs(model) / 1e9:.2f});",
             f"one thread's float32 GEMM runs {rate:.0f} GMAC/s here (1,024 × 4,096 × 1,024), so the sums",
-            f"alone need {sums:.1f} CPU s at that rate; with the capture run's {capture:.1f} CPU s, "
-            f"**{(capture + sums) / forward_cpu:.2f}×**",
+            f"alone need {sums:.1f} CPU s at that rate; with the capture run's {captured:.1f} CPU s, "
+            f"**{(captured + sums) / forward_cpu:.2f}×**",
             "the forward pass's CPU time before any copy, fold or imperfect GEMM shape.",
             "",
         ]

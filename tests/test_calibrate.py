@@ -358,3 +358,50 @@ def test_a_batch_of_other_spatial_shapes_rebuilds_the_in_graph_session(in_graph)
     np.testing.assert_allclose(
         moments.fit.matrix, expected.T @ expected / len(expected), rtol=1e-5, atol=1e-5
     )
+
+
+def _two_convs():
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="c2", pads=[1, 1, 1, 1]),
+    ]
+    weights = {
+        "w1": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+        "w2": rng.standard_normal((8, 16, 3, 3)).astype(np.float32),
+    }
+    return graph_model(nodes, {"x": ["N", 3, "H", "W"]}, {"y": None}, weights)
+
+
+def test_layer_inputs_written_into_reused_arrays_give_the_same_moments():
+    """Batches of one shape reuse the arrays onnxruntime writes into; a new shape gets its own."""
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.standard_normal((3, 3, 9, 9)).astype(np.float32)} for _ in range(3)]
+    feeds.append({"x": rng.standard_normal((2, 3, 7, 11)).astype(np.float32)})
+    moments = {}
+    for reuse in (True, False):
+        with patch.object(capture, "REUSE_OUTPUTS", reuse):
+            moments[reuse] = collect_moments(_two_convs(), ["c1", "c2"], feeds, holdout_every=3)
+    for node in ("c1", "c2"):
+        for part in ("fit", "holdout"):
+            bound, copied = getattr(moments[True][node], part), getattr(moments[False][node], part)
+            assert bound.count == copied.count
+            np.testing.assert_allclose(bound.matrix, copied.matrix, rtol=1e-6, atol=1e-7)
+
+
+def test_the_capture_writes_each_batch_into_the_same_arrays_unless_it_cannot():
+    model = _two_convs()
+    weights = {t.name: t for t in model.graph.initializer}
+    layers = [calibrate.LayerInput.of(node, weights) for node in model.graph.node[::2]]
+    moments = {layer.node: calibrate.LayerMoments(SecondMoment(1), SecondMoment(1)) for layer in layers}
+    session = capture.Capture(model, layers, 0, None, False, 16)
+    x = np.ones((2, 3, 5, 5), np.float32)
+    first, _ = session.run({"x": x}, moments, 1)
+    second, _ = session.run({"x": 2 * x}, moments, 2)
+    assert session.reuses_outputs and np.shares_memory(first["r"], second["r"])
+    expected = run(capture.with_outputs(model, ["r"]), {"x": 2 * x})[1]
+    np.testing.assert_allclose(second["r"], expected, rtol=1e-5, atol=1e-5)
+    # an input of another type than the model's: onnxruntime's own error, as before
+    with pytest.raises(UsageError, match="does not fit the model"):
+        session.run({"x": x.astype(np.float16)}, moments, 3)

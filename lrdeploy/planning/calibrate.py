@@ -221,6 +221,8 @@ def collect_moments(
     pending: list[Future] = []
     with threadpool_limits(blas_threads, user_api="blas"), ThreadPoolExecutor(workers) as pool:
         for batches, feed in enumerate(feeds, 1):
+            if capture.reuses_outputs:
+                wait(pending)  # its arrays are about to be written again
             values, grams = capture.run(feed, moments, batches)
             wait(pending)  # the previous batch's layers were added while onnxruntime ran this one
             pending = [
