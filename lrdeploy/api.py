@@ -170,7 +170,8 @@ def _compress(
             moments = calibration.moments if calibration else None
             rewrites, decisions = plan_layers(groups, config, tick, moments)
         else:
-            totals = {"params": params_before, "macs": total_before}
+            removed = folded.counts.get("params_removed", 0) if folded is not None else 0
+            totals = {"params": params_before, "macs": total_before, "params_removed": removed}
             rewrites, decisions, budget, costing = plan_budget(
                 groups, config, totals, macs_before, calibration, folded_model, progress, original, shapes
             )

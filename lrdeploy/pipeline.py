@@ -3,6 +3,7 @@ bodies are normalized and folded like the main graph."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -15,7 +16,7 @@ from lrdeploy.passes.wrapped import unwrap_weights
 from lrdeploy.planning import costs
 from lrdeploy.planning.plan import WeightGroup
 
-__all__ = ["calibration_layers", "decision_dicts", "prepare_graph"]
+__all__ = ["calibration_layers", "constant_elements", "decision_dicts", "prepare_graph"]
 
 
 def prepare_graph(
@@ -47,8 +48,21 @@ def prepare_graph(
         # Ranks from what the model declares, not from --input-shape: a fold must hold for every input
         # the model accepts, and an input declared without a shape may take any rank.
         ranks = {name: len(shape) for name, shape in costs.infer_shapes(model).items()}
+        before = constant_elements(graph)
         folded = fold_batchnorm(graph, names, ranks)
+        if folded.modified:  # BN's four vectors go, a bias may come: budgets count what is stored after
+            folded.counts["params_removed"] = before - constant_elements(graph)
     return graph, names, normalized, folded
+
+
+def constant_elements(graph: gs.Graph) -> int:
+    """Elements of the constants the graph and its bodies use (unused ones are not stored)."""
+    return sum(
+        int(np.prod(tensor.shape))
+        for body in all_graphs(graph)
+        for tensor in body.tensors().values()
+        if isinstance(tensor, gs.Constant)
+    )
 
 
 def decision_dicts(result: PassResult | None) -> list[dict[str, str]]:

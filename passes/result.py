@@ -24,6 +24,7 @@ class Decision:
 class PassResult:
     name: str
     decisions: list[Decision] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # totals the pass changed (e.g. weight elements)
 
     def record(self, node: str, op: str, action: str, reason: str = "", **details: Any) -> None:
         self.decisions.append(Decision(node, op, action, reason, details))

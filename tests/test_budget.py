@@ -270,3 +270,33 @@ def test_a_registered_cost_plugs_in_without_touching_the_allocator(monkeypatch):
     assert list(ranks) == ["conv1"]
     assert ranks["conv1"] * (16 + 36) <= 0.5 * 16 * 36
     assert report.budget["kind"] == "conv1-weights" and report.budget["achieved"] is None
+
+
+def test_a_params_budget_counts_what_bn_folding_removes():
+    """BN's four vectors are folded away (a bias may come instead): with BN a large share of the
+    parameters (64-channel 1×1 convs), the plan must not count them as kept, or it lands below target."""
+    rng = np.random.default_rng(3)
+    nodes, params, x = [], {}, "x"
+    for i in range(3):
+        nodes += [
+            helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}"),
+            helper.make_node(
+                "BatchNormalization", [f"c{i}", f"g{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"], name=f"bn{i}"
+            ),
+            helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
+        params |= {
+            f"w{i}": rng.standard_normal((64, 8 if i == 0 else 64, 1, 1)) * 0.2,
+            f"g{i}": rng.uniform(0.5, 1.5, 64),
+            f"b{i}": rng.standard_normal(64) * 0.1,
+            f"m{i}": rng.standard_normal(64) * 0.1,
+            f"v{i}": rng.uniform(0.5, 1.5, 64),
+        }
+        x = f"r{i}"
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    model = graph_model(nodes, {"x": ["N", 8, 4, 4]}, {x: None}, params)
+    out, report = lrdeploy.compress(model, input_shapes={"x": (1, 8, 4, 4)}, verify=False, target_params=0.6)
+    achieved = report.params_after / report.params_before
+    assert 0.59 <= achieved <= 0.6 + 1e-9
+    assert report.budget["planned"] == pytest.approx(achieved, abs=1e-9)
+    check_model(out)

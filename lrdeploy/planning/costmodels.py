@@ -119,12 +119,20 @@ def layer_positions(analysis: Analysis, macs: Mapping[str, int | None]) -> Layer
 
 
 def _params(analyses: Sequence[Analysis], context: CostContext) -> Costing:
+    """Parameters stored: the fraction is of the original model's, and what BN folding removes (its
+    four vectors, less a bias it may add) is not stored in the output, so it is not a fixed cost."""
     total = context.totals.get("params") or 0
+    model: CostModel
     if any(a.group.view.blocks > 1 for a in analyses):  # G blocks of m×n cost G times one: MACs at G spots
+        model = MacsCost()
         shapes = {a.name: LayerShape(a.group.view.m, a.group.view.n, a.group.view.blocks) for a in analyses}
-        return Costing(MacsCost(), shapes, float(total), "params")
-    shapes = {a.name: LayerShape(a.group.view.m, a.group.view.n) for a in analyses}
-    return Costing(ParamsCost(), shapes, float(total), "params")
+    else:
+        model = ParamsCost()
+        shapes = {a.name: LayerShape(a.group.view.m, a.group.view.n) for a in analyses}
+    removed = context.totals.get("params_removed") or 0
+    dense = sum(model.cost(shape, None) for shape in shapes.values())
+    fixed = max(total - dense - removed, 0.0) if removed else None
+    return Costing(model, shapes, float(total), "params", fixed)
 
 
 def unknown_dims(what: str) -> UsageError:
