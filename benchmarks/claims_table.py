@@ -12,14 +12,17 @@ compressed three ways to at most 25% of its parameters and scored on the 2,000 t
   ``keep`` setting of the training table, where the open claims were measured);
 - budget: ``compress(target_params=0.25, calib="mnist")``: per-layer ranks from the knapsack allocator
   (allocate="error"), whitened factors from the training digits (method "auto" → whiten);
-- budget + finetune: that model after `finetune` (distillation, SGD, lr 0.01; 0.002 for vgg, which diverges
-  at 0.01, models/RESULTS_finetune.md) for ``--finetune-epochs``, from ``--teacher``: ``baseline`` (default:
+- budget + finetune: that model after `finetune` (distillation) from ``--teacher``: ``baseline`` (default:
   the plainly trained model of the architecture, the best one there is) or ``own`` (the method's own
   uncompressed model, which caps the student at that model's accuracy).
 
+The settings of each architecture (calibration samples, optimizer, lr, warm-up, epochs) are CHOSEN below,
+picked on a validation split of the training digits by benchmarks/claims_tune.py
+(models/RESULTS_claims_tuning.md), never on the test digits; flags override them for one run.
 The gap is budget + finetune minus the plain baseline's uncompressed accuracy (the claim: within 0.5 point).
-Writes ``RESULTS_claims.md`` and ``RESULTS_claims.json`` under --models; rows are merged by (arch, method,
-teacher, epochs), re-reading the file before each write so that two runs with different rows can share it.
+Writes ``RESULTS_claims.md`` and ``RESULTS_claims.json`` under --models; rows are merged by arch, method,
+teacher and settings, re-reading the file before each write so that two runs with different rows can share
+it. The summary table shows the rows made with the CHOSEN settings; every row is in the full table.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 from train_table import KEEP, provenance, ratio_for
 
 import lrdeploy
+from lrdeploy.errors import RuntimeFailure
 from lrdeploy.trainer.data import load_dataset
 from lrdeploy.trainer.export import onnx_logits
 from lrdeploy.trainer.finetune import FinetuneConfig, finetune
@@ -42,8 +46,15 @@ from lrdeploy.trainer.finetune import FinetuneConfig, finetune
 TARGET = 0.25
 ARCHS = ("mlp", "lenet5", "vgg")
 METHODS = ("baseline", "lrpet", "lorita", "bsr")
-#: Fine-tuning learning rate per architecture (VGG: see models/RESULTS_finetune.md).
-FINETUNE_LR = {"mlp": 0.01, "lenet5": 0.01, "vgg": 0.002}
+#: What the first rows were made with (before settings were recorded): SGD, no warm-up, 256 samples.
+EARLIER = {"optimizer": "sgd", "warmup": 0.0, "calib_samples": 256, "alpha": 0.5, "temperature": 3.0}
+#: Per architecture, chosen on the validation split (models/RESULTS_claims_tuning.md).
+CHOSEN = {
+    "mlp": EARLIER | {"lr": 0.01, "finetune_epochs": 3},
+    "lenet5": EARLIER | {"lr": 0.01, "finetune_epochs": 3},
+    "vgg": EARLIER | {"optimizer": "adam", "lr": 0.001, "calib_samples": 1024, "finetune_epochs": 5},
+}
+SETTINGS = ("calib_samples", "optimizer", "lr", "warmup", "finetune_epochs", "alpha", "temperature")
 
 
 def model_for(arch: str, method: str, models: Path, work: Path) -> Path | None:
@@ -64,8 +75,15 @@ def accuracy(path: Path, data) -> float:
     return float((onnx_logits(path, data.x_test).argmax(1) == data.y_test).mean())
 
 
+def settings_for(arch: str, args) -> dict:
+    """The CHOSEN settings of ``arch`` with the flags given on the command line."""
+    given = {key: getattr(args, key) for key in SETTINGS if getattr(args, key) is not None}
+    return CHOSEN[arch] | given
+
+
 def row_for(arch: str, method: str, model: Path, args, data, scratch: Path) -> dict:
     started = time.perf_counter()
+    settings = settings_for(arch, args)
     row: dict = {"arch": arch, "method": method, "model": model.name, "uncompressed": accuracy(model, data)}
     ratio = ratio_for(model, TARGET, KEEP[arch])
     uniform = scratch / "uniform.onnx"
@@ -73,78 +91,160 @@ def row_for(arch: str, method: str, model: Path, args, data, scratch: Path) -> d
     row |= {"ratio": ratio, "uniform": accuracy(uniform, data)}
     row["uniform_params"] = report.params_after / report.params_before
     budget = scratch / "budget.onnx"
-    _, report = lrdeploy.compress(model, target_params=TARGET, calib="mnist", verify=False, output=budget)
+    _, report = lrdeploy.compress(
+        model,
+        target_params=TARGET,
+        calib="mnist",
+        calib_samples=settings["calib_samples"],
+        verify=False,
+        output=budget,
+    )
     row |= {"budget": accuracy(budget, data), "budget_params": report.params_after / report.params_before}
     row["budget_ranks"] = {layer.decision.name: layer.decision.rank for layer in report.factorized}
-    lr = args.lr or FINETUNE_LR[arch]
     config = FinetuneConfig(
-        epochs=args.finetune_epochs, lr=lr, subset=args.subset, verify=False, device="cpu"
+        epochs=settings["finetune_epochs"],
+        lr=settings["lr"],
+        optimizer=settings["optimizer"],
+        warmup=settings["warmup"],
+        alpha=settings["alpha"],
+        temperature=settings["temperature"],
+        subset=args.subset,
+        verify=False,
+        device="cpu",
     )
     tuned = scratch / "tuned.onnx"
     teacher = model if args.teacher == "own" else args.models / f"{arch}_baseline.onnx"
-    finetune(budget, teacher, "mnist", config, output=tuned)
-    row |= {"finetuned": accuracy(tuned, data), "finetune_epochs": args.finetune_epochs}
-    row["teacher"], row["lr"] = ("own" if teacher == model else "baseline"), lr
+    try:
+        result = finetune(budget, teacher, "mnist", config, output=tuned)
+    except RuntimeFailure as error:  # diverged: the row says so
+        row |= {"finetuned": None, "curve": [], "note": str(error)}
+    else:
+        row |= {"finetuned": accuracy(tuned, data), "curve": [h["test_accuracy"] for h in result.history]}
+    row |= settings | {"teacher": "own" if teacher == model else "baseline"}
     row["seconds"] = time.perf_counter() - started
     return row
 
 
-def _key(row: dict) -> tuple[str, str, str, int, float]:
-    lr = row.get("lr", FINETUNE_LR[row["arch"]])
-    return row["arch"], row["method"], row.get("teacher", "own"), row["finetune_epochs"], lr
+#: The lr of the first rows, which recorded none.
+_FIRST_LR = {"mlp": 0.01, "lenet5": 0.01, "vgg": 0.002}
+
+
+def _settings(row: dict) -> dict:
+    """A row's settings; the first rows recorded only some of them (EARLIER and _FIRST_LR fill in)."""
+    defaults = EARLIER | {"lr": _FIRST_LR[row["arch"]]}
+    return {key: row.get(key, defaults.get(key)) for key in SETTINGS}
+
+
+def _key(row: dict) -> tuple:
+    return row["arch"], row["method"], row.get("teacher", "own"), *_settings(row).values()
 
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}"
 
 
+def _tuning(row: dict) -> str:
+    s = _settings(row)
+    warm = f", warm-up {s['warmup']:g}" if s["warmup"] else ""
+    kd = "" if (s["alpha"], s["temperature"]) == (0.5, 3.0) else f", α {s['alpha']:g}, T {s['temperature']:g}"
+    return f"{s['finetune_epochs']}, {row.get('teacher', 'own')}, {s['optimizer']} {s['lr']:g}{warm}{kd}"
+
+
+def _gap(value: float | None, reference: float | None) -> str:
+    return "—" if value is None or reference is None else f"{100 * (value - reference):+.2f}"
+
+
+def _verdict(value: float | None, reference: float | None) -> str:
+    if value is None or reference is None:
+        return "—"
+    return "yes" if value - reference >= -0.005 else "no"
+
+
+def _ordered(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (ARCHS.index(r["arch"]), METHODS.index(r["method"]), str(_key(r)[2:])))
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """One line per row made with its architecture's CHOSEN settings and the baseline teacher."""
+    base = {r["arch"]: r["uncompressed"] for r in rows if r["method"] == "baseline"}
+    lines = [
+        "| arch | method | uncompressed | budget | + finetune | per-epoch test accuracy (PyTorch) | gap to "
+        "baseline | within 0.5 | gap to own uncompressed |",
+        "|---" * 9 + "|",
+    ]
+    for row in _ordered(rows):
+        if row.get("teacher") != "baseline" or _settings(row) != CHOSEN[row["arch"]]:
+            continue
+        curve = " → ".join(f"{100 * a:.2f}" for a in row.get("curve", [])) or row.get("note", "")
+        lines.append(
+            f"| {row['arch']} | {row['method']} | {_pct(row['uncompressed'])} | {_pct(row['budget'])} | "
+            f"{_pct(row['finetuned'])} | {curve} | {_gap(row['finetuned'], base.get(row['arch']))} | "
+            f"{_verdict(row['finetuned'], base.get(row['arch']))} | "
+            f"{_gap(row['finetuned'], row['uncompressed'])} |"
+        )
+    return lines
+
+
 def markdown(results: dict) -> str:
     rows = results["rows"]
+    chosen = "; ".join(
+        f"{arch}: {s['calib_samples']} calibration samples, {s['optimizer']} lr {s['lr']:g}, "
+        f"{s['finetune_epochs']} epochs" + (f", warm-up {s['warmup']:g}" if s["warmup"] else "")
+        for arch, s in CHOSEN.items()
+    )
     lines = [
         "# The trainer's open claims at ≤ 25% of parameters (bundled MNIST, 2,000 test digits)",
         "",
         *(line for sentence in results["made_by"] for line in (sentence, "")),
         "Accuracy (%) on onnxruntime. *uniform*: one rank ratio, first conv and classifier dense; *budget*: "
-        '`compress(target_params=0.25, calib="mnist")` (knapsack ranks, whitened factors); *+ finetune*: '
-        "the budget model distilled for the epochs shown from the teacher named (*own*: the method's own "
-        "uncompressed model; *baseline*: the architecture's plainly trained model). *gap*: budget + "
-        "finetune minus the baseline's uncompressed accuracy; the claim holds where gap ≥ −0.5.",
+        '`compress(target_params=0.25, calib="mnist", calib_samples=N)` (knapsack ranks, whitened factors); '
+        "*+ finetune*: the budget model distilled (KD α 0.5, T 3 unless shown) for the epochs shown from the "
+        "teacher named (*own*: the method's own uncompressed model; *baseline*: the architecture's plainly "
+        "trained model), optimizer and peak lr, cosine to 0. *gap*: budget + finetune minus the baseline's "
+        "uncompressed accuracy; the claim holds where gap ≥ −0.5.",
         "",
-        "| arch | method | model | uncompressed | uniform (params kept) | budget (params kept) | + finetune "
-        "(epochs, teacher, lr) | baseline uncompressed | gap | within 0.5 | time (s) |",
+        f"## With the settings chosen on the validation split ({chosen})",
+        "",
+        "Chosen by `benchmarks/claims_tune.py` on the training digits (models/RESULTS_claims_tuning.md).",
+        "",
+        *summary(rows),
+        "",
+        "## Every row",
+        "",
+        "| arch | method | model | uncompressed | uniform (params kept) | budget (params kept, calib "
+        "samples) | + finetune (epochs, teacher, optimizer lr) | baseline uncompressed | gap | within 0.5 | "
+        "time (s) |",
         "|---" * 11 + "|",
     ]
     base = {r["arch"]: r["uncompressed"] for r in rows if r["method"] == "baseline"}
-    for arch in ARCHS:
-        for row in sorted(
-            (r for r in rows if r["arch"] == arch),
-            key=lambda r: (METHODS.index(r["method"]), *_key(r)[2:]),
-        ):
-            teacher = row.get("teacher", "own")
-            baseline = base.get(arch)
-            gap = None if baseline is None else row["finetuned"] - baseline
-            verdict = "—" if gap is None else ("yes" if gap >= -0.005 else "no")
-            lines.append(
-                f"| {arch} | {row['method']} | {row['model']} | {_pct(row['uncompressed'])} | "
-                f"{_pct(row['uniform'])} ({row['uniform_params']:.3f}, ρ {row['ratio']:.3f}) | "
-                f"{_pct(row['budget'])} ({row['budget_params']:.3f}) | {_pct(row['finetuned'])} "
-                f"({row['finetune_epochs']}, {teacher}, lr {row.get('lr', FINETUNE_LR[arch]):g}) | "
-                f"{_pct(baseline)} | "
-                f"{'—' if gap is None else f'{100 * gap:+.2f}'} | {verdict} | {row['seconds']:.0f} |"
-            )
+    for row in _ordered(rows):
+        baseline = base.get(row["arch"])
+        lines.append(
+            f"| {row['arch']} | {row['method']} | {row['model']} | {_pct(row['uncompressed'])} | "
+            f"{_pct(row['uniform'])} ({row['uniform_params']:.3f}, ρ {row['ratio']:.3f}) | "
+            f"{_pct(row['budget'])} ({row['budget_params']:.3f}, {_settings(row)['calib_samples']}) | "
+            f"{_pct(row['finetuned'])} ({_tuning(row)}) | {_pct(baseline)} | "
+            f"{_gap(row['finetuned'], baseline)} | {_verdict(row['finetuned'], baseline)} | "
+            f"{row['seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def _read(path: Path) -> dict:
+def read_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"rows": [], "made_by": []}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=None, help="only these ARCH:METHOD rows")
-    parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--teacher", choices=("baseline", "own"), default="baseline")
-    parser.add_argument("--lr", type=float, default=None, help="finetune lr (default: 0.01; vgg 0.002)")
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="default: the arch's CHOSEN")
+    parser.add_argument("--lr", type=float, default=None, help="finetune peak lr (default: CHOSEN)")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default=None)
+    parser.add_argument("--warmup", type=float, default=None, help="epochs of lr warm-up")
+    parser.add_argument("--alpha", type=float, default=None, help="weight of the labels' loss")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--calib-samples", type=int, default=None, help="calibration digits")
     parser.add_argument("--subset", type=int, default=None, help="first N train and test digits only")
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--work", type=Path, default=Path("out/train_table"), help="where BSR's models are")
@@ -163,10 +263,10 @@ def main() -> None:
                 continue
             row = row_for(arch, method, model, args, data, Path(scratch))
             print(json.dumps({k: v for k, v in row.items() if k != "budget_ranks"}), flush=True)
-            results = _read(path)
+            results = read_results(path)
             results["rows"] = [r for r in results["rows"] if _key(r) != _key(row)] + [row]
             path.write_text(json.dumps(results, indent=1))
-    results = _read(path)
+    results = read_results(path)
     results["made_by"].append(provenance("benchmarks/claims_table.py", time.perf_counter() - started))
     path.write_text(json.dumps(results, indent=1))
     (args.models / "RESULTS_claims.md").write_text(markdown(results))
