@@ -157,7 +157,35 @@ def _gap(value: float | None, reference: float | None) -> str:
 def _verdict(value: float | None, reference: float | None) -> str:
     if value is None or reference is None:
         return "—"
-    return "yes" if value - reference >= -0.005 else "no"
+    return "yes" if round(100 * (value - reference), 2) >= -0.5 else "no"  # on the printed gap
+
+
+#: What the summary shows and why the misses miss (written from the rows above; docs/training.md).
+NOTES = [
+    "**Holds** (gap ≥ −0.5): every MLP method, LeNet-5 baseline, LRPET and LoRITa, VGG BSR (−0.50, its "
+    "model from the BSR round: see below). **Does not:** LeNet-5 BSR (−1.15), VGG baseline (−0.80), VGG "
+    "LRPET (−0.95; −0.80 without fine-tuning) and VGG LoRITa (−0.60). Why, from the curves:",
+    "",
+    "- The VGG curves are flat after 3–5 of the 10 epochs (baseline 98.5–98.65 from epoch 3, LoRITa "
+    "98.6–98.8 from epoch 5), with the lr cosine-decayed to 0 by the end: the fine-tune has converged, so "
+    "more epochs at these settings are not the lever (10 epochs tied 5 on the validation split for the "
+    "baseline). The student is the BN-folded VGG at 24% of the parameters, fine-tuned on the same 8,000 "
+    "digits without augmentation; no VGG at ≤ 25% here passes 98.90 (LRPET trained at those ranks: 98.60).",
+    "- LRPET's VGG compresses losslessly (98.60 = its uncompressed accuracy, 0.80 below the baseline), so "
+    "fine-tuning can only add what the baseline teacher knows beyond it; Adam's first steps move the "
+    "converged model off its optimum (98.15 after epoch 1) and 10 epochs bring it back to 98.45, not past "
+    "98.60. Its miss is the method's own model, not the compression (gap to its own uncompressed −0.15).",
+    "- LeNet-5 BSR's own model is 96.15, 1.75 below the baseline (λ = 1 trades accuracy for rank in this "
+    "BN-free net); distillation from the baseline adds +0.60 over it (96.75) and its curve is flat from "
+    "epoch 5. SGD at lr 0.01, which diverged in the first table (10.20%), trains stably but worse with "
+    "warm-up (validation 96.75 after 10 epochs against Adam's 97.69).",
+    "- BSR's models (`--work`, not shipped): the MLP's and LeNet-5's retrained by `python "
+    "benchmarks/train_table.py --methods bsr --archs mlp|lenet5 --settings keep --targets 0.2 --work "
+    "/tmp/claims_bsr/work --models /tmp/claims_bsr/models` (95.65 and 96.15 uncompressed, as in the first "
+    "rows). The VGG model of the first rows (99.00) was gone; its row uses the BSR round's retrained "
+    "`vgg_bsr_keep_r0.160.onnx` (98.85 uncompressed, branch `bsr`), which the fine-tune takes 0.05 above "
+    "its own uncompressed accuracy, to exactly −0.50.",
+]
 
 
 def _ordered(rows: list[dict]) -> list[dict]:
@@ -211,6 +239,8 @@ def markdown(results: dict) -> str:
         "",
         *summary(rows),
         "",
+        *NOTES,
+        "",
         "## Every row",
         "",
         "| arch | method | model | uncompressed | uniform (params kept) | budget (params kept, calib "
@@ -250,11 +280,15 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=None, help="first N train and test digits only")
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--work", type=Path, default=Path("out/train_table"), help="where BSR's models are")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = parser.parse_args()
+    path = args.models / "RESULTS_claims.json"
+    if args.render:
+        (args.models / "RESULTS_claims.md").write_text(markdown(read_results(path)))
+        return
     torch.set_num_threads(1)  # LAPACK on 2 threads of a loaded 2-core machine ran 80× slower than on 1
     wanted = args.rows or [f"{a}:{m}" for a in ARCHS for m in METHODS]
     data = load_dataset("mnist").subset(args.subset)
-    path = args.models / "RESULTS_claims.json"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="claims-") as scratch:
         for item in wanted:

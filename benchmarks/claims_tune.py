@@ -49,8 +49,10 @@ _FIELDS = {
 }
 
 
-def parse_setting(text: str) -> dict:
-    """``optimizer=adam,lr=0.001,epochs=5`` → the `FinetuneConfig` keywords."""
+def parse_setting(text: str) -> dict | None:
+    """``optimizer=adam,lr=0.001,epochs=5`` → the `FinetuneConfig` keywords; ``none``: compression only."""
+    if text == "none":
+        return None
     setting = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
@@ -61,6 +63,8 @@ def parse_setting(text: str) -> dict:
 
 
 def _label(row: dict) -> str:
+    if row["setting"] is None:
+        return "none (compression only)"
     return ",".join(f"{k}={row['setting'][k]}" for k in _FIELDS if k in row["setting"])
 
 
@@ -100,6 +104,11 @@ def tune(arch: str, method: str, model: Path, args, split: Path, scratch: Path) 
             row = {"arch": arch, "method": method, "calib_samples": samples, "allocate": args.allocate}
             row |= {"setting": setting, "budget_params": report.params_after / report.params_before}
             row |= {"budget_val": before, "budget_ranks": ranks}
+            if setting is None:
+                row |= {"finetuned_val": None, "curve": [], "note": "—"}
+                row["seconds"] = time.perf_counter() - started
+                rows.append(row)
+                continue
             config = FinetuneConfig(verify=False, device="cpu", seed=args.seed, **setting)
             try:
                 result = finetune(budget, teacher, str(split), config)
@@ -115,8 +124,10 @@ def tune(arch: str, method: str, model: Path, args, split: Path, scratch: Path) 
     return rows
 
 
-def _pct(value: float | None) -> str:
-    return "diverged" if value is None else f"{100 * value:.2f}"
+def _pct(value: float | None, row: dict | None = None) -> str:
+    if value is None:
+        return "—" if row is None or row["setting"] is None else "diverged"
+    return f"{100 * value:.2f}"
 
 
 def markdown(results: dict) -> str:
@@ -140,7 +151,7 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {row['arch']} | {row['method']} | {row['calib_samples']} | {row['allocate']} | "
             f"{_pct(row['budget_val'])} ({row['budget_params']:.3f}) | {_label(row)} | {curve} | "
-            f"{_pct(row['finetuned_val'])} | {row['seconds']:.0f} |"
+            f"{_pct(row['finetuned_val'], row)} | {row['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -148,7 +159,12 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", required=True, help="ARCH:METHOD rows")
-    parser.add_argument("--settings", nargs="+", required=True, help="e.g. optimizer=adam,lr=0.001,epochs=5")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        required=True,
+        help="e.g. optimizer=adam,lr=0.001,epochs=5; none: no fine-tune",
+    )
     parser.add_argument("--calib-samples", nargs="+", type=int, default=[256])
     parser.add_argument("--allocate", choices=("error", "sensitivity"), default="error")
     parser.add_argument("--seed", type=int, default=0)
