@@ -1,7 +1,8 @@
 """The trainer's open claims at ≤ 25% of parameters: uniform ratio vs budget allocator vs budget + finetune.
 
-    OMP_NUM_THREADS=1 python benchmarks/claims_table.py                       # every row (~30 min, 2 cores)
+    OMP_NUM_THREADS=1 python benchmarks/claims_table.py        # every row (~50 min on the shared 2-core box)
     OMP_NUM_THREADS=1 python benchmarks/claims_table.py --rows mlp:lrpet --finetune-epochs 1 --subset 500
+    python benchmarks/claims_table.py --render                  # rewrite the .md from the .json
 
 Per architecture (mlp, lenet5, vgg) and training method, the model trained on the 8,000 bundled training
 digits (``models/ARCH_baseline.onnx``, ``ARCH_lorita.onnx``, ``ARCH_lrpet_keep_r*.onnx`` from

@@ -1,15 +1,17 @@
 """The fine-tuner's optimizer and learning-rate schedule: SGD or Adam, linear warm-up, cosine to 0.
 
-A compressed model whose BatchNorm was folded into its convolutions has no normalization left: the first
-steps at a learning rate that suits the MLP or LeNet-5 (SGD 0.01) throw the bundled VGG's factor pairs off
-and the loss goes to NaN (models/RESULTS_finetune.md). Two remedies, both off by default:
+A compressed model whose BatchNorm was folded into its convolutions has no normalization left: SGD at the
+learning rate that suits the MLP and LeNet-5 (0.01) sends the bundled VGG's loss to NaN in the first epoch
+(models/RESULTS_finetune.md). Two options, both off by default:
 
 - ``warmup`` epochs of linear warm-up, lr(s) = peak · (s + 1) / w for the first w steps, then the cosine
   of the remaining steps, lr(s) = peak · ½(1 + cos(π (s − w) / (S − w))). With w = 0 this is exactly the
   trainer's `cosine_sgd` schedule.
-- ``optimizer="adam"``: Adam (β = 0.9, 0.999; ``weight_decay`` as its L2 term) under the same schedule.
-  Its per-parameter step size does not depend on the gradient's scale, which in a BN-less deep stack
-  differs by orders of magnitude between layers (models/RESULTS_claims_tuning.md measures both).
+- ``optimizer="adam"``: Adam (β = 0.9, 0.999; ``weight_decay`` as its L2 term) under the same schedule;
+  its steps are scaled per parameter by the gradient's running RMS, not by the gradient itself.
+
+On that VGG one epoch of warm-up did not save SGD at 0.01 (it fell to chance), Adam at 1e-3 trained it
+stably (models/RESULTS_claims_tuning.md).
 """
 
 from __future__ import annotations
