@@ -171,7 +171,8 @@ NOTES = [
     "98.6–98.8 from epoch 5), with the lr cosine-decayed to 0 by the end: the fine-tune has converged, so "
     "more epochs at these settings are not the lever (10 epochs tied 5 on the validation split for the "
     "baseline). The student is the BN-folded VGG at 24% of the parameters, fine-tuned on the same 8,000 "
-    "digits without augmentation; no VGG at ≤ 25% here passes 98.90 (LRPET trained at those ranks: 98.60).",
+    "digits without augmentation; no VGG at ≤ 25% here ends above 98.90 (LRPET trained at those ranks: "
+    "98.60).",
     "- LRPET's VGG compresses losslessly (98.60 = its uncompressed accuracy, 0.80 below the baseline), so "
     "fine-tuning can only add what the baseline teacher knows beyond it; Adam's first steps move the "
     "converged model off its optimum (98.15 after epoch 1) and 10 epochs bring it back to 98.45, not past "
