@@ -1,7 +1,8 @@
 """The trainer's open claims at ≤ 25% of parameters: uniform ratio vs budget allocator vs budget + finetune.
 
-    OMP_NUM_THREADS=1 python benchmarks/claims_table.py                       # every row (~30 min, 2 cores)
+    OMP_NUM_THREADS=1 python benchmarks/claims_table.py        # every row (~50 min on the shared 2-core box)
     OMP_NUM_THREADS=1 python benchmarks/claims_table.py --rows mlp:lrpet --finetune-epochs 1 --subset 500
+    python benchmarks/claims_table.py --render                  # rewrite the .md from the .json
 
 Per architecture (mlp, lenet5, vgg) and training method, the model trained on the 8,000 bundled training
 digits (``models/ARCH_baseline.onnx``, ``ARCH_lorita.onnx``, ``ARCH_lrpet_keep_r*.onnx`` from
@@ -12,14 +13,17 @@ compressed three ways to at most 25% of its parameters and scored on the 2,000 t
   ``keep`` setting of the training table, where the open claims were measured);
 - budget: ``compress(target_params=0.25, calib="mnist")``: per-layer ranks from the knapsack allocator
   (allocate="error"), whitened factors from the training digits (method "auto" → whiten);
-- budget + finetune: that model after `finetune` (distillation, SGD, lr 0.01; 0.002 for vgg, which diverges
-  at 0.01, models/RESULTS_finetune.md) for ``--finetune-epochs``, from ``--teacher``: ``baseline`` (default:
+- budget + finetune: that model after `finetune` (distillation) from ``--teacher``: ``baseline`` (default:
   the plainly trained model of the architecture, the best one there is) or ``own`` (the method's own
   uncompressed model, which caps the student at that model's accuracy).
 
+The settings of each architecture (calibration samples, optimizer, lr, warm-up, epochs) are CHOSEN below,
+picked on a validation split of the training digits by benchmarks/claims_tune.py
+(models/RESULTS_claims_tuning.md), never on the test digits; flags override them for one run.
 The gap is budget + finetune minus the plain baseline's uncompressed accuracy (the claim: within 0.5 point).
-Writes ``RESULTS_claims.md`` and ``RESULTS_claims.json`` under --models; rows are merged by (arch, method,
-teacher, epochs), re-reading the file before each write so that two runs with different rows can share it.
+Writes ``RESULTS_claims.md`` and ``RESULTS_claims.json`` under --models; rows are merged by arch, method,
+teacher and settings, re-reading the file before each write so that two runs with different rows can share
+it. The summary table shows the rows made with the CHOSEN settings; every row is in the full table.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 from train_table import KEEP, provenance, ratio_for
 
 import lrdeploy
+from lrdeploy.errors import RuntimeFailure
 from lrdeploy.trainer.data import load_dataset
 from lrdeploy.trainer.export import onnx_logits
 from lrdeploy.trainer.finetune import FinetuneConfig, finetune
@@ -42,8 +47,15 @@ from lrdeploy.trainer.finetune import FinetuneConfig, finetune
 TARGET = 0.25
 ARCHS = ("mlp", "lenet5", "vgg")
 METHODS = ("baseline", "lrpet", "lorita", "bsr")
-#: Fine-tuning learning rate per architecture (VGG: see models/RESULTS_finetune.md).
-FINETUNE_LR = {"mlp": 0.01, "lenet5": 0.01, "vgg": 0.002}
+#: What the first rows were made with (before settings were recorded): SGD, no warm-up, 256 samples.
+EARLIER = {"optimizer": "sgd", "warmup": 0.0, "calib_samples": 256, "alpha": 0.5, "temperature": 3.0}
+#: Per architecture, chosen on the validation split (models/RESULTS_claims_tuning.md).
+CHOSEN = {
+    "mlp": EARLIER | {"optimizer": "adam", "lr": 0.001, "finetune_epochs": 10},
+    "lenet5": EARLIER | {"optimizer": "adam", "lr": 0.001, "finetune_epochs": 10},
+    "vgg": EARLIER | {"optimizer": "adam", "lr": 0.001, "calib_samples": 1024, "finetune_epochs": 10},
+}
+SETTINGS = ("calib_samples", "optimizer", "lr", "warmup", "finetune_epochs", "alpha", "temperature")
 
 
 def model_for(arch: str, method: str, models: Path, work: Path) -> Path | None:
@@ -64,8 +76,15 @@ def accuracy(path: Path, data) -> float:
     return float((onnx_logits(path, data.x_test).argmax(1) == data.y_test).mean())
 
 
+def settings_for(arch: str, args) -> dict:
+    """The CHOSEN settings of ``arch`` with the flags given on the command line."""
+    given = {key: getattr(args, key) for key in SETTINGS if getattr(args, key) is not None}
+    return CHOSEN[arch] | given
+
+
 def row_for(arch: str, method: str, model: Path, args, data, scratch: Path) -> dict:
     started = time.perf_counter()
+    settings = settings_for(arch, args)
     row: dict = {"arch": arch, "method": method, "model": model.name, "uncompressed": accuracy(model, data)}
     ratio = ratio_for(model, TARGET, KEEP[arch])
     uniform = scratch / "uniform.onnx"
@@ -73,86 +92,205 @@ def row_for(arch: str, method: str, model: Path, args, data, scratch: Path) -> d
     row |= {"ratio": ratio, "uniform": accuracy(uniform, data)}
     row["uniform_params"] = report.params_after / report.params_before
     budget = scratch / "budget.onnx"
-    _, report = lrdeploy.compress(model, target_params=TARGET, calib="mnist", verify=False, output=budget)
+    _, report = lrdeploy.compress(
+        model,
+        target_params=TARGET,
+        calib="mnist",
+        calib_samples=settings["calib_samples"],
+        verify=False,
+        output=budget,
+    )
     row |= {"budget": accuracy(budget, data), "budget_params": report.params_after / report.params_before}
     row["budget_ranks"] = {layer.decision.name: layer.decision.rank for layer in report.factorized}
-    lr = args.lr or FINETUNE_LR[arch]
     config = FinetuneConfig(
-        epochs=args.finetune_epochs, lr=lr, subset=args.subset, verify=False, device="cpu"
+        epochs=settings["finetune_epochs"],
+        lr=settings["lr"],
+        optimizer=settings["optimizer"],
+        warmup=settings["warmup"],
+        alpha=settings["alpha"],
+        temperature=settings["temperature"],
+        subset=args.subset,
+        verify=False,
+        device="cpu",
     )
     tuned = scratch / "tuned.onnx"
     teacher = model if args.teacher == "own" else args.models / f"{arch}_baseline.onnx"
-    finetune(budget, teacher, "mnist", config, output=tuned)
-    row |= {"finetuned": accuracy(tuned, data), "finetune_epochs": args.finetune_epochs}
-    row["teacher"], row["lr"] = ("own" if teacher == model else "baseline"), lr
+    try:
+        result = finetune(budget, teacher, "mnist", config, output=tuned)
+    except RuntimeFailure as error:  # diverged: the row says so
+        row |= {"finetuned": None, "curve": [], "note": str(error)}
+    else:
+        row |= {"finetuned": accuracy(tuned, data), "curve": [h["test_accuracy"] for h in result.history]}
+    row |= settings | {"teacher": "own" if teacher == model else "baseline"}
     row["seconds"] = time.perf_counter() - started
     return row
 
 
-def _key(row: dict) -> tuple[str, str, str, int, float]:
-    lr = row.get("lr", FINETUNE_LR[row["arch"]])
-    return row["arch"], row["method"], row.get("teacher", "own"), row["finetune_epochs"], lr
+#: The lr of the first rows, which recorded none.
+_FIRST_LR = {"mlp": 0.01, "lenet5": 0.01, "vgg": 0.002}
+
+
+def _settings(row: dict) -> dict:
+    """A row's settings; the first rows recorded only some of them (EARLIER and _FIRST_LR fill in)."""
+    defaults = EARLIER | {"lr": _FIRST_LR[row["arch"]]}
+    return {key: row.get(key, defaults.get(key)) for key in SETTINGS}
+
+
+def _key(row: dict) -> tuple:
+    return row["arch"], row["method"], row.get("teacher", "own"), *_settings(row).values()
 
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}"
 
 
+def _tuning(row: dict) -> str:
+    s = _settings(row)
+    warm = f", warm-up {s['warmup']:g}" if s["warmup"] else ""
+    kd = "" if (s["alpha"], s["temperature"]) == (0.5, 3.0) else f", α {s['alpha']:g}, T {s['temperature']:g}"
+    return f"{s['finetune_epochs']}, {row.get('teacher', 'own')}, {s['optimizer']} {s['lr']:g}{warm}{kd}"
+
+
+def _gap(value: float | None, reference: float | None) -> str:
+    return "—" if value is None or reference is None else f"{100 * (value - reference):+.2f}"
+
+
+def _verdict(value: float | None, reference: float | None) -> str:
+    if value is None or reference is None:
+        return "—"
+    return "yes" if round(100 * (value - reference), 2) >= -0.5 else "no"  # on the printed gap
+
+
+#: What the summary shows and why the misses miss (written from the rows above; docs/training.md).
+NOTES = [
+    "**Holds** (gap ≥ −0.5): every MLP method, LeNet-5 baseline, LRPET and LoRITa, VGG BSR (−0.50, its "
+    "model from the BSR round: see below). **Does not:** LeNet-5 BSR (−1.15), VGG baseline (−0.80), VGG "
+    "LRPET (−0.95; −0.80 without fine-tuning) and VGG LoRITa (−0.60). Why, from the curves:",
+    "",
+    "- The VGG curves are flat after 3–5 of the 10 epochs (baseline 98.5–98.65 from epoch 3, LoRITa "
+    "98.6–98.8 from epoch 5), with the lr cosine-decayed to 0 by the end: the fine-tune has converged, so "
+    "more epochs at these settings are not the lever (10 epochs tied 5 on the validation split for the "
+    "baseline). The student is the BN-folded VGG at 24% of the parameters, fine-tuned on the same 8,000 "
+    "digits without augmentation; no VGG at ≤ 25% here ends above 98.90 (LRPET trained at those ranks: "
+    "98.60).",
+    "- LRPET's VGG compresses losslessly (98.60 = its uncompressed accuracy, 0.80 below the baseline), so "
+    "fine-tuning can only add what the baseline teacher knows beyond it; Adam's first steps move the "
+    "converged model off its optimum (98.15 after epoch 1) and 10 epochs bring it back to 98.45, not past "
+    "98.60. Its miss is the method's own model, not the compression (gap to its own uncompressed −0.15).",
+    "- LeNet-5 BSR's own model is 96.15, 1.75 below the baseline (λ = 1 trades accuracy for rank in this "
+    "BN-free net); distillation from the baseline adds +0.60 over it (96.75) and its curve is flat from "
+    "epoch 5. SGD at lr 0.01, which diverged in the first table (10.20%), trains stably but worse with "
+    "warm-up (validation 96.75 after 10 epochs against Adam's 97.69).",
+    "- BSR's models (`--work`, not shipped): the MLP's and LeNet-5's retrained by `python "
+    "benchmarks/train_table.py --methods bsr --archs mlp|lenet5 --settings keep --targets 0.2 --work "
+    "/tmp/claims_bsr/work --models /tmp/claims_bsr/models` (95.65 and 96.15 uncompressed, as in the first "
+    "rows). The VGG model of the first rows (99.00) was gone; its row uses the BSR round's retrained "
+    "`vgg_bsr_keep_r0.160.onnx` (98.85 uncompressed, branch `bsr`), which the fine-tune takes 0.05 above "
+    "its own uncompressed accuracy, to exactly −0.50.",
+]
+
+
+def _ordered(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (ARCHS.index(r["arch"]), METHODS.index(r["method"]), str(_key(r)[2:])))
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """One line per row made with its architecture's CHOSEN settings and the baseline as teacher (the
+    baseline's own rows say *own*: it is its own teacher)."""
+    base = {r["arch"]: r["uncompressed"] for r in rows if r["method"] == "baseline"}
+    lines = [
+        "| arch | method | uncompressed | budget | + finetune | per-epoch test accuracy (PyTorch) | gap to "
+        "baseline | within 0.5 | gap to own uncompressed |",
+        "|---" * 9 + "|",
+    ]
+    for row in _ordered(rows):
+        baseline_teacher = row.get("teacher") == "baseline" or row["method"] == "baseline"
+        if not baseline_teacher or _settings(row) != CHOSEN[row["arch"]]:
+            continue
+        curve = " → ".join(f"{100 * a:.2f}" for a in row.get("curve", [])) or row.get("note", "")
+        lines.append(
+            f"| {row['arch']} | {row['method']} | {_pct(row['uncompressed'])} | {_pct(row['budget'])} | "
+            f"{_pct(row['finetuned'])} | {curve} | {_gap(row['finetuned'], base.get(row['arch']))} | "
+            f"{_verdict(row['finetuned'], base.get(row['arch']))} | "
+            f"{_gap(row['finetuned'], row['uncompressed'])} |"
+        )
+    return lines
+
+
 def markdown(results: dict) -> str:
     rows = results["rows"]
+    chosen = "; ".join(
+        f"{arch}: {s['calib_samples']} calibration samples, {s['optimizer']} lr {s['lr']:g}, "
+        f"{s['finetune_epochs']} epochs" + (f", warm-up {s['warmup']:g}" if s["warmup"] else "")
+        for arch, s in CHOSEN.items()
+    )
     lines = [
         "# The trainer's open claims at ≤ 25% of parameters (bundled MNIST, 2,000 test digits)",
         "",
         *(line for sentence in results["made_by"] for line in (sentence, "")),
         "Accuracy (%) on onnxruntime. *uniform*: one rank ratio, first conv and classifier dense; *budget*: "
-        '`compress(target_params=0.25, calib="mnist")` (knapsack ranks, whitened factors); *+ finetune*: '
-        "the budget model distilled for the epochs shown from the teacher named (*own*: the method's own "
-        "uncompressed model; *baseline*: the architecture's plainly trained model). *gap*: budget + "
-        "finetune minus the baseline's uncompressed accuracy; the claim holds where gap ≥ −0.5.",
+        '`compress(target_params=0.25, calib="mnist", calib_samples=N)` (knapsack ranks, whitened factors); '
+        "*+ finetune*: the budget model distilled (KD α 0.5, T 3 unless shown) for the epochs shown from the "
+        "teacher named (*own*: the method's own uncompressed model; *baseline*: the architecture's plainly "
+        "trained model), optimizer and peak lr, cosine to 0. *gap*: budget + finetune minus the baseline's "
+        "uncompressed accuracy; the claim holds where gap ≥ −0.5.",
         "",
-        "| arch | method | model | uncompressed | uniform (params kept) | budget (params kept) | + finetune "
-        "(epochs, teacher, lr) | baseline uncompressed | gap | within 0.5 | time (s) |",
+        f"## With the settings chosen on the validation split ({chosen})",
+        "",
+        "Chosen by `benchmarks/claims_tune.py` on the training digits (models/RESULTS_claims_tuning.md).",
+        "",
+        *summary(rows),
+        "",
+        *NOTES,
+        "",
+        "## Every row",
+        "",
+        "| arch | method | model | uncompressed | uniform (params kept) | budget (params kept, calib "
+        "samples) | + finetune (epochs, teacher, optimizer lr) | baseline uncompressed | gap | within 0.5 | "
+        "time (s) |",
         "|---" * 11 + "|",
     ]
     base = {r["arch"]: r["uncompressed"] for r in rows if r["method"] == "baseline"}
-    for arch in ARCHS:
-        for row in sorted(
-            (r for r in rows if r["arch"] == arch),
-            key=lambda r: (METHODS.index(r["method"]), *_key(r)[2:]),
-        ):
-            teacher = row.get("teacher", "own")
-            baseline = base.get(arch)
-            gap = None if baseline is None else row["finetuned"] - baseline
-            verdict = "—" if gap is None else ("yes" if gap >= -0.005 else "no")
-            lines.append(
-                f"| {arch} | {row['method']} | {row['model']} | {_pct(row['uncompressed'])} | "
-                f"{_pct(row['uniform'])} ({row['uniform_params']:.3f}, ρ {row['ratio']:.3f}) | "
-                f"{_pct(row['budget'])} ({row['budget_params']:.3f}) | {_pct(row['finetuned'])} "
-                f"({row['finetune_epochs']}, {teacher}, lr {row.get('lr', FINETUNE_LR[arch]):g}) | "
-                f"{_pct(baseline)} | "
-                f"{'—' if gap is None else f'{100 * gap:+.2f}'} | {verdict} | {row['seconds']:.0f} |"
-            )
+    for row in _ordered(rows):
+        baseline = base.get(row["arch"])
+        lines.append(
+            f"| {row['arch']} | {row['method']} | {row['model']} | {_pct(row['uncompressed'])} | "
+            f"{_pct(row['uniform'])} ({row['uniform_params']:.3f}, ρ {row['ratio']:.3f}) | "
+            f"{_pct(row['budget'])} ({row['budget_params']:.3f}, {_settings(row)['calib_samples']}) | "
+            f"{_pct(row['finetuned'])} ({_tuning(row)}) | {_pct(baseline)} | "
+            f"{_gap(row['finetuned'], baseline)} | {_verdict(row['finetuned'], baseline)} | "
+            f"{row['seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def _read(path: Path) -> dict:
+def read_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"rows": [], "made_by": []}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=None, help="only these ARCH:METHOD rows")
-    parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--teacher", choices=("baseline", "own"), default="baseline")
-    parser.add_argument("--lr", type=float, default=None, help="finetune lr (default: 0.01; vgg 0.002)")
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="default: the arch's CHOSEN")
+    parser.add_argument("--lr", type=float, default=None, help="finetune peak lr (default: CHOSEN)")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default=None)
+    parser.add_argument("--warmup", type=float, default=None, help="epochs of lr warm-up")
+    parser.add_argument("--alpha", type=float, default=None, help="weight of the labels' loss")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--calib-samples", type=int, default=None, help="calibration digits")
     parser.add_argument("--subset", type=int, default=None, help="first N train and test digits only")
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--work", type=Path, default=Path("out/train_table"), help="where BSR's models are")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = parser.parse_args()
+    path = args.models / "RESULTS_claims.json"
+    if args.render:
+        (args.models / "RESULTS_claims.md").write_text(markdown(read_results(path)))
+        return
     torch.set_num_threads(1)  # LAPACK on 2 threads of a loaded 2-core machine ran 80× slower than on 1
     wanted = args.rows or [f"{a}:{m}" for a in ARCHS for m in METHODS]
     data = load_dataset("mnist").subset(args.subset)
-    path = args.models / "RESULTS_claims.json"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="claims-") as scratch:
         for item in wanted:
@@ -163,10 +301,10 @@ def main() -> None:
                 continue
             row = row_for(arch, method, model, args, data, Path(scratch))
             print(json.dumps({k: v for k, v in row.items() if k != "budget_ranks"}), flush=True)
-            results = _read(path)
+            results = read_results(path)
             results["rows"] = [r for r in results["rows"] if _key(r) != _key(row)] + [row]
             path.write_text(json.dumps(results, indent=1))
-    results = _read(path)
+    results = read_results(path)
     results["made_by"].append(provenance("benchmarks/claims_table.py", time.perf_counter() - started))
     path.write_text(json.dumps(results, indent=1))
     (args.models / "RESULTS_claims.md").write_text(markdown(results))

@@ -38,8 +38,9 @@ from lrdeploy.io.provenance import source_sha256
 from lrdeploy.runtime.verification import VerifyConfig, run_verification, runtime_source
 from lrdeploy.runtime.verify import Verification
 from lrdeploy.trainer.data import Dataset, load_dataset
-from lrdeploy.trainer.distributed import DEVICES, Context, all_reduce, cosine_sgd, setup, teardown
+from lrdeploy.trainer.distributed import DEVICES, Context, all_reduce, setup, teardown
 from lrdeploy.trainer.files import checkpoint_target, load_checkpoint, write_atomic
+from lrdeploy.trainer.finetune_optim import OPTIMIZERS, make_optimizer
 from lrdeploy.trainer.progress import Reporter, SilentReporter
 from lrdeploy.trainer.student import Student, build_student
 
@@ -49,7 +50,21 @@ CHECKPOINT_KIND = "lrdeploy finetune"
 CHECKPOINT_VERSION = 1
 LOSSES = ("auto", "kl", "mse")
 #: Fields a checkpoint must agree on to resume (the epoch count may grow).
-RESUME_KEYS = ("data", "batch_size", "lr", "momentum", "weight_decay", "temperature", "alpha", "loss", "seed")
+RESUME_KEYS = (
+    "data",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "temperature",
+    "alpha",
+    "loss",
+    "seed",
+    "optimizer",
+    "warmup",
+)
+#: What a checkpoint saved before a key existed trained with.
+_SAVED_BEFORE = {"optimizer": "sgd", "warmup": 0.0}
 _TEACHER_BATCH = 256
 _NOT_SAVED = ("verification", "verify", "device")  # how a run is checked or placed, not how it trains
 
@@ -64,6 +79,8 @@ class FinetuneConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
+    optimizer: str = "sgd"
+    warmup: float = 0.0  # epochs of linear lr warm-up before the cosine (fractions allowed)
     temperature: float = 3.0
     alpha: float = 0.5
     loss: str = "auto"
@@ -84,6 +101,10 @@ class FinetuneConfig:
             raise UsageError(f"--momentum must be in [0, 1), got {self.momentum}")
         if not self.weight_decay >= 0:
             raise UsageError(f"--weight-decay must be ≥ 0, got {self.weight_decay}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not 0 <= self.warmup <= self.epochs:
+            raise UsageError(f"--warmup must be in [0, --epochs] (epochs of warm-up), got {self.warmup}")
         if not self.temperature > 0:
             raise UsageError(f"--temperature must be > 0, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
@@ -216,10 +237,9 @@ def _read_checkpoint(path: Path, config: FinetuneConfig, fingerprint: dict[str, 
             )
     saved, mine = state["config"], config.to_dict()
     for key in RESUME_KEYS:
-        if saved.get(key) != mine[key]:
-            raise UsageError(
-                f"--resume: {path} was fine-tuned with {key} {saved.get(key)!r}, this run {mine[key]!r}"
-            )
+        theirs = saved.get(key, _SAVED_BEFORE.get(key))
+        if theirs != mine[key]:
+            raise UsageError(f"--resume: {path} was fine-tuned with {key} {theirs!r}, this run {mine[key]!r}")
     return state
 
 
@@ -341,8 +361,14 @@ def _run(
     student.to(device)
     _, result.distill_before = _evaluate(student, x_test, y_test, t_test, kinds, config.temperature)
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer, schedule = cosine_sgd(
-        params, config.lr, config.momentum, config.weight_decay, config.epochs * len(loader)
+    optimizer, schedule = make_optimizer(
+        params,
+        config.optimizer,
+        config.lr,
+        config.momentum,
+        config.weight_decay,
+        config.epochs * len(loader),
+        round(config.warmup * len(loader)),
     )
     first_epoch, history = 1, []
     if state is not None:

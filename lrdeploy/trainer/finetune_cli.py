@@ -30,9 +30,15 @@ def finetune(
     ] = None,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 3,
     batch_size: Annotated[int, typer.Option(help="Batch size per process.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak SGD learning rate, cosine to 0.")] = 0.01,
+    lr: Annotated[float, typer.Option(help="Peak learning rate, cosine to 0.")] = 0.01,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.0,
+    optimizer: Annotated[
+        str, typer.Option(help="sgd, or adam (BN-folded deep nets: see docs/finetune.md).")
+    ] = "sgd",
+    warmup: Annotated[
+        float, typer.Option(help="Epochs of linear lr warm-up before the cosine (fractions allowed).")
+    ] = 0.0,
     temperature: Annotated[float, typer.Option(help="Distillation temperature T (KL on logits / T).")] = 3.0,
     alpha: Annotated[
         float, typer.Option(help="Weight of cross-entropy on the labels; 1 - alpha weighs distillation.")
@@ -78,6 +84,8 @@ def finetune(
         lr=lr,
         momentum=momentum,
         weight_decay=weight_decay,
+        optimizer=optimizer,
+        warmup=warmup,
         temperature=temperature,
         alpha=alpha,
         loss=loss,

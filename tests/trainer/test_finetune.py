@@ -221,6 +221,67 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(setup, tmp_path: P
         np.testing.assert_array_equal(_initializers(resumed.model)[name], value)
 
 
+def test_resume_with_adam_and_warmup_ends_with_the_weights_of_an_uninterrupted_run(setup, tmp_path) -> None:
+    config = _config(epochs=2, subset=256, optimizer="adam", lr=0.003, warmup=0.5)
+    checkpoint = tmp_path / "run.ckpt.pt"
+    whole = finetune(setup["compressed"], setup["teacher"], _data(setup), config)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(
+            setup["compressed"],
+            setup["teacher"],
+            _data(setup),
+            config,
+            checkpoint=checkpoint,
+            reporter=Interrupt(1),
+        )
+    with pytest.raises(UsageError, match="fine-tuned with optimizer 'adam', this run 'sgd'"):
+        finetune(
+            setup["compressed"],
+            setup["teacher"],
+            _data(setup),
+            _config(epochs=2, subset=256, lr=0.003, warmup=0.5),
+            checkpoint=checkpoint,
+            resume=True,
+        )
+    resumed = finetune(
+        setup["compressed"], setup["teacher"], _data(setup), config, checkpoint=checkpoint, resume=True
+    )
+    for name, value in _initializers(whole.model).items():
+        np.testing.assert_array_equal(_initializers(resumed.model)[name], value)
+    before = _initializers(onnx.load(setup["compressed"]))
+    assert any(not np.array_equal(before[n], v) for n, v in _initializers(whole.model).items())
+
+
+def test_a_checkpoint_saved_before_optimizer_and_warmup_existed_resumes_as_sgd(setup, tmp_path) -> None:
+    checkpoint = tmp_path / "run.ckpt.pt"
+    config = _config(epochs=2, subset=64)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(
+            setup["compressed"],
+            setup["teacher"],
+            _data(setup),
+            config,
+            checkpoint=checkpoint,
+            reporter=Interrupt(1),
+        )
+    state = torch.load(checkpoint, weights_only=True)
+    del state["config"]["optimizer"], state["config"]["warmup"]
+    torch.save(state, checkpoint)
+    with pytest.raises(UsageError, match=r"fine-tuned with warmup 0\.0, this run 1\.0"):
+        finetune(
+            setup["compressed"],
+            setup["teacher"],
+            _data(setup),
+            _config(epochs=2, subset=64, warmup=1.0),
+            checkpoint=checkpoint,
+            resume=True,
+        )
+    resumed = finetune(
+        setup["compressed"], setup["teacher"], _data(setup), config, checkpoint=checkpoint, resume=True
+    )
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+
+
 def test_resume_refuses_another_student(setup, tmp_path: Path) -> None:
     checkpoint = tmp_path / "run.ckpt.pt"
     finetune(setup["compressed"], setup["teacher"], _data(setup), _config(subset=64), checkpoint=checkpoint)
@@ -242,6 +303,9 @@ def test_resume_refuses_another_student(setup, tmp_path: Path) -> None:
         ({"temperature": 0}, "--temperature must be > 0"),
         ({"loss": "l1"}, "--loss must be one of"),
         ({"epochs": 0}, "--epochs must be a positive integer"),
+        ({"optimizer": "lbfgs"}, "--optimizer must be one of sgd, adam"),
+        ({"warmup": -1.0}, r"--warmup must be in \[0, --epochs\]"),
+        ({"epochs": 2, "warmup": 2.5}, r"--warmup must be in \[0, --epochs\]"),
     ],
 )
 def test_config_is_validated(changes: dict, message: str) -> None:
