@@ -1,8 +1,8 @@
 """Gradient traffic, time per step, accuracy: all-reduce vs PowerSGD vs GreedyLore, 2 gloo processes on CPU.
 
-    nice -n 10 python benchmarks/gradcomp_table.py --archs lenet5        # LeNet-5, 3 seeds (~20 min)
+    nice -n 10 python benchmarks/gradcomp_table.py --archs lenet5        # LeNet-5, 3 seeds (~25 min)
     nice -n 10 python benchmarks/gradcomp_table.py --archs vgg --ranks 1,2 \
-        --carry models/RESULTS_gradcomp.json                          # VGG rows join LeNet-5's
+        --carry models/RESULTS_gradcomp.json                          # VGG rows join (~4 min a run)
     nice -n 10 python benchmarks/gradcomp_table.py --quick               # a smoke run (~1 min)
     nice -n 10 python benchmarks/gradcomp_table.py --archs lenet5 --ranks 2 --methods greedylore \
         --seeds 100 --set refresh_every=20 --out /tmp/try                 # GreedyLore's constants changed
@@ -318,7 +318,8 @@ def main() -> None:
 
 def _table(done: dict[str, dict], carried: dict[str, dict]) -> list[dict]:
     """One row per cell: the runs of this invocation's settings, joined by carried runs of the same settings
-    (other seeds); a cell not run here shows the carried settings with the most runs. In table order."""
+    (other seeds); a cell not run here shows the carried settings with the most runs. Only the seeds that
+    every cell of the arch ran are counted (the others are kept as "left_out"). In table order."""
     groups: dict[tuple, list[dict]] = {}
     for key, run in [*done.items(), *carried.items()]:
         arch, method, rank, _, epochs, lr, constants = json.loads(key)
@@ -330,12 +331,16 @@ def _table(done: dict[str, dict], carried: dict[str, dict]) -> list[dict]:
         ours = (*cell, *group[3:5]) in here
         if best is None or ours or (best[:3] + best[3:5] not in here and len(runs) > len(groups[best])):
             chosen[cell] = group
-    rows = [
-        _row(
-            group[:3], {"epochs": group[3], "lr": group[4], "constants": json.loads(group[5])}, groups[group]
-        )
-        for group in chosen.values()
-    ]
+    common: dict[str, set[int]] = {}  # per arch, the seeds every cell ran: a cell counts those only
+    for group in chosen.values():
+        seeds = {run["seed"] for run in groups[group]}
+        common[group[0]] = common.get(group[0], seeds) & seeds
+    rows = []
+    for group in chosen.values():
+        counted = [run for run in groups[group] if run["seed"] in common[group[0]]]
+        settings = {"epochs": group[3], "lr": group[4], "constants": json.loads(group[5])}
+        rows.append(_row(group[:3], settings, counted))
+        rows[-1]["left_out"] = [run for run in groups[group] if run["seed"] not in common[group[0]]]
     order = ["lenet5", "vgg"]
     return sorted(rows, key=lambda r: (order.index(r["arch"]), METHODS.index(r["method"]), r["rank"] or 0))
 
