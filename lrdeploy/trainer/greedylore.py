@@ -103,10 +103,10 @@ def _compressible(grad: torch.Tensor, rank: int, min_saving: float) -> bool:
 
 
 def _top(energy: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:
-    """The ``rank`` directions of most energy and the share of the energy they keep."""
-    chosen = torch.argsort(energy, descending=True)[:rank]
-    total = energy.sum().item()
-    return chosen, (energy[chosen].sum().item() / total if total > 0 else 1.0)
+    """The ``rank`` directions of most energy (most first) and the share of the energy they keep."""
+    kept, chosen = torch.topk(energy, min(rank, energy.numel()))
+    share = (kept.sum() / energy.sum()).item()
+    return chosen, share if share == share else 1.0  # NaN: no energy at all
 
 
 class GreedyLoreState:
@@ -146,14 +146,21 @@ class GreedyLoreState:
         dist.all_reduce(tensor, group=self.group)
         return tensor.div_(dist.get_world_size(self.group))
 
-    def refreshed(self, key: int, basis: torch.Tensor, energy: torch.Tensor) -> None:
-        self.bases[key], self.kept[key] = basis, _top(energy, self.rank)[1]
+    def refreshed(self, key: int, basis: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+        """Take ``basis`` (energies ``energy``) for ``key``; the directions it chooses now."""
+        chosen, self.kept[key] = _top(energy, self.rank)
+        self.bases[key] = basis
         self.stale.discard(key)
         self.meter.notes["basis_refreshes"] = self.meter.notes.get("basis_refreshes", 0) + 1
+        return chosen
 
 
 def greedylore_hook(state: GreedyLoreState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: the bucket's mean gradient, GreedyLore-compressed (see the module doc)."""
+    """DDP communication hook: the bucket's mean gradient, GreedyLore-compressed (see the module doc).
+
+    Collectives, each one flat message for all of the bucket's matrices: power steps (k·r each), energies
+    (k each), Gram triangles of the bases refreshed at this step, then coefficients and dense tensors.
+    """
     buffer = bucket.buffer()
     periodic = state.iter % state.refresh_every == 0
     dense, matrices = [], []
@@ -167,20 +174,25 @@ def greedylore_hook(state: GreedyLoreState, bucket: dist.GradBucket) -> torch.fu
             y.add_(state.errors[key])
         matrices.append((key, y))
     due = {key for key, _ in matrices if periodic or key not in state.bases or key in state.stale}
+    kept = [(key, y) for key, y in matrices if key not in due]
     whole = [(key, y) for key, y in matrices if key in due] if state.refresh == "mean" else []
     if state.track and state.refresh == "gram":
-        _track(state, [(key, y) for key, y in matrices if key not in due and key in state.applied])
-    energies = _energies(state, [(key, y) for key, y in matrices if key not in due])
-    if state.refresh == "gram":
-        stale = {
-            key for key, e in energies.items() if _top(e, state.rank)[1] < state.keep_energy * state.kept[key]
-        }
-        energies.update(_gram_refresh(state, [(key, y) for key, y in matrices if key in due | stale]))
-    else:
-        for key, e in energies.items():  # the refresh sends the whole matrix: postpone it to the next step
-            if _top(e, state.rank)[1] < state.keep_energy * state.kept[key]:
-                state.stale.add(key)
-    sent = [(key, y, _compress(state, key, y, energies[key])) for key, y in matrices if key in energies]
+        _track(state, [(key, y) for key, y in kept if key in state.applied])
+    # key -> (chosen directions, their local coefficients or None to compute them in a refreshed basis)
+    plan: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    refresh = [(key, y) for key, y in matrices if key in due] if state.refresh == "gram" else []
+    ys = dict(kept)
+    for key, (energy, coefficients) in _energies(state, kept).items():
+        chosen, share = _top(energy, state.rank)
+        if share >= state.keep_energy * state.kept[key]:
+            plan[key] = chosen, coefficients[chosen]
+        elif state.refresh == "gram":  # the subspace turned: a new basis at this step, from k(k+1)/2 numbers
+            refresh.append((key, ys[key]))
+        else:  # the refresh sends the whole matrix: postpone it to the next step
+            state.stale.add(key)
+            plan[key] = chosen, coefficients[chosen]
+    plan.update({key: (chosen, None) for key, chosen in _gram_refresh(state, refresh).items()})
+    sent = [(key, y, _compress(state, key, y, *plan[key])) for key, y in matrices if key in plan]
     # One message: uncompressed tensors, matrices refreshed whole ("mean"), coefficients of the rest.
     parts = (
         [t.reshape(-1) for t in dense] + [y.reshape(-1) for _, y in whole] + [c.reshape(-1) for *_, c in sent]
@@ -196,8 +208,7 @@ def greedylore_hook(state: GreedyLoreState, bucket: dist.GradBucket) -> torch.fu
     for key, y, c in sent:
         mean, chosen = message[offset : offset + c.numel()].view_as(c), state.chosen[key]
         y.copy_(lift(state.bases[key], chosen, mean))
-        top = torch.arange(len(chosen), device=chosen.device)
-        if bool((chosen.sort().values == top).all()):  # the top block: warm start
+        if bool((chosen < len(chosen)).all()):  # the top block (distinct indices all < r): warm start
             state.applied[key] = mean  # else the next power step starts again from the last block's
         offset += c.numel()
     state.meter.step_done(bucket)
@@ -208,8 +219,11 @@ def greedylore_hook(state: GreedyLoreState, bucket: dist.GradBucket) -> torch.fu
     return done
 
 
-def _energies(state: GreedyLoreState, matrices: list[tuple[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
-    """Each direction's energy in each matrix's current basis, all-reduced: one message of k per matrix."""
+def _energies(
+    state: GreedyLoreState, matrices: list[tuple[int, torch.Tensor]]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each direction's energy in each matrix's current basis, all-reduced (one message of k per matrix),
+    and the local coefficients Bᵀ Y_i they come from (k × L)."""
     if not matrices:
         return {}
     coefficients = [state.bases[key].T @ y for key, y in matrices]  # k × L each, local
@@ -220,7 +234,10 @@ def _energies(state: GreedyLoreState, matrices: list[tuple[int, torch.Tensor]]) 
         scores = [c.square().sum(dim=1) for c in coefficients]
     flat = state.mean_(torch.cat(scores)).split([s.numel() for s in scores])
     square = state.estimator == "probe"  # the probe's mean is squared after averaging (the paper's Alg. 2)
-    return {key: (s.square() if square else s) for (key, _), s in zip(matrices, flat, strict=True)}
+    return {
+        key: (s.square() if square else s, c)
+        for (key, _), s, c in zip(matrices, flat, coefficients, strict=True)
+    }
 
 
 def _track(state: GreedyLoreState, matrices: list[tuple[int, torch.Tensor]]) -> None:
@@ -236,31 +253,42 @@ def _track(state: GreedyLoreState, matrices: list[tuple[int, torch.Tensor]]) -> 
         state.bases[key] = torch.linalg.qr(block.double())[0].to(p.dtype)  # k × k, orthonormal
 
 
+_UPPER: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # triu_indices by size and device
+
+
+def _upper(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if (k, str(device)) not in _UPPER:
+        _UPPER[k, str(device)] = tuple(torch.triu_indices(k, k, device=device))
+    return _UPPER[k, str(device)]
+
+
 def _gram_refresh(
     state: GreedyLoreState, matrices: list[tuple[int, torch.Tensor]]
 ) -> dict[int, torch.Tensor]:
-    """New bases from mean_i Y_i Y_iᵀ (upper triangles in one message); their eigenvalues are the energies."""
+    """New bases from mean_i Y_i Y_iᵀ (upper triangles in one message), their eigenvalues the energies; the
+    directions each now chooses."""
     if not matrices:
         return {}
-    upper = [torch.triu_indices(y.shape[0], y.shape[0], device=y.device) for _, y in matrices]
+    upper = [_upper(y.shape[0], y.device) for _, y in matrices]
     local = [(y @ y.T)[i, j] for (_, y), (i, j) in zip(matrices, upper, strict=True)]
     flat = state.mean_(torch.cat(local)).split([t.numel() for t in local])
-    energies = {}
+    chosen = {}
     for (key, y), (i, j), values in zip(matrices, upper, flat, strict=True):
-        gram = y.new_zeros(y.shape[0], y.shape[0])
+        gram = y.new_empty(y.shape[0], y.shape[0])
         gram[i, j], gram[j, i] = values, values
-        basis, energies[key] = gram_basis(gram)
-        state.refreshed(key, basis, energies[key])
-    return energies
+        chosen[key] = state.refreshed(key, *gram_basis(gram))
+    return chosen
 
 
-def _compress(state: GreedyLoreState, key: int, y: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-    """The coefficients of ``y``'s r directions of most energy; keeps exactly what is not sent as residual."""
-    basis = state.bases[key]
-    chosen = _top(energy, min(state.rank, y.shape[0]))[0]
-    coefficients = basis[:, chosen].T @ y
+def _compress(
+    state: GreedyLoreState, key: int, y: torch.Tensor, chosen: torch.Tensor, coefficients: torch.Tensor | None
+) -> torch.Tensor:
+    """The coefficients of ``y``'s ``chosen`` directions (computed here when not given); keeps exactly what
+    is not sent as the residual."""
+    picked = state.bases[key][:, chosen]
+    coefficients = picked.T @ y if coefficients is None else coefficients
     state.chosen[key] = chosen
-    state.errors[key] = y - basis[:, chosen] @ coefficients
+    state.errors[key] = y - picked @ coefficients
     return coefficients
 
 

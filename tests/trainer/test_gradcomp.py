@@ -317,3 +317,12 @@ def test_the_config_keeps_the_compression() -> None:
     assert TrainConfig().to_dict()["grad_rank"] is None
     old = {k: v for k, v in data.items() if not k.startswith("grad_")}  # a checkpoint from before the option
     assert TrainConfig.from_dict(old).grad_compress == "none"
+
+
+def test_the_greedy_choice_takes_the_most_energy_and_says_its_share() -> None:
+    from lrdeploy.trainer.greedylore import _top
+
+    chosen, share = _top(torch.tensor([1.0, 4.0, 0.0, 3.0]), 2)
+    assert chosen.tolist() == [1, 3] and share == pytest.approx(7 / 8)
+    assert _top(torch.zeros(3), 2)[1] == 1.0  # no energy at all (a zero gradient): nothing is lost
+    assert sorted(_top(torch.ones(2), 5)[0].tolist()) == [0, 1]  # rank above k: every direction
