@@ -43,6 +43,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,9 +108,10 @@ def evaluate(model: Path, policy: dict | None, exclude: tuple[str, ...], data, w
     if policy is None:
         accuracy = float((reference.argmax(1) == data.y_test).mean())
         return {"ratio": None, "params_kept": 1.0, "macs_kept": 1.0, "accuracy": accuracy}
-    target = work / "compressed.onnx"
-    _, report = lrdeploy.compress(model, exclude=exclude, output=target, seed=0, **policy)
-    logits = onnx_logits(target, data.x_test)
+    with tempfile.TemporaryDirectory(dir=work) as scratch:  # runs over other cells may share --work
+        target = Path(scratch) / "compressed.onnx"
+        _, report = lrdeploy.compress(model, exclude=exclude, output=target, seed=0, **policy)
+        logits = onnx_logits(target, data.x_test)
     return {
         **policy,
         "ratio": policy.get("rank_ratio"),
