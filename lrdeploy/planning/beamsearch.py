@@ -7,7 +7,8 @@ labelled samples. As implemented here (the paper's constants where it gives them
 - a state is a rank per searched layer (None: dense); the search starts with every layer dense;
 - a move lowers one layer to shed at least Δ = ``step`` × (the searched layers' dense cost): the largest
   rank (among those that save, `budget.candidate_ranks`) whose pair costs ≤ its cost now − Δ, else its
-  smallest rank. So the children of one depth are compared at about the same size (our reading of the
+  smallest rank; a move from a state within Δ of the budget sheds only the excess, so the search ends at
+  the budget. So the children of one depth are compared at about the same size (our reading of the
   "modified" search: a fixed compression step per depth instead of one layer per depth);
 - each depth expands every beam member by every layer that can still move, scores the children
   (accuracy, with the cross-entropy breaking ties; higher is better), keeps the ``beam`` best distinct
@@ -15,7 +16,7 @@ labelled samples. As implemented here (the paper's constants where it gives them
 - it stops when every beam member is within the budget (a further move only removes more) or nothing
   can move, and returns the best recorded state.
 
-Defaults (ours): ``beam`` 4, ``step`` 0.02. With a beam at least as wide as the number of states and a
+Defaults (ours): ``beam`` 4, ``step`` 0.04. With a beam at least as wide as the number of states and a
 score that never rises when a rank falls, it returns the brute-force optimum (the test checks it). Cost:
 about depth × beam × layers evaluations, depth ≈ (1 − budget) / step.
 
@@ -41,7 +42,7 @@ from lrdeploy.planning.allocate import CostModel, LayerShape, ParamsCost
 __all__ = ["BEAM", "STEP", "BeamResult", "SearchLayer", "beam_search", "probe", "search_ranks"]
 
 BEAM = 4
-STEP = 0.02
+STEP = 0.04
 
 State = tuple[int | None, ...]  # a rank per searched layer, None: dense
 Score = Callable[[Mapping[str, int | None]], tuple[float, ...]]
@@ -76,6 +77,15 @@ class BeamResult:
 
 def _cost(layers: Sequence[SearchLayer], state: State, model: CostModel) -> float:
     return sum(model.cost(layer.shape, rank) for layer, rank in zip(layers, state, strict=True))
+
+
+def _shed(
+    layers: Sequence[SearchLayer], state: State, delta: float, budget: float, model: CostModel
+) -> float:
+    """What a move from ``state`` sheds: Δ, or only the excess over the budget on the last move (so that
+    the search ends at the budget, not up to Δ below it)."""
+    excess = _cost(layers, state, model) - budget
+    return min(delta, excess) if excess > 0 else delta
 
 
 def _lowered(layer: SearchLayer, rank: int | None, delta: float, model: CostModel) -> int | None:
@@ -129,7 +139,7 @@ def beam_search(
             (*s[:i], lower, *s[i + 1 :])
             for s in frontier
             for i, layer in enumerate(layers)
-            if (lower := _lowered(layer, s[i], delta, model)) is not None
+            if (lower := _lowered(layer, s[i], _shed(layers, s, delta, budget, model), model)) is not None
         }
         ordered = sorted(children, key=lambda s: (scored(s), s.count(None), str(s)), reverse=True)
         frontier = ordered[:beam]
