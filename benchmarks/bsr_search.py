@@ -18,7 +18,7 @@ a candidate, by each of (side by side, one run):
 
 Reported per row: ranks, parameters kept, accuracy on the 2,000 test digits and on the held-out digits the
 beam search scores, and the wall time of the search or of ``compress`` (verification off). Writes
-``RESULTS_bsr_search.md`` and ``.json`` under ``--models``; rows merge by (arch, row).
+``RESULTS_bsr_search.md`` and ``.json`` under ``--models``; rows merge by (arch, row, beam, step).
 """
 
 from __future__ import annotations
@@ -94,6 +94,11 @@ def rows_for(arch: str, model: Path, args, data, scratch: Path) -> list[dict]:
     return rows
 
 
+def _key(row: dict) -> tuple:
+    """Rows merge by (arch, row, beam, step): beam searches with other constants stay side by side."""
+    return row["arch"], row["row"], row.get("beam"), row.get("step")
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.2f}"
 
@@ -114,12 +119,14 @@ def markdown(results: dict) -> str:
     ]
     for arch in ARCHS:
         for row in sorted(
-            (r for r in results["rows"] if r["arch"] == arch), key=lambda r: ROWS.index(r["row"])
+            (r for r in results["rows"] if r["arch"] == arch),
+            key=lambda r: (ROWS.index(r["row"]), r.get("step", 0)),
         ):
             ranks = ", ".join(f"{k} {v}" for k, v in row["ranks"].items()) or "all dense"
             extra = f" ({row['evaluations']} evaluations)" if "evaluations" in row else ""
+            label = row["row"] + (f" (beam {row['beam']}, step {row['step']:g})" if "step" in row else "")
             lines.append(
-                f"| {arch} | {row['model']} | {row['row']} | {row['params_kept']:.3f} | "
+                f"| {arch} | {row['model']} | {label} | {row['params_kept']:.3f} | "
                 f"{_pct(row['test'])} | {_pct(row['held_out'])} | {row['seconds']:.0f}{extra} | {ranks} |"
             )
     return "\n".join(lines) + "\n"
@@ -154,8 +161,8 @@ def main() -> None:
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)
         results = json.loads(path.read_text()) if path.exists() else {"rows": [], "made_by": []}
-        done = {(r["arch"], r["row"]) for r in rows}
-        results["rows"] = [r for r in results["rows"] if (r["arch"], r["row"]) not in done] + rows
+        done = {_key(r) for r in rows}
+        results["rows"] = [r for r in results["rows"] if _key(r) not in done] + rows
         made_by = provenance("benchmarks/bsr_search.py", time.perf_counter() - started)
         results["made_by"].append(made_by.replace(", training on ", ", on "))
         _replace(path, json.dumps(results, indent=1))
