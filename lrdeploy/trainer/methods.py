@@ -173,6 +173,10 @@ class BSRHooks(Hooks):
             return None
         return penalty(model, self.plan, self.pairs, self.config.strength, self.tracker)
 
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        # each epoch starts from exact subspaces, as a run resumed from this epoch's checkpoint does
+        self.tracker = SubspaceTracker()
+
     def finish(self, model: nn.Module) -> nn.Module:
         self.summary = {
             "ranks": dict(self.plan),
