@@ -41,6 +41,7 @@ import fcntl
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -204,7 +205,7 @@ def _machine() -> str:
 def provenance(script: str, seconds: float) -> str:
     """The sentence that says which command made a results file, on what, and how long it took."""
     return (
-        f"Made by `{' '.join(['python', script, *sys.argv[1:]])}`, training on {_machine()} (torch "
+        f"Made by `{shlex.join(['python', script, *sys.argv[1:]])}`, training on {_machine()} (torch "
         f"{torch.__version__}, onnxruntime {ort.__version__}, Python {platform.python_version()}); "
         f"total wall time {seconds / 60:.1f} min."
     )

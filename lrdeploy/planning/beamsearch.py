@@ -2,7 +2,8 @@
 
 The knapsack (`allocate`) picks ranks from per-layer error curves that add up; BSR instead searches over
 whole rank assignments and scores each one end to end, on the truncated network's accuracy on held-out
-labelled samples. As implemented here (the paper's constants where it gives them, ours where marked):
+labelled samples. As implemented here (only the paper's abstract and introduction could be read here, so
+the details and the constants are ours):
 
 - a state is a rank per searched layer (None: dense); the search starts with every layer dense;
 - a move lowers one layer to shed at least Δ = ``step`` × (the searched layers' dense cost): the largest
@@ -16,9 +17,10 @@ labelled samples. As implemented here (the paper's constants where it gives them
 - it stops when every beam member is within the budget (a further move only removes more) or nothing
   can move, and returns the best recorded state.
 
-Defaults (ours): ``beam`` 4, ``step`` 0.04. With a beam at least as wide as the number of states and a
-score that never rises when a rank falls, it returns the brute-force optimum (the test checks it). Cost:
-about depth × beam × layers evaluations, depth ≈ (1 − budget) / step.
+Defaults: ``beam`` 4, ``step`` 0.02 (at 0.04 LeNet-5's conv2, 4% of its weights, could only go from
+dense to rank 1 in one move; models/RESULTS_bsr_search.md). With a beam at least as wide as the number of
+states and a score that never rises when a rank falls, it returns the brute-force optimum (the test checks
+it). Cost: about depth × beam × layers evaluations, depth ≈ (1 − budget) / step.
 
 `probe` builds the score on onnxruntime: one session over the BN-folded model with the searched weights
 as inputs (`sensitivity`'s probe), fed each layer's plain SVD product A·B at its rank, as the pair
@@ -42,7 +44,7 @@ from lrdeploy.planning.allocate import CostModel, LayerShape, ParamsCost
 __all__ = ["BEAM", "STEP", "BeamResult", "SearchLayer", "beam_search", "probe", "search_ranks"]
 
 BEAM = 4
-STEP = 0.04
+STEP = 0.02
 
 State = tuple[int | None, ...]  # a rank per searched layer, None: dense
 Score = Callable[[Mapping[str, int | None]], tuple[float, ...]]
