@@ -41,8 +41,10 @@ import fcntl
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,9 +109,10 @@ def evaluate(model: Path, policy: dict | None, exclude: tuple[str, ...], data, w
     if policy is None:
         accuracy = float((reference.argmax(1) == data.y_test).mean())
         return {"ratio": None, "params_kept": 1.0, "macs_kept": 1.0, "accuracy": accuracy}
-    target = work / "compressed.onnx"
-    _, report = lrdeploy.compress(model, exclude=exclude, output=target, seed=0, **policy)
-    logits = onnx_logits(target, data.x_test)
+    with tempfile.TemporaryDirectory(dir=work) as scratch:  # runs over other cells may share --work
+        target = Path(scratch) / "compressed.onnx"
+        _, report = lrdeploy.compress(model, exclude=exclude, output=target, seed=0, **policy)
+        logits = onnx_logits(target, data.x_test)
     return {
         **policy,
         "ratio": policy.get("rank_ratio"),
@@ -202,7 +205,7 @@ def _machine() -> str:
 def provenance(script: str, seconds: float) -> str:
     """The sentence that says which command made a results file, on what, and how long it took."""
     return (
-        f"Made by `{' '.join(['python', script, *sys.argv[1:]])}`, training on {_machine()} (torch "
+        f"Made by `{shlex.join(['python', script, *sys.argv[1:]])}`, training on {_machine()} (torch "
         f"{torch.__version__}, onnxruntime {ort.__version__}, Python {platform.python_version()}); "
         f"total wall time {seconds / 60:.1f} min."
     )

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lrdeploy.errors import UsageError
-from lrdeploy.trainer.bsr import BSRConfig, penalty, stable_ranks
+from lrdeploy.trainer.bsr import BSRConfig, SubspaceTracker, penalty, stable_ranks
 from lrdeploy.trainer.lorita import LoRITaConfig, collapse_, overparameterize_
 from lrdeploy.trainer.lrpet import LRPETConfig, batchnorm_pairs, check_rank, project_
 
@@ -166,9 +166,16 @@ class BSRHooks(Hooks):
             raise UsageError("BSR: no layer would be factorized at this rank (r·(m+n) ≥ m·n everywhere)")
         self.pairs = batchnorm_pairs(model)
         self.initial = stable_ranks(model, self.plan, self.pairs)
+        self.tracker = SubspaceTracker()  # warm-started subspaces: no full eigh per layer and step
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        return penalty(model, self.plan, self.pairs, self.config.strength) if self.config.strength else None
+        if not self.config.strength:
+            return None
+        return penalty(model, self.plan, self.pairs, self.config.strength, self.tracker)
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        # each epoch starts from exact subspaces, as a run resumed from this epoch's checkpoint does
+        self.tracker = SubspaceTracker()
 
     def finish(self, model: nn.Module) -> nn.Module:
         self.summary = {

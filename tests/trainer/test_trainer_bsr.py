@@ -13,7 +13,13 @@ from torch import nn  # noqa: E402
 
 from lrdeploy.errors import UsageError  # noqa: E402
 from lrdeploy.trainer.__main__ import main  # noqa: E402
-from lrdeploy.trainer.bsr import BSRConfig, modified_stable_rank, penalty, stable_ranks  # noqa: E402
+from lrdeploy.trainer.bsr import (  # noqa: E402
+    BSRConfig,
+    SubspaceTracker,
+    modified_stable_rank,
+    penalty,
+    stable_ranks,
+)
 from lrdeploy.trainer.config import TrainConfig  # noqa: E402
 from lrdeploy.trainer.loop import train  # noqa: E402
 from lrdeploy.trainer.lrpet import batchnorm_pairs  # noqa: E402
@@ -56,6 +62,43 @@ def test_gradient_matches_the_closed_form_and_finite_differences() -> None:
     closed = 2 * w / kept - 2 * frob * _best_rank(w, rank) / kept**2
     torch.testing.assert_close(grad, closed, rtol=1e-8, atol=1e-10)
     assert torch.autograd.gradcheck(lambda x: modified_stable_rank(x, rank), (matrix,))
+
+
+@pytest.mark.parametrize("refresh_every", [0, 50])
+def test_the_warm_started_penalty_tracks_the_exact_value_along_a_training_run(refresh_every: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU())
+    plan, tracker = {"1": 16, "3": 11}, SubspaceTracker(refresh_every=refresh_every)
+    x, target = torch.randn(64, 400), torch.randn(64, 84)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    worst, values = 0.0, []
+    for _ in range(120):  # the penalty pulls the spectra apart while the data term moves the subspaces
+        tracked = penalty(model, plan, {}, 1.0, tracker)
+        with torch.no_grad():
+            exact = penalty(model, plan, {}, 1.0)
+        worst = max(worst, abs(tracked.item() - exact.item()) / exact.item())
+        values.append(exact.item())
+        loss = nn.functional.mse_loss(model(x), target) + tracked
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert worst < 1e-3
+    assert values[-1] < 0.2 * values[0]  # the weights (and their subspaces) did move
+    basis = tracker.bases["1"]
+    torch.testing.assert_close(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5, rtol=0)
+
+
+def test_a_stale_subspace_overestimates_and_one_tracker_step_moves_it_back() -> None:
+    matrix = _matrix(30, 50, 4).float()
+    tracker = SubspaceTracker(refresh_every=0)
+    exact = modified_stable_rank(matrix, 5).item()
+    cold = modified_stable_rank(matrix, 5, tracker.top("w", matrix, 5)).item()  # first call: exact
+    assert cold == pytest.approx(exact, rel=1e-5)
+    rotated = matrix + 0.3 * _matrix(30, 50, 5).float()  # a large step: the old block is off
+    stale = modified_stable_rank(rotated, 5, tracker.bases["w"][:, :5]).item()
+    moved = modified_stable_rank(rotated, 5, tracker.top("w", rotated, 5)).item()
+    truth = modified_stable_rank(rotated, 5).item()
+    assert stale > moved >= truth * (1 - 1e-5)  # the value is a maximum over subspaces: never below
 
 
 def _conv_bn() -> nn.Sequential:

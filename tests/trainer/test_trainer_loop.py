@@ -13,6 +13,7 @@ from reporters import Interrupt  # noqa: E402
 import lrdeploy  # noqa: E402
 from lrdeploy.errors import UsageError  # noqa: E402
 from lrdeploy.trainer.api import train_and_export  # noqa: E402
+from lrdeploy.trainer.bsr import BSRConfig  # noqa: E402
 from lrdeploy.trainer.config import TrainConfig  # noqa: E402
 from lrdeploy.trainer.lorita import LoRITaConfig  # noqa: E402
 from lrdeploy.trainer.lrpet import LRPETConfig  # noqa: E402
@@ -47,8 +48,9 @@ def test_one_epoch_smoke_run_exports_a_checked_model_with_its_card(arch, method,
         assert report.verification.outputs[0].rel_l2 < 1e-4
 
 
-def test_resume_continues_exactly_where_the_run_stopped(tmp_path) -> None:
-    config = TrainConfig(arch="mlp", method=LRPETConfig(rank_ratio=0.3), epochs=2, subset=256, batch_size=64)
+@pytest.mark.parametrize("method", [LRPETConfig(rank_ratio=0.3), BSRConfig(rank_ratio=0.3)])
+def test_resume_continues_exactly_where_the_run_stopped(method, tmp_path) -> None:
+    config = TrainConfig(arch="mlp", method=method, epochs=2, subset=256, batch_size=64)
     straight = train_and_export(config, tmp_path / "a.onnx", checkpoint=tmp_path / "a.pt").result
     with pytest.raises(KeyboardInterrupt):
         train_and_export(config, tmp_path / "b.onnx", checkpoint=tmp_path / "b.pt", reporter=Interrupt(1))
