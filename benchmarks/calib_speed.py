@@ -9,12 +9,12 @@ BLAS thread, one layer after another): building the capture session (shape infer
 onnxruntime's optimizer), the onnxruntime runs (the forward pass plus the Grams formed in the graph,
 `lrdeploy.planning.gramgraph`), summing their float32 products in float64, the border-strip corrections
 of the stride-1 convs' shift products, layers on the numpy path, and folding the pending sums into row
-order. Every path runs in every round, side by side: ``numpy`` (every layer input written by
-onnxruntime into arrays reused from batch to batch, the default of ``compress --calib``),
-``numpy-copies`` (copied out into fresh arrays, summed while onnxruntime runs the next batch) and
-``graph`` (the Grams formed inside onnxruntime); ``--paths`` picks some. The split is taken for each
-path timed, and the numpy path's floor is stated: its products at this machine's GEMM rate plus the
-capture run.
+order. Every path runs in every round, side by side: ``numpy`` (every layer input copied out of
+onnxruntime into fresh arrays and summed while it runs the next batch, the default of ``compress
+--calib``), ``numpy-reused`` (written by onnxruntime into arrays reused from batch to batch, summed
+before the next run) and ``graph`` (the Grams formed inside onnxruntime); ``--paths`` picks some.
+The split is taken for each path timed, and the numpy path's floor is stated: its products at this
+machine's GEMM rate plus the capture run.
 ``--eigh`` also times the eigendecompositions that whitening needs for the widest layers (they belong
 to the factorization, not to calibration).
 
@@ -67,7 +67,7 @@ def _forward(session, feeds: list[dict[str, np.ndarray]]) -> float:
 
 
 #: Calibration paths: (`calibrate.IN_GRAPH`, `capture.REUSE_OUTPUTS`) for each.
-PATHS = {"numpy": (False, True), "numpy-copies": (False, False), "graph": (True, True)}
+PATHS = {"numpy": (False, False), "numpy-reused": (False, True), "graph": (True, False)}
 
 
 def _use(path: str) -> None:
@@ -112,7 +112,9 @@ def _split(model: onnx.ModelProto, layers: list[LayerInput], feeds: list[dict[st
     parts["moments"] = {node: m.fit for node, m in moments.items()}
     parts["gram GMAC per image"] = sum(_macs(plan) for plan in capturing.plans.values()) / 1e9
     shapes = [np.shape(values.get(layer.tensor, feed.get(layer.tensor))) for layer in layers]
-    numpy_macs = sum(_numpy_macs(layer, shape) for layer, shape in zip(layers, shapes, strict=True))
+    numpy_macs = sum(
+        _numpy_macs(layer, shape) for layer, shape in zip(layers, shapes, strict=True) if len(shape) == 4
+    )
     parts["numpy GMAC per image"] = numpy_macs / len(feed["input"]) / 1e9
     return parts
 
@@ -267,9 +269,9 @@ def main() -> None:
         f"at the end; the whole script took {time.perf_counter() - began:.0f} s. Seeded random images,",
         f"batches of {args.batch}, exact rows (every im2col patch), 20% held apart. Each round times the",
         "plain forward pass and then the calibration, once per path, one after the other. Paths: `numpy`",
-        "(every layer input written by onnxruntime into arrays reused from batch to batch, summed in",
-        "numpy), `numpy-copies` (copied out into fresh arrays, summed while onnxruntime runs the next",
-        "batch), `graph` (the Grams formed inside onnxruntime, `lrdeploy/planning/gramgraph.py`);",
+        "(every layer input copied out into fresh arrays, summed in numpy while onnxruntime runs the next",
+        "batch), `numpy-reused` (written by onnxruntime into arrays reused from batch to batch, summed",
+        "before the next run), `graph` (the Grams formed inside onnxruntime, `gramgraph.py`);",
         f"`compress --calib` runs `{default}`. Wall times, medians:",
         "",
         *(

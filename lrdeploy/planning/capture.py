@@ -284,8 +284,10 @@ class Capture:
         return dict(outputs)
 
 
-#: Layer inputs written into arrays reused from batch to batch where their shapes are known.
-REUSE_OUTPUTS = True
+#: Layer inputs written into arrays reused from batch to batch where their shapes are known (one
+#: batch of activations held instead of two, but no overlap of the sums with the next run). Off: on
+#: ResNet-50 it measured no faster (models/RESULTS_calib_speed.md, path `numpy-reused`).
+REUSE_OUTPUTS = False
 
 
 def _held(moments: LayerMoments, count: int, every: int) -> np.ndarray:
