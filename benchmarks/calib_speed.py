@@ -247,7 +247,8 @@ def main() -> None:
         _use(path)
         parts = _split(model, layers, feeds)
         moments = parts.pop("moments")
-        numpy_macs = parts.pop("numpy GMAC per image")
+        numpy_macs = numpy_macs if PATHS[path][0] else parts.pop("numpy GMAC per image")
+        parts.pop("numpy GMAC per image", None)
         macs = parts.pop("gram GMAC per image")
         gram_macs = macs if PATHS[path][0] else gram_macs
         splits[path] = parts
