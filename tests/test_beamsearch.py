@@ -105,8 +105,8 @@ def test_a_wider_beam_never_does_worse_here_and_bad_arguments_are_one_line_error
         beam_search(layers, score, budget, beam=0)
 
 
-def _mlp(seed: int = 0):
-    """x[·, 12] → Gemm 12→10 → Relu → Gemm 10→4: a classifier the probe can truncate."""
+def _mlp(seed: int = 0, bn: bool = False):
+    """x[·, 12] → Gemm 12→10 (→ BN) → Relu → Gemm 10→4: a classifier the probe can truncate."""
     rng = np.random.default_rng(seed)
     params = {
         "w1": rng.standard_normal((12, 10)).astype(np.float32),
@@ -114,22 +114,29 @@ def _mlp(seed: int = 0):
         "w2": rng.standard_normal((10, 4)).astype(np.float32),
         "b2": np.zeros(4, np.float32),
     }
-    nodes = [
-        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
-        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1")]
+    if bn:
+        params |= {k: rng.uniform(0.5, 1.5, 10).astype(np.float32) for k in ("g", "beta", "mu", "var")}
+        inputs = ["h", "g", "beta", "mu", "var"]
+        nodes.append(helper.make_node("BatchNormalization", inputs, ["hn"], name="bn"))
+    nodes += [
+        helper.make_node("Relu", ["hn" if bn else "h"], ["r"], name="relu"),
         helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2"),
     ]
     return graph_model(nodes, {"x": ["batch", 12]}, {"y": ["batch", 4]}, params)
 
 
-def test_the_probe_scores_the_model_compress_writes_with_those_ranks(tmp_path) -> None:
-    model = _mlp()
+@pytest.mark.parametrize("bn", [False, True])
+def test_the_probe_scores_the_model_compress_writes_with_those_ranks(tmp_path, bn) -> None:
+    """With BN folded away, the search counts parameters as compress does (not the BN vectors)."""
+    model = _mlp(bn=bn)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((64, 12)).astype(np.float32)
     (logits,) = run(model, {"x": x})
     y = logits.argmax(1)  # labels the dense model gets right: accuracy 1 at full rank
-    layers, score, fixed = probe(model, x, y)
+    layers, score, fixed, total = probe(model, x, y)
     assert [layer.name for layer in layers] == ["fc1", "fc2"] and fixed == 10 + 4
+    assert total == 14 + 12 * 10 + 10 * 4 + (40 if bn else 0)
     assert score({"fc1": None, "fc2": None})[0] == 1.0
     result = search_ranks(model, x, y, 0.6, beam=2, step=0.05)
     _, report = lrdeploy.compress(model, overrides=result.overrides, verify=False, output=tmp_path / "m.onnx")

@@ -176,10 +176,11 @@ def probe(
     y: np.ndarray,
     exclude: Sequence[str] = (),
     batch_size: int = 500,
-) -> tuple[list[SearchLayer], Score, float]:
+) -> tuple[list[SearchLayer], Score, float, float]:
     """The searchable layers of ``model`` (BN folded, plain SVD factors), a score on (``x``, ``y``) —
-    (accuracy, −mean cross-entropy) of the model with those layers truncated — and the model's parameter
-    count outside the searched weights (biases, BatchNorm that does not fold, excluded layers)."""
+    (accuracy, −mean cross-entropy) of the model with those layers truncated —, the parameters the
+    output stores outside the searched weights (biases, BatchNorm that does not fold, excluded layers)
+    and the model's own parameter count (the budget's denominator, as `compress` counts them)."""
     from onnx import numpy_helper
 
     from lrdeploy.config import CompressConfig
@@ -198,7 +199,8 @@ def probe(
     original, _ = inline_layer_functions(upgrade_opset(load_model(model)[0])[0])
     name_nodes(original.graph)  # the names compress gives, so that the ranks are its overrides
     total = costs.count_params(original)
-    graph, _, _, _ = prepare_graph(original, fold_bn=True)
+    graph, _, _, fold = prepare_graph(original, fold_bn=True)
+    removed = fold.counts.get("params_removed", 0) if fold is not None else 0
     groups, _ = find_groups(graph, original)
     folded = materialize(from_graph(graph, original, choose_ir_version(original.ir_version, original)))
     main = {t.name for t in folded.graph.initializer}
@@ -225,7 +227,10 @@ def probe(
         Device("cpu"),
         label="the beam search probe",
     )
-    (feed_name,) = [i.name for i in session.get_inputs() if i.name not in fed]
+    inputs = [i.name for i in session.get_inputs() if i.name not in fed]
+    if len(inputs) != 1:
+        raise UsageError(f"beam search: the model must have one data input, it has {len(inputs)}")
+    (feed_name,) = inputs
     products: dict[tuple[str, int], np.ndarray] = {}
 
     def weight(name: str, rank: int) -> np.ndarray:
@@ -251,7 +256,7 @@ def probe(
         return float(np.mean(logits.argmax(1) == y)), -loss if math.isfinite(loss) else -math.inf
 
     searched = sum(ParamsCost().cost(layer.shape, None) for layer in layers)
-    return layers, score, total - searched
+    return layers, score, total - searched - removed, total
 
 
 def search_ranks(
@@ -270,8 +275,7 @@ def search_ranks(
     if not 0.0 < target_params <= 1.0:
         raise UsageError(f"beam search: target_params must be in (0, 1], got {target_params}")
     started = time.perf_counter()
-    layers, score, fixed = probe(model, x, y, exclude)
-    total = fixed + sum(ParamsCost().cost(layer.shape, None) for layer in layers)
+    layers, score, fixed, total = probe(model, x, y, exclude)
     result = beam_search(
         layers, score, target_params * total - fixed, beam=beam, step=step, progress=progress
     )

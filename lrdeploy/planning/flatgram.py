@@ -50,7 +50,7 @@ def _scratch(shape: tuple[int, ...]) -> np.ndarray:
 
 def _finite(product: np.ndarray) -> None:
     if not np.isfinite(np.diagonal(product)).all():
-        raise ValueError("the inputs hold NaN or infinite values (or values too large to square in float32)")
+        raise ValueError("the inputs hold NaN or infinite values")
 
 
 def _syrk(flat: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:

@@ -127,5 +127,5 @@ def ordered(taps: np.ndarray, channels: int) -> np.ndarray:
 
 
 def add_taps(taps: np.ndarray, channels: int, total: np.ndarray) -> None:
-    """total += `ordered` (taps, channels)."""
+    """total += `ordered` (taps, channels); ``taps`` is used up (reordered in place)."""
     total += ordered(taps, channels)
