@@ -69,27 +69,10 @@ def _cross(flat: np.ndarray, start: int, stop: int, shift: int, out: np.ndarray)
         out += flat[:, begin:end] @ flat[:, begin + shift : end + shift].T
 
 
-def _copy_in(x: np.ndarray, samples: np.ndarray, shape: tuple[int, ...], at: Interval) -> np.ndarray:
-    """P [C, n, Hp, Wp]: x's chosen samples at rows/columns from ``at``, zeros elsewhere."""
-    padded = _scratch(shape)
-    y0, x0 = at
-    height, width = x.shape[2], x.shape[3]
-    if shape[2] != height or shape[3] != width:
-        padded[:, :, :y0] = 0.0
-        padded[:, :, y0 + height :] = 0.0
-        padded[:, :, y0 : y0 + height, :x0] = 0.0
-        padded[:, :, y0 : y0 + height, x0 + width :] = 0.0
-    for slot, sample in enumerate(samples):
-        padded[:, slot, y0 : y0 + height, x0 : x0 + width] = x[sample]
-    return padded
-
-
 def pointwise_gram(x: np.ndarray, samples: np.ndarray, strides: Sequence[int], out: np.ndarray) -> int:
     """out += the Gram of a 1×1 Conv's rows (no pads) for x [N, C, H, W]'s ``samples``; returns rows."""
     picked = x[:, :, :: strides[0], :: strides[1]] if any(s != 1 for s in strides) else x
-    channels, height, width = picked.shape[1:]
-    padded = _copy_in(picked, samples, (channels, len(samples), height, width), (0, 0))
-    flat = padded.reshape(channels, -1)
+    flat = _Copy(picked, samples, 0).flat
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite values: `_finite` says so
         _syrk(flat, 0, flat.shape[1], out)
     return flat.shape[1]

@@ -221,10 +221,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(setup, tmp_path: P
         np.testing.assert_array_equal(_initializers(resumed.model)[name], value)
 
 
-def test_resume_with_adam_and_warmup_ends_with_the_weights_of_an_uninterrupted_run(setup, tmp_path) -> None:
-    config = _config(epochs=2, subset=256, optimizer="adam", lr=0.003, warmup=0.5)
-    checkpoint = tmp_path / "run.ckpt.pt"
-    whole = finetune(setup["compressed"], setup["teacher"], _data(setup), config)
+def _interrupted_after_one_epoch(setup, config, checkpoint: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         finetune(
             setup["compressed"],
@@ -234,6 +231,13 @@ def test_resume_with_adam_and_warmup_ends_with_the_weights_of_an_uninterrupted_r
             checkpoint=checkpoint,
             reporter=Interrupt(1),
         )
+
+
+def test_resume_with_adam_and_warmup_ends_with_the_weights_of_an_uninterrupted_run(setup, tmp_path) -> None:
+    config = _config(epochs=2, subset=256, optimizer="adam", lr=0.003, warmup=0.5)
+    checkpoint = tmp_path / "run.ckpt.pt"
+    whole = finetune(setup["compressed"], setup["teacher"], _data(setup), config)
+    _interrupted_after_one_epoch(setup, config, checkpoint)
     with pytest.raises(UsageError, match="fine-tuned with optimizer 'adam', this run 'sgd'"):
         finetune(
             setup["compressed"],
@@ -255,15 +259,7 @@ def test_resume_with_adam_and_warmup_ends_with_the_weights_of_an_uninterrupted_r
 def test_a_checkpoint_saved_before_optimizer_and_warmup_existed_resumes_as_sgd(setup, tmp_path) -> None:
     checkpoint = tmp_path / "run.ckpt.pt"
     config = _config(epochs=2, subset=64)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(
-            setup["compressed"],
-            setup["teacher"],
-            _data(setup),
-            config,
-            checkpoint=checkpoint,
-            reporter=Interrupt(1),
-        )
+    _interrupted_after_one_epoch(setup, config, checkpoint)
     state = torch.load(checkpoint, weights_only=True)
     del state["config"]["optimizer"], state["config"]["warmup"]
     torch.save(state, checkpoint)
