@@ -48,6 +48,36 @@ def _scratch(shape: tuple[int, ...]) -> np.ndarray:
     return buffer[:size].reshape(shape)
 
 
+class _Blocks:
+    """Zeroed float64 C × C blocks for one layer's products, taken from per-thread arrays that outlive
+    the layer: fresh ones would be page-faulted in for every layer and batch (~80 per 3×3 layer; on
+    VMs that hand freed memory back to the host, a fault is a host fault)."""
+
+    def __init__(self, channels: int) -> None:
+        pools = getattr(_local, "blocks", None)
+        if pools is None:
+            pools = _local.blocks = {}
+        self._pool: list[np.ndarray] = pools.setdefault(channels, [])
+        self._channels = channels
+        self._used = 0
+
+    def take(self) -> np.ndarray:
+        if self._used == len(self._pool):
+            self._pool.append(np.empty((self._channels, self._channels)))
+        block = self._pool[self._used]
+        self._used += 1
+        block.fill(0.0)
+        return block
+
+
+def _product_buffer(rows: int, cols: int) -> np.ndarray:
+    """A per-thread float32 buffer for one rows × cols product (reused, contents undefined)."""
+    buffer = getattr(_local, "product", None)
+    if buffer is None or buffer.size < rows * cols:
+        buffer = _local.product = np.empty(rows * cols, np.float32)
+    return buffer[: rows * cols].reshape(rows, cols)
+
+
 def _finite(product: np.ndarray) -> None:
     if not np.isfinite(np.diagonal(product)).all():
         raise ValueError("the inputs hold NaN or infinite values")
@@ -57,7 +87,8 @@ def _syrk(flat: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
     """out += Σ over columns [start, stop) of flat [C, L] of its outer products (float32 chunks)."""
     for begin in range(start, stop, patchgram.CHUNK):
         part = flat[:, begin : min(begin + patchgram.CHUNK, stop)]
-        product = part @ part.T  # numpy runs a aᵀ on one array as a symmetric rank-k update
+        # numpy runs a aᵀ on one array as a symmetric rank-k update
+        product = np.matmul(part, part.T, out=_product_buffer(*out.shape))
         _finite(product)
         out += product
 
@@ -66,7 +97,8 @@ def _cross(flat: np.ndarray, start: int, stop: int, shift: int, out: np.ndarray)
     """out += Σ_t flat[:, t] flat[:, t + shift]ᵀ over t in [start, stop)."""
     for begin in range(start, stop, patchgram.CHUNK):
         end = min(begin + patchgram.CHUNK, stop)
-        out += flat[:, begin:end] @ flat[:, begin + shift : end + shift].T
+        product = _product_buffer(*out.shape)
+        out += np.matmul(flat[:, begin:end], flat[:, begin + shift : end + shift].T, out=product)
 
 
 def pointwise_gram(x: np.ndarray, samples: np.ndarray, strides: Sequence[int], out: np.ndarray) -> int:
@@ -162,6 +194,7 @@ class _Copy:
         self.flat = self.padded.reshape(channels, -1)
         self.row = self.samples * self.pitch  # flat columns per input row
         self._products: dict[tuple, np.ndarray] = {}
+        self._blocks = _Blocks(channels)
 
     def shift(self, delta: tuple[int, int], rows: Interval) -> np.ndarray:
         """Σ over input positions q in ``rows`` of x[q] x[q + Δ]ᵀ (Δ lexicographically ≥ 0)."""
@@ -169,7 +202,7 @@ class _Copy:
         if key not in self._products:
             offset = delta[0] * self.row + delta[1]
             start, stop = rows[0] * self.row, min(rows[1] * self.row, self.flat.shape[1] - offset)
-            total = np.zeros((self.channels, self.channels))
+            total = self._blocks.take()
             if offset == 0:
                 _syrk(self.flat, start, stop, total)
             elif stop > start:
@@ -183,7 +216,8 @@ class _Copy:
             return self.shift(delta, segments[0])
         key = (delta, segments)
         if key not in self._products:
-            total = self.shift(delta, segments[0]).copy()
+            total = self._blocks.take()
+            total += self.shift(delta, segments[0])
             for segment in segments[1:]:
                 total += self.shift(delta, segment)
             self._products[key] = total
@@ -196,7 +230,7 @@ class _Copy:
         if key not in self._products:
             dy, dx = delta
             (y0, y1), (x0, x1) = rows, cols
-            total = np.zeros((self.channels, self.channels))
+            total = self._blocks.take()
             if y1 > y0 and x1 > x0:
                 per_row = self.samples * (x1 - x0)
                 step = max(1, patchgram.CHUNK // per_row)
@@ -204,7 +238,7 @@ class _Copy:
                     r1 = min(r + step, y1)
                     a = self.padded[:, r:r1, :, x0:x1].reshape(self.channels, -1)
                     b = self.padded[:, r + dy : r1 + dy, :, x0 + dx : x1 + dx].reshape(self.channels, -1)
-                    total += a @ b.T
+                    total += np.matmul(a, b.T, out=_product_buffer(self.channels, self.channels))
             self._products[key] = total
         return self._products[key]
 

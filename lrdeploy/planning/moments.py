@@ -42,7 +42,7 @@ class SecondMoment:
             else:
                 self._total += ordered(taps, self._channels)
         if self._total is None:
-            self._total = np.zeros((self.dim, self.dim))
+            self._total = _zeroed(self.dim)
         if self._upper is not None:
             upper, self._upper = self._upper, None
             full = np.triu(upper)
@@ -58,14 +58,14 @@ class SecondMoment:
     def taps(self, channels: int) -> np.ndarray:
         """The tap-major accumulator of `patchgram.add_conv_gram` for a conv of ``channels`` inputs."""
         if self._taps is None:
-            self._taps, self._channels = np.zeros((self.dim, self.dim)), channels
+            self._taps, self._channels = _zeroed(self.dim), channels
         return self._taps
 
     def upper(self, order: np.ndarray | None = None) -> np.ndarray:
         """An accumulator of which only the upper triangle counts (mirrored when folded); its rows are
         ``order``'s (row i of the total is row order[i] of it), or the total's."""
         if self._upper is None:
-            self._upper, self._order = np.zeros((self.dim, self.dim)), order
+            self._upper, self._order = _zeroed(self.dim), order
         return self._upper
 
     def update(self, rows: np.ndarray, checked: bool = False) -> None:
@@ -83,6 +83,15 @@ class SecondMoment:
         if self.count == 0:
             raise ValueError("no rows were accumulated")
         return self.total / self.count
+
+
+def _zeroed(dim: int) -> np.ndarray:
+    """A d × d float64 zero accumulator written once, front to back. ``np.zeros`` maps untouched pages
+    that the first ``+=`` reads and then copies on write (two faults, with TLB flushes, per page); on
+    VMs that hand freed memory back to the host each fault is a host fault (~2-3 s per GB here)."""
+    total = np.empty((dim, dim))
+    total.fill(0.0)
+    return total
 
 
 def check_finite(values: np.ndarray, what: str) -> None:
