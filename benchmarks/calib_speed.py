@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -57,6 +58,12 @@ def _folded(workdir: Path) -> onnx.ModelProto:
     original = onnx.load(path)
     graph, *_ = prepare_graph(original, fold_bn=True)
     return materialize(from_graph(graph, original, original.ir_version))
+
+
+def _kernel_share(before: resource.struct_rusage, after: resource.struct_rusage) -> tuple[float, ...]:
+    """(CPU s, of which in the kernel, minor page faults in millions) between two readings."""
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return user + system, system, (after.ru_minflt - before.ru_minflt) / 1e6
 
 
 def _forward(session, feeds: list[dict[str, np.ndarray]]) -> float:
@@ -230,13 +237,15 @@ def main() -> None:
     session = make_session(model.SerializeToString(), Device("cpu"))
     session.run(None, feeds[0])  # warm up
     rounds: dict[str, list[tuple[float, float]]] = {path: [] for path in args.paths}
+    kernel: dict[str, list[tuple[float, float, float]]] = {path: [] for path in args.paths}
     for _ in range(args.rounds):
         for path in args.paths:
             _use(path)
             forward = _forward(session, feeds)
-            start = time.perf_counter()
+            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             collect_moments(model, [layer.node for layer in layers], feeds, holdout_every=5)
             rounds[path].append((forward, time.perf_counter() - start))
+            kernel[path].append(_kernel_share(before, resource.getrusage(resource.RUSAGE_SELF)))
             f, c = rounds[path][-1]
             print(f"{path}: forward {f:.1f} s, calibration {c:.1f} s ({c / f:.2f}×)", flush=True)
     forward_cpu = time.process_time()
@@ -290,6 +299,16 @@ def main() -> None:
             + " |"
             for path, runs in rounds.items()
         ],
+        "",
+        "CPU of those calibrations (every thread, medians): "
+        + "; ".join(
+            f"{path} {statistics.median(c for c, _, _ in runs):.1f} CPU s, of which "
+            f"{statistics.median(k for _, k, _ in runs):.1f} in the kernel "
+            f"({statistics.median(m for _, _, m in runs):.2f} M minor page faults)"
+            for path, runs in kernel.items()
+        )
+        + ". Kernel time here is mostly page faults: fresh memory is",
+        "zeroed and, on VMs that hand freed pages back to the host, faulted in from the host.",
         "",
         "Split, one pass per path, CPU seconds (onnxruntime on its threads, numpy parts on one BLAS",
         f"thread; the plain forward pass took {forward_cpu:.1f} CPU s"
