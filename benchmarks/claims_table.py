@@ -48,14 +48,30 @@ TARGET = 0.25
 ARCHS = ("mlp", "lenet5", "vgg")
 METHODS = ("baseline", "lrpet", "lorita", "bsr")
 #: What the first rows were made with (before settings were recorded): SGD, no warm-up, 256 samples.
-EARLIER = {"optimizer": "sgd", "warmup": 0.0, "calib_samples": 256, "alpha": 0.5, "temperature": 3.0}
+EARLIER = {
+    "optimizer": "sgd",
+    "warmup": 0.0,
+    "calib_samples": 256,
+    "alpha": 0.5,
+    "temperature": 3.0,
+    "augment": False,
+}
 #: Per architecture, chosen on the validation split (models/RESULTS_claims_tuning.md).
 CHOSEN = {
     "mlp": EARLIER | {"optimizer": "adam", "lr": 0.001, "finetune_epochs": 10},
     "lenet5": EARLIER | {"optimizer": "adam", "lr": 0.001, "finetune_epochs": 10},
     "vgg": EARLIER | {"optimizer": "adam", "lr": 0.001, "calib_samples": 1024, "finetune_epochs": 10},
 }
-SETTINGS = ("calib_samples", "optimizer", "lr", "warmup", "finetune_epochs", "alpha", "temperature")
+SETTINGS = (
+    "calib_samples",
+    "optimizer",
+    "lr",
+    "warmup",
+    "finetune_epochs",
+    "alpha",
+    "temperature",
+    "augment",
+)
 
 
 def model_for(arch: str, method: str, models: Path, work: Path) -> Path | None:
@@ -109,6 +125,7 @@ def row_for(arch: str, method: str, model: Path, args, data, scratch: Path) -> d
         warmup=settings["warmup"],
         alpha=settings["alpha"],
         temperature=settings["temperature"],
+        augment=settings["augment"],
         subset=args.subset,
         verify=False,
         device="cpu",
@@ -148,6 +165,7 @@ def _tuning(row: dict) -> str:
     s = _settings(row)
     warm = f", warm-up {s['warmup']:g}" if s["warmup"] else ""
     kd = "" if (s["alpha"], s["temperature"]) == (0.5, 3.0) else f", α {s['alpha']:g}, T {s['temperature']:g}"
+    kd += " + augment" if s["augment"] else ""
     return f"{s['finetune_epochs']}, {row.get('teacher', 'own')}, {s['optimizer']} {s['lr']:g}{warm}{kd}"
 
 
@@ -205,12 +223,14 @@ def summary(rows: list[dict]) -> list[str]:
     ]
     for row in _ordered(rows):
         baseline_teacher = row.get("teacher") == "baseline" or row["method"] == "baseline"
-        if not baseline_teacher or _settings(row) != CHOSEN[row["arch"]]:
+        if not baseline_teacher or _settings(row) | {"augment": False} != CHOSEN[row["arch"]]:
             continue
+        shifted = " + augment" if _settings(row)["augment"] else ""
         curve = " → ".join(f"{100 * a:.2f}" for a in row.get("curve", [])) or row.get("note", "")
         lines.append(
             f"| {row['arch']} | {row['method']} | {_pct(row['uncompressed'])} | {_pct(row['budget'])} | "
-            f"{_pct(row['finetuned'])} | {curve} | {_gap(row['finetuned'], base.get(row['arch']))} | "
+            f"{_pct(row['finetuned'])}{shifted} | {curve} | "
+            f"{_gap(row['finetuned'], base.get(row['arch']))} | "
             f"{_verdict(row['finetuned'], base.get(row['arch']))} | "
             f"{_gap(row['finetuned'], row['uncompressed'])} |"
         )
@@ -279,6 +299,9 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=None, help="weight of the labels' loss")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--calib-samples", type=int, default=None, help="calibration digits")
+    parser.add_argument(
+        "--augment", action="store_true", default=None, help="fine-tune on images shifted by ≤ ±2 px"
+    )
     parser.add_argument("--subset", type=int, default=None, help="first N train and test digits only")
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--work", type=Path, default=Path("out/train_table"), help="where BSR's models are")
