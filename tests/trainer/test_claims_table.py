@@ -43,6 +43,10 @@ def test_settings_parse_into_finetune_keywords() -> None:
         "epochs": 5,
         "warmup": 0.5,
     }
+    assert claims_tune.parse_setting("augment=true,epochs=2") == {"augment": True, "epochs": 2}
+    assert claims_tune.parse_setting("augment=0") == {"augment": False}
+    with pytest.raises(SystemExit, match="augment takes true or false, got 'yes please'"):
+        claims_tune.parse_setting("augment=yes please")
     assert claims_tune.parse_setting("none") is None
     with pytest.raises(SystemExit, match="unknown field 'momentum'"):
         claims_tune.parse_setting("momentum=0.5")
