@@ -21,9 +21,10 @@ The settings of each architecture (calibration samples, optimizer, lr, warm-up, 
 picked on a validation split of the training digits by benchmarks/claims_tune.py
 (models/RESULTS_claims_tuning.md), never on the test digits; flags override them for one run.
 The gap is budget + finetune minus the plain baseline's uncompressed accuracy (the claim: within 0.5 point).
-Writes ``RESULTS_claims.md`` and ``RESULTS_claims.json`` under --models; rows are merged by arch, method,
-teacher and settings, re-reading the file before each write so that two runs with different rows can share
-it. The summary table shows the rows made with the CHOSEN settings; every row is in the full table.
+Writes ``RESULTS_claims.md`` and ``RESULTS_claims.json`` under --out (default --models); rows are merged
+by arch, method, teacher and settings, re-reading the file before each write so that two runs with
+different rows can share it. The summary table shows the rows made with the CHOSEN settings, with and
+without ``--augment``; every row is in the full table.
 """
 
 from __future__ import annotations
@@ -305,11 +306,14 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=None, help="first N train and test digits only")
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--work", type=Path, default=Path("out/train_table"), help="where BSR's models are")
+    parser.add_argument("--out", type=Path, default=None, help="where the results go (default: --models)")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = parser.parse_args()
-    path = args.models / "RESULTS_claims.json"
+    out = args.out or args.models
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "RESULTS_claims.json"
     if args.render:
-        (args.models / "RESULTS_claims.md").write_text(markdown(read_results(path)))
+        (out / "RESULTS_claims.md").write_text(markdown(read_results(path)))
         return
     torch.set_num_threads(1)  # LAPACK on 2 threads of a loaded 2-core machine ran 80× slower than on 1
     wanted = args.rows or [f"{a}:{m}" for a in ARCHS for m in METHODS]
@@ -330,8 +334,8 @@ def main() -> None:
     results = read_results(path)
     results["made_by"].append(provenance("benchmarks/claims_table.py", time.perf_counter() - started))
     path.write_text(json.dumps(results, indent=1))
-    (args.models / "RESULTS_claims.md").write_text(markdown(results))
-    print(f"wrote {args.models}/RESULTS_claims.md in {(time.perf_counter() - started) / 60:.1f} min")
+    (out / "RESULTS_claims.md").write_text(markdown(results))
+    print(f"wrote {out}/RESULTS_claims.md in {(time.perf_counter() - started) / 60:.1f} min")
 
 
 if __name__ == "__main__":
