@@ -8,9 +8,9 @@ the first ``--calib-samples`` training digits), the last 1,600 validate. For eac
 ``--calib-samples`` value the model is compressed as benchmarks/claims_table.py does
 (``compress(target_params=0.25, calib="mnist")``, ``--allocate`` error or sensitivity), then fine-tuned
 with each ``--settings`` item (comma-separated `FinetuneConfig` fields, e.g.
-``optimizer=adam,lr=0.001,warmup=0.5,epochs=5,alpha=0.5,temperature=3``) from the architecture's baseline
-model, and scored on the validation digits: after compression on onnxruntime, after every epoch in
-PyTorch, after fine-tuning on onnxruntime.
+``optimizer=adam,lr=0.001,warmup=0.5,epochs=5,alpha=0.5,temperature=3,augment=true``) from the
+architecture's baseline model, and scored on the validation digits: after compression on onnxruntime,
+after every epoch in PyTorch, after fine-tuning on onnxruntime.
 
 Every model here was trained on all 8,000 training digits, the validation ones included (the teacher
 scores ~100% on them): the split ranks settings (divergence, under- and over-fitting of the fine-tune)
@@ -39,6 +39,14 @@ from lrdeploy.trainer.export import onnx_logits
 from lrdeploy.trainer.finetune import FinetuneConfig, finetune
 
 FIT = 6400  # training digits that fine-tune; the rest validate
+
+
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise SystemExit(f"--settings: augment takes true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
 _FIELDS = {
     "optimizer": str,
     "lr": float,
@@ -46,6 +54,7 @@ _FIELDS = {
     "epochs": int,
     "alpha": float,
     "temperature": float,
+    "augment": _flag,
 }
 
 

@@ -11,7 +11,8 @@ provenance keys); it is checked, verified against the teacher on onnxruntime, an
 Data, progress, checkpoints, resume and torchrun DDP are the trainer's (`lrdeploy.trainer.data`,
 ``progress``, ``files``, ``distributed``). The data is fed as the trainer loads it: float32 [N, C, H, W]
 in [0, 1], which is what `lrdeploy train`'s models take; a model that expects other preprocessing needs
-data prepared for it.
+data prepared for it. ``augment`` shifts each training batch at random (`lrdeploy.trainer.augment`) and
+then runs the teacher on that batch instead of once over the data.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from lrdeploy.io.outputs import OutputSet
 from lrdeploy.io.provenance import source_sha256
 from lrdeploy.runtime.verification import VerifyConfig, run_verification, runtime_source
 from lrdeploy.runtime.verify import Verification
+from lrdeploy.trainer.augment import augmented_batch, check_images, epoch_generator
 from lrdeploy.trainer.data import Dataset, load_dataset
 from lrdeploy.trainer.distributed import DEVICES, Context, all_reduce, setup, teardown
 from lrdeploy.trainer.files import checkpoint_target, load_checkpoint, write_atomic
@@ -62,9 +65,10 @@ RESUME_KEYS = (
     "seed",
     "optimizer",
     "warmup",
+    "augment",
 )
 #: What a checkpoint saved before a key existed trained with.
-_SAVED_BEFORE = {"optimizer": "sgd", "warmup": 0.0}
+_SAVED_BEFORE = {"optimizer": "sgd", "warmup": 0.0, "augment": False}
 _TEACHER_BATCH = 256
 _NOT_SAVED = ("verification", "verify", "device")  # how a run is checked or placed, not how it trains
 
@@ -84,6 +88,7 @@ class FinetuneConfig:
     temperature: float = 3.0
     alpha: float = 0.5
     loss: str = "auto"
+    augment: bool = False  # random ±2-pixel shifts of the training images (teacher and student alike)
     seed: int = 0
     device: str = "auto"
     subset: int | None = None
@@ -111,6 +116,8 @@ class FinetuneConfig:
             raise UsageError(f"--alpha must be in [0, 1] (weight of the task loss), got {self.alpha}")
         if self.loss not in LOSSES:
             raise UsageError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not isinstance(self.augment, bool):
+            raise UsageError(f"augment must be True or False, got {self.augment!r}")
         if self.device not in DEVICES:
             raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.subset is not None and self.subset < 1:
@@ -119,8 +126,12 @@ class FinetuneConfig:
             raise UsageError("verification must be an lrdeploy.VerifyConfig")
 
     def to_dict(self) -> dict[str, Any]:
-        """The training settings (JSON): saved in checkpoints and in the output's metadata."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_SAVED}
+        """The training settings (JSON): saved in checkpoints and in the output's metadata (without
+        ``augment`` when it is off: then both are what they were before the option existed)."""
+        saved = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_SAVED}
+        if not self.augment:
+            del saved["augment"]
+        return saved
 
 
 @dataclass
@@ -146,11 +157,13 @@ class FinetuneResult:
 # -- teacher and accuracy on onnxruntime ----------------------------------------------------------------
 
 
-def _session(model: onnx.ModelProto, path: Path | None, device: str, label: str):
+def _session(model: onnx.ModelProto, path: Path | None, device: str, label: str, spinning: bool = True):
+    """``spinning=False`` for a session run between training steps: idle threads then leave the CPU."""
     from lrdeploy.runtime.sessions import make_session, select_device
 
     with runtime_source(model, path) as source:
-        return make_session(source, select_device("cpu" if device == "cpu" else "auto"), label=label)
+        device_ = select_device("cpu" if device == "cpu" else "auto")
+        return make_session(source, device_, label=label, spinning=spinning)
 
 
 def _run_onnx(session, x: np.ndarray) -> list[np.ndarray]:
@@ -237,9 +250,9 @@ def _read_checkpoint(path: Path, config: FinetuneConfig, fingerprint: dict[str, 
             )
     saved, mine = state["config"], config.to_dict()
     for key in RESUME_KEYS:
-        theirs = saved.get(key, _SAVED_BEFORE.get(key))
-        if theirs != mine[key]:
-            raise UsageError(f"--resume: {path} was fine-tuned with {key} {theirs!r}, this run {mine[key]!r}")
+        theirs, ours = saved.get(key, _SAVED_BEFORE.get(key)), mine.get(key, _SAVED_BEFORE.get(key))
+        if theirs != ours:
+            raise UsageError(f"--resume: {path} was fine-tuned with {key} {theirs!r}, this run {ours!r}")
     return state
 
 
@@ -288,6 +301,8 @@ def finetune(
             raise UsageError("--resume needs a checkpoint")
         state = _read_checkpoint(checkpoint_path, config, fingerprint) if resume else None
         student = build_student(materialize(student_model))  # unsupported ops: refused before any data
+        if config.augment:
+            check_images(*student.input)
         context = setup(config.device)
         try:
             reporter = reporter if context.main else SilentReporter()
@@ -337,9 +352,11 @@ def _run(
     device = context.device
     dataset = load_dataset(config.data).subset(config.subset)
     student.check_input(dataset.shape)
-    session = _session(models.teacher, models.teacher_path, config.device, "the teacher")
-    reporter.message(f"teacher outputs on onnxruntime: {len(dataset.y_train) + len(dataset.y_test)} images")
-    teacher_train = _run_onnx(session, dataset.x_train)
+    session = _session(models.teacher, models.teacher_path, config.device, "the teacher", not config.augment)
+    # augmented: the teacher runs on every shifted batch; here only on a few images for the outputs' kinds
+    fixed = dataset.x_train[:_TEACHER_BATCH] if config.augment else dataset.x_train
+    reporter.message(f"teacher outputs on onnxruntime: {len(fixed) + len(dataset.y_test)} images")
+    teacher_train = _run_onnx(session, fixed)
     teacher_test = _run_onnx(session, dataset.x_test)
     kinds = _kinds(teacher_train, config.loss)
     _check_task(teacher_train, dataset, config)
@@ -355,7 +372,8 @@ def _run(
         TensorDataset(y_train), context.world_size, context.rank, shuffle=True, seed=config.seed
     )
     batches = BatchSampler(sampler, config.batch_size, drop_last=False)
-    loader = DataLoader(TensorDataset(x_train, y_train, *t_train), sampler=batches, batch_size=None)
+    stored = [] if config.augment else t_train
+    loader = DataLoader(TensorDataset(x_train, y_train, *stored), sampler=batches, batch_size=None)
 
     torch.manual_seed(config.seed)
     student.to(device)
@@ -387,8 +405,11 @@ def _run(
         for epoch in range(first_epoch, config.epochs + 1):
             epoch_start = time.perf_counter()
             sampler.set_epoch(epoch)
+            shifts = epoch_generator(config.seed, epoch, context.rank) if config.augment else None
             totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples
             for done, (x, y, *targets) in enumerate(loader, 1):
+                if shifts is not None:
+                    x, targets = augmented_batch(x, shifts, partial(_run_onnx, session))
                 x, y = x.to(device), y.to(device)
                 outs = trained(x)
                 loss = _distill(outs, [t.to(device) for t in targets], kinds, config.temperature)

@@ -46,7 +46,14 @@ def finetune(
     loss: Annotated[
         str, typer.Option(help="auto (KL for [N, classes] outputs, else MSE), kl or mse.")
     ] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of the data order.")] = 0,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            help="Shift every training image by up to ±2 pixels at random (zero fill); the teacher sees "
+            "the same images. For [N, C, H, W] inputs."
+        ),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the data order and of --augment's shifts.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     subset: Annotated[
         int | None, typer.Option(help="Use only the first N train and test samples (quick runs).")
@@ -89,6 +96,7 @@ def finetune(
         temperature=temperature,
         alpha=alpha,
         loss=loss,
+        augment=augment,
         seed=seed,
         device=device,
         subset=subset,

@@ -195,6 +195,11 @@ class Student(nn.Module):
                 container.register_parameter(buffer, nn.Parameter(container._buffers.pop(buffer)))
         return promoted
 
+    @property
+    def input(self) -> tuple[str, list[int]]:
+        """The model's image input: its name and dims (-1 where a dim is not fixed)."""
+        return self._input
+
     def check_input(self, shape: tuple[int, ...]) -> None:
         """Refuse data whose [C, H, W] the model's input cannot take (fixed dims only)."""
         name, dims = self._input

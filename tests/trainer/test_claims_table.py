@@ -30,10 +30,16 @@ def test_the_shipped_markdown_is_what_the_json_renders_to() -> None:
 
 
 def test_the_summary_has_one_row_per_arch_and_method_at_the_chosen_settings() -> None:
+    """... and, marked "+ augment", one more for each that was also fine-tuned with --augment."""
     results = claims_table.read_results(ROOT / "models" / "RESULTS_claims.json")
     lines = claims_table.summary(results["rows"])[2:]
-    pairs = [tuple(cell.strip() for cell in line.split("|")[1:3]) for line in lines]
-    assert sorted(pairs) == sorted((a, m) for a in claims_table.ARCHS for m in claims_table.METHODS)
+    cells = [[cell.strip() for cell in line.split("|")[1:6]] for line in lines]
+    plain = [(arch, method) for arch, method, *_, tuned in cells if not tuned.endswith("+ augment")]
+    shifted = [(arch, method) for arch, method, *_, tuned in cells if tuned.endswith("+ augment")]
+    assert sorted(plain) == sorted((a, m) for a in claims_table.ARCHS for m in claims_table.METHODS)
+    assert len(set(shifted)) == len(shifted) and set(shifted) <= set(plain)
+    augmented = [r for r in results["rows"] if claims_table._settings(r)["augment"]]
+    assert all("+ augment" in claims_table._tuning(r) for r in augmented)
 
 
 def test_settings_parse_into_finetune_keywords() -> None:
@@ -43,6 +49,10 @@ def test_settings_parse_into_finetune_keywords() -> None:
         "epochs": 5,
         "warmup": 0.5,
     }
+    assert claims_tune.parse_setting("augment=true,epochs=2") == {"augment": True, "epochs": 2}
+    assert claims_tune.parse_setting("augment=0") == {"augment": False}
+    with pytest.raises(SystemExit, match="augment takes true or false, got 'yes please'"):
+        claims_tune.parse_setting("augment=yes please")
     assert claims_tune.parse_setting("none") is None
     with pytest.raises(SystemExit, match="unknown field 'momentum'"):
         claims_tune.parse_setting("momentum=0.5")
