@@ -56,6 +56,20 @@ def test_shift_gram_does_not_depend_on_the_chunk_size(monkeypatch):
     np.testing.assert_allclose(total, rows.T @ rows, rtol=1e-5)
 
 
+def test_pooled_blocks_grow_mid_layer_and_are_reused_across_layers(monkeypatch):
+    """The per-thread block array starts too small, grows while a layer holds blocks, and serves a
+    narrower layer after a wider one: every Gram still equals the im2col rows' Gram."""
+    monkeypatch.setattr(flatgram._local, "blocks", np.empty(3), raising=False)
+    rng = np.random.default_rng(5)
+    attrs, kernel = {"pads": [1, 1, 1, 1], "dilations": [1, 1]}, (3, 3)
+    for channels in (6, 17, 4):
+        x = rng.standard_normal((2, channels, 7, 6)).astype(np.float32)
+        samples = np.arange(2)
+        rows = conv_rows(x, attrs, kernel).astype(np.float64)
+        total, _ = _gram_by_shifts(x, attrs, kernel, samples)
+        np.testing.assert_allclose(total, rows.T @ rows, rtol=1e-5, atol=1e-4)
+
+
 @settings(max_examples=40)
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(0, 2**16))
 def test_pointwise_gram_equals_the_gram_of_a_strided_1x1_convs_rows(sy, sx, height, width, seed):

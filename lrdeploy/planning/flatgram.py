@@ -49,23 +49,24 @@ def _scratch(shape: tuple[int, ...]) -> np.ndarray:
 
 
 class _Blocks:
-    """Zeroed float64 C × C blocks for one layer's products, taken from per-thread arrays that outlive
-    the layer: fresh ones would be page-faulted in for every layer and batch (~80 per 3×3 layer; on
-    VMs that hand freed memory back to the host, a fault is a host fault)."""
+    """Zeroed float64 C × C blocks for one layer's products, cut from one per-thread array that outlives
+    the layer: fresh arrays would be page-faulted in for every layer and batch (~70 per 3×3 layer; on
+    VMs that hand freed memory back to the host, a fault is a host fault). The array grows to the
+    largest layer's need (~140 MB for a 512-channel 3×3 conv) and is kept while the thread lives."""
 
     def __init__(self, channels: int) -> None:
-        pools = getattr(_local, "blocks", None)
-        if pools is None:
-            pools = _local.blocks = {}
-        self._pool: list[np.ndarray] = pools.setdefault(channels, [])
-        self._channels = channels
+        self._size = channels * channels
+        self._shape = (channels, channels)
         self._used = 0
 
     def take(self) -> np.ndarray:
-        if self._used == len(self._pool):
-            self._pool.append(np.empty((self._channels, self._channels)))
-        block = self._pool[self._used]
-        self._used += 1
+        buffer = getattr(_local, "blocks", None)
+        end = self._used + self._size
+        if buffer is None or buffer.size < end:
+            # blocks already taken keep the old array alive until the layer is done
+            buffer = _local.blocks = np.empty(max(end, 2 * (0 if buffer is None else buffer.size)))
+        block = buffer[self._used : end].reshape(self._shape)
+        self._used = end
         block.fill(0.0)
         return block
 

@@ -41,7 +41,7 @@ def check_images(name: str, dims: Sequence[int]) -> None:
 
 def epoch_generator(seed: int, epoch: int, rank: int = 0) -> np.random.Generator:
     """The generator of one epoch's offsets (on one process): a function of the run's seed only."""
-    return np.random.default_rng([seed, epoch, rank])
+    return np.random.default_rng([seed % 2**64, epoch, rank])  # numpy seeds are non-negative
 
 
 def draw_shifts(rng: np.random.Generator, count: int, limit: int = MAX_SHIFT) -> np.ndarray:

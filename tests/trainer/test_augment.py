@@ -102,6 +102,13 @@ def test_seeded_generators_draw_identical_batches() -> None:
         assert not np.array_equal(first, shift(images, draw_shifts(other, 64)))
 
 
+def test_a_negative_seed_draws_as_the_trainer_accepts_it() -> None:
+    """The trainer takes any integer seed; numpy's generator only non-negative ones."""
+    first = draw_shifts(epoch_generator(-1, 1), 16)
+    np.testing.assert_array_equal(first, draw_shifts(epoch_generator(-1, 1), 16))
+    assert not np.array_equal(first, draw_shifts(epoch_generator(1, 1), 16))
+
+
 # -- in the fine-tune ------------------------------------------------------------------------------------
 
 
