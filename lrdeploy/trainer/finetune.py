@@ -157,13 +157,21 @@ class FinetuneResult:
 # -- teacher and accuracy on onnxruntime ----------------------------------------------------------------
 
 
-def _session(model: onnx.ModelProto, path: Path | None, device: str, label: str, spinning: bool = True):
-    """``spinning=False`` for a session run between training steps: idle threads then leave the CPU."""
+def _session(
+    model: onnx.ModelProto,
+    path: Path | None,
+    device: str,
+    label: str,
+    spinning: bool = True,
+    threads: int | None = None,
+):
+    """``spinning=False`` for a session run between training steps: idle threads then leave the CPU;
+    ``threads`` caps its CPU threads (None: onnxruntime's default, every core)."""
     from lrdeploy.runtime.sessions import make_session, select_device
 
     with runtime_source(model, path) as source:
         device_ = select_device("cpu" if device == "cpu" else "auto")
-        return make_session(source, device_, label=label, spinning=spinning)
+        return make_session(source, device_, threads, label=label, spinning=spinning)
 
 
 def _run_onnx(session, x: np.ndarray) -> list[np.ndarray]:
@@ -352,7 +360,11 @@ def _run(
     device = context.device
     dataset = load_dataset(config.data).subset(config.subset)
     student.check_input(dataset.shape)
-    session = _session(models.teacher, models.teacher_path, config.device, "the teacher", not config.augment)
+    # under torchrun every process runs its own teacher: as many threads as its torch (OMP_NUM_THREADS)
+    threads = torch.get_num_threads() if context.distributed else None
+    session = _session(
+        models.teacher, models.teacher_path, config.device, "the teacher", not config.augment, threads
+    )
     # augmented: the teacher runs on every shifted batch; here only on a few images for the outputs' kinds
     fixed = dataset.x_train[:_TEACHER_BATCH] if config.augment else dataset.x_train
     reporter.message(f"teacher outputs on onnxruntime: {len(fixed) + len(dataset.y_test)} images")

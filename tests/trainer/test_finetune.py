@@ -339,3 +339,25 @@ def test_cli_errors_are_one_line_with_exit_code_2(setup, capsys, flags: list[str
     error = capsys.readouterr().err
     assert code == 2 and message in " ".join(error.split()), error
     assert not (root / "o.onnx").exists()
+
+
+def test_under_torchrun_the_teacher_takes_as_many_threads_as_torch(setup, monkeypatch) -> None:
+    """Every process runs its own teacher: onnxruntime's default (every core) would oversubscribe."""
+    from lrdeploy.trainer import finetune as module
+    from lrdeploy.trainer.distributed import Context
+
+    calls: list[int | None] = []
+
+    class Stop(Exception):
+        pass
+
+    def session(*args, **kwargs):
+        calls.append(args[5] if len(args) > 5 else kwargs.get("threads"))
+        raise Stop
+
+    monkeypatch.setattr(module, "setup", lambda device: Context(torch.device("cpu"), 0, 0, world_size=2))
+    monkeypatch.setattr(module, "teardown", lambda context: None)
+    monkeypatch.setattr(module, "_session", session)
+    with pytest.raises(Stop):
+        finetune(setup["compressed"], setup["teacher"], _data(setup), _config())
+    assert calls == [torch.get_num_threads()]
