@@ -14,21 +14,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from calib_speed import _folded
+from calib_speed import _folded, _kernel_share
 
 from lrdeploy.planning.calibrate import LayerInput
 
 
 def _timed(label: str, arrays: list[np.ndarray] | None, make, touch) -> list[np.ndarray]:
-    before, start, cpu = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), time.process_time()
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     arrays = arrays if arrays is not None else [make(d) for d in DIMS for _ in range(2)]
     for array in arrays:
         touch(array)
-    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu, kernel, faults = _kernel_share(before, resource.getrusage(resource.RUSAGE_SELF))
     print(
-        f"{label}: wall {time.perf_counter() - start:.2f} s, CPU {time.process_time() - cpu:.2f} s, "
-        f"kernel {after.ru_stime - before.ru_stime:.2f} s, "
-        f"{(after.ru_minflt - before.ru_minflt) / 1e3:.0f} k faults"
+        f"{label}: wall {time.perf_counter() - start:.2f} s, CPU {cpu:.2f} s, "
+        f"kernel {kernel:.2f} s, {faults * 1e3:.0f} k faults"
     )
     return arrays
 

@@ -38,13 +38,16 @@ _local = threading.local()
 Interval = tuple[int, int]
 
 
-def _scratch(shape: tuple[int, ...]) -> np.ndarray:
-    """A per-thread float32 array of ``shape`` (contents undefined), one buffer reused across layers
-    and batches: fresh copies of a batch's activations would page-fault in ~1 GB per ResNet-50 batch."""
+def _scratch(shape: tuple[int, ...], slot: str = "copy") -> np.ndarray:
+    """A per-thread float32 array of ``shape`` (contents undefined), one buffer per ``slot`` reused
+    across layers and batches: fresh copies of a batch's activations would page-fault in ~1 GB per
+    ResNet-50 batch, fresh product arrays a few MB per product. Slots: "copy" (the layer part's
+    channel-major copy) and "product" (one float32 product before it is summed)."""
     size = int(np.prod(shape))
-    buffer = getattr(_local, "buffer", None)
+    buffer = getattr(_local, slot, None)
     if buffer is None or buffer.size < size:
-        buffer = _local.buffer = np.empty(size, np.float32)
+        buffer = np.empty(size, np.float32)
+        setattr(_local, slot, buffer)
     return buffer[:size].reshape(shape)
 
 
@@ -71,14 +74,6 @@ class _Blocks:
         return block
 
 
-def _product_buffer(rows: int, cols: int) -> np.ndarray:
-    """A per-thread float32 buffer for one rows × cols product (reused, contents undefined)."""
-    buffer = getattr(_local, "product", None)
-    if buffer is None or buffer.size < rows * cols:
-        buffer = _local.product = np.empty(rows * cols, np.float32)
-    return buffer[: rows * cols].reshape(rows, cols)
-
-
 def _finite(product: np.ndarray) -> None:
     if not np.isfinite(np.diagonal(product)).all():
         raise ValueError("the inputs hold NaN or infinite values")
@@ -89,7 +84,7 @@ def _syrk(flat: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
     for begin in range(start, stop, patchgram.CHUNK):
         part = flat[:, begin : min(begin + patchgram.CHUNK, stop)]
         # numpy runs a aᵀ on one array as a symmetric rank-k update
-        product = np.matmul(part, part.T, out=_product_buffer(*out.shape))
+        product = np.matmul(part, part.T, out=_scratch(out.shape, "product"))
         _finite(product)
         out += product
 
@@ -98,7 +93,7 @@ def _cross(flat: np.ndarray, start: int, stop: int, shift: int, out: np.ndarray)
     """out += Σ_t flat[:, t] flat[:, t + shift]ᵀ over t in [start, stop)."""
     for begin in range(start, stop, patchgram.CHUNK):
         end = min(begin + patchgram.CHUNK, stop)
-        product = _product_buffer(*out.shape)
+        product = _scratch(out.shape, "product")
         out += np.matmul(flat[:, begin:end], flat[:, begin + shift : end + shift].T, out=product)
 
 
@@ -239,7 +234,7 @@ class _Copy:
                     r1 = min(r + step, y1)
                     a = self.padded[:, r:r1, :, x0:x1].reshape(self.channels, -1)
                     b = self.padded[:, r + dy : r1 + dy, :, x0 + dx : x1 + dx].reshape(self.channels, -1)
-                    total += np.matmul(a, b.T, out=_product_buffer(self.channels, self.channels))
+                    total += np.matmul(a, b.T, out=_scratch((self.channels,) * 2, "product"))
             self._products[key] = total
         return self._products[key]
 

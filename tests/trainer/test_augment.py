@@ -17,11 +17,9 @@ pytest.importorskip("torch")
 if importlib.util.find_spec("onnx2torch") is None:
     pytest.skip("needs onnx2torch (the [train] extra)", allow_module_level=True)
 
-import onnxruntime as ort
 from reporters import Interrupt
-from test_finetune import _initializers, _teacher
+from test_finetune import _initializers, teacher_and_student
 
-import lrdeploy
 from lrdeploy.errors import UsageError
 from lrdeploy.trainer import augment
 from lrdeploy.trainer import finetune as finetune_module
@@ -32,19 +30,7 @@ from lrdeploy.trainer.finetune import FinetuneConfig, finetune
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A teacher, its rank-0.1 compression, and 192 images labelled by the teacher."""
-    root = tmp_path_factory.mktemp("augment")
-    rng = np.random.default_rng(0)
-    teacher = _teacher(rng)
-    onnx.save(teacher, root / "teacher.onnx")
-    lrdeploy.compress(root / "teacher.onnx", rank_ratio=0.1, verify=False, output=root / "compressed.onnx")
-    x = rng.random((192, 1, 8, 8), dtype=np.float32)
-    labels = ort.InferenceSession(teacher.SerializeToString()).run(None, {"x": x})[0].argmax(1)
-    np.savez(root / "data.npz", x_train=x[:128], y_train=labels[:128], x_test=x[128:], y_test=labels[128:])
-    return {
-        "teacher": root / "teacher.onnx",
-        "compressed": root / "compressed.onnx",
-        "data": root / "data.npz",
-    }
+    return teacher_and_student(tmp_path_factory.mktemp("augment"), 192, 128)
 
 
 def _config(**changes: object) -> FinetuneConfig:

@@ -67,18 +67,24 @@ def _teacher(rng: np.random.Generator, extra: list[onnx.NodeProto] = ()) -> onnx
     return model
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A teacher, its compression at rank ratio 0.1 (damaged on purpose), and data labelled by the teacher."""
-    root = tmp_path_factory.mktemp("finetune")
+def teacher_and_student(root: Path, samples: int, train: int) -> dict[str, Path]:
+    """Under ``root``: a teacher, its compression at rank ratio 0.1 (damaged on purpose), and ``samples``
+    images labelled by the teacher, the first ``train`` of them the training split."""
     rng = np.random.default_rng(0)
     teacher = _teacher(rng)
     onnx.save(teacher, root / "teacher.onnx")
     lrdeploy.compress(root / "teacher.onnx", rank_ratio=0.1, verify=False, output=root / "compressed.onnx")
-    x = rng.random((640, 1, 8, 8), dtype=np.float32)
+    x = rng.random((samples, 1, 8, 8), dtype=np.float32)
     labels = ort.InferenceSession(teacher.SerializeToString()).run(None, {"x": x})[0].argmax(1)
-    np.savez(root / "data.npz", x_train=x[:512], y_train=labels[:512], x_test=x[512:], y_test=labels[512:])
-    return {"root": root, "teacher": root / "teacher.onnx", "compressed": root / "compressed.onnx"}
+    split = {"x_train": x[:train], "y_train": labels[:train], "x_test": x[train:], "y_test": labels[train:]}
+    np.savez(root / "data.npz", **split)
+    names = ("teacher", "compressed")
+    return {"root": root, "data": root / "data.npz", **{name: root / f"{name}.onnx" for name in names}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return teacher_and_student(tmp_path_factory.mktemp("finetune"), 640, 512)
 
 
 def _config(**changes: object) -> FinetuneConfig:
@@ -86,7 +92,7 @@ def _config(**changes: object) -> FinetuneConfig:
 
 
 def _data(setup: dict[str, Path]) -> str:
-    return str(setup["root"] / "data.npz")
+    return str(setup["data"])
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -205,20 +211,17 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(setup, tmp_path: P
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt.pt"]  # no output, no staging left
     with pytest.raises(UsageError, match=r"fine-tuned with lr 0\.02, this run 0\.5"):
-        finetune(
-            setup["compressed"],
-            setup["teacher"],
-            _data(setup),
-            _config(epochs=2, subset=256, lr=0.5),
-            checkpoint=checkpoint,
-            resume=True,
-        )
-    resumed = finetune(
-        setup["compressed"], setup["teacher"], _data(setup), config, checkpoint=checkpoint, resume=True
-    )
+        _resume(setup, _config(epochs=2, subset=256, lr=0.5), checkpoint)
+    resumed = _resume(setup, config, checkpoint)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     for name, value in _initializers(whole.model).items():
         np.testing.assert_array_equal(_initializers(resumed.model)[name], value)
+
+
+def _resume(setup, config: FinetuneConfig, checkpoint: Path):
+    return finetune(
+        setup["compressed"], setup["teacher"], _data(setup), config, checkpoint=checkpoint, resume=True
+    )
 
 
 def _interrupted_after_one_epoch(setup, config, checkpoint: Path) -> None:
@@ -239,17 +242,8 @@ def test_resume_with_adam_and_warmup_ends_with_the_weights_of_an_uninterrupted_r
     whole = finetune(setup["compressed"], setup["teacher"], _data(setup), config)
     _interrupted_after_one_epoch(setup, config, checkpoint)
     with pytest.raises(UsageError, match="fine-tuned with optimizer 'adam', this run 'sgd'"):
-        finetune(
-            setup["compressed"],
-            setup["teacher"],
-            _data(setup),
-            _config(epochs=2, subset=256, lr=0.003, warmup=0.5),
-            checkpoint=checkpoint,
-            resume=True,
-        )
-    resumed = finetune(
-        setup["compressed"], setup["teacher"], _data(setup), config, checkpoint=checkpoint, resume=True
-    )
+        _resume(setup, _config(epochs=2, subset=256, lr=0.003, warmup=0.5), checkpoint)
+    resumed = _resume(setup, config, checkpoint)
     for name, value in _initializers(whole.model).items():
         np.testing.assert_array_equal(_initializers(resumed.model)[name], value)
     before = _initializers(onnx.load(setup["compressed"]))
@@ -264,17 +258,8 @@ def test_a_checkpoint_saved_before_optimizer_and_warmup_existed_resumes_as_sgd(s
     del state["config"]["optimizer"], state["config"]["warmup"]
     torch.save(state, checkpoint)
     with pytest.raises(UsageError, match=r"fine-tuned with warmup 0\.0, this run 1\.0"):
-        finetune(
-            setup["compressed"],
-            setup["teacher"],
-            _data(setup),
-            _config(epochs=2, subset=64, warmup=1.0),
-            checkpoint=checkpoint,
-            resume=True,
-        )
-    resumed = finetune(
-        setup["compressed"], setup["teacher"], _data(setup), config, checkpoint=checkpoint, resume=True
-    )
+        _resume(setup, _config(epochs=2, subset=64, warmup=1.0), checkpoint)
+    resumed = _resume(setup, config, checkpoint)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
 
 
