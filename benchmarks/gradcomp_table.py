@@ -1,8 +1,11 @@
 """Gradient traffic, time per step, accuracy: all-reduce vs PowerSGD vs GreedyLore, 2 gloo processes on CPU.
 
-    nice -n 10 python benchmarks/gradcomp_table.py --archs lenet5        # LeNet-5, 3 seeds (~25 min)
-    nice -n 10 python benchmarks/gradcomp_table.py --archs vgg --ranks 1,2 \
-        --carry models/RESULTS_gradcomp.json                          # VGG rows join (~4 min a run)
+    nice -n 10 python benchmarks/gradcomp_table.py --warmup 1 --archs lenet5 --ranks 1,2,4 \
+        --seeds 0,1,2,3,4,5 --epochs lenet5=25 --out DIR      # models/RESULTS_gradcomp_warmup.md (~25 min)
+    nice -n 10 python benchmarks/gradcomp_table.py --warmup 1 --archs vgg --ranks 1,2,4 \
+        --seeds 0,1,2,3,4,5 --epochs vgg=10 --out DIR         # its VGG rows (~55 min)
+    nice -n 10 python benchmarks/gradcomp_table.py --archs lenet5 \
+        --set refresh_every=10 --set keep_energy=0.5                  # models/RESULTS_gradcomp.md's LeNet-5
     nice -n 10 python benchmarks/gradcomp_table.py --quick               # a smoke run (~1 min)
     nice -n 10 python benchmarks/gradcomp_table.py --archs lenet5 --ranks 2 --methods greedylore \
         --seeds 100 --set refresh_every=20 --out /tmp/try                 # GreedyLore's constants changed
@@ -76,22 +79,63 @@ def _as_trainer(constants: str, argv: list[str]) -> int:
     return train_main(argv)
 
 
+def _value(text: str):
+    """A ``--set`` value: JSON where it parses (numbers, true/false), else the string itself ("mean")."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _defaults() -> dict:
+    """GreedyLore's default constants, spelled out in every greedylore run's key: runs made under earlier
+    defaults (every 10 steps with early refreshes at 0.5, whose keys hold null) never pass for these."""
+    from lrdeploy.trainer import greedylore as g
+
+    return {
+        "refresh": g.REFRESH,
+        "refresh_every": g.REFRESH_EVERY,
+        "estimator": g.ESTIMATOR,
+        "keep_energy": g.KEEP_ENERGY,
+        "track": g.TRACK,
+        "min_saving": g.MIN_SAVING,
+    }
+
+
 def _constants(method: str, overrides: dict) -> dict:
     """GreedyLore's constants for ``method``'s rows: the paper's, or the defaults with ``--set`` overrides."""
-    return PAPER if method == "paper" else overrides if method == "greedylore" else {}
+    return PAPER if method == "paper" else _defaults() | overrides if method == "greedylore" else {}
 
 
-def _key(arch: str, method: str, rank: int | None, seed: int, epochs: int, lr: float, constants) -> str:
-    return json.dumps([arch, method, rank, seed, epochs, lr, constants or None])
+def _key(
+    arch: str,
+    method: str,
+    rank: int | None,
+    seed: int,
+    epochs: int,
+    lr: float,
+    constants,
+    warmup: float = 0.0,
+) -> str:
+    """A run's identity; warm-up only when on, so that runs made before it existed keep their keys."""
+    key = [arch, method, rank, seed, epochs, lr, constants or None]
+    return json.dumps(key + ([warmup] if warmup else []))
+
+
+def _settings_of(key: str) -> tuple:
+    """(epochs, lr, constants as JSON, warm-up) of a run's key."""
+    _, _, _, _, epochs, lr, constants, *warmup = json.loads(key)
+    return epochs, lr, json.dumps(constants), warmup[0] if warmup else 0.0
 
 
 def _run(arch: str, method: str, rank: int | None, seed: int, settings: dict, args) -> dict:
     """One torchrun training run: its traffic, time per step and test accuracy."""
-    epochs, lr, constants = settings["epochs"], settings["lr"], settings["constants"]
+    epochs, lr, constants, warmup = (settings[k] for k in ("epochs", "lr", "constants", "warmup"))
     name = f"{arch}_{method}" + (f"_r{rank}" if rank else "") + f"_s{seed}"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     argv += [__file__, "--as-trainer", json.dumps(constants)]
     argv += ["--arch", arch, "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed)]
+    argv += ["--warmup", str(warmup)] if warmup else []
     compress = "greedylore" if method == "paper" else method
     argv += ["--grad-compress", compress, "-o", str(args.work / f"{name}.onnx"), "--no-progress"]
     argv += ["--grad-rank", str(rank)] if rank else []
@@ -103,7 +147,7 @@ def _run(arch: str, method: str, rank: int | None, seed: int, settings: dict, ar
     card = json.loads((args.work / f"{name}.card.json").read_text())
     traffic = card["method_summary"]["gradient_traffic"]
     return {
-        "key": _key(arch, method, rank, seed, epochs, lr, constants),
+        "key": _key(arch, method, rank, seed, **settings),
         "seed": seed,
         "steps": traffic["steps"],
         "bytes_per_step": traffic["bytes_per_step"],
@@ -133,6 +177,7 @@ def _row(cell: tuple, settings: dict, runs: list[dict]) -> dict:
         "rank": cell[2],
         "epochs": settings["epochs"],
         "lr": settings["lr"],
+        "warmup": settings["warmup"],
         "greedylore_constants": settings["constants"] or None,
         "seeds": [r["seed"] for r in runs],
         "accuracies": accuracies,
@@ -181,7 +226,7 @@ def _pm(mean: float, std: float, scale: float = 1.0, fmt: str = ".2f") -> str:
 
 
 def _markdown(rows: list[dict], command: str, seconds: float) -> str:
-    settings = sorted({(r["arch"], r["epochs"], r["lr"]) for r in rows})
+    settings = sorted({(r["arch"], r["epochs"], r["lr"], r.get("warmup", 0.0)) for r in rows})
     seeds = sorted({s for r in rows for s in r["seeds"]})
     lines = [
         "# Gradient compression: all-reduce vs PowerSGD vs GreedyLore (MNIST, 2 processes)",
@@ -192,7 +237,10 @@ def _markdown(rows: list[dict], command: str, seconds: float) -> str:
         "",
         "Data: bundled MNIST, 8,000 training digits (4,000 per process per epoch, batch 128 per process), "
         "2,000 test digits (one digit = 0.05 point). Settings, the same for every method of an arch: "
-        + "; ".join(f"{a} {e} epoch(s) at lr {lr}" for a, e, lr in settings)
+        + "; ".join(
+            f"{a} {e} epoch(s) at lr {lr}" + (f" after {w:g} epoch(s) of linear warm-up" if w else "")
+            for a, e, lr, w in settings
+        )
         + f" (SGD momentum 0.9, cosine to 0); seeds {', '.join(map(str, seeds))}. *test acc*: mean ± sample "
         "std over the seeds (per seed in the next column); *Δ pt*: mean of the per-seed differences from "
         "all-reduce (the difference of the means; same seed: same initial weights and data order), ± their "
@@ -255,6 +303,7 @@ def main() -> None:
     parser.add_argument("--methods", default="none,powersgd,greedylore", help="of: " + ", ".join(METHODS))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated trainer seeds")
     parser.add_argument("--lr", type=float, default=LR, help="peak learning rate of every run")
+    parser.add_argument("--warmup", type=float, default=0.0, help="epochs of linear lr warm-up of every run")
     parser.add_argument(
         "--epochs", default="", metavar="ARCH=N,...", help="override EPOCHS, e.g. lenet5=12,vgg=8"
     )
@@ -287,7 +336,7 @@ def main() -> None:
     seeds = (0,) if args.quick else tuple(int(s) for s in args.seeds.split(","))
     methods = [m for m in METHODS if m in args.methods.split(",")]
     pairs = (s.split("=", 1) for s in args.set)
-    overrides = {k: json.loads(v) if v[:1] in "0123456789-.[{" else v for k, v in pairs}
+    overrides = {k: _value(v) for k, v in pairs}
     carried = _carried(args.carry)
     command = "nice -n 10 python " + shlex.join(["benchmarks/gradcomp_table.py", *sys.argv[1:]])
     stem = "RESULTS_gradcomp_quick" if args.quick else "RESULTS_gradcomp"
@@ -302,6 +351,7 @@ def main() -> None:
     ]
     for arch, method, rank, seed in plan:
         settings = {"epochs": archs[arch], "lr": args.lr, "constants": _constants(method, overrides)}
+        settings["warmup"] = args.warmup
         key = _key(arch, method, rank, seed, **settings)
         done[key] = run = carried.pop(key, None) or _run(arch, method, rank, seed, settings, args)
         print(
@@ -322,14 +372,14 @@ def _table(done: dict[str, dict], carried: dict[str, dict]) -> list[dict]:
     every cell of the arch ran are counted (the others are kept as "left_out"). In table order."""
     groups: dict[tuple, list[dict]] = {}
     for key, run in [*done.items(), *carried.items()]:
-        arch, method, rank, _, epochs, lr, constants = json.loads(key)
-        groups.setdefault((arch, method, rank, epochs, lr, json.dumps(constants)), []).append(run)
-    here = {tuple(json.loads(k)[:3]) + tuple(json.loads(k)[4:6]) for k in done}
+        arch, method, rank = json.loads(key)[:3]
+        groups.setdefault((arch, method, rank, *_settings_of(key)), []).append(run)
+    here = {tuple(json.loads(k)[:3]) + _settings_of(k)[:2] + _settings_of(k)[3:] for k in done}
     chosen: dict[tuple, tuple] = {}
     for group, runs in groups.items():
         cell, best = group[:3], chosen.get(group[:3])
-        ours = (*cell, *group[3:5]) in here
-        if best is None or ours or (best[:3] + best[3:5] not in here and len(runs) > len(groups[best])):
+        ours = (*cell, *group[3:5], group[6]) in here
+        if best is None or ours or (best[:5] + best[6:] not in here and len(runs) > len(groups[best])):
             chosen[cell] = group
     common: dict[str, set[int]] = {}  # per arch, the seeds every cell ran: a cell counts those only
     for group in chosen.values():
@@ -338,7 +388,7 @@ def _table(done: dict[str, dict], carried: dict[str, dict]) -> list[dict]:
     rows = []
     for group in chosen.values():
         counted = [run for run in groups[group] if run["seed"] in common[group[0]]]
-        settings = {"epochs": group[3], "lr": group[4], "constants": json.loads(group[5])}
+        settings = {"epochs": group[3], "lr": group[4], "constants": json.loads(group[5]), "warmup": group[6]}
         rows.append(_row(group[:3], settings, counted))
         rows[-1]["left_out"] = [run for run in groups[group] if run["seed"] not in common[group[0]]]
     order = ["lenet5", "vgg"]

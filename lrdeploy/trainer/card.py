@@ -54,7 +54,9 @@ def _markdown(card: dict[str, Any], onnx_name: str) -> str:
         (
             "training",
             f"{config['epochs']} epochs, batch {config['batch_size']}, SGD lr {config['lr']:g} "
-            f"momentum {config['momentum']:g} weight decay {config['weight_decay']:g}, cosine schedule",
+            f"momentum {config['momentum']:g} weight decay {config['weight_decay']:g}, "
+            + (f"{config['warmup']:g}-epoch linear warm-up, " if config.get("warmup") else "")
+            + "cosine schedule",
         ),
         ("seed", str(config["seed"])),
         (

@@ -46,6 +46,10 @@ def train(
         float | None,
         typer.Option(help="Peak SGD learning rate, cosine to 0 (default: 0.02 for lorita, else 0.05)."),
     ] = None,
+    warmup: Annotated[
+        float,
+        typer.Option(help="Epochs of linear lr warm-up from 0 before the cosine (fractions allowed)."),
+    ] = 0.0,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     weight_decay: Annotated[
         float | None, typer.Option(help="Weight decay (default: 5e-3 for lorita, else 5e-4).")
@@ -155,6 +159,7 @@ def train(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        warmup=warmup,
         momentum=momentum,
         weight_decay=weight_decay,
         seed=seed,

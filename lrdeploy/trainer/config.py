@@ -17,7 +17,18 @@ GRAD_COMPRESSORS = ("none", "powersgd", "greedylore")
 DEFAULT_GRAD_RANK = 4
 
 #: Fields that shape the model or its data order: a checkpoint only resumes a run that agrees on these.
-RESUME_KEYS = ("arch", "data", "method", "batch_size", "lr", "momentum", "weight_decay", "seed", "subset")
+RESUME_KEYS = (
+    "arch",
+    "data",
+    "method",
+    "batch_size",
+    "lr",
+    "warmup",
+    "momentum",
+    "weight_decay",
+    "seed",
+    "subset",
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 128
     lr: float | None = None
+    warmup: float = 0.0  # epochs of linear lr warm-up before the cosine (fractions allowed)
     momentum: float = 0.9
     weight_decay: float | None = None
     seed: int = 0
@@ -45,6 +57,8 @@ class TrainConfig:
             raise UsageError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
         if self.lr is not None and not self.lr > 0:
             raise UsageError(f"--lr must be > 0, got {self.lr}")
+        if isinstance(self.warmup, bool) or not 0 <= self.warmup <= self.epochs:
+            raise UsageError(f"--warmup must be in [0, --epochs] (epochs of warm-up), got {self.warmup!r}")
         if not 0 <= self.momentum < 1:
             raise UsageError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay is not None and self.weight_decay < 0:

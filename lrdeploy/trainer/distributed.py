@@ -7,7 +7,6 @@ runs alone or scaled out; only rank 0 prints, writes checkpoints and exports.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ import torch
 
 from lrdeploy.errors import DeviceUnavailable, UsageError
 
-__all__ = ["Context", "all_reduce", "cosine_sgd", "setup", "teardown"]
+__all__ = ["Context", "all_reduce", "setup", "teardown"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -79,12 +78,3 @@ def all_reduce(values: torch.Tensor, context: Context) -> torch.Tensor:
     work = values.to(context.device)
     dist.all_reduce(work)
     return work.cpu()
-
-
-def cosine_sgd(params, lr: float, momentum: float, weight_decay: float, total_steps: int):
-    """SGD with a cosine learning-rate schedule to 0 over ``total_steps``: (optimizer, schedule)."""
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    )
-    return optimizer, schedule

@@ -43,7 +43,7 @@ from lrdeploy.trainer.augment import augmented_batch, check_images, epoch_genera
 from lrdeploy.trainer.data import Dataset, load_dataset
 from lrdeploy.trainer.distributed import DEVICES, Context, all_reduce, setup, teardown
 from lrdeploy.trainer.files import checkpoint_target, load_checkpoint, write_atomic
-from lrdeploy.trainer.finetune_optim import OPTIMIZERS, make_optimizer
+from lrdeploy.trainer.finetune_optim import OPTIMIZERS, make_optimizer, warmup_steps
 from lrdeploy.trainer.progress import Reporter, SilentReporter
 from lrdeploy.trainer.student import Student, build_student
 
@@ -398,7 +398,7 @@ def _run(
         config.momentum,
         config.weight_decay,
         config.epochs * len(loader),
-        round(config.warmup * len(loader)),
+        warmup_steps(config.warmup, len(loader)),
     )
     first_epoch, history = 1, []
     if state is not None:

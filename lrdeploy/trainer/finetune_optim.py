@@ -1,12 +1,12 @@
-"""The fine-tuner's optimizer and learning-rate schedule: SGD or Adam, linear warm-up, cosine to 0.
+"""The optimizer and learning-rate schedule of the fine-tuner and the trainer: SGD or Adam, linear warm-up,
+cosine to 0 (`lrdeploy train` takes SGD and ``--warmup``).
 
 A compressed model whose BatchNorm was folded into its convolutions has no normalization left: SGD at the
 learning rate that suits the MLP and LeNet-5 (0.01) sends the bundled VGG's loss to NaN in the first epoch
 (models/RESULTS_finetune.md). Two options, both off by default:
 
 - ``warmup`` epochs of linear warm-up, lr(s) = peak · (s + 1) / w for the first w steps, then the cosine
-  of the remaining steps, lr(s) = peak · ½(1 + cos(π (s − w) / (S − w))). With w = 0 this is exactly the
-  trainer's `cosine_sgd` schedule.
+  of the remaining steps, lr(s) = peak · ½(1 + cos(π (s − w) / (S − w))); w = 0 is the plain cosine.
 - ``optimizer="adam"``: Adam (β = 0.9, 0.999; ``weight_decay`` as its L2 term) under the same schedule;
   its steps are scaled per parameter by the gradient's running RMS, not by the gradient itself.
 
@@ -20,9 +20,15 @@ import math
 
 import torch
 
-__all__ = ["OPTIMIZERS", "make_optimizer", "schedule_factor"]
+__all__ = ["OPTIMIZERS", "make_optimizer", "schedule_factor", "warmup_steps"]
 
 OPTIMIZERS = ("sgd", "adam")
+
+
+def warmup_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Steps of a warm-up of ``epochs`` epochs, rounded up: a warm-up asked for is never silently none."""
+    # 1e-9: a product whole in decimal may land just above it in binary (0.14 · 50 = 7.000000000000001)
+    return max(1, math.ceil(epochs * steps_per_epoch - 1e-9)) if epochs > 0 else 0
 
 
 def schedule_factor(step: int, total: int, warmup: int) -> float:

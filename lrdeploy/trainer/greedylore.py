@@ -24,8 +24,9 @@ energies of its directions, so no other message is needed to choose S. Between r
 default) the basis's top block moves one warm-started power step per step, orth(mean_i Y_i C̄ᵀ) with C̄ the
 mean coefficients of the last step that sent that block (PowerSGD's P step: k·r numbers), completed by the
 rest of the old basis; the greedy choice still ranges over all k directions, so the contraction holds. A
-basis is refreshed every τ = ``refresh_every`` steps and, at the same step, when its r chosen directions keep
-less than ``keep_energy`` times the share of energy they kept after its last refresh ("mean": next step).
+basis is refreshed every τ = ``refresh_every`` steps (200, the paper's) and, with ``keep_energy`` > 0 (off by
+default), also when its r chosen directions keep less than ``keep_energy`` times the share of energy they
+kept after its last refresh (at the same step; "mean": the next step).
 
 Energies (``estimator``): ``"energy"`` (default) all-reduces the local ‖C_i[j]‖² (k numbers); ``"probe"``
 is the paper's estimate of the averaged gradient's energy, (mean_i C_i[j]·z_j)² with one shared Gaussian
@@ -56,16 +57,19 @@ __all__ = [
     "oriented",
 ]
 
-#: τ, steps between periodic basis refreshes. A "gram" refresh costs k(k+1)/2 numbers per matrix (LeNet-5's
-#: largest, 120 × 400: 7,260 of 48,000): one every 10 steps costs about 1/60 of dense traffic there.
-REFRESH_EVERY = 10
+#: τ, steps between periodic basis refreshes: the paper's 200. The power step keeps the top block fresh in
+#: between; every 10 steps with early refreshes (the earlier defaults) sent 1.6× the bytes at rank 3 for no
+#: accuracy on held-out seeds (docs/gradient-compression.md, "Choosing the constants"). A "gram" refresh costs
+#: k(k+1)/2 numbers.
+REFRESH_EVERY = 200
 #: How a basis is refreshed: "gram" (default, see the module doc) or "mean" (the paper's: sends the matrix).
 REFRESH = "gram"
 #: How each direction's energy is measured at the steps between refreshes: "energy" or "probe" (the paper's).
 ESTIMATOR = "energy"
 #: Refresh a basis early when its r directions keep less than this times the share they kept after its last
-#: refresh: the gradient's subspace has turned away from the basis (0: periodic refreshes only).
-KEEP_ENERGY = 0.5
+#: refresh (the gradient's subspace turned away from it). 0, off: the power step follows a turn by itself, and
+#: the early refreshes (0.5, the earlier default) were most of the refresh traffic, without accuracy to show.
+KEEP_ENERGY = 0.0
 #: Between refreshes, move each basis's top r directions one warm-started power step towards the mean
 #: gradient's subspace at every step (k·r numbers per matrix, see `_track`); False keeps bases fixed.
 TRACK = True

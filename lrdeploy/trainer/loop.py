@@ -1,4 +1,5 @@
-"""The training loop: SGD with momentum and a cosine schedule, the method's hooks, checkpoints, DDP.
+"""The training loop: SGD with momentum, a cosine schedule (after an optional linear warm-up), the method's
+hooks, checkpoints, DDP.
 
 One process (CPU by default, CUDA when available):
     lrdeploy train --method lrpet --arch lenet5 --rank-ratio 0.25 -o lenet_lrpet.onnx
@@ -34,8 +35,9 @@ from lrdeploy.trainer import gradcomp
 from lrdeploy.trainer.archs import InputSpec, build
 from lrdeploy.trainer.config import TrainConfig
 from lrdeploy.trainer.data import Dataset, load_dataset
-from lrdeploy.trainer.distributed import Context, all_reduce, cosine_sgd, setup, teardown
+from lrdeploy.trainer.distributed import Context, all_reduce, setup, teardown
 from lrdeploy.trainer.files import checkpoint_target, load_checkpoint, write_atomic
+from lrdeploy.trainer.finetune_optim import make_optimizer, warmup_steps
 from lrdeploy.trainer.methods import hooks_for
 from lrdeploy.trainer.progress import Reporter, SilentReporter
 
@@ -189,12 +191,14 @@ def _train(
     hooks = hooks_for(config.method, sync)
     hooks.prepare(model)
     model.to(device)
-    optimizer, schedule = cosine_sgd(
+    optimizer, schedule = make_optimizer(
         model.parameters(),
+        "sgd",
         config.resolved_lr,
         config.momentum,
         config.resolved_weight_decay,
         config.epochs * len(loader),
+        warmup_steps(config.warmup, len(loader)),
     )
 
     # -- resume: weights, optimizer and schedule from the checkpoint; data order follows from the epoch ---

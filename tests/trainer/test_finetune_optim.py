@@ -1,9 +1,10 @@
-"""The fine-tuner's schedule: without warm-up exactly the trainer's cosine; with it, a linear rise to the peak
-and the cosine of the remaining steps; SGD or Adam."""
+"""The fine-tuner's and trainer's schedule: without warm-up the plain cosine; with it, a linear rise to the
+peak and the cosine of the remaining steps; SGD or Adam."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 from hypothesis import given
@@ -11,8 +12,7 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from lrdeploy.trainer.distributed import cosine_sgd  # noqa: E402
-from lrdeploy.trainer.finetune_optim import make_optimizer, schedule_factor  # noqa: E402
+from lrdeploy.trainer.finetune_optim import make_optimizer, schedule_factor, warmup_steps  # noqa: E402
 
 
 def _lrs(optimizer, schedule, steps: int) -> list[float]:
@@ -25,11 +25,14 @@ def _lrs(optimizer, schedule, steps: int) -> list[float]:
 
 
 @pytest.mark.parametrize("total", [1, 7, 63])
-def test_without_warmup_it_is_the_trainers_cosine(total: int) -> None:
-    theirs = cosine_sgd([torch.nn.Parameter(torch.zeros(2))], 0.01, 0.9, 0.0, total)
-    mine = make_optimizer([torch.nn.Parameter(torch.zeros(2))], "sgd", 0.01, 0.9, 0.0, total, 0)
-    assert _lrs(*mine, total + 2) == _lrs(*theirs, total + 2)
-    assert type(mine[0]) is type(theirs[0]) and mine[0].defaults == theirs[0].defaults
+def test_without_warmup_it_is_the_plain_cosine_sgd(total: int) -> None:
+    optimizer, schedule = make_optimizer(
+        [torch.nn.Parameter(torch.zeros(2))], "sgd", 0.01, 0.9, 0.0, total, 0
+    )
+    # lr = base · factor, the factor as the trainer's schedule always computed it: bit for bit the same
+    cosine = [0.01 * (0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))) for s in range(total + 2)]
+    assert _lrs(optimizer, schedule, total + 2) == cosine
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
 
 
 @given(st.integers(1, 400), st.data())
@@ -54,3 +57,10 @@ def test_adam_is_adam_with_the_weight_decay_and_without_momentum() -> None:
     assert isinstance(optimizer, torch.optim.Adam)
     assert optimizer.defaults["weight_decay"] == 1e-4 and optimizer.defaults["betas"] == (0.9, 0.999)
     assert _lrs(optimizer, schedule, 3)[0] == 1e-3
+
+
+@given(st.floats(0, 50, allow_nan=False), st.integers(1, 500))
+def test_a_warmup_asked_for_is_at_least_one_step_and_never_more_than_asked_rounded_up(epochs, steps) -> None:
+    taken = warmup_steps(epochs, steps)
+    assert taken == 0 if epochs == 0 else 1 <= taken <= max(1, math.ceil(epochs * steps))
+    assert warmup_steps(1.0, steps) == steps and warmup_steps(0.01, 32) == 1

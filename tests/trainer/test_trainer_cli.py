@@ -36,6 +36,8 @@ def test_the_cli_module_imports_without_torch() -> None:
         (["--data", "missing.npz"], "--data missing.npz: no such file; give 'mnist'"),
         (["--data", ""], "--data is empty"),
         (["--epochs", "0"], "--epochs must be a positive integer"),
+        (["--warmup", "2"], "--warmup must be in [0, --epochs]"),
+        (["--warmup", "-0.5"], "--warmup must be in [0, --epochs]"),
         (["--device", "tpu"], "--device must be one of"),
         (["--method", "lrpet", "--ranks", "missing.json"], "--ranks: cannot read"),
         (["--exclude", "fc3"], "--include/--exclude choose the layers"),

@@ -70,6 +70,19 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path) -> None:
         train_and_export(config, tmp_path / "m.onnx", checkpoint=tmp_path / "none.pt", resume=True)
 
 
+@pytest.mark.parametrize(("warmup", "last_lr"), [(1.0, 0.05), (0.0, 0.0)])
+def test_warmup_ramps_the_lr_up_and_a_resume_must_keep_it(warmup, last_lr, tmp_path) -> None:
+    """A one-epoch run that is all warm-up ends at the peak lr; without warm-up the cosine ends at 0."""
+    config = TrainConfig(arch="mlp", warmup=warmup, **SMALL)
+    train_and_export(config, tmp_path / "w.onnx", checkpoint=tmp_path / "w.pt")
+    state = torch.load(tmp_path / "w.pt", map_location="cpu", weights_only=True)
+    assert state["schedule"]["_last_lr"] == [pytest.approx(last_lr, abs=1e-12)]
+    assert state["config"]["warmup"] == warmup
+    other = TrainConfig(arch="mlp", warmup=0.5, **SMALL)
+    with pytest.raises(UsageError, match="warmup"):
+        train_and_export(other, tmp_path / "w.onnx", checkpoint=tmp_path / "w.pt", resume=True)
+
+
 def test_config_round_trips_through_json() -> None:
     config = TrainConfig(arch="vgg", method=LRPETConfig(ranks={"fc1": 3}, exclude=("fc2",)), epochs=3)
     again = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
