@@ -122,10 +122,16 @@ def _key(
     return json.dumps(key + ([warmup] if warmup else []))
 
 
-def _settings_of(key: str) -> tuple:
-    """(epochs, lr, constants as JSON, warm-up) of a run's key."""
-    _, _, _, _, epochs, lr, constants, *warmup = json.loads(key)
-    return epochs, lr, json.dumps(constants), warmup[0] if warmup else 0.0
+def _group(key: str) -> tuple:
+    """A run's cell and settings, its key without the seed: (arch, method, rank, epochs, lr, constants as
+    JSON, warm-up)."""
+    arch, method, rank, _, epochs, lr, constants, *warmup = json.loads(key)
+    return arch, method, rank, epochs, lr, json.dumps(constants), warmup[0] if warmup else 0.0
+
+
+def _schedule(group: tuple) -> tuple:
+    """A group without its GreedyLore constants: what marks a cell as run by this invocation."""
+    return group[:5] + group[6:]
 
 
 def _run(arch: str, method: str, rank: int | None, seed: int, settings: dict, args) -> dict:
@@ -372,14 +378,13 @@ def _table(done: dict[str, dict], carried: dict[str, dict]) -> list[dict]:
     every cell of the arch ran are counted (the others are kept as "left_out"). In table order."""
     groups: dict[tuple, list[dict]] = {}
     for key, run in [*done.items(), *carried.items()]:
-        arch, method, rank = json.loads(key)[:3]
-        groups.setdefault((arch, method, rank, *_settings_of(key)), []).append(run)
-    here = {tuple(json.loads(k)[:3]) + _settings_of(k)[:2] + _settings_of(k)[3:] for k in done}
+        groups.setdefault(_group(key), []).append(run)
+    here = {_schedule(_group(k)) for k in done}
     chosen: dict[tuple, tuple] = {}
     for group, runs in groups.items():
         cell, best = group[:3], chosen.get(group[:3])
-        ours = (*cell, *group[3:5], group[6]) in here
-        if best is None or ours or (best[:5] + best[6:] not in here and len(runs) > len(groups[best])):
+        ours = _schedule(group) in here
+        if best is None or ours or (_schedule(best) not in here and len(runs) > len(groups[best])):
             chosen[cell] = group
     common: dict[str, set[int]] = {}  # per arch, the seeds every cell ran: a cell counts those only
     for group in chosen.values():
