@@ -44,6 +44,7 @@ from lrdeploy.trainer.traffic import TrafficMeter, for_ddp
 
 __all__ = [
     "ESTIMATOR",
+    "GREEDY",
     "KEEP_ENERGY",
     "MIN_SAVING",
     "REFRESH",
@@ -73,6 +74,9 @@ KEEP_ENERGY = 0.0
 #: Between refreshes, move each basis's top r directions one warm-started power step towards the mean
 #: gradient's subspace at every step (k·r numbers per matrix, see `_track`); False keeps bases fixed.
 TRACK = True
+#: Choose the r directions sent by energy among all k of the basis at every step (the paper's greedy choice);
+#: False always sends the tracked top block (then the compressor is PowerSGD's, with Gram refreshes).
+GREEDY = True
 #: Compress a matrix only when it shrinks at least this much: r·max(n, m)·2 < n·m (torch's PowerSGD default).
 MIN_SAVING = 2.0
 
@@ -106,10 +110,12 @@ def _compressible(grad: torch.Tensor, rank: int, min_saving: float) -> bool:
     return min(rank, n, m) * max(n, m) * min_saving < n * m
 
 
-def _top(energy: torch.Tensor, rank: int) -> tuple[torch.Tensor, float]:
-    """The ``rank`` directions of most energy (most first) and the share of the energy they keep."""
-    kept, chosen = torch.topk(energy, min(rank, energy.numel()))
-    share = (kept.sum() / energy.sum()).item()
+def _top(energy: torch.Tensor, rank: int, greedy: bool = True) -> tuple[torch.Tensor, float]:
+    """The ``rank`` directions of most energy (most first), or with ``greedy`` off the top block (the first
+    ``rank``), and the share of the energy they keep."""
+    count = min(rank, energy.numel())
+    chosen = torch.topk(energy, count)[1] if greedy else torch.arange(count, device=energy.device)
+    share = (energy[chosen].sum() / energy.sum()).item()
     return chosen, share if share == share else 1.0  # NaN: no energy at all
 
 
@@ -128,12 +134,14 @@ class GreedyLoreState:
         keep_energy: float = KEEP_ENERGY,
         refresh: str = REFRESH,
         track: bool = TRACK,
+        greedy: bool = GREEDY,
     ) -> None:
         if estimator not in ("energy", "probe") or refresh not in ("gram", "mean"):
             raise ValueError(f"unknown GreedyLore estimator {estimator!r} or refresh {refresh!r}")
         self.rank, self.group = rank, process_group
         self.refresh_every, self.min_saving = refresh_every, min_saving
         self.estimator, self.keep_energy, self.refresh, self.track = estimator, keep_energy, refresh, track
+        self.greedy = greedy
         self.applied: dict[int, torch.Tensor] = {}  # mean coefficients (r × L) of the top block, last sent
         self.iter = 0
         self.bases: dict[int, torch.Tensor] = {}  # keyed by id(parameter): DDP may regroup its buckets
@@ -152,7 +160,7 @@ class GreedyLoreState:
 
     def refreshed(self, key: int, basis: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
         """Take ``basis`` (energies ``energy``) for ``key``; the directions it chooses now."""
-        chosen, self.kept[key] = _top(energy, self.rank)
+        chosen, self.kept[key] = _top(energy, self.rank, self.greedy)
         self.bases[key] = basis
         self.stale.discard(key)
         self.meter.notes["basis_refreshes"] = self.meter.notes.get("basis_refreshes", 0) + 1
@@ -187,7 +195,7 @@ def greedylore_hook(state: GreedyLoreState, bucket: dist.GradBucket) -> torch.fu
     refresh = [(key, y) for key, y in matrices if key in due] if state.refresh == "gram" else []
     ys = dict(kept)
     for key, (energy, coefficients) in _energies(state, kept).items():
-        chosen, share = _top(energy, state.rank)
+        chosen, share = _top(energy, state.rank, state.greedy)
         if share >= state.keep_energy * state.kept[key]:
             plan[key] = chosen, coefficients[chosen]
         elif state.refresh == "gram":  # the subspace turned: a new basis at this step, from k(k+1)/2 numbers
@@ -292,6 +300,9 @@ def _compress(
     picked = state.bases[key][:, chosen]
     coefficients = picked.T @ y if coefficients is None else coefficients
     state.chosen[key] = chosen
+    notes = state.meter.notes  # how often the greedy choice leaves the tracked top block
+    notes["matrices_sent"] = notes.get("matrices_sent", 0) + 1
+    notes["off_block_directions"] = notes.get("off_block_directions", 0) + int((chosen >= len(chosen)).sum())
     state.errors[key] = y - picked @ coefficients
     return coefficients
 

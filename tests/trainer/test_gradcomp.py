@@ -30,6 +30,7 @@ CASES = {  # GreedyLoreState keywords of the residual cases: the defaults, the p
     "probe": {"estimator": "probe"},
     "paper": PAPER,
     "fixed": {"track": False},  # the defaults without their power step: the basis fixed between refreshes
+    "block": {"greedy": False},  # always the tracked top block: PowerSGD's arithmetic
 }
 
 
@@ -88,7 +89,7 @@ def _residual(rank: int, keywords: dict) -> dict:
     state = gradcomp.GreedyLoreState(rank=1, min_saving=0.0, seed=1, **{"keep_energy": 0.0, **keywords})
     ddp.register_comm_hook(state, gradcomp.greedylore_hook)
     keys = [id(p) for p in ddp.module.parameters()]
-    out: dict = {"residual": [], "applied": [], "ranks": [], "bytes": [], "same": []}
+    out: dict = {"residual": [], "applied": [], "ranks": [], "bytes": [], "same": [], "off_block": []}
     for x in _batches(rank):
         old = {k: e.clone() for k, e in state.errors.items()}
         local = _local_grads(plain, x)
@@ -96,6 +97,7 @@ def _residual(rank: int, keywords: dict) -> dict:
         got = _ddp_grads(ddp, x)
         out["bytes"].append(state.meter.bytes - before)
         out["same"].append(_same_everywhere(state) if state.chosen else True)
+        out["off_block"].append(sum(int((c >= 1).sum()) for c in state.chosen.values()))  # rank 1: index ≥ 1
         for key, g, applied in zip(keys, local, got, strict=True):
             if key not in state.chosen or key not in state.errors or (not old and state.refresh == "mean"):
                 continue  # a bias, or the paper's refresh step (the whole matrix sent, nothing left over)
@@ -108,6 +110,7 @@ def _residual(rank: int, keywords: dict) -> dict:
                 (gradcomp.oriented(applied.view(g.shape[0], -1)) - sent_mean).abs().max().item()
             )
             out["ranks"].append(int(torch.linalg.matrix_rank(applied.view(g.shape[0], -1))))
+    out["notes"] = state.meter.notes
     return out
 
 
@@ -213,6 +216,18 @@ def test_error_feedback_carries_exactly_the_residual(measured, case) -> None:
         assert max(residual["residual"]) < 1e-5
         assert max(residual["applied"]) < 1e-5  # applied = mean of (Y − new error) = mean of what was sent
         assert residual["ranks"] == [1] * checked
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_choices_outside_the_tracked_block_are_counted(measured, case) -> None:
+    found = measured[0][case]
+    notes, sends = found["notes"], (2 * (STEPS - 1) if case == "paper" else 2 * STEPS)
+    assert notes["matrices_sent"] == sends  # the paper's refresh step sends its matrices whole
+    assert notes["off_block_directions"] == sum(found["off_block"])
+    if case == "block":
+        assert sum(found["off_block"]) == 0
+    if case == "energy":  # on this data the defaults do leave the block, so "block" is no empty check
+        assert sum(found["off_block"]) > 0
 
 
 @pytest.mark.parametrize("case", list(CASES))
