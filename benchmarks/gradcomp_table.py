@@ -99,13 +99,14 @@ def _defaults() -> dict:
         "keep_energy": g.KEEP_ENERGY,
         "track": g.TRACK,
         "greedy": g.GREEDY,
+        "warm_start": g.WARM_START,
         "min_saving": g.MIN_SAVING,
     }
 
 
 #: Constants added after results were committed, at the value the earlier runs had: left out of a run's key
 #: at that value, so that those runs still count for the current defaults.
-ADDED_LATER = {"greedy": True}
+ADDED_LATER = {"greedy": True, "warm_start": "block"}
 
 
 def _constants(method: str, overrides: dict) -> dict:

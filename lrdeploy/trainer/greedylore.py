@@ -50,6 +50,7 @@ __all__ = [
     "REFRESH",
     "REFRESH_EVERY",
     "TRACK",
+    "WARM_START",
     "GreedyLoreState",
     "full_basis",
     "gram_basis",
@@ -77,6 +78,10 @@ TRACK = True
 #: Choose the r directions sent by energy among all k of the basis at every step (the paper's greedy choice);
 #: False always sends the tracked top block (then the compressor is PowerSGD's, with Gram refreshes).
 GREEDY = True
+#: The power step's warm start when the greedy choice sent only part of the top block: "block" (default)
+#: keeps the mean coefficients of the last step that sent the whole block; "rows" updates the rows of the
+#: block directions just sent and keeps the others' (docs/gradient-compression.md, "Rank 2").
+WARM_START = "block"
 #: Compress a matrix only when it shrinks at least this much: r·max(n, m)·2 < n·m (torch's PowerSGD default).
 MIN_SAVING = 2.0
 
@@ -135,13 +140,16 @@ class GreedyLoreState:
         refresh: str = REFRESH,
         track: bool = TRACK,
         greedy: bool = GREEDY,
+        warm_start: str = WARM_START,
     ) -> None:
         if estimator not in ("energy", "probe") or refresh not in ("gram", "mean"):
             raise ValueError(f"unknown GreedyLore estimator {estimator!r} or refresh {refresh!r}")
+        if warm_start not in ("block", "rows"):
+            raise ValueError(f"unknown GreedyLore warm start {warm_start!r}")
         self.rank, self.group = rank, process_group
         self.refresh_every, self.min_saving = refresh_every, min_saving
         self.estimator, self.keep_energy, self.refresh, self.track = estimator, keep_energy, refresh, track
-        self.greedy = greedy
+        self.greedy, self.warm_start = greedy, warm_start
         self.applied: dict[int, torch.Tensor] = {}  # mean coefficients (r × L) of the top block, last sent
         self.iter = 0
         self.bases: dict[int, torch.Tensor] = {}  # keyed by id(parameter): DDP may regroup its buckets
@@ -220,8 +228,7 @@ def greedylore_hook(state: GreedyLoreState, bucket: dist.GradBucket) -> torch.fu
     for key, y, c in sent:
         mean, chosen = message[offset : offset + c.numel()].view_as(c), state.chosen[key]
         y.copy_(lift(state.bases[key], chosen, mean))
-        if bool((chosen < len(chosen)).all()):  # the top block (distinct indices all < r): warm start
-            state.applied[key] = mean  # else the next power step starts again from the last block's
+        _remember(state, key, chosen, mean)
         offset += c.numel()
     state.meter.step_done(bucket)
     if bucket.is_last():
@@ -229,6 +236,15 @@ def greedylore_hook(state: GreedyLoreState, bucket: dist.GradBucket) -> torch.fu
     done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     done.set_result(buffer)
     return done
+
+
+def _remember(state: GreedyLoreState, key: int, chosen: torch.Tensor, mean: torch.Tensor) -> None:
+    """Keep the mean coefficients just sent as the next power step's warm start (see WARM_START)."""
+    block = chosen < len(chosen)
+    if bool(block.all()):  # the whole top block (distinct indices all < r)
+        state.applied[key] = mean if state.warm_start == "block" else mean[chosen.argsort()]
+    elif state.warm_start == "rows" and key in state.applied and bool(block.any()):
+        state.applied[key][chosen[block]] = mean[block]  # row j: block direction j
 
 
 def _energies(

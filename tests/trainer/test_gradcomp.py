@@ -31,6 +31,7 @@ CASES = {  # GreedyLoreState keywords of the residual cases: the defaults, the p
     "paper": PAPER,
     "fixed": {"track": False},  # the defaults without their power step: the basis fixed between refreshes
     "block": {"greedy": False},  # always the tracked top block: PowerSGD's arithmetic
+    "rows": {"warm_start": "rows"},  # the power step's warm start kept row by row
 }
 
 
