@@ -345,3 +345,20 @@ def test_the_greedy_choice_takes_the_most_energy_and_says_its_share() -> None:
     assert chosen.tolist() == [1, 3] and share == pytest.approx(7 / 8)
     assert _top(torch.zeros(3), 2)[1] == 1.0  # no energy at all (a zero gradient): nothing is lost
     assert sorted(_top(torch.ones(2), 5)[0].tolist()) == [0, 1]  # rank above k: every direction
+    chosen, share = _top(torch.tensor([1.0, 4.0, 0.0, 3.0]), 2, greedy=False)  # the top block, whatever
+    assert chosen.tolist() == [0, 1] and share == pytest.approx(5 / 8)
+
+
+@pytest.mark.parametrize("warm_start", ["block", "rows"])
+def test_the_power_steps_warm_start_keeps_what_was_sent(warm_start) -> None:
+    from lrdeploy.trainer.greedylore import GreedyLoreState, _remember
+
+    state = GreedyLoreState(rank=2, warm_start=warm_start)
+    whole = torch.tensor([[1.0, 1.0], [2.0, 2.0]])  # coefficients of directions 1 and 0, in that order
+    _remember(state, 7, torch.tensor([1, 0]), whole)
+    first = [[2.0, 2.0], [1.0, 1.0]] if warm_start == "rows" else whole.tolist()  # rows: row j = direction j
+    assert state.applied[7].tolist() == first
+    _remember(state, 7, torch.tensor([3, 0]), torch.tensor([[9.0, 9.0], [5.0, 5.0]]))  # part of the block
+    assert state.applied[7].tolist() == ([[5.0, 5.0], [1.0, 1.0]] if warm_start == "rows" else first)
+    with pytest.raises(ValueError, match="warm start"):
+        GreedyLoreState(rank=2, warm_start="both")
