@@ -239,11 +239,16 @@ def greedylore_hook(state: GreedyLoreState, bucket: dist.GradBucket) -> torch.fu
 
 
 def _remember(state: GreedyLoreState, key: int, chosen: torch.Tensor, mean: torch.Tensor) -> None:
-    """Keep the mean coefficients just sent as the next power step's warm start (see WARM_START)."""
+    """Keep the mean coefficients just sent as the next power step's warm start (see WARM_START), and count
+    how often the greedy choice leaves the tracked top block (one host read per matrix)."""
     block = chosen < len(chosen)
-    if bool(block.all()):  # the whole top block (distinct indices all < r)
+    off_block = len(chosen) - int(block.sum())
+    notes = state.meter.notes
+    notes["matrices_sent"] = notes.get("matrices_sent", 0) + 1
+    notes["off_block_directions"] = notes.get("off_block_directions", 0) + off_block
+    if off_block == 0:  # the whole top block (distinct indices all < r)
         state.applied[key] = mean if state.warm_start == "block" else mean[chosen.argsort()]
-    elif state.warm_start == "rows" and key in state.applied and bool(block.any()):
+    elif state.warm_start == "rows" and key in state.applied and off_block < len(chosen):
         state.applied[key][chosen[block]] = mean[block]  # row j: block direction j
 
 
@@ -316,9 +321,6 @@ def _compress(
     picked = state.bases[key][:, chosen]
     coefficients = picked.T @ y if coefficients is None else coefficients
     state.chosen[key] = chosen
-    notes = state.meter.notes  # how often the greedy choice leaves the tracked top block
-    notes["matrices_sent"] = notes.get("matrices_sent", 0) + 1
-    notes["off_block_directions"] = notes.get("off_block_directions", 0) + int((chosen >= len(chosen)).sum())
     state.errors[key] = y - picked @ coefficients
     return coefficients
 
