@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# pytest-xdist's workers start with COLUMNS=80 and LINES=24 in their environment: the CLI's tests set the
+# width they check (monkeypatch.setenv), and the piped width is the one without COLUMNS.
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
 
 # Small property tests: each example builds a model and two onnxruntime sessions.
 settings.register_profile(

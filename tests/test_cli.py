@@ -275,6 +275,25 @@ def test_inspect_table_is_readable_when_piped(capsys, model_path, monkeypatch):
     assert "MatMul" in row and "32×32" in row and "…" not in row
 
 
+@pytest.mark.parametrize("columns", ["200", None])
+def test_piped_width_is_taken_at_every_call(capsys, model_path, monkeypatch, columns):
+    """rich fixes a console's width from COLUMNS when it is made: a console made under COLUMNS=40 (an
+    import in an earlier test, or an earlier call in a long-lived process) must not narrow a later call."""
+    from rich.console import Console
+
+    from lrdeploy.cli import app as cli
+
+    monkeypatch.setattr(cli, "console", Console(width=40))  # not a terminal: stdout is captured
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert main(["inspect", str(model_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "fc1" in line)
+    assert "MatMul" in row and "32×32" in row and "…" not in row
+    assert cli.console.width == (int(columns) if columns else cli.PIPED_WIDTH)
+
+
 def test_inspect_errors(capsys, tmp_path):
     path = tmp_path / "bad.onnx"
     path.write_text("not a model")

@@ -622,8 +622,10 @@ def _fixed_mmap_threshold() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors instead of tracebacks; returns the exit code."""
     _fixed_mmap_threshold()
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console.width = PIPED_WIDTH  # rich assumes 80 columns when piped, and truncates table cells
+    if not console.is_terminal:  # rich assumes 80 columns when piped, and truncates table cells
+        # Every call: rich fixes the width from COLUMNS at import, and main may run again in one process.
+        columns = os.environ.get("COLUMNS", "")
+        console.width = int(columns) if columns.isdigit() and int(columns) > 0 else PIPED_WIDTH
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="lrdeploy", standalone_mode=False)
