@@ -61,7 +61,8 @@ EARLIER = {
 CHOSEN = {
     "mlp": EARLIER | {"optimizer": "adam", "lr": 0.001, "finetune_epochs": 10},
     "lenet5": EARLIER | {"optimizer": "adam", "lr": 0.001, "finetune_epochs": 10},
-    "vgg": EARLIER | {"optimizer": "adam", "lr": 0.001, "calib_samples": 1024, "finetune_epochs": 10},
+    "vgg": EARLIER
+    | {"optimizer": "adam", "lr": 0.002, "warmup": 0.5, "calib_samples": 1024, "finetune_epochs": 20},
 }
 SETTINGS = (
     "calib_samples",
@@ -182,14 +183,16 @@ def _verdict(value: float | None, reference: float | None) -> str:
 
 #: What the summary shows and why the misses miss (written from the rows above; docs/training.md).
 NOTES = [
-    "**Holds** (gap ≥ −0.5): every MLP method, LeNet-5 baseline, LRPET and LoRITa, VGG BSR (−0.50, its "
-    "model from the BSR round: see below), VGG LoRITa with the current compressor (−0.50 with and without "
-    "`--augment`), and with `--augment` and 20 epochs LeNet-5 BSR (+0.05) and VGG LoRITa (−0.20) (*Every "
-    "row*). **Does not:** VGG baseline (−0.65) and VGG LRPET (−0.85), with or without augmentation, at 10 "
-    "or 20 epochs. Augmentation against a control run on the same code without it (`OMP_NUM_THREADS=1 "
-    "python benchmarks/claims_table.py --work /tmp/claims_bsr/work --rows lenet5:bsr vgg:baseline "
-    "vgg:lrpet vgg:lorita [--finetune-epochs 20] --out out/claims_control`, not shipped; the earlier rows "
-    "are no control: the budget now keeps 25.0% of the VGG baseline's and LoRITa's parameters, 24.1% then):",
+    "**Holds** (gap ≥ −0.5) with the settings chosen on the validation split: every MLP method, LeNet-5 "
+    "baseline, LRPET and LoRITa, and VGG baseline, LoRITa and BSR (each −0.45 with Adam at lr 2e-3, half an "
+    "epoch of warm-up and 20 epochs; −0.65/−0.50/−0.50 with the earlier lr 1e-3 and 10 epochs, *Every row*): "
+    "10 of 12. With `--augment` and 20 epochs, a setting picked after seeing test curves, LeNet-5 BSR "
+    "(+0.05) also holds: 11. **Does not:** VGG LRPET (−0.85 in every setting; why below) and, at the chosen "
+    "settings, LeNet-5 BSR (−1.15). Augmentation against a control run on the same code without it, at lr "
+    "1e-3 (`OMP_NUM_THREADS=1 python benchmarks/claims_table.py --work /tmp/claims_bsr/work --rows "
+    "lenet5:bsr vgg:baseline vgg:lrpet vgg:lorita [--finetune-epochs 20] --out out/claims_control`, not "
+    "shipped; the earlier rows are no control: the budget now keeps 25.0% of the VGG baseline's and "
+    "LoRITa's parameters, 24.1% then):",
     "",
     "| test accuracy (%) | 10 epochs | 10 + augment | 20 epochs | 20 + augment | baseline |",
     "|---|---|---|---|---|---|",
@@ -211,11 +214,25 @@ NOTES = [
     "augmentation loses on LeNet-5 BSR at 10 epochs (97.69 → 97.25) and ties at 20 (97.62 → 97.56), gains "
     "on the VGG baseline (98.94 → 99.12) and ties on VGG LoRITa (99.62 → 99.56 at 10, 99.50 → "
     "99.50 at 20).",
-    "- VGG baseline: 98.75 in all four settings, its curves flat from epoch 5 (98.6–98.9): the student at "
-    "25% of the parameters, BN folded, does not pass 98.9 here; augmentation does not lift that ceiling.",
-    "- LRPET's VGG compresses losslessly (98.60 = its uncompressed accuracy, 0.80 below the baseline), so "
-    "fine-tuning can only add what the baseline teacher knows beyond it; it ends at 98.45–98.55 in every "
-    "setting. Its miss is the method's own model, not the compression (gap to its own uncompressed −0.05).",
+    "- VGG baseline: 98.75 in all four settings at lr 1e-3, its curves flat from epoch 5 (98.6–98.9). The "
+    "lever was the step size, chosen on the validation split (`python benchmarks/claims_tune.py --rows "
+    "vgg:baseline --calib-samples 1024 --settings ...`): Adam lr 1e-4 / 3e-4 / 1e-3 for 10 epochs 98.56 / "
+    "98.69 / 98.94; 2e-3 and 4e-3 with half an epoch of warm-up 99.12 / 99.06; 2e-3 for 20 epochs 99.25 "
+    "(with `augment=true` 99.12), 3e-3 for 30 epochs with one epoch of warm-up 99.25. Chosen: 2e-3, "
+    "warm-up 0.5, 20 epochs, for every VGG row; on the test digits it gives the baseline, LoRITa and BSR "
+    "98.95 each.",
+    "- LRPET's VGG compresses losslessly (98.60 = its uncompressed accuracy, 0.80 below the baseline): at "
+    "≤ 25% the knapsack keeps exactly its trained ranks (3, 5, 5, 10, 10, 10; 19.7% of the parameters, as "
+    "more rank removes no output error), so the fine-tune trains LRPET's own low-rank net and can only add "
+    "what the baseline teacher knows beyond it: it ends at 98.45–98.55 in every setting (gap to its own "
+    "model −0.05). LRPET's VGGs are below the baseline before any compression at every target ≤ 0.3 "
+    "(`models/RESULTS.md`: 98.75% at 29% of the parameters, 98.60% at 20%), so at ≤ 25% the method misses "
+    "by its training, not by the compression or the fine-tune.",
+    "- The LRPET rows at 0.196–0.197 of the parameters are the current allocator's: it no longer fills the "
+    "1% window under the target with ranks past a weight's trained rank, which remove no error (the rows at "
+    "0.231–0.247 were made before, e.g. rank 24 for the VGG's rank-5 conv). Same accuracy at ~20% fewer "
+    "parameters (MLP 95.85, LeNet-5 97.50, VGG 98.55): the filler factors were ~0 and stayed there (the "
+    "VGG's per-epoch curve is the same to two decimals).",
     "- LeNet-5 BSR's own model is 96.15, 1.75 below the baseline (λ = 1 trades accuracy for rank in this "
     "BN-free net); distillation from the baseline with augmentation and 20 epochs takes it past its own "
     "model by 1.80 to 97.95. SGD at lr 0.01, which diverged in the first table (10.20%), trains stably "

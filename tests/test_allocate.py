@@ -108,6 +108,24 @@ def test_realistic_budgets_are_hit_within_one_percent(seed, fraction):
     assert fraction * 0.99 <= achieved <= fraction
 
 
+@pytest.mark.parametrize("trained_rank", [1, 3, 5])
+def test_the_window_is_not_filled_with_ranks_that_remove_no_error(trained_rank):
+    """A weight trained to low rank (LRPET, BSR) has no error left above its rank: filling the 1% window
+    with those ranks (the LRPET VGG at 0.25 once got rank 24 for a rank-5 conv) spends parameters on
+    factors that compute nothing. A layer with error left may still take them, as before."""
+    shape = LayerShape(32, 144)
+    exact = {r: max(0.0, 0.4 * (1 - r / trained_rank)) for r in range(1, 26)}
+    decaying = {r: 0.5**r for r in range(1, 26)}
+    layers = {"exact": candidates(shape, exact, ParamsCost()), "fixed": [Candidate(None, 0.0, 1000.0)]}
+    budget = 1000.0 + 24 * (32 + 144)
+    choice = allocate(layers, budget, tolerance=0.01 * budget)
+    assert choice["exact"].rank == trained_rank and choice["exact"].error == 0.0
+    layers["decaying"] = candidates(shape, decaying, ParamsCost())
+    budget = 1000.0 + (trained_rank + 10) * (32 + 144)
+    choice = allocate(layers, budget, tolerance=0.01 * budget)
+    assert (choice["exact"].rank, choice["decaying"].rank) == (trained_rank, 10)  # the rest goes there
+
+
 def test_a_budget_below_the_cheapest_choices_names_them():
     layers = {"a": [Candidate(None, 0.0, 10.0), Candidate(2, 0.5, 4.0)], "fixed": [Candidate(None, 0.0, 3.0)]}
     with pytest.raises(BudgetUnreachable) as caught:

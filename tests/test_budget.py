@@ -300,3 +300,32 @@ def test_a_params_budget_counts_what_bn_folding_removes():
     assert 0.59 <= achieved <= 0.6 + 1e-9
     assert report.budget["planned"] == pytest.approx(achieved, abs=1e-9)
     check_model(out)
+
+
+@pytest.mark.parametrize("calib", [False, True])
+def test_weights_trained_to_low_rank_keep_their_rank_under_a_larger_budget(calib):
+    """LRPET/BSR exports: every weight exactly low rank. The budget keeps those ranks (outputs unchanged)
+    instead of filling the target with ranks that remove nothing, and says why it stops short."""
+    from lrdeploy.cli.render import _budget_lines
+
+    rng = np.random.default_rng(5)
+    low = {
+        "w1": rng.standard_normal((96, 4)) @ rng.standard_normal((4, 64)),
+        "w2": rng.standard_normal((64, 3)) @ rng.standard_normal((3, 48)),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+        helper.make_node("MatMul", ["hr", "w2"], ["y"], name="fc2"),
+    ]
+    params = {k: (v / np.abs(v).max()).astype(np.float32) for k, v in low.items()}
+    model = graph_model(nodes, {"x": [8, 96]}, {"y": [8, 48]}, params)
+    feeds = {"x": rng.standard_normal((8, 96)).astype(np.float32)}
+    options = {"calib": {"x": rng.standard_normal((64, 96)).astype(np.float32)}} if calib else {}
+    out, report = lrdeploy.compress(model, target_params=0.5, verify=False, **options)
+    assert {layer.decision.name: layer.decision.rank for layer in report.factorized} == {"fc1": 4, "fc2": 3}
+    assert report.budget["achieved"] < 0.2 and report.budget["exhausted"] is True
+    assert rel_error(run(out, feeds)[0], run(model, feeds)[0]) < 1e-5
+    assert any("more rank would remove nothing" in line for line in _budget_lines(report))
+    _, dense_report = lrdeploy.compress(_net(), input_shapes=SHAPES, target_params=0.5, verify=False)
+    assert dense_report.budget["exhausted"] is False

@@ -192,6 +192,8 @@ def _budget_lines(report: Report) -> list[str]:
             f"budget: {b['target']:g} of the {b['kind']} asked, {achieved} achieved "
             f"({counts}allocated by {b['allocator']}; {b['cheapest']:.3f} is the least reachable)"
         )
+        if b.get("exhausted"):
+            lines.append("  every layer is at its least error: more rank would remove nothing")
     if report.calibration:
         c = report.calibration
         fallbacks = sum(1 for layer in report.factorized if layer.decision.fallback)

@@ -179,6 +179,7 @@ class _Table:
     costs: np.ndarray
     errors: np.ndarray
     best: np.ndarray  # best[k]: index of the least error among options[: k + 1]
+    useful: np.ndarray  # useful[k]: options[k] has less error than every cheaper option
 
     @classmethod
     def of(cls, options: Sequence[Candidate]) -> _Table:
@@ -187,7 +188,7 @@ class _Table:
         best = np.zeros(len(ordered), dtype=np.int64)
         for k in range(1, len(ordered)):
             best[k] = k if errors[k] < errors[best[k - 1]] else best[k - 1]
-        return cls(ordered, np.array([c.cost for c in ordered]), errors, best)
+        return cls(ordered, np.array([c.cost for c in ordered]), errors, best, best == np.arange(len(best)))
 
 
 def _improve(tables: Mapping[str, _Table], choice: dict[str, Candidate], budget: float) -> bool:
@@ -230,13 +231,15 @@ def _repair(layers: Mapping[str, Sequence[Candidate]], choice: dict[str, Candida
 
 def _fill(tables: Mapping[str, _Table], choice: dict[str, Candidate], budget: float, low: float) -> None:
     """Bring the cost into [low, budget] by the one change of a layer, or of two, that adds the least
-    error (the relaxation can stop a large rank step short of the budget); unchanged if none lands there."""
+    error (the relaxation can stop a large rank step short of the budget); unchanged if none lands there.
+    A layer moves only to a candidate with less error than all its cheaper ones: ranks that remove no
+    error (beyond the rank a weight was trained to) are not spent to fill the window."""
     spent = total_cost(choice)
     best_gain, move = -math.inf, None
     for i, first in tables.items():
         rest = spent - choice[i].cost + first.costs  # the cost after moving layer i there
         saved = choice[i].error - first.errors
-        window = (rest >= low) & (rest <= budget)
+        window = (rest >= low) & (rest <= budget) & first.useful
         if window.any():
             gain = np.where(window, saved, -np.inf)
             index = int(np.argmax(gain))
@@ -248,7 +251,7 @@ def _fill(tables: Mapping[str, _Table], choice: dict[str, Candidate], budget: fl
             position = np.searchsorted(second.costs, budget - rest + choice[j].cost, side="right") - 1
             pick = second.best[np.maximum(position, 0)]
             total = rest - choice[j].cost + second.costs[pick]
-            fits = (position >= 0) & (total >= low) & (total <= budget)
+            fits = (position >= 0) & (total >= low) & (total <= budget) & first.useful
             gain = np.where(fits, saved + choice[j].error - second.errors[pick], -np.inf)
             index = int(np.argmax(gain))
             if gain[index] > best_gain:

@@ -53,6 +53,9 @@ __all__ = [
 MAX_CANDIDATES = 256
 #: The achieved fraction lands within this of the target (issue 9 asks 1%) when some ranks allow it.
 TOLERANCE = 0.01
+#: Normalized (squared relative) errors below this are rounding: a float32 weight holds 6e-8 relative, so
+#: the rank-r remainder of a weight trained to rank r (LRPET, BSR) is ~1e-14, not an error to spend on.
+ERROR_FLOOR = 1e-12
 #: Analysed weights are kept until allocation when all of them hold at most this in float64 (ResNet-50:
 #: 0.2 GB); above it each keeps only its error curve and singular values, and a factorized weight is
 #: read and decomposed again for its rank (1 B parameters: 8+ GB that would be held at once).
@@ -70,6 +73,9 @@ class Budget:
     cheapest: float  # the smallest fraction reachable with these selections
     allocator: str
     counts: str | None = None  # what the cost counts of a model with If branches (`costmodels`)
+    #: Short of the target because every layer is already at its least error (weights trained to low
+    #: rank): what is left of the budget would buy ranks that remove nothing.
+    exhausted: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -79,6 +85,7 @@ class Budget:
             "cheapest": self.cheapest,
             "allocator": self.allocator,
             "counts": self.counts,
+            "exhausted": self.exhausted,
         }
 
 
@@ -92,7 +99,13 @@ def candidate_ranks(m: int, n: int, multiple: int = 1, limit: int = MAX_CANDIDAT
 
 
 def error_curve(analysis: Analysis, whiten: bool) -> np.ndarray:
-    """errors[r], r = 0 … full rank: the normalized truncation error the allocator weighs."""
+    """errors[r], r = 0 … full rank: the normalized truncation error the allocator weighs; below
+    `ERROR_FLOOR` zero, so that ranks past a trained rank are seen to remove nothing."""
+    curve = _error_curve(analysis, whiten)
+    return np.where(curve < ERROR_FLOOR, 0.0, curve)
+
+
+def _error_curve(analysis: Analysis, whiten: bool) -> np.ndarray:
     assert analysis.spectrum is not None
     if analysis.curve:
         return _interpolated(analysis.curve, analysis.spectrum.full_rank)
@@ -192,7 +205,10 @@ def choose_ranks(
     }
     counts = costing.details.get("counts")
     counts = counts if isinstance(counts, str) else None
-    budget = Budget(kind, target, planned, cheapest, config.allocate, counts)
+    exhausted = planned < target - TOLERANCE and all(
+        choice[name].error <= min(c.error for c in options) for name, options in table.items()
+    )
+    budget = Budget(kind, target, planned, cheapest, config.allocate, counts, exhausted)
     return ranks, reasons, budget
 
 

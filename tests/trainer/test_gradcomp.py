@@ -15,6 +15,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+# One xdist worker runs the module: `measured` spawns a gloo group, set up once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("gradcomp")
+
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
