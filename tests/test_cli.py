@@ -251,9 +251,7 @@ def test_default_output_path_and_no_verify(capsys, model_path):
 
 
 def test_inspect_prints_a_table(capsys, model_path, tmp_path, monkeypatch):
-    from lrdeploy.cli import app as cli
-
-    monkeypatch.setattr(cli.console, "width", 160)
+    monkeypatch.setenv("COLUMNS", "160")
     profile = tmp_path / "profile.json"
     assert main(["inspect", str(model_path), "--json", str(profile)]) == 0
     out = capsys.readouterr().out
@@ -275,7 +273,7 @@ def test_inspect_table_is_readable_when_piped(capsys, model_path, monkeypatch):
     assert "MatMul" in row and "32×32" in row and "…" not in row
 
 
-@pytest.mark.parametrize("columns", ["200", None])
+@pytest.mark.parametrize("columns", ["150", None])
 def test_piped_width_is_taken_at_every_call(capsys, model_path, monkeypatch, columns):
     """rich fixes a console's width from COLUMNS when it is made: a console made under COLUMNS=40 (an
     import in an earlier test, or an earlier call in a long-lived process) must not narrow a later call."""

@@ -205,6 +205,7 @@ def test_bad_settings_are_one_line_usage_errors(options, message):
 
 def _cli(monkeypatch, argv):
     out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setenv("COLUMNS", "200")  # main() takes a piped console's width from it
     for name, handle in (("console", out), ("err_console", err)):
         monkeypatch.setattr(cli, name, Console(file=handle, width=200))
     return cli.main(argv), out.getvalue(), err.getvalue()

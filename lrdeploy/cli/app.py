@@ -625,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:  # rich assumes 80 columns when piped, and truncates table cells
         # Every call: rich fixes the width from COLUMNS at import, and main may run again in one process.
         columns = os.environ.get("COLUMNS", "")
-        console.width = int(columns) if columns.isdigit() and int(columns) > 0 else PIPED_WIDTH
+        console.width = int(columns) if columns.isdecimal() and int(columns) > 0 else PIPED_WIDTH
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="lrdeploy", standalone_mode=False)
